@@ -1,0 +1,486 @@
+//! Typed experiment configuration: one TOML file per experiment, unknown keys rejected,
+//! `--set section.key=value` overrides parsed and type-checked the same way as the file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub run: RunConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub diffusion: DiffusionConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub sampler: SamplerConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Name of the run (used in logs and summaries).
+    pub name: String,
+    /// Directory receiving checkpoints, metrics, summaries and images.
+    pub out_dir: PathBuf,
+    /// Seed for every random draw of the run.
+    pub seed: u64,
+    /// `flex`, `wgpu`, `wgpu-cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self { name: "run".into(), out_dir: "runs/run".into(), seed: 0, device: "flex".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    TinyUnet,
+    TinyDit,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub kind: ModelKind,
+    /// Weights to load for `sample`/`eval` (safetensors written by `pretrain`).
+    pub weights: Option<PathBuf>,
+    pub unet: UnetConfig,
+    pub dit: DitConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { kind: ModelKind::TinyUnet, weights: None, unet: UnetConfig::default(), dit: DitConfig::default() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnetConfig {
+    /// Channels at the full resolution.
+    pub base_channels: usize,
+    /// Channel multiplier per resolution level (each level after the first halves H and W).
+    pub channel_mult: Vec<usize>,
+    /// Residual blocks per level on the way down (the way up has one more, as in LDM).
+    pub res_blocks: usize,
+    /// Self-attention heads at the lowest resolution.
+    pub attention_heads: usize,
+    /// GroupNorm groups.
+    pub groups: usize,
+}
+
+impl Default for UnetConfig {
+    fn default() -> Self {
+        Self { base_channels: 32, channel_mult: vec![1, 2, 2], res_blocks: 1, attention_heads: 4, groups: 8 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DitConfig {
+    pub patch_size: usize,
+    pub hidden: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp_ratio: usize,
+}
+
+impl Default for DitConfig {
+    fn default() -> Self {
+        Self { patch_size: 4, hidden: 128, depth: 6, heads: 4, mlp_ratio: 4 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Directory holding the MNIST IDX files.
+    pub dir: PathBuf,
+    /// Digits used for training (the first `train_count` of the file).
+    pub train_count: usize,
+    /// Held-out digits (the last `heldout_count` of the file), never trained on.
+    pub heldout_count: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self { dir: "data".into(), train_count: 9000, heldout_count: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BetaSchedule {
+    Linear,
+    ScaledLinear,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiffusionConfig {
+    pub schedule: BetaSchedule,
+    pub timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+}
+
+impl Default for DiffusionConfig {
+    fn default() -> Self {
+        Self { schedule: BetaSchedule::Linear, timesteps: 1000, beta_start: 1e-4, beta_end: 0.02 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    Constant,
+    Cosine,
+    Linear,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub lr_schedule: LrSchedule,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value (0 disables).
+    pub grad_clip: f64,
+    /// Decay of the exponential moving average of the weights used for sampling (0 disables).
+    pub ema_decay: f64,
+    /// Probability of replacing the class label by the null label (classifier-free guidance).
+    pub label_dropout: f64,
+    pub checkpoint_every: usize,
+    pub keep_checkpoints: usize,
+    pub log_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 2000,
+            batch_size: 64,
+            lr: 1e-3,
+            lr_schedule: LrSchedule::Cosine,
+            warmup_steps: 100,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            ema_decay: 0.999,
+            label_dropout: 0.1,
+            checkpoint_every: 200,
+            keep_checkpoints: 3,
+            log_every: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplerKind {
+    Ddim,
+    Ddpm,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplerConfig {
+    pub kind: SamplerKind,
+    pub steps: usize,
+    /// DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like variance).
+    pub eta: f64,
+    /// Classifier-free guidance scale (1 = conditional model only, no guidance).
+    pub guidance_scale: f64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        Self { kind: SamplerKind::Ddim, steps: 50, eta: 0.0, guidance_scale: 2.0 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Generated samples per evaluation (classes cycle 0..9).
+    pub samples: usize,
+    pub batch_size: usize,
+    /// Weights of the MNIST classifier whose features define FID.
+    pub classifier: PathBuf,
+    /// Seed of the evaluation noise (fixed so that two models see identical noise).
+    pub seed: u64,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { samples: 1000, batch_size: 100, classifier: "checkpoints/mnist_classifier.safetensors".into(), seed: 1234 }
+    }
+}
+
+impl Config {
+    /// Reads, overrides and validates a config file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::usage(format!("cannot read config {}: {e}", path.display()))
+        })?;
+        Self::parse(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Parses TOML text (`origin` names it in errors), applies `--set` overrides and validates.
+    pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| Error::usage(format!("{origin}: {}", one_line(&e.to_string()))))?;
+        for spec in overrides {
+            apply_override(&mut table, spec)?;
+        }
+        let config: Config = Config::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+            // Re-run on the text for line numbers when the error comes from the file itself.
+            let located = if overrides.is_empty() {
+                toml::from_str::<Config>(text).err().map(|e| one_line(&e.to_string()))
+            } else {
+                None
+            };
+            Error::usage(format!("{origin}: {}", located.unwrap_or_else(|| one_line(&e.to_string()))))
+        })?;
+        config.validate().map_err(|e| e.context(origin))?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        fn positive(key: &str, v: usize) -> Result<()> {
+            if v == 0 {
+                return Err(Error::usage(format!("{key} = 0 is out of range: it must be at least 1")));
+            }
+            Ok(())
+        }
+        fn in_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
+            if !(v.is_finite() && v >= lo && v <= hi) {
+                return Err(Error::usage(format!("{key} = {v} is out of range: it must be in [{lo}, {hi}]")));
+            }
+            Ok(())
+        }
+        let t = &self.train;
+        positive("train.steps", t.steps)?;
+        positive("train.batch_size", t.batch_size)?;
+        positive("train.checkpoint_every", t.checkpoint_every)?;
+        positive("train.keep_checkpoints", t.keep_checkpoints)?;
+        positive("train.log_every", t.log_every)?;
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err(Error::usage(format!("train.lr = {} is out of range: it must be a positive number", t.lr)));
+        }
+        in_range("train.weight_decay", t.weight_decay, 0.0, 1.0)?;
+        in_range("train.grad_clip", t.grad_clip, 0.0, f64::MAX)?;
+        in_range("train.ema_decay", t.ema_decay, 0.0, 0.99999)?;
+        in_range("train.label_dropout", t.label_dropout, 0.0, 1.0)?;
+        let d = &self.diffusion;
+        positive("diffusion.timesteps", d.timesteps)?;
+        in_range("diffusion.beta_start", d.beta_start, 1e-8, 0.5)?;
+        in_range("diffusion.beta_end", d.beta_end, d.beta_start, 0.999)?;
+        let s = &self.sampler;
+        positive("sampler.steps", s.steps)?;
+        if s.steps > d.timesteps {
+            return Err(Error::usage(format!(
+                "sampler.steps = {} is out of range: it must be at most diffusion.timesteps = {}",
+                s.steps, d.timesteps
+            )));
+        }
+        in_range("sampler.eta", s.eta, 0.0, 1.0)?;
+        in_range("sampler.guidance_scale", s.guidance_scale, 0.0, 100.0)?;
+        positive("eval.samples", self.eval.samples)?;
+        positive("eval.batch_size", self.eval.batch_size)?;
+        positive("data.train_count", self.data.train_count)?;
+        positive("data.heldout_count", self.data.heldout_count)?;
+        let u = &self.model.unet;
+        positive("model.unet.base_channels", u.base_channels)?;
+        positive("model.unet.res_blocks", u.res_blocks)?;
+        positive("model.unet.attention_heads", u.attention_heads)?;
+        positive("model.unet.groups", u.groups)?;
+        if u.channel_mult.is_empty() || u.channel_mult.len() > 4 || u.channel_mult.contains(&0) {
+            usage!("model.unet.channel_mult = {:?} is out of range: give 1 to 4 positive multipliers", u.channel_mult);
+        }
+        for m in &u.channel_mult {
+            if (u.base_channels * m) % u.groups != 0 {
+                usage!(
+                    "model.unet.groups = {} must divide every level's channels (base_channels * channel_mult = {})",
+                    u.groups,
+                    u.base_channels * m
+                );
+            }
+        }
+        let lowest = u.base_channels * u.channel_mult.last().copied().unwrap_or(1);
+        if lowest % u.attention_heads != 0 {
+            usage!("model.unet.attention_heads = {} must divide the lowest level's {lowest} channels", u.attention_heads);
+        }
+        let dt = &self.model.dit;
+        positive("model.dit.depth", dt.depth)?;
+        positive("model.dit.heads", dt.heads)?;
+        positive("model.dit.mlp_ratio", dt.mlp_ratio)?;
+        if dt.patch_size == 0 || 32 % dt.patch_size != 0 {
+            usage!("model.dit.patch_size = {} is out of range: it must divide 32 (1, 2, 4, 8, 16)", dt.patch_size);
+        }
+        if dt.hidden == 0 || dt.hidden % dt.heads != 0 || (dt.hidden / dt.heads) % 2 != 0 {
+            usage!("model.dit.hidden = {} must be a positive multiple of 2 * model.dit.heads ({})", dt.hidden, dt.heads);
+        }
+        crate::device::parse_device_spec(&self.run.device).map_err(|e| e.context("run.device"))?;
+        Ok(())
+    }
+
+    /// The config fields that change the math of training, flattened to `section.key = value`.
+    /// Two runs may share a checkpoint only if these agree (see [`fingerprint_diff`]).
+    pub fn fingerprint(&self) -> BTreeMap<String, String> {
+        let value = toml::Value::try_from(self).expect("config serialises to TOML");
+        let mut flat = BTreeMap::new();
+        flatten("", &value, &mut flat);
+        for key in NON_MATH_KEYS {
+            flat.remove(*key);
+        }
+        flat.retain(|k, _| !k.starts_with("eval.") && !k.starts_with("sampler."));
+        flat
+    }
+}
+
+/// Keys that may change between a run and its resumption without changing the math.
+const NON_MATH_KEYS: &[&str] = &[
+    "run.name",
+    "run.out_dir",
+    "run.device",
+    "model.weights",
+    "train.steps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+];
+
+/// Keys whose values differ between two fingerprints, formatted `key: old -> new`.
+pub fn fingerprint_diff(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
+    let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| saved.get(*k) != now.get(*k))
+        .map(|k| {
+            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(absent)".into());
+            format!("{k}: {} -> {}", show(saved.get(k)), show(now.get(k)))
+        })
+        .collect()
+}
+
+fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+/// Applies one `section.key=value` override to the raw table. The value is read as a TOML value
+/// (`3`, `1e-4`, `true`, `[1, 2]`, `"text"`); anything that is not valid TOML is taken as a string.
+fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
+    let Some((key, raw)) = spec.split_once('=') else {
+        usage!("--set {spec}: expected section.key=value");
+    };
+    let key = key.trim();
+    let raw = raw.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+        usage!("--set {spec}: the key must be section.key (e.g. train.steps=100)");
+    }
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    {
+        let mut node = &mut *table;
+        for part in &parts[..parts.len() - 1] {
+            let entry = node.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            node = match entry {
+                toml::Value::Table(t) => t,
+                _ => usage!("--set {spec}: {part} is not a section"),
+            };
+        }
+        node.insert(parts[parts.len() - 1].to_string(), value);
+    }
+    // Validate the override alone so that its error names the override, not the file.
+    Config::deserialize(toml::Value::Table(table.clone()))
+        .map_err(|e| Error::usage(format!("--set {spec}: {}", one_line(&e.to_string()))))?;
+    Ok(())
+}
+
+/// toml's messages span several lines with a source excerpt; keep them to one readable line.
+fn one_line(msg: &str) -> String {
+    msg.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('|')).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        Config::parse("", "t.toml", &[]).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[train]\nstepz = 3\n", "t.toml", &[]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.message.contains("stepz"), "{err}");
+        assert!(err.message.contains("t.toml"), "{err}");
+        assert!(err.message.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn overrides_are_type_checked() {
+        let c = Config::parse("", "t", &["train.steps=7".into(), "sampler.kind=ddpm".into()]).unwrap();
+        assert_eq!(c.train.steps, 7);
+        assert_eq!(c.sampler.kind, SamplerKind::Ddpm);
+        let err = Config::parse("", "t", &["train.steps=abc".into()]).unwrap_err();
+        assert!(err.message.contains("--set train.steps=abc"), "{err}");
+        let err = Config::parse("", "t", &["train.nope=1".into()]).unwrap_err();
+        assert!(err.message.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        for (set, key) in [("train.steps=0", "train.steps"), ("train.lr=-1", "train.lr"), ("sampler.eta=2", "sampler.eta")] {
+            let err = Config::parse("", "t", &[set.into()]).unwrap_err();
+            assert!(err.message.contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn fingerprint_ignores_steps_but_not_lr() {
+        let a = Config::parse("", "t", &[]).unwrap();
+        let b = Config::parse("", "t", &["train.steps=5".into()]).unwrap();
+        let c = Config::parse("", "t", &["train.lr=0.5".into()]).unwrap();
+        assert!(fingerprint_diff(&a.fingerprint(), &b.fingerprint()).is_empty());
+        let d = fingerprint_diff(&a.fingerprint(), &c.fingerprint());
+        assert_eq!(d.len(), 1);
+        assert!(d[0].starts_with("train.lr"), "{d:?}");
+    }
+}

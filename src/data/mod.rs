@@ -1,0 +1,5 @@
+//! Datasets for the tiny models.
+
+pub mod mnist;
+
+pub use mnist::{Mnist, Split};

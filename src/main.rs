@@ -1,0 +1,146 @@
+//! The `msfp` command line: parse, load the config, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use msfp::config::Config;
+use msfp::error::{Error, Result};
+use msfp::pipeline;
+
+#[derive(Parser)]
+#[command(name = "msfp", version, about = "W4A4 floating-point quantization of diffusion models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// TOML experiment file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config key, e.g. `--set train.steps=100` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> Result<Config> {
+        Config::load(&self.config, &self.set)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a tiny diffusion model in full precision (the teachers).
+    Pretrain {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// `auto` (continue from <out_dir>/checkpoints/latest if any) or a checkpoint directory.
+        #[arg(long)]
+        resume: Option<String>,
+    },
+    /// Train the MNIST classifier whose features define FID.
+    TrainClassifier {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Write a PNG grid of samples (one class per column).
+    Sample {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Model weights (default: model.weights).
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        #[arg(long, default_value = "samples.png")]
+        out: PathBuf,
+        /// Number of samples.
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+    },
+    /// FID, classifier accuracy and (with --compare) PSNR between two models' samples.
+    Eval {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Weights of a second model of the same config, sampled from identical noise.
+        #[arg(long)]
+        compare: Option<PathBuf>,
+        /// Write the JSON report here as well as to stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pretrain { config, resume } => {
+            let cfg = config.load()?;
+            let summary = pipeline::pretrain::pretrain(&cfg, pipeline::pretrain::Resume::parse(resume.as_deref()))?;
+            println!("{}", serde_json::to_string_pretty(&summary).expect("json"));
+        }
+        Command::TrainClassifier { config } => {
+            let cfg = config.load()?;
+            let summary = pipeline::classifier::train_classifier(&cfg)?;
+            println!("{}", serde_json::to_string_pretty(&summary).expect("json"));
+        }
+        Command::Sample { config, weights, out, n } => {
+            let cfg = config.load()?;
+            if n == 0 {
+                return Err(Error::usage("--n must be at least 1"));
+            }
+            let device = msfp::device::make_device(&cfg.run.device)?;
+            let model = pipeline::sample::load_model(&cfg, weights.as_deref(), &device)?;
+            pipeline::sample::write_grid(&model, &cfg, &out, n)?;
+            println!("wrote {}", out.display());
+        }
+        Command::Eval { config, weights, compare, out } => {
+            let cfg = config.load()?;
+            let device = msfp::device::make_device(&cfg.run.device)?;
+            let model = pipeline::sample::load_model(&cfg, weights.as_deref(), &device)?;
+            let other = compare.as_deref().map(|w| pipeline::sample::load_model(&cfg, Some(w), &device)).transpose()?;
+            let report = pipeline::eval::evaluate(&cfg, &model, other.as_ref(), &device)?;
+            println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+            if let Some(path) = out {
+                pipeline::eval::write_report(&path, &report)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    // A bug must still end in one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("error: internal failure{at}: {}", msg.lines().next().unwrap_or(""));
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match std::panic::catch_unwind(|| run(cli)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+        Err(_) => ExitCode::from(1),
+    }
+}

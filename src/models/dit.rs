@@ -1,0 +1,123 @@
+//! Tiny DiT (Peebles & Xie): patchify, fixed 2-D sin-cos position embedding, adaLN-Zero
+//! transformer blocks conditioned on timestep + class, linear decoder back to patches.
+
+use burn::module::Module;
+use burn::tensor::activation::{gelu, silu};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::config::DitConfig;
+use crate::nn::{ClassEmbedding, Conv2d, Linear, SelfAttention, layer_norm, timestep_embedding};
+use crate::rng::SeededRng;
+
+const IMAGE: usize = 32;
+const FREQ_DIM: usize = 256;
+
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+/// `x * (1 + scale) + shift`, with per-sample `[B, C]` modulation broadcast over tokens.
+fn modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
+    x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim::<3>(1)
+}
+
+#[derive(Module, Debug)]
+pub struct DitBlock {
+    pub attn: SelfAttention,
+    pub mlp: Mlp,
+    /// SiLU -> Linear(hidden, 6 * hidden), zero-initialised (adaLN-Zero).
+    pub ada_ln: Linear,
+}
+
+impl DitBlock {
+    fn forward(&self, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
+        let mods = self.ada_ln.forward(silu(c)).chunk(6, 1);
+        let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp]: [Tensor<2>; 6] =
+            mods.try_into().expect("six modulation chunks");
+        let h = self.attn.forward(modulate(layer_norm(x.clone(), 1e-6), shift_msa, scale_msa));
+        let x = x + gate_msa.unsqueeze_dim::<3>(1) * h;
+        let h = modulate(layer_norm(x.clone(), 1e-6), shift_mlp, scale_mlp);
+        let h = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(h)));
+        x + gate_mlp.unsqueeze_dim::<3>(1) * h
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct TinyDit {
+    pub patch_embed: Conv2d,
+    pub t_embed_1: Linear,
+    pub t_embed_2: Linear,
+    pub class_embed: ClassEmbedding,
+    pub blocks: Vec<DitBlock>,
+    pub final_ada_ln: Linear,
+    pub final_linear: Linear,
+    pub patch_size: usize,
+    pub hidden: usize,
+}
+
+impl TinyDit {
+    pub fn new(cfg: &DitConfig, rng: &mut SeededRng, device: &Device) -> Self {
+        let h = cfg.hidden;
+        let p = cfg.patch_size;
+        let blocks = (0..cfg.depth)
+            .map(|_| DitBlock {
+                attn: SelfAttention::new(h, cfg.heads, rng, device),
+                mlp: Mlp {
+                    fc1: Linear::new(h, cfg.mlp_ratio * h, true, rng, device),
+                    fc2: Linear::new(cfg.mlp_ratio * h, h, true, rng, device),
+                },
+                ada_ln: Linear::zeros(h, 6 * h, device),
+            })
+            .collect();
+        Self {
+            patch_embed: Conv2d::new(1, h, p, p, 0, rng, device),
+            t_embed_1: Linear::new(FREQ_DIM, h, true, rng, device),
+            t_embed_2: Linear::new(h, h, true, rng, device),
+            class_embed: ClassEmbedding::new(10, h, rng, device),
+            blocks,
+            final_ada_ln: Linear::zeros(h, 2 * h, device),
+            final_linear: Linear::zeros(h, p * p, device),
+            patch_size: p,
+            hidden: h,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>) -> Tensor<4> {
+        let device = x.device();
+        let [b, _, _, _] = x.dims();
+        let p = self.patch_size;
+        let g = IMAGE / p;
+        let n = g * g;
+        let tokens = self.patch_embed.forward(x).reshape([b, self.hidden, n]).swap_dims(1, 2);
+        let mut x = tokens + pos_embed_2d(self.hidden, g, &device).unsqueeze::<3>();
+
+        let temb = timestep_embedding(t, FREQ_DIM);
+        let c = self.t_embed_2.forward(silu(self.t_embed_1.forward(temb))) + self.class_embed.forward(y);
+        for block in &self.blocks {
+            x = block.forward(x, c.clone());
+        }
+        let [shift, scale]: [Tensor<2>; 2] = self.final_ada_ln.forward(silu(c)).chunk(2, 1).try_into().expect("two chunks");
+        let x = self.final_linear.forward(modulate(layer_norm(x, 1e-6), shift, scale));
+        // [B, N, p*p] -> [B, 1, 32, 32]
+        x.reshape([b, g, g, p, p]).permute([0, 1, 3, 2, 4]).reshape([b, 1, IMAGE, IMAGE])
+    }
+}
+
+/// DiT's fixed 2-D sin-cos position embedding, `[grid*grid, dim]`: half the channels encode the
+/// row, half the column.
+pub fn pos_embed_2d(dim: usize, grid: usize, device: &Device) -> Tensor<2> {
+    let quarter = dim / 4;
+    let mut values = Vec::with_capacity(grid * grid * dim);
+    for row in 0..grid {
+        for col in 0..grid {
+            for pos in [col as f32, row as f32] {
+                let omega = |i: usize| 1.0 / 10000f32.powf(i as f32 / quarter as f32);
+                values.extend((0..quarter).map(|i| (pos * omega(i)).sin()));
+                values.extend((0..quarter).map(|i| (pos * omega(i)).cos()));
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(values, [grid * grid, dim]), device)
+}

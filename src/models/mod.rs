@@ -1,0 +1,48 @@
+//! Model definitions. Every model is built from `crate::nn` layers.
+
+pub mod classifier;
+pub mod dit;
+pub mod unet;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor};
+
+pub use classifier::Classifier;
+pub use dit::TinyDit;
+pub use unet::TinyUnet;
+
+use crate::config::{ModelConfig, ModelKind};
+use crate::rng::SeededRng;
+
+/// Number of classes of the tiny models (MNIST digits); label `NUM_CLASSES` is the null label.
+pub const NUM_CLASSES: usize = 10;
+
+/// A noise-prediction network `eps(x_t, t, y)`.
+#[derive(Module, Debug)]
+pub enum Denoiser {
+    Unet(TinyUnet),
+    Dit(TinyDit),
+}
+
+impl Denoiser {
+    pub fn new(cfg: &ModelConfig, rng: &mut SeededRng, device: &Device) -> Self {
+        match cfg.kind {
+            ModelKind::TinyUnet => Denoiser::Unet(TinyUnet::new(&cfg.unet, rng, device)),
+            ModelKind::TinyDit => Denoiser::Dit(TinyDit::new(&cfg.dit, rng, device)),
+        }
+    }
+
+    pub fn kind(&self) -> ModelKind {
+        match self {
+            Denoiser::Unet(_) => ModelKind::TinyUnet,
+            Denoiser::Dit(_) => ModelKind::TinyDit,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>) -> Tensor<4> {
+        match self {
+            Denoiser::Unet(m) => m.forward(x, t, y),
+            Denoiser::Dit(m) => m.forward(x, t, y),
+        }
+    }
+}

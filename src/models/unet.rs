@@ -1,0 +1,221 @@
+//! Tiny LDM-style UNet for 32x32 single-channel images: ResBlocks with GroupNorm + SiLU, a
+//! sinusoidal timestep embedding, self-attention at the lowest resolution, class conditioning
+//! by an embedding added to the timestep embedding, and skip connections as in LDM's UNetModel.
+
+use burn::module::Module;
+use burn::tensor::activation::silu;
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::config::UnetConfig;
+use crate::nn::{ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, timestep_embedding};
+use crate::rng::SeededRng;
+
+#[derive(Module, Debug)]
+pub struct ResBlock {
+    pub norm1: GroupNorm,
+    pub conv1: Conv2d,
+    pub emb_proj: Linear,
+    pub norm2: GroupNorm,
+    pub conv2: Conv2d,
+    /// 1x1 projection of the input when the channel count changes.
+    pub skip: Option<Conv2d>,
+}
+
+impl ResBlock {
+    fn new(c_in: usize, c_out: usize, emb_dim: usize, groups: usize, rng: &mut SeededRng, device: &Device) -> Self {
+        Self {
+            norm1: GroupNorm::new(groups, c_in, device),
+            conv1: Conv2d::same3(c_in, c_out, rng, device),
+            emb_proj: Linear::new(emb_dim, c_out, true, rng, device),
+            norm2: GroupNorm::new(groups, c_out, device),
+            conv2: Conv2d::same3(c_out, c_out, rng, device),
+            skip: (c_in != c_out).then(|| Conv2d::new(c_in, c_out, 1, 1, 0, rng, device)),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>, emb: Tensor<2>) -> Tensor<4> {
+        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let [b, c, _, _] = h.dims();
+        let h = h + self.emb_proj.forward(silu(emb)).reshape([b, c, 1, 1]);
+        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let skip = match &self.skip {
+            Some(conv) => conv.forward(x),
+            None => x,
+        };
+        skip + h
+    }
+}
+
+/// Spatial self-attention block: GroupNorm, attention over the H*W tokens, residual.
+#[derive(Module, Debug)]
+pub struct AttnBlock {
+    pub norm: GroupNorm,
+    pub attn: SelfAttention,
+}
+
+impl AttnBlock {
+    fn new(channels: usize, heads: usize, groups: usize, rng: &mut SeededRng, device: &Device) -> Self {
+        Self { norm: GroupNorm::new(groups, channels, device), attn: SelfAttention::new(channels, heads, rng, device) }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let tokens = self.norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
+        let out = self.attn.forward(tokens).swap_dims(1, 2).reshape([b, c, h, w]);
+        x + out
+    }
+}
+
+/// One UNet stage: a ResBlock, optionally followed by attention.
+#[derive(Module, Debug)]
+pub struct Stage {
+    pub res: ResBlock,
+    pub attn: Option<AttnBlock>,
+}
+
+impl Stage {
+    fn forward(&self, x: Tensor<4>, emb: Tensor<2>) -> Tensor<4> {
+        let h = self.res.forward(x, emb);
+        match &self.attn {
+            Some(a) => a.forward(h),
+            None => h,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct TinyUnet {
+    pub time_embed_1: Linear,
+    pub time_embed_2: Linear,
+    pub class_embed: ClassEmbedding,
+    pub conv_in: Conv2d,
+    pub down: Vec<Stage>,
+    /// Stride-2 convolutions after every level but the last.
+    pub downsample: Vec<Conv2d>,
+    pub mid_1: ResBlock,
+    pub mid_attn: AttnBlock,
+    pub mid_2: ResBlock,
+    pub up: Vec<Stage>,
+    /// Nearest x2 followed by a 3x3 conv, after every level but the lowest.
+    pub upsample: Vec<Conv2d>,
+    pub norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+    pub base_channels: usize,
+    pub res_blocks: usize,
+    pub levels: usize,
+}
+
+impl TinyUnet {
+    pub fn new(cfg: &UnetConfig, rng: &mut SeededRng, device: &Device) -> Self {
+        let c0 = cfg.base_channels;
+        let emb = 4 * c0;
+        let g = cfg.groups;
+        let levels = cfg.channel_mult.len();
+        let chans: Vec<usize> = cfg.channel_mult.iter().map(|m| m * c0).collect();
+        let attn_at = |level: usize| level == levels - 1;
+
+        let time_embed_1 = Linear::new(c0, emb, true, rng, device);
+        let time_embed_2 = Linear::new(emb, emb, true, rng, device);
+        let class_embed = ClassEmbedding::new(10, emb, rng, device);
+        let conv_in = Conv2d::same3(1, c0, rng, device);
+
+        let mut skip_chans = vec![c0];
+        let mut down = Vec::new();
+        let mut downsample = Vec::new();
+        let mut ch = c0;
+        for (level, &c) in chans.iter().enumerate() {
+            for _ in 0..cfg.res_blocks {
+                let res = ResBlock::new(ch, c, emb, g, rng, device);
+                let attn = attn_at(level).then(|| AttnBlock::new(c, cfg.attention_heads, g, rng, device));
+                down.push(Stage { res, attn });
+                ch = c;
+                skip_chans.push(ch);
+            }
+            if level + 1 < levels {
+                downsample.push(Conv2d::new(ch, ch, 3, 2, 1, rng, device));
+                skip_chans.push(ch);
+            }
+        }
+
+        let mid_1 = ResBlock::new(ch, ch, emb, g, rng, device);
+        let mid_attn = AttnBlock::new(ch, cfg.attention_heads, g, rng, device);
+        let mid_2 = ResBlock::new(ch, ch, emb, g, rng, device);
+
+        let mut up = Vec::new();
+        let mut upsample = Vec::new();
+        for (level, &c) in chans.iter().enumerate().rev() {
+            for _ in 0..=cfg.res_blocks {
+                let skip = skip_chans.pop().expect("one skip per up block");
+                let res = ResBlock::new(ch + skip, c, emb, g, rng, device);
+                let attn = attn_at(level).then(|| AttnBlock::new(c, cfg.attention_heads, g, rng, device));
+                up.push(Stage { res, attn });
+                ch = c;
+            }
+            if level > 0 {
+                upsample.push(Conv2d::same3(ch, ch, rng, device));
+            }
+        }
+
+        Self {
+            time_embed_1,
+            time_embed_2,
+            class_embed,
+            conv_in,
+            down,
+            downsample,
+            mid_1,
+            mid_attn,
+            mid_2,
+            up,
+            upsample,
+            norm_out: GroupNorm::new(g, ch, device),
+            conv_out: Conv2d::same3(ch, 1, rng, device),
+            base_channels: c0,
+            res_blocks: cfg.res_blocks,
+            levels,
+        }
+    }
+
+    /// Predicts the noise in `x` (`[B, 1, 32, 32]`) at timesteps `t` (`[B]`) for labels `y`
+    /// (`[B]`, the null label for unconditional).
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>) -> Tensor<4> {
+        let temb = timestep_embedding(t, self.base_channels);
+        let emb = self.time_embed_2.forward(silu(self.time_embed_1.forward(temb))) + self.class_embed.forward(y);
+
+        let mut h = self.conv_in.forward(x);
+        let mut skips = vec![h.clone()];
+        let mut blocks = self.down.iter();
+        for level in 0..self.levels {
+            for _ in 0..self.res_blocks {
+                h = blocks.next().expect("down block").forward(h, emb.clone());
+                skips.push(h.clone());
+            }
+            if let Some(ds) = self.downsample.get(level) {
+                h = ds.forward(h);
+                skips.push(h.clone());
+            }
+        }
+
+        h = self.mid_1.forward(h, emb.clone());
+        h = self.mid_attn.forward(h);
+        h = self.mid_2.forward(h, emb.clone());
+
+        let mut blocks = self.up.iter();
+        for level in 0..self.levels {
+            for _ in 0..=self.res_blocks {
+                let skip = skips.pop().expect("skip");
+                h = blocks.next().expect("up block").forward(Tensor::cat(vec![h, skip], 1), emb.clone());
+            }
+            if let Some(us) = self.upsample.get(level) {
+                h = us.forward(upsample_nearest2(h));
+            }
+        }
+        self.conv_out.forward(silu(self.norm_out.forward(h)))
+    }
+}
+
+/// Nearest-neighbour x2 upsampling by broadcasting (works and differentiates on every backend).
+pub fn upsample_nearest2(x: Tensor<4>) -> Tensor<4> {
+    let [b, c, h, w] = x.dims();
+    x.reshape([b, c, h, 1, w, 1]).expand([b, c, h, 2, w, 2]).reshape([b, c, 2 * h, 2 * w])
+}

@@ -1,0 +1,39 @@
+//! 2-D convolution with square kernels and symmetric padding (all the tiny and SD models need).
+
+use burn::module::{Module, Param};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Device, Tensor};
+
+use super::init;
+use crate::rng::SeededRng;
+
+#[derive(Module, Debug)]
+pub struct Conv2d {
+    /// `[c_out, c_in, k, k]`.
+    pub weight: Param<Tensor<4>>,
+    pub bias: Option<Param<Tensor<1>>>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize, rng: &mut SeededRng, device: &Device) -> Self {
+        let bound = 1.0 / ((c_in * kernel * kernel) as f32).sqrt();
+        Self {
+            weight: init::uniform(rng, [c_out, c_in, kernel, kernel], bound, device),
+            bias: Some(init::uniform(rng, [c_out], bound, device)),
+            stride,
+            padding,
+        }
+    }
+
+    /// "Same" 3x3 convolution.
+    pub fn same3(c_in: usize, c_out: usize, rng: &mut SeededRng, device: &Device) -> Self {
+        Self::new(c_in, c_out, 3, 1, 1, rng, device)
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let options = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
+        burn::tensor::module::conv2d(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()), options)
+    }
+}

@@ -1,0 +1,40 @@
+//! Timestep and class embeddings.
+
+use burn::module::{Module, Param};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::init;
+use crate::rng::SeededRng;
+
+/// Sinusoidal embedding of (possibly fractional) timesteps, `[B] -> [B, dim]`, laid out
+/// `[cos | sin]` with frequencies `10000^(-i/half)` as in ADM/DiT.
+pub fn timestep_embedding(t: Tensor<1>, dim: usize) -> Tensor<2> {
+    let half = dim / 2;
+    let device = t.device();
+    let freqs: Vec<f32> = (0..half).map(|i| (-(10000f32.ln()) * i as f32 / half as f32).exp()).collect();
+    let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &device).unsqueeze::<2>();
+    let args = t.unsqueeze_dim::<2>(1) * freqs;
+    Tensor::cat(vec![args.clone().cos(), args.sin()], 1)
+}
+
+/// Class-label embedding with one extra row, the null label used by classifier-free guidance.
+#[derive(Module, Debug)]
+pub struct ClassEmbedding {
+    /// `[num_classes + 1, dim]`; the last row is the null label.
+    pub weight: Param<Tensor<2>>,
+}
+
+impl ClassEmbedding {
+    pub fn new(num_classes: usize, dim: usize, rng: &mut SeededRng, device: &Device) -> Self {
+        Self { weight: init::normal(rng, [num_classes + 1, dim], 0.02, device) }
+    }
+
+    /// Index of the null (unconditional) label.
+    pub fn null_label(&self) -> usize {
+        self.weight.dims()[0] - 1
+    }
+
+    pub fn forward(&self, labels: Tensor<1, Int>) -> Tensor<2> {
+        self.weight.val().select(0, labels)
+    }
+}

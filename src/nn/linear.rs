@@ -1,0 +1,39 @@
+//! Fully connected layer with PyTorch's weight layout `[out, in]`, so real checkpoints load
+//! without transposition and per-output-channel quantization is a per-row operation.
+
+use burn::module::{Module, Param};
+use burn::tensor::{Device, Tensor};
+
+use super::init;
+use crate::rng::SeededRng;
+
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// `[d_out, d_in]`.
+    pub weight: Param<Tensor<2>>,
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    /// PyTorch-default initialisation.
+    pub fn new(d_in: usize, d_out: usize, bias: bool, rng: &mut SeededRng, device: &Device) -> Self {
+        let bound = 1.0 / (d_in as f32).sqrt();
+        Self {
+            weight: init::uniform(rng, [d_out, d_in], bound, device),
+            bias: bias.then(|| init::uniform(rng, [d_out], bound, device)),
+        }
+    }
+
+    /// Zero-initialised (adaLN-Zero modulation and final layers start as the identity path).
+    pub fn zeros(d_in: usize, d_out: usize, device: &Device) -> Self {
+        Self { weight: init::constant([d_out, d_in], 0.0, device), bias: Some(init::constant([d_out], 0.0, device)) }
+    }
+
+    pub fn d_out(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        burn::tensor::module::linear(x, self.weight.val().transpose(), self.bias.as_ref().map(|b| b.val()))
+    }
+}

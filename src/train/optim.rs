@@ -1,0 +1,183 @@
+//! AdamW with global-norm gradient clipping, its state keyed by parameter path.
+//!
+//! burn's `ModuleOptimizer` keys its state by `ParamId`, which is random per process; keying by
+//! module path makes the state a plain safetensors file that resumes bit-exactly into a freshly
+//! built model and that a later issue can split into parameter groups by path pattern.
+
+use std::collections::BTreeMap;
+
+use burn::module::Module;
+use burn::tensor::Gradients;
+use burn::tensor::{Tensor, TensorData};
+
+use super::params::{HostTensor, NamedTensors, for_each_param, map_params};
+use crate::config::{LrSchedule, TrainConfig};
+
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    /// Updates applied so far (for bias correction).
+    pub step: u64,
+    exp_avg: BTreeMap<String, Tensor<1>>,
+    exp_avg_sq: BTreeMap<String, Tensor<1>>,
+}
+
+impl AdamW {
+    pub fn new(weight_decay: f64, grad_clip: f64) -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            grad_clip,
+            step: 0,
+            exp_avg: BTreeMap::new(),
+            exp_avg_sq: BTreeMap::new(),
+        }
+    }
+
+    /// Global L2 norm of the gradients of every parameter of `module`.
+    pub fn grad_norm<M: Module>(module: &M, grads: &Gradients) -> f64 {
+        let mut total: Option<Tensor<1>> = None;
+        for_each_param(module, |_, t, _| {
+            if let Some(g) = t.grad(grads) {
+                let s = g.square().sum();
+                total = Some(match total.take() {
+                    Some(acc) => acc + s,
+                    None => s,
+                });
+            }
+        });
+        total.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt())
+    }
+
+    /// One update of every parameter that has a gradient. Returns the module and the
+    /// pre-clipping gradient norm.
+    pub fn step<M: Module>(&mut self, module: M, grads: &Gradients, lr: f64) -> (M, f64) {
+        let norm = Self::grad_norm(&module, grads);
+        let clip = if self.grad_clip > 0.0 && norm > self.grad_clip { self.grad_clip / (norm + 1e-6) } else { 1.0 };
+        // Gradients must be read on the autodiff tensors, before `map_params` strips autodiff.
+        let mut flat_grads: BTreeMap<String, Tensor<1>> = BTreeMap::new();
+        for_each_param(&module, |path, t, _| {
+            if let Some(g) = t.grad(grads) {
+                flat_grads.insert(path.to_string(), g);
+            }
+        });
+        self.step += 1;
+        let (b1, b2) = (self.beta1, self.beta2);
+        let bc1 = 1.0 - b1.powi(self.step as i32);
+        let bc2 = 1.0 - b2.powi(self.step as i32);
+        let module = map_params(module, |path, p| {
+            let Some(g) = flat_grads.remove(path) else { return p };
+            let g = if clip < 1.0 { g * clip } else { g };
+            let m = match self.exp_avg.remove(path) {
+                Some(m) => m * b1 + g.clone() * (1.0 - b1),
+                None => g.clone() * (1.0 - b1),
+            };
+            let v = match self.exp_avg_sq.remove(path) {
+                Some(v) => v * b2 + g.square() * (1.0 - b2),
+                None => g.square() * (1.0 - b2),
+            };
+            let update = (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + self.eps);
+            let p = if self.weight_decay > 0.0 { p.clone() - p * (lr * self.weight_decay) } else { p };
+            self.exp_avg.insert(path.to_string(), m);
+            self.exp_avg_sq.insert(path.to_string(), v);
+            p - update * lr
+        });
+        (module, norm)
+    }
+
+    /// The state as named tensors (`<path>.exp_avg`, `<path>.exp_avg_sq`).
+    pub fn state_tensors(&self) -> NamedTensors {
+        let mut out = BTreeMap::new();
+        for (suffix, map) in [("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq)] {
+            for (k, t) in map {
+                out.insert(format!("{k}.{suffix}"), HostTensor::from_tensor(t));
+            }
+        }
+        out
+    }
+
+    pub fn load_state(&mut self, tensors: &NamedTensors, step: u64, device: &burn::tensor::Device) {
+        self.step = step;
+        self.exp_avg.clear();
+        self.exp_avg_sq.clear();
+        for (name, t) in tensors {
+            let value = Tensor::<1>::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device);
+            if let Some(path) = name.strip_suffix(".exp_avg_sq") {
+                self.exp_avg_sq.insert(path.to_string(), value);
+            } else if let Some(path) = name.strip_suffix(".exp_avg") {
+                self.exp_avg.insert(path.to_string(), value);
+            }
+        }
+    }
+}
+
+/// Learning rate at `step` (0-based): linear warm-up, then the configured decay to 0.
+pub fn learning_rate(cfg: &TrainConfig, step: usize) -> f64 {
+    if step < cfg.warmup_steps {
+        return cfg.lr * (step + 1) as f64 / cfg.warmup_steps as f64;
+    }
+    let span = cfg.steps.saturating_sub(cfg.warmup_steps).max(1) as f64;
+    let progress = ((step - cfg.warmup_steps) as f64 / span).min(1.0);
+    match cfg.lr_schedule {
+        LrSchedule::Constant => cfg.lr,
+        LrSchedule::Cosine => cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        LrSchedule::Linear => cfg.lr * (1.0 - progress),
+    }
+}
+
+/// Exponential moving average of the parameters (the weights used for sampling).
+#[derive(Debug, Clone)]
+pub struct Ema {
+    pub decay: f64,
+    pub shadow: BTreeMap<String, Tensor<1>>,
+}
+
+impl Ema {
+    pub fn new<M: Module>(module: &M, decay: f64) -> Self {
+        let mut shadow = BTreeMap::new();
+        for_each_param(module, |path, t, _| {
+            shadow.insert(path.to_string(), t.clone().inner());
+        });
+        Self { decay, shadow }
+    }
+
+    /// Updates after optimizer step `step` (1-based), with the usual warm-up of the decay.
+    pub fn update<M: Module>(&mut self, module: &M, step: usize) {
+        let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64));
+        for_each_param(module, |path, t, _| {
+            if let Some(s) = self.shadow.remove(path) {
+                self.shadow.insert(path.to_string(), s * d + t.clone().inner() * (1.0 - d));
+            }
+        });
+    }
+
+    pub fn tensors(&self) -> NamedTensors {
+        self.shadow.iter().map(|(k, t)| (k.clone(), HostTensor::from_tensor(t))).collect()
+    }
+
+    pub fn load(&mut self, tensors: &NamedTensors, device: &burn::tensor::Device) {
+        for (k, t) in tensors {
+            self.shadow.insert(k.clone(), Tensor::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_cosine_to_zero() {
+        let cfg = TrainConfig { steps: 110, warmup_steps: 10, lr: 1.0, lr_schedule: LrSchedule::Cosine, ..Default::default() };
+        assert!((learning_rate(&cfg, 0) - 0.1).abs() < 1e-12);
+        assert!((learning_rate(&cfg, 9) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(&cfg, 60) - 0.5).abs() < 1e-12);
+        assert!(learning_rate(&cfg, 109) < 0.001);
+    }
+}

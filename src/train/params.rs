@@ -1,0 +1,236 @@
+//! Parameters by module path ("down.0.res.conv1.weight"): collecting them, replacing them, and
+//! reading/writing them as safetensors. Paths are the names in every file msfp writes, so
+//! checkpoints stay readable by other tools and independent of burn's random parameter ids.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Tensor, TensorData};
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::error::{Error, Result};
+
+/// A host-side f32 tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn from_tensor<const D: usize>(t: &Tensor<D>) -> Self {
+        let data = t.to_data().convert::<f32>();
+        Self { shape: data.shape().to_vec(), data: data.try_into_vec::<f32>().expect("f32 data") }
+    }
+
+    pub fn to_data(&self) -> TensorData {
+        TensorData::new(self.data.clone(), self.shape.clone())
+    }
+}
+
+pub type NamedTensors = BTreeMap<String, HostTensor>;
+
+/// Tracks the dotted module path during a visit; enum variants add no component.
+#[derive(Default)]
+struct PathTracker {
+    stack: Vec<Option<String>>,
+}
+
+impl PathTracker {
+    fn enter(&mut self, name: &str, container: &str) {
+        self.stack.push((!container.starts_with("Enum:")).then(|| name.to_string()));
+    }
+    fn exit(&mut self) {
+        self.stack.pop();
+    }
+    fn path(&self) -> String {
+        self.stack.iter().flatten().cloned().collect::<Vec<_>>().join(".")
+    }
+}
+
+struct Collector {
+    tracker: PathTracker,
+    out: NamedTensors,
+}
+
+impl ModuleVisitor for Collector {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.tracker.enter(name, container);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.tracker.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out.insert(self.tracker.path(), HostTensor::from_tensor(&param.val()));
+    }
+}
+
+/// Every float parameter of `module`, by path.
+pub fn collect<M: Module>(module: &M) -> NamedTensors {
+    let mut c = Collector { tracker: PathTracker::default(), out: BTreeMap::new() };
+    module.visit(&mut c);
+    c.out
+}
+
+/// Visits every float parameter with its path (read-only).
+pub fn for_each_param<M: Module>(module: &M, f: impl FnMut(&str, &Tensor<1>, &[usize])) {
+    struct V<F> {
+        tracker: PathTracker,
+        f: F,
+    }
+    impl<F: FnMut(&str, &Tensor<1>, &[usize])> ModuleVisitor for V<F> {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.tracker.enter(name, container);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.tracker.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let t = param.val();
+            let dims = t.dims();
+            let n = dims.iter().product::<usize>();
+            (self.f)(&self.tracker.path(), &t.reshape([n]), &dims);
+        }
+    }
+    module.visit(&mut V { tracker: PathTracker::default(), f });
+}
+
+/// Replaces every float parameter by `f(path, flat_value)` (same length), keeping parameter ids
+/// and whether they require gradients. `f` receives and returns tensors without autodiff.
+pub fn map_params<M: Module>(module: M, f: impl FnMut(&str, Tensor<1>) -> Tensor<1>) -> M {
+    struct Mp<F> {
+        tracker: PathTracker,
+        f: F,
+    }
+    impl<F: FnMut(&str, Tensor<1>) -> Tensor<1>> ModuleMapper for Mp<F> {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.tracker.enter(name, container);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.tracker.exit();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let (id, tensor, mapper) = param.consume();
+            let require_grad = tensor.is_require_grad();
+            let autodiff = tensor.is_autodiff();
+            let dims = tensor.dims();
+            let n = dims.iter().product::<usize>();
+            let flat = tensor.inner().reshape([n]);
+            let mut out = (self.f)(&self.tracker.path(), flat).reshape(dims);
+            if autodiff {
+                out = Tensor::from_inner(out);
+            }
+            if require_grad {
+                out = out.require_grad();
+            }
+            Param::from_mapped_value(id, out, mapper)
+        }
+    }
+    module.map(&mut Mp { tracker: PathTracker::default(), f })
+}
+
+/// Loads `tensors` into `module`: every parameter must be present with the right shape and
+/// every tensor must be used. `origin` names the file in errors.
+pub fn load_into<M: Module>(module: M, tensors: &NamedTensors, origin: &Path) -> Result<M> {
+    let expected = collect_shapes(&module);
+    let missing: Vec<&String> = expected.keys().filter(|k| !tensors.contains_key(*k)).collect();
+    let unused: Vec<&String> = tensors.keys().filter(|k| !expected.contains_key(*k)).collect();
+    if !missing.is_empty() || !unused.is_empty() {
+        return Err(Error::runtime(format!(
+            "{}: does not fit this model ({} missing tensors, e.g. {:?}; {} unexpected, e.g. {:?}); was it written for another model or config?",
+            origin.display(),
+            missing.len(),
+            missing.iter().take(3).collect::<Vec<_>>(),
+            unused.len(),
+            unused.iter().take(3).collect::<Vec<_>>()
+        )));
+    }
+    for (name, shape) in &expected {
+        let got = &tensors[name].shape;
+        if got != shape {
+            return Err(Error::runtime(format!(
+                "{}: tensor `{name}` has shape {got:?} but the model expects {shape:?}; was it written for another model config?",
+                origin.display()
+            )));
+        }
+    }
+    Ok(map_params(module, |path, old| {
+        let t = &tensors[path];
+        Tensor::from_data(TensorData::new(t.data.clone(), [t.data.len()]), &old.device())
+    }))
+}
+
+fn collect_shapes<M: Module>(module: &M) -> HashMap<String, Vec<usize>> {
+    let mut shapes = HashMap::new();
+    for_each_param(module, |path, _, dims| {
+        shapes.insert(path.to_string(), dims.to_vec());
+    });
+    shapes
+}
+
+/// Writes tensors (+ string metadata) to a safetensors file atomically (temp name, then rename).
+pub fn save_safetensors(path: &Path, tensors: &NamedTensors, metadata: &BTreeMap<String, String>) -> Result<()> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
+        .collect();
+    let views: Vec<(String, TensorView)> = bytes
+        .iter()
+        .map(|(k, b, s)| (k.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view")))
+        .collect();
+    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
+    let out = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::runtime(format!("{}: cannot serialise: {e}", path.display())))?;
+    crate::train::atomic_write(path, &out)
+}
+
+/// Reads every tensor of a safetensors file as f32 (f16/bf16/f64 are converted), with its metadata.
+pub fn load_safetensors(path: &Path) -> Result<(NamedTensors, BTreeMap<String, String>)> {
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::usage(format!("{}: file not found", path.display())),
+        _ => Error::runtime(format!("{}: {e}", path.display())),
+    })?;
+    let corrupt = |e: safetensors::SafeTensorError| {
+        Error::runtime(format!("{}: not a valid safetensors file ({e}); re-create or re-download it", path.display()))
+    };
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(corrupt)?;
+    let meta: BTreeMap<String, String> = header.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default();
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(corrupt)?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F64 => raw
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            Dtype::F16 => raw.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+            Dtype::BF16 => raw.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
+            other => {
+                return Err(Error::runtime(format!(
+                    "{}: tensor `{name}` has dtype {other:?}; only float tensors can be loaded",
+                    path.display()
+                )));
+            }
+        };
+        if data.iter().any(|v| !v.is_finite()) {
+            return Err(Error::runtime(format!("{}: tensor `{name}` contains NaN or infinite values", path.display())));
+        }
+        out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
+    }
+    Ok((out, meta))
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) & 1) as u32;
+    let exp = ((h >> 10) & 0x1f) as i32;
+    let man = (h & 0x3ff) as u32;
+    let v = match exp {
+        0 => (man as f32) * 2f32.powi(-24),
+        31 => if man == 0 { f32::INFINITY } else { f32::NAN },
+        e => (1.0 + man as f32 / 1024.0) * 2f32.powi(e - 15),
+    };
+    if sign == 1 { -v } else { v }
+}
