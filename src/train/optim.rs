@@ -10,7 +10,7 @@ use burn::module::Module;
 use burn::tensor::Gradients;
 use burn::tensor::{Tensor, TensorData};
 
-use super::params::{HostTensor, NamedTensors, for_each_param, map_params};
+use super::params::{HostTensor, NamedTensors, collect_grads, for_each_param, map_params};
 use crate::config::{LrSchedule, TrainConfig};
 
 #[derive(Debug, Clone)]
@@ -40,33 +40,13 @@ impl AdamW {
         }
     }
 
-    /// Global L2 norm of the gradients of every parameter of `module`.
-    pub fn grad_norm<M: Module>(module: &M, grads: &Gradients) -> f64 {
-        let mut total: Option<Tensor<1>> = None;
-        for_each_param(module, |_, t, _| {
-            if let Some(g) = t.grad(grads) {
-                let s = g.square().sum();
-                total = Some(match total.take() {
-                    Some(acc) => acc + s,
-                    None => s,
-                });
-            }
-        });
-        total.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt())
-    }
-
     /// One update of every parameter that has a gradient. Returns the module and the
-    /// pre-clipping gradient norm.
+    /// pre-clipping global gradient norm.
     pub fn step<M: Module>(&mut self, module: M, grads: &Gradients, lr: f64) -> (M, f64) {
-        let norm = Self::grad_norm(&module, grads);
+        let mut flat_grads = collect_grads(&module, grads);
+        let sq = flat_grads.values().map(|g| g.clone().square().sum()).reduce(|a, b| a + b);
+        let norm = sq.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt());
         let clip = if self.grad_clip > 0.0 && norm > self.grad_clip { self.grad_clip / (norm + 1e-6) } else { 1.0 };
-        // Gradients must be read on the autodiff tensors, before `map_params` strips autodiff.
-        let mut flat_grads: BTreeMap<String, Tensor<1>> = BTreeMap::new();
-        for_each_param(&module, |path, t, _| {
-            if let Some(g) = t.grad(grads) {
-                flat_grads.insert(path.to_string(), g);
-            }
-        });
         self.step += 1;
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - b1.powi(self.step as i32);
@@ -135,14 +115,15 @@ pub fn learning_rate(cfg: &TrainConfig, step: usize) -> f64 {
 #[derive(Debug, Clone)]
 pub struct Ema {
     pub decay: f64,
-    pub shadow: BTreeMap<String, Tensor<1>>,
+    /// Flat shadow values and the parameter's shape, by path.
+    pub shadow: BTreeMap<String, (Tensor<1>, Vec<usize>)>,
 }
 
 impl Ema {
     pub fn new<M: Module>(module: &M, decay: f64) -> Self {
         let mut shadow = BTreeMap::new();
-        for_each_param(module, |path, t, _| {
-            shadow.insert(path.to_string(), t.clone().inner());
+        for_each_param(module, |path, t, dims| {
+            shadow.insert(path.to_string(), (t.clone().inner(), dims.to_vec()));
         });
         Self { decay, shadow }
     }
@@ -151,19 +132,23 @@ impl Ema {
     pub fn update<M: Module>(&mut self, module: &M, step: usize) {
         let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64));
         for_each_param(module, |path, t, _| {
-            if let Some(s) = self.shadow.remove(path) {
-                self.shadow.insert(path.to_string(), s * d + t.clone().inner() * (1.0 - d));
+            if let Some((s, shape)) = self.shadow.remove(path) {
+                self.shadow.insert(path.to_string(), (s * d + t.clone().inner() * (1.0 - d), shape));
             }
         });
     }
 
     pub fn tensors(&self) -> NamedTensors {
-        self.shadow.iter().map(|(k, t)| (k.clone(), HostTensor::from_tensor(t))).collect()
+        self.shadow
+            .iter()
+            .map(|(k, (t, shape))| (k.clone(), HostTensor { shape: shape.clone(), data: HostTensor::from_tensor(t).data }))
+            .collect()
     }
 
     pub fn load(&mut self, tensors: &NamedTensors, device: &burn::tensor::Device) {
         for (k, t) in tensors {
-            self.shadow.insert(k.clone(), Tensor::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device));
+            let flat = Tensor::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device);
+            self.shadow.insert(k.clone(), (flat, t.shape.clone()));
         }
     }
 }
@@ -179,5 +164,32 @@ mod tests {
         assert!((learning_rate(&cfg, 9) - 1.0).abs() < 1e-12);
         assert!((learning_rate(&cfg, 60) - 0.5).abs() < 1e-12);
         assert!(learning_rate(&cfg, 109) < 0.001);
+    }
+}
+
+#[cfg(test)]
+mod step_tests {
+    use super::*;
+    use crate::nn::Linear;
+    use crate::rng::SeededRng;
+    use burn::tensor::Device;
+
+    #[test]
+    fn adamw_reduces_a_regression_loss() {
+        let device = Device::flex().autodiff();
+        let mut layer = Linear::new(4, 1, true, &mut SeededRng::new(0), &device);
+        let x = Tensor::<2>::from_data(TensorData::new((0..32).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), [8, 4]), &device);
+        let target = x.clone().sum_dim(1) * 0.5 + 1.0;
+        let mut opt = AdamW::new(0.0, 0.0);
+        let loss_of = |l: &Linear| (l.forward(x.clone()) - target.clone()).square().mean();
+        let first = loss_of(&layer).into_scalar::<f32>();
+        for _ in 0..200 {
+            let grads = loss_of(&layer).backward();
+            let (l, norm) = opt.step(layer, &grads, 0.05);
+            assert!(norm > 0.0, "gradients must reach the parameters");
+            layer = l;
+        }
+        let last = loss_of(&layer).into_scalar::<f32>();
+        assert!(last < first * 0.01, "{first} -> {last}");
     }
 }

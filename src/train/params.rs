@@ -96,6 +96,33 @@ pub fn for_each_param<M: Module>(module: &M, f: impl FnMut(&str, &Tensor<1>, &[u
     module.visit(&mut V { tracker: PathTracker::default(), f });
 }
 
+/// The gradient of every parameter that has one, flattened, by path. Gradients are looked up on
+/// the parameter tensors themselves (a reshaped view is a new graph node without a gradient).
+pub fn collect_grads<M: Module>(module: &M, grads: &burn::tensor::Gradients) -> BTreeMap<String, Tensor<1>> {
+    struct V<'a> {
+        tracker: PathTracker,
+        grads: &'a burn::tensor::Gradients,
+        out: BTreeMap<String, Tensor<1>>,
+    }
+    impl ModuleVisitor for V<'_> {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.tracker.enter(name, container);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.tracker.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = param.val().grad(self.grads) {
+                let n = g.dims().iter().product::<usize>();
+                self.out.insert(self.tracker.path(), g.reshape([n]));
+            }
+        }
+    }
+    let mut v = V { tracker: PathTracker::default(), grads, out: BTreeMap::new() };
+    module.visit(&mut v);
+    v.out
+}
+
 /// Replaces every float parameter by `f(path, flat_value)` (same length), keeping parameter ids
 /// and whether they require gradients. `f` receives and returns tensors without autodiff.
 pub fn map_params<M: Module>(module: M, f: impl FnMut(&str, Tensor<1>) -> Tensor<1>) -> M {
