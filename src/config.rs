@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -42,7 +42,12 @@ pub struct RunConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { name: "run".into(), out_dir: "runs/run".into(), seed: 0, device: "flex".into() }
+        Self {
+            name: "run".into(),
+            out_dir: "runs/run".into(),
+            seed: 0,
+            device: "flex".into(),
+        }
     }
 }
 
@@ -65,7 +70,12 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { kind: ModelKind::TinyUnet, weights: None, unet: UnetConfig::default(), dit: DitConfig::default() }
+        Self {
+            kind: ModelKind::TinyUnet,
+            weights: None,
+            unet: UnetConfig::default(),
+            dit: DitConfig::default(),
+        }
     }
 }
 
@@ -86,7 +96,13 @@ pub struct UnetConfig {
 
 impl Default for UnetConfig {
     fn default() -> Self {
-        Self { base_channels: 32, channel_mult: vec![1, 2, 2], res_blocks: 1, attention_heads: 4, groups: 8 }
+        Self {
+            base_channels: 32,
+            channel_mult: vec![1, 2, 2],
+            res_blocks: 1,
+            attention_heads: 4,
+            groups: 8,
+        }
     }
 }
 
@@ -102,7 +118,13 @@ pub struct DitConfig {
 
 impl Default for DitConfig {
     fn default() -> Self {
-        Self { patch_size: 4, hidden: 128, depth: 6, heads: 4, mlp_ratio: 4 }
+        Self {
+            patch_size: 4,
+            hidden: 128,
+            depth: 6,
+            heads: 4,
+            mlp_ratio: 4,
+        }
     }
 }
 
@@ -119,7 +141,11 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { dir: "data".into(), train_count: 9000, heldout_count: 1000 }
+        Self {
+            dir: "data".into(),
+            train_count: 9000,
+            heldout_count: 1000,
+        }
     }
 }
 
@@ -141,7 +167,12 @@ pub struct DiffusionConfig {
 
 impl Default for DiffusionConfig {
     fn default() -> Self {
-        Self { schedule: BetaSchedule::Linear, timesteps: 1000, beta_start: 1e-4, beta_end: 0.02 }
+        Self {
+            schedule: BetaSchedule::Linear,
+            timesteps: 1000,
+            beta_start: 1e-4,
+            beta_end: 0.02,
+        }
     }
 }
 
@@ -212,7 +243,12 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        Self { kind: SamplerKind::Ddim, steps: 50, eta: 0.0, guidance_scale: 2.0 }
+        Self {
+            kind: SamplerKind::Ddim,
+            steps: 50,
+            eta: 0.0,
+            guidance_scale: 2.0,
+        }
     }
 }
 
@@ -230,36 +266,46 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { samples: 1000, batch_size: 100, classifier: "checkpoints/mnist_classifier.safetensors".into(), seed: 1234 }
+        Self {
+            samples: 1000,
+            batch_size: 100,
+            classifier: "checkpoints/mnist_classifier.safetensors".into(),
+            seed: 1234,
+        }
     }
 }
 
 impl Config {
     /// Reads, overrides and validates a config file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::usage(format!("cannot read config {}: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::usage(format!("cannot read config {}: {e}", path.display())))?;
         Self::parse(&text, &path.display().to_string(), overrides)
     }
 
     /// Parses TOML text (`origin` names it in errors), applies `--set` overrides and validates.
     pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| Error::usage(format!("{origin}: {}", one_line(&e.to_string()))))?;
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            Error::usage(format!("{origin}: {}", one_line(&e.to_string())))
+        })?;
         for spec in overrides {
             apply_override(&mut table, spec)?;
         }
-        let config: Config = Config::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
-            // Re-run on the text for line numbers when the error comes from the file itself.
-            let located = if overrides.is_empty() {
-                toml::from_str::<Config>(text).err().map(|e| one_line(&e.to_string()))
-            } else {
-                None
-            };
-            Error::usage(format!("{origin}: {}", located.unwrap_or_else(|| one_line(&e.to_string()))))
-        })?;
+        let config: Config =
+            Config::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+                // Re-run on the text for line numbers when the error comes from the file itself.
+                let located = if overrides.is_empty() {
+                    toml::from_str::<Config>(text)
+                        .err()
+                        .map(|e| one_line(&e.to_string()))
+                } else {
+                    None
+                };
+                Error::usage(format!(
+                    "{origin}: {}",
+                    located.unwrap_or_else(|| one_line(&e.to_string()))
+                ))
+            })?;
         config.validate().map_err(|e| e.context(origin))?;
         Ok(config)
     }
@@ -267,13 +313,17 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         fn positive(key: &str, v: usize) -> Result<()> {
             if v == 0 {
-                return Err(Error::usage(format!("{key} = 0 is out of range: it must be at least 1")));
+                return Err(Error::usage(format!(
+                    "{key} = 0 is out of range: it must be at least 1"
+                )));
             }
             Ok(())
         }
         fn in_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
             if !(v.is_finite() && v >= lo && v <= hi) {
-                return Err(Error::usage(format!("{key} = {v} is out of range: it must be in [{lo}, {hi}]")));
+                return Err(Error::usage(format!(
+                    "{key} = {v} is out of range: it must be in [{lo}, {hi}]"
+                )));
             }
             Ok(())
         }
@@ -284,7 +334,10 @@ impl Config {
         positive("train.keep_checkpoints", t.keep_checkpoints)?;
         positive("train.log_every", t.log_every)?;
         if !(t.lr.is_finite() && t.lr > 0.0) {
-            return Err(Error::usage(format!("train.lr = {} is out of range: it must be a positive number", t.lr)));
+            return Err(Error::usage(format!(
+                "train.lr = {} is out of range: it must be a positive number",
+                t.lr
+            )));
         }
         in_range("train.weight_decay", t.weight_decay, 0.0, 1.0)?;
         in_range("train.grad_clip", t.grad_clip, 0.0, f64::MAX)?;
@@ -314,7 +367,10 @@ impl Config {
         positive("model.unet.attention_heads", u.attention_heads)?;
         positive("model.unet.groups", u.groups)?;
         if u.channel_mult.is_empty() || u.channel_mult.len() > 4 || u.channel_mult.contains(&0) {
-            usage!("model.unet.channel_mult = {:?} is out of range: give 1 to 4 positive multipliers", u.channel_mult);
+            usage!(
+                "model.unet.channel_mult = {:?} is out of range: give 1 to 4 positive multipliers",
+                u.channel_mult
+            );
         }
         for m in &u.channel_mult {
             if (u.base_channels * m) % u.groups != 0 {
@@ -327,17 +383,27 @@ impl Config {
         }
         let lowest = u.base_channels * u.channel_mult.last().copied().unwrap_or(1);
         if lowest % u.attention_heads != 0 {
-            usage!("model.unet.attention_heads = {} must divide the lowest level's {lowest} channels", u.attention_heads);
+            usage!(
+                "model.unet.attention_heads = {} must divide the lowest level's {lowest} channels",
+                u.attention_heads
+            );
         }
         let dt = &self.model.dit;
         positive("model.dit.depth", dt.depth)?;
         positive("model.dit.heads", dt.heads)?;
         positive("model.dit.mlp_ratio", dt.mlp_ratio)?;
         if dt.patch_size == 0 || 32 % dt.patch_size != 0 {
-            usage!("model.dit.patch_size = {} is out of range: it must divide 32 (1, 2, 4, 8, 16)", dt.patch_size);
+            usage!(
+                "model.dit.patch_size = {} is out of range: it must divide 32 (1, 2, 4, 8, 16)",
+                dt.patch_size
+            );
         }
         if dt.hidden == 0 || dt.hidden % dt.heads != 0 || (dt.hidden / dt.heads) % 2 != 0 {
-            usage!("model.dit.hidden = {} must be a positive multiple of 2 * model.dit.heads ({})", dt.hidden, dt.heads);
+            usage!(
+                "model.dit.hidden = {} must be a positive multiple of 2 * model.dit.heads ({})",
+                dt.hidden,
+                dt.heads
+            );
         }
         crate::device::parse_device_spec(&self.run.device).map_err(|e| e.context("run.device"))?;
         Ok(())
@@ -346,13 +412,21 @@ impl Config {
     /// The config fields that change the math of training, flattened to `section.key = value`.
     /// Two runs may share a checkpoint only if these agree (see [`fingerprint_diff`]).
     pub fn fingerprint(&self) -> BTreeMap<String, String> {
-        let value = toml::Value::try_from(self).expect("config serialises to TOML");
-        let mut flat = BTreeMap::new();
-        flatten("", &value, &mut flat);
+        let mut flat = self.flattened();
         for key in NON_MATH_KEYS {
             flat.remove(*key);
         }
         flat.retain(|k, _| !k.starts_with("eval.") && !k.starts_with("sampler."));
+        flat
+    }
+}
+
+impl Config {
+    /// Every key that has a value, flattened to `section.key = value` (TOML syntax).
+    pub fn flattened(&self) -> BTreeMap<String, String> {
+        let value = toml::Value::try_from(self).expect("config serialises to TOML");
+        let mut flat = BTreeMap::new();
+        flatten("", &value, &mut flat);
         flat
     }
 }
@@ -370,7 +444,10 @@ const NON_MATH_KEYS: &[&str] = &[
 ];
 
 /// Keys whose values differ between two fingerprints, formatted `key: old -> new`.
-pub fn fingerprint_diff(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
+pub fn fingerprint_diff(
+    saved: &BTreeMap<String, String>,
+    now: &BTreeMap<String, String>,
+) -> Vec<String> {
     let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -387,7 +464,11 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>
     match value {
         toml::Value::Table(t) => {
             for (k, v) in t {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(&key, v, out);
             }
         }
@@ -417,7 +498,9 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
     {
         let mut node = &mut *table;
         for part in &parts[..parts.len() - 1] {
-            let entry = node.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = node
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
             node = match entry {
                 toml::Value::Table(t) => t,
                 _ => usage!("--set {spec}: {part} is not a section"),
@@ -433,7 +516,11 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
 
 /// toml's messages span several lines with a source excerpt; keep them to one readable line.
 fn one_line(msg: &str) -> String {
-    msg.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('|')).collect::<Vec<_>>().join(" ")
+    msg.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|'))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -456,7 +543,12 @@ mod tests {
 
     #[test]
     fn overrides_are_type_checked() {
-        let c = Config::parse("", "t", &["train.steps=7".into(), "sampler.kind=ddpm".into()]).unwrap();
+        let c = Config::parse(
+            "",
+            "t",
+            &["train.steps=7".into(), "sampler.kind=ddpm".into()],
+        )
+        .unwrap();
         assert_eq!(c.train.steps, 7);
         assert_eq!(c.sampler.kind, SamplerKind::Ddpm);
         let err = Config::parse("", "t", &["train.steps=abc".into()]).unwrap_err();
@@ -467,7 +559,11 @@ mod tests {
 
     #[test]
     fn out_of_range_values_are_refused() {
-        for (set, key) in [("train.steps=0", "train.steps"), ("train.lr=-1", "train.lr"), ("sampler.eta=2", "sampler.eta")] {
+        for (set, key) in [
+            ("train.steps=0", "train.steps"),
+            ("train.lr=-1", "train.lr"),
+            ("sampler.eta=2", "sampler.eta"),
+        ] {
             let err = Config::parse("", "t", &[set.into()]).unwrap_err();
             assert!(err.message.contains(key), "{err}");
         }

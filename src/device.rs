@@ -46,7 +46,11 @@ pub fn make_device(spec: &str) -> Result<Device> {
 #[cfg(feature = "wgpu")]
 fn wgpu_device(spec: &str) -> Result<Device> {
     use burn::tensor::DeviceKind;
-    let kind = if parse_device_spec(spec)? == DeviceSpec::WgpuCpu { DeviceKind::Cpu } else { DeviceKind::DefaultDevice };
+    let kind = if parse_device_spec(spec)? == DeviceSpec::WgpuCpu {
+        DeviceKind::Cpu
+    } else {
+        DeviceKind::DefaultDevice
+    };
     let device = Device::wgpu(kind);
     probe(&device, spec)?;
     Ok(device)
@@ -87,14 +91,19 @@ fn probe(device: &Device, spec: &str) -> Result<()> {
     std::panic::set_hook(hook);
     match ok {
         Ok(v) if v == 3.0 => Ok(()),
-        Ok(v) => Err(Error::runtime(format!("device `{spec}` started but computed 1 + 2 = {v}"))),
+        Ok(v) => Err(Error::runtime(format!(
+            "device `{spec}` started but computed 1 + 2 = {v}"
+        ))),
         Err(p) => {
             let why = p
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown failure".into());
-            Err(Error::runtime(format!("device `{spec}` is not available on this machine: {}", why.lines().next().unwrap_or(""))))
+            Err(Error::runtime(format!(
+                "device `{spec}` is not available on this machine: {}",
+                why.lines().next().unwrap_or("")
+            )))
         }
     }
 }

@@ -9,7 +9,11 @@ use msfp::error::{Error, Result};
 use msfp::pipeline;
 
 #[derive(Parser)]
-#[command(name = "msfp", version, about = "W4A4 floating-point quantization of diffusion models")]
+#[command(
+    name = "msfp",
+    version,
+    about = "W4A4 floating-point quantization of diffusion models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,6 +75,12 @@ enum Command {
         /// Write the JSON report here as well as to stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Add this result as a row of a results list (JSON), replacing the row of the same --label.
+        #[arg(long, requires = "label")]
+        record: Option<PathBuf>,
+        /// Row name for --record (e.g. tiny_unet).
+        #[arg(long)]
+        label: Option<String>,
     },
 }
 
@@ -78,7 +88,10 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pretrain { config, resume } => {
             let cfg = config.load()?;
-            let summary = pipeline::pretrain::pretrain(&cfg, pipeline::pretrain::Resume::parse(resume.as_deref()))?;
+            let summary = pipeline::pretrain::pretrain(
+                &cfg,
+                pipeline::pretrain::Resume::parse(resume.as_deref()),
+            )?;
             println!("{}", serde_json::to_string_pretty(&summary).expect("json"));
         }
         Command::TrainClassifier { config } => {
@@ -86,7 +99,12 @@ fn run(cli: Cli) -> Result<()> {
             let summary = pipeline::classifier::train_classifier(&cfg)?;
             println!("{}", serde_json::to_string_pretty(&summary).expect("json"));
         }
-        Command::Sample { config, weights, out, n } => {
+        Command::Sample {
+            config,
+            weights,
+            out,
+            n,
+        } => {
             let cfg = config.load()?;
             if n == 0 {
                 return Err(Error::usage("--n must be at least 1"));
@@ -96,24 +114,47 @@ fn run(cli: Cli) -> Result<()> {
             pipeline::sample::write_grid(&model, &cfg, &out, n)?;
             println!("wrote {}", out.display());
         }
-        Command::Eval { config, weights, compare, out } => {
+        Command::Eval {
+            config,
+            weights,
+            compare,
+            out,
+            record,
+            label,
+        } => {
             let cfg = config.load()?;
             let device = msfp::device::make_device(&cfg.run.device)?;
             let model = pipeline::sample::load_model(&cfg, weights.as_deref(), &device)?;
-            let other = compare.as_deref().map(|w| pipeline::sample::load_model(&cfg, Some(w), &device)).transpose()?;
+            let other = compare
+                .as_deref()
+                .map(|w| pipeline::sample::load_model(&cfg, Some(w), &device))
+                .transpose()?;
             let report = pipeline::eval::evaluate(&cfg, &model, other.as_ref(), &device)?;
             println!("{}", serde_json::to_string_pretty(&report).expect("json"));
             if let Some(path) = out {
                 pipeline::eval::write_report(&path, &report)?;
+            }
+            if let (Some(path), Some(label)) = (record, label) {
+                let used = weights.or(cfg.model.weights.clone()).unwrap_or_default();
+                pipeline::eval::record(&path, &label, &report, &used, &command_line())?;
             }
         }
     }
     Ok(())
 }
 
+/// This invocation as a user would type it.
+fn command_line() -> String {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.insert(0, "msfp".into());
+    args.join(" ")
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     // A bug must still end in one line, not a backtrace.
@@ -124,8 +165,14 @@ fn main() -> ExitCode {
             .cloned()
             .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default();
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
-        eprintln!("error: internal failure{at}: {}", msg.lines().next().unwrap_or(""));
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "error: internal failure{at}: {}",
+            msg.lines().next().unwrap_or("")
+        );
     }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,

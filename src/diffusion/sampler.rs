@@ -50,13 +50,25 @@ impl Sampler {
                 let t_prev = ts.get(i + 1).copied();
                 let a_t = schedule.alpha_bar(Some(t));
                 let a_prev = schedule.alpha_bar(t_prev);
-                let sigma = eta * ((1.0 - a_prev) / (1.0 - a_t)).sqrt() * (1.0 - a_t / a_prev).max(0.0).sqrt();
+                let sigma = eta
+                    * ((1.0 - a_prev) / (1.0 - a_t)).sqrt()
+                    * (1.0 - a_t / a_prev).max(0.0).sqrt();
                 let coef_x = (a_prev / a_t).sqrt();
-                let gamma = (1.0 - a_prev - sigma * sigma).max(0.0).sqrt() - (a_prev * (1.0 - a_t) / a_t).sqrt();
-                SamplerStep { t, t_prev, coef_x, gamma, sigma }
+                let gamma = (1.0 - a_prev - sigma * sigma).max(0.0).sqrt()
+                    - (a_prev * (1.0 - a_t) / a_t).sqrt();
+                SamplerStep {
+                    t,
+                    t_prev,
+                    coef_x,
+                    gamma,
+                    sigma,
+                }
             })
             .collect();
-        Self { steps, guidance_scale: cfg.guidance_scale }
+        Self {
+            steps,
+            guidance_scale: cfg.guidance_scale,
+        }
     }
 
     /// The denoising factors gamma_t of every step, in sampling order.
@@ -65,7 +77,14 @@ impl Sampler {
     }
 
     /// Noise prediction with classifier-free guidance: eps_u + g * (eps_c - eps_u).
-    pub fn guided_eps(&self, model: &Denoiser, x: Tensor<4>, t: usize, labels: &Tensor<1, Int>, null_label: usize) -> Tensor<4> {
+    pub fn guided_eps(
+        &self,
+        model: &Denoiser,
+        x: Tensor<4>,
+        t: usize,
+        labels: &Tensor<1, Int>,
+        null_label: usize,
+    ) -> Tensor<4> {
         let device = x.device();
         let [b, _, _, _] = x.dims();
         let tt = Tensor::<1>::full([b], t as f32, &device);
@@ -86,12 +105,21 @@ impl Sampler {
 
 /// Generates images `[B, 1, 32, 32]` in [-1, 1] for the given labels. All noise (x_T and the
 /// per-step z) comes from `rng`, so the same rng state gives identical noise to any model.
-pub fn sample(model: &Denoiser, sampler: &Sampler, labels: &[usize], rng: &mut SeededRng, device: &Device) -> Tensor<4> {
+pub fn sample(
+    model: &Denoiser,
+    sampler: &Sampler,
+    labels: &[usize],
+    rng: &mut SeededRng,
+    device: &Device,
+) -> Tensor<4> {
     let b = labels.len();
     let shape = [b, 1, 32, 32];
     let n = b * 32 * 32;
     let mut x = Tensor::<4>::from_data(TensorData::new(rng.normals(n), shape), device);
-    let y = Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [b]), device);
+    let y = Tensor::<1, Int>::from_data(
+        TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [b]),
+        device,
+    );
     let null = match model {
         Denoiser::Unet(m) => m.class_embed.null_label(),
         Denoiser::Dit(m) => m.class_embed.null_label(),
@@ -119,7 +147,15 @@ mod tests {
     #[test]
     fn ddim_gamma_matches_the_closed_form() {
         let s = schedule();
-        let sampler = Sampler::new(&s, &SamplerConfig { kind: SamplerKind::Ddim, steps: 10, eta: 0.0, guidance_scale: 1.0 });
+        let sampler = Sampler::new(
+            &s,
+            &SamplerConfig {
+                kind: SamplerKind::Ddim,
+                steps: 10,
+                eta: 0.0,
+                guidance_scale: 1.0,
+            },
+        );
         assert_eq!(sampler.steps.len(), 10);
         assert_eq!(sampler.steps[0].t, 900);
         assert_eq!(sampler.steps[9].t_prev, None);
@@ -133,7 +169,15 @@ mod tests {
     #[test]
     fn ddpm_step_is_the_posterior_mean_and_variance() {
         let s = schedule();
-        let sampler = Sampler::new(&s, &SamplerConfig { kind: SamplerKind::Ddpm, steps: 20, eta: 0.0, guidance_scale: 1.0 });
+        let sampler = Sampler::new(
+            &s,
+            &SamplerConfig {
+                kind: SamplerKind::Ddpm,
+                steps: 20,
+                eta: 0.0,
+                guidance_scale: 1.0,
+            },
+        );
         for st in &sampler.steps[..19] {
             let (a, ap) = (s.alphas_cumprod[st.t], s.alphas_cumprod[st.t_prev.unwrap()]);
             let beta = 1.0 - a / ap;
@@ -143,8 +187,20 @@ mod tests {
             let coef_x = c_x0 / a.sqrt() + c_xt;
             let gamma = -c_x0 * (1.0 - a).sqrt() / a.sqrt();
             let var = beta * (1.0 - ap) / (1.0 - a);
-            assert!((st.coef_x - coef_x).abs() < 1e-9, "t={} {} {}", st.t, st.coef_x, coef_x);
-            assert!((st.gamma - gamma).abs() < 1e-9, "t={} {} {}", st.t, st.gamma, gamma);
+            assert!(
+                (st.coef_x - coef_x).abs() < 1e-9,
+                "t={} {} {}",
+                st.t,
+                st.coef_x,
+                coef_x
+            );
+            assert!(
+                (st.gamma - gamma).abs() < 1e-9,
+                "t={} {} {}",
+                st.t,
+                st.gamma,
+                gamma
+            );
             assert!((st.sigma * st.sigma - var).abs() < 1e-9);
         }
     }
@@ -153,7 +209,15 @@ mod tests {
     fn exact_noise_prediction_recovers_the_image() {
         // With a perfect eps, deterministic DDIM maps x_t back to x0 exactly (up to rounding).
         let s = schedule();
-        let sampler = Sampler::new(&s, &SamplerConfig { kind: SamplerKind::Ddim, steps: 25, eta: 0.0, guidance_scale: 1.0 });
+        let sampler = Sampler::new(
+            &s,
+            &SamplerConfig {
+                kind: SamplerKind::Ddim,
+                steps: 25,
+                eta: 0.0,
+                guidance_scale: 1.0,
+            },
+        );
         let (x0, eps) = (0.3f64, -1.2f64);
         let t0 = sampler.steps[0].t;
         let mut x = s.alphas_cumprod[t0].sqrt() * x0 + (1.0 - s.alphas_cumprod[t0]).sqrt() * eps;

@@ -21,7 +21,10 @@ pub struct Classifier {
 
 fn max_pool2(x: Tensor<4>) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h / 2, 2, w / 2, 2]).max_dim(5).max_dim(3).reshape([b, c, h / 2, w / 2])
+    x.reshape([b, c, h / 2, 2, w / 2, 2])
+        .max_dim(5)
+        .max_dim(3)
+        .reshape([b, c, h / 2, w / 2])
 }
 
 impl Classifier {

@@ -34,9 +34,17 @@ pub struct DitBlock {
 impl DitBlock {
     fn forward(&self, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
         let mods = self.ada_ln.forward(silu(c)).chunk(6, 1);
-        let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp]: [Tensor<2>; 6] =
-            mods.try_into().expect("six modulation chunks");
-        let h = self.attn.forward(modulate(layer_norm(x.clone(), 1e-6), shift_msa, scale_msa));
+        let [
+            shift_msa,
+            scale_msa,
+            gate_msa,
+            shift_mlp,
+            scale_mlp,
+            gate_mlp,
+        ]: [Tensor<2>; 6] = mods.try_into().expect("six modulation chunks");
+        let h = self
+            .attn
+            .forward(modulate(layer_norm(x.clone(), 1e-6), shift_msa, scale_msa));
         let x = x + gate_msa.unsqueeze_dim::<3>(1) * h;
         let h = modulate(layer_norm(x.clone(), 1e-6), shift_mlp, scale_mlp);
         let h = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(h)));
@@ -90,18 +98,32 @@ impl TinyDit {
         let p = self.patch_size;
         let g = IMAGE / p;
         let n = g * g;
-        let tokens = self.patch_embed.forward(x).reshape([b, self.hidden, n]).swap_dims(1, 2);
+        let tokens = self
+            .patch_embed
+            .forward(x)
+            .reshape([b, self.hidden, n])
+            .swap_dims(1, 2);
         let mut x = tokens + pos_embed_2d(self.hidden, g, &device).unsqueeze::<3>();
 
         let temb = timestep_embedding(t, FREQ_DIM);
-        let c = self.t_embed_2.forward(silu(self.t_embed_1.forward(temb))) + self.class_embed.forward(y);
+        let c = self.t_embed_2.forward(silu(self.t_embed_1.forward(temb)))
+            + self.class_embed.forward(y);
         for block in &self.blocks {
             x = block.forward(x, c.clone());
         }
-        let [shift, scale]: [Tensor<2>; 2] = self.final_ada_ln.forward(silu(c)).chunk(2, 1).try_into().expect("two chunks");
-        let x = self.final_linear.forward(modulate(layer_norm(x, 1e-6), shift, scale));
+        let [shift, scale]: [Tensor<2>; 2] = self
+            .final_ada_ln
+            .forward(silu(c))
+            .chunk(2, 1)
+            .try_into()
+            .expect("two chunks");
+        let x = self
+            .final_linear
+            .forward(modulate(layer_norm(x, 1e-6), shift, scale));
         // [B, N, p*p] -> [B, 1, 32, 32]
-        x.reshape([b, g, g, p, p]).permute([0, 1, 3, 2, 4]).reshape([b, 1, IMAGE, IMAGE])
+        x.reshape([b, g, g, p, p])
+            .permute([0, 1, 3, 2, 4])
+            .reshape([b, 1, IMAGE, IMAGE])
     }
 }
 

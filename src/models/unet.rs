@@ -22,7 +22,14 @@ pub struct ResBlock {
 }
 
 impl ResBlock {
-    fn new(c_in: usize, c_out: usize, emb_dim: usize, groups: usize, rng: &mut SeededRng, device: &Device) -> Self {
+    fn new(
+        c_in: usize,
+        c_out: usize,
+        emb_dim: usize,
+        groups: usize,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Self {
         Self {
             norm1: GroupNorm::new(groups, c_in, device),
             conv1: Conv2d::same3(c_in, c_out, rng, device),
@@ -54,14 +61,31 @@ pub struct AttnBlock {
 }
 
 impl AttnBlock {
-    fn new(channels: usize, heads: usize, groups: usize, rng: &mut SeededRng, device: &Device) -> Self {
-        Self { norm: GroupNorm::new(groups, channels, device), attn: SelfAttention::new(channels, heads, rng, device) }
+    fn new(
+        channels: usize,
+        heads: usize,
+        groups: usize,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Self {
+        Self {
+            norm: GroupNorm::new(groups, channels, device),
+            attn: SelfAttention::new(channels, heads, rng, device),
+        }
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let tokens = self.norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
-        let out = self.attn.forward(tokens).swap_dims(1, 2).reshape([b, c, h, w]);
+        let tokens = self
+            .norm
+            .forward(x.clone())
+            .reshape([b, c, h * w])
+            .swap_dims(1, 2);
+        let out = self
+            .attn
+            .forward(tokens)
+            .swap_dims(1, 2)
+            .reshape([b, c, h, w]);
         x + out
     }
 }
@@ -126,7 +150,8 @@ impl TinyUnet {
         for (level, &c) in chans.iter().enumerate() {
             for _ in 0..cfg.res_blocks {
                 let res = ResBlock::new(ch, c, emb, g, rng, device);
-                let attn = attn_at(level).then(|| AttnBlock::new(c, cfg.attention_heads, g, rng, device));
+                let attn =
+                    attn_at(level).then(|| AttnBlock::new(c, cfg.attention_heads, g, rng, device));
                 down.push(Stage { res, attn });
                 ch = c;
                 skip_chans.push(ch);
@@ -147,7 +172,8 @@ impl TinyUnet {
             for _ in 0..=cfg.res_blocks {
                 let skip = skip_chans.pop().expect("one skip per up block");
                 let res = ResBlock::new(ch + skip, c, emb, g, rng, device);
-                let attn = attn_at(level).then(|| AttnBlock::new(c, cfg.attention_heads, g, rng, device));
+                let attn =
+                    attn_at(level).then(|| AttnBlock::new(c, cfg.attention_heads, g, rng, device));
                 up.push(Stage { res, attn });
                 ch = c;
             }
@@ -180,7 +206,10 @@ impl TinyUnet {
     /// (`[B]`, the null label for unconditional).
     pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>) -> Tensor<4> {
         let temb = timestep_embedding(t, self.base_channels);
-        let emb = self.time_embed_2.forward(silu(self.time_embed_1.forward(temb))) + self.class_embed.forward(y);
+        let emb = self
+            .time_embed_2
+            .forward(silu(self.time_embed_1.forward(temb)))
+            + self.class_embed.forward(y);
 
         let mut h = self.conv_in.forward(x);
         let mut skips = vec![h.clone()];
@@ -204,7 +233,10 @@ impl TinyUnet {
         for level in 0..self.levels {
             for _ in 0..=self.res_blocks {
                 let skip = skips.pop().expect("skip");
-                h = blocks.next().expect("up block").forward(Tensor::cat(vec![h, skip], 1), emb.clone());
+                h = blocks
+                    .next()
+                    .expect("up block")
+                    .forward(Tensor::cat(vec![h, skip], 1), emb.clone());
             }
             if let Some(us) = self.upsample.get(level) {
                 h = us.forward(upsample_nearest2(h));
@@ -217,5 +249,7 @@ impl TinyUnet {
 /// Nearest-neighbour x2 upsampling by broadcasting (works and differentiates on every backend).
 pub fn upsample_nearest2(x: Tensor<4>) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h, 1, w, 1]).expand([b, c, h, 2, w, 2]).reshape([b, c, 2 * h, 2 * w])
+    x.reshape([b, c, h, 1, w, 1])
+        .expand([b, c, h, 2, w, 2])
+        .reshape([b, c, 2 * h, 2 * w])
 }

@@ -17,7 +17,11 @@ pub struct SelfAttention {
 
 impl SelfAttention {
     pub fn new(dim: usize, heads: usize, rng: &mut SeededRng, device: &Device) -> Self {
-        Self { qkv: Linear::new(dim, 3 * dim, true, rng, device), proj: Linear::new(dim, dim, true, rng, device), heads }
+        Self {
+            qkv: Linear::new(dim, 3 * dim, true, rng, device),
+            proj: Linear::new(dim, dim, true, rng, device),
+            heads,
+        }
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
@@ -25,7 +29,11 @@ impl SelfAttention {
         let h = self.heads;
         let d = c / h;
         // [B, N, 3, H, D] -> [3, B, H, N, D]
-        let qkv = self.qkv.forward(x).reshape([b, n, 3, h, d]).permute([2, 0, 3, 1, 4]);
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([b, n, 3, h, d])
+            .permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().slice([0..1]).squeeze_dim::<4>(0);
         let k = qkv.clone().slice([1..2]).squeeze_dim::<4>(0);
         let v = qkv.slice([2..3]).squeeze_dim::<4>(0);

@@ -17,7 +17,15 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn new(c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize, rng: &mut SeededRng, device: &Device) -> Self {
+    pub fn new(
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Self {
         let bound = 1.0 / ((c_in * kernel * kernel) as f32).sqrt();
         Self {
             weight: init::uniform(rng, [c_out, c_in, kernel, kernel], bound, device),
@@ -34,6 +42,11 @@ impl Conv2d {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let options = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
-        burn::tensor::module::conv2d(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()), options)
+        burn::tensor::module::conv2d(
+            x,
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+            options,
+        )
     }
 }

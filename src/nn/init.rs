@@ -7,19 +7,35 @@ use burn::tensor::{Device, Tensor, TensorData};
 use crate::rng::SeededRng;
 
 /// Uniform(-bound, bound), as PyTorch's default for Linear/Conv (bound = 1/sqrt(fan_in)).
-pub fn uniform<const D: usize>(rng: &mut SeededRng, shape: [usize; D], bound: f32, device: &Device) -> Param<Tensor<D>> {
+pub fn uniform<const D: usize>(
+    rng: &mut SeededRng,
+    shape: [usize; D],
+    bound: f32,
+    device: &Device,
+) -> Param<Tensor<D>> {
     let n: usize = shape.iter().product();
-    let values: Vec<f32> = (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) * bound).collect();
+    let values: Vec<f32> = (0..n)
+        .map(|_| (rng.uniform() * 2.0 - 1.0) * bound)
+        .collect();
     Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
 }
 
 /// N(0, std^2).
-pub fn normal<const D: usize>(rng: &mut SeededRng, shape: [usize; D], std: f32, device: &Device) -> Param<Tensor<D>> {
+pub fn normal<const D: usize>(
+    rng: &mut SeededRng,
+    shape: [usize; D],
+    std: f32,
+    device: &Device,
+) -> Param<Tensor<D>> {
     let n: usize = shape.iter().product();
     let values: Vec<f32> = rng.normals(n).into_iter().map(|v| v * std).collect();
     Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
 }
 
-pub fn constant<const D: usize>(shape: [usize; D], value: f32, device: &Device) -> Param<Tensor<D>> {
+pub fn constant<const D: usize>(
+    shape: [usize; D],
+    value: f32,
+    device: &Device,
+) -> Param<Tensor<D>> {
     Param::from_tensor(Tensor::full(shape, value, device))
 }

@@ -16,7 +16,13 @@ pub struct Linear {
 
 impl Linear {
     /// PyTorch-default initialisation.
-    pub fn new(d_in: usize, d_out: usize, bias: bool, rng: &mut SeededRng, device: &Device) -> Self {
+    pub fn new(
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Self {
         let bound = 1.0 / (d_in as f32).sqrt();
         Self {
             weight: init::uniform(rng, [d_out, d_in], bound, device),
@@ -26,7 +32,10 @@ impl Linear {
 
     /// Zero-initialised (adaLN-Zero modulation and final layers start as the identity path).
     pub fn zeros(d_in: usize, d_out: usize, device: &Device) -> Self {
-        Self { weight: init::constant([d_out, d_in], 0.0, device), bias: Some(init::constant([d_out], 0.0, device)) }
+        Self {
+            weight: init::constant([d_out, d_in], 0.0, device),
+            bias: Some(init::constant([d_out], 0.0, device)),
+        }
     }
 
     pub fn d_out(&self) -> usize {
@@ -34,6 +43,10 @@ impl Linear {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::linear(x, self.weight.val().transpose(), self.bias.as_ref().map(|b| b.val()))
+        burn::tensor::module::linear(
+            x,
+            self.weight.val().transpose(),
+            self.bias.as_ref().map(|b| b.val()),
+        )
     }
 }

@@ -15,7 +15,11 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(groups: usize, channels: usize, device: &Device) -> Self {
-        Self { weight: init::constant([channels], 1.0, device), bias: init::constant([channels], 0.0, device), groups }
+        Self {
+            weight: init::constant([channels], 1.0, device),
+            bias: init::constant([channels], 0.0, device),
+            groups,
+        }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {

@@ -41,7 +41,11 @@ pub fn fid(a: &[f32], b: &[f32], d: usize) -> f64 {
     let sqrt_a = psd_sqrt(&cov_a);
     let inner = &sqrt_a * &cov_b * &sqrt_a;
     let inner = (&inner + inner.transpose()) * 0.5;
-    let tr_sqrt: f64 = SymmetricEigen::new(inner).eigenvalues.iter().map(|v| v.max(0.0).sqrt()).sum();
+    let tr_sqrt: f64 = SymmetricEigen::new(inner)
+        .eigenvalues
+        .iter()
+        .map(|v| v.max(0.0).sqrt())
+        .sum();
     (diff.dot(&diff) + cov_a.trace() + cov_b.trace() - 2.0 * tr_sqrt).max(0.0)
 }
 
@@ -62,16 +66,36 @@ fn psd_sqrt(m: &DMatrix<f64>) -> DMatrix<f64> {
 
 /// PSNR in dB between two image sets with values in [-1, 1] (peak-to-peak 2).
 pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
-    let mse = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64;
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / a.len().max(1) as f64;
     10.0 * (4.0 / mse.max(1e-20)).log10()
 }
 
 /// Evaluates `model` (and optionally `other` on identical noise).
-pub fn evaluate(cfg: &Config, model: &Denoiser, other: Option<&Denoiser>, device: &Device) -> Result<EvalReport> {
+pub fn evaluate(
+    cfg: &Config,
+    model: &Denoiser,
+    other: Option<&Denoiser>,
+    device: &Device,
+) -> Result<EvalReport> {
     let classifier = load_classifier(&cfg.eval.classifier, device)?;
     let n = cfg.eval.samples;
-    let held = Mnist::load(&cfg.data.dir, Split::Heldout, cfg.data.train_count, cfg.data.heldout_count)?;
-    let train = Mnist::load(&cfg.data.dir, Split::Train, cfg.data.train_count, cfg.data.heldout_count)?;
+    let held = Mnist::load(
+        &cfg.data.dir,
+        Split::Heldout,
+        cfg.data.train_count,
+        cfg.data.heldout_count,
+    )?;
+    let train = Mnist::load(
+        &cfg.data.dir,
+        Split::Train,
+        cfg.data.train_count,
+        cfg.data.heldout_count,
+    )?;
     let held_f = features(&classifier, &held.images, device);
     let real_n = n.min(train.len());
     let train_f = features(&classifier, &train.images[..real_n * 32 * 32], device);
@@ -80,7 +104,13 @@ pub fn evaluate(cfg: &Config, model: &Denoiser, other: Option<&Denoiser>, device
     let run = |m: &Denoiser| {
         let (images, labels) = super::sample::generate(m, cfg, n, cfg.eval.seed, device);
         let f = features(&classifier, &images, device);
-        (ModelEval { fid: fid(&f, &held_f, FEATURE_DIM), accuracy: accuracy(&classifier, &images, &labels, device) }, images)
+        (
+            ModelEval {
+                fid: fid(&f, &held_f, FEATURE_DIM),
+                accuracy: accuracy(&classifier, &images, &labels, device),
+            },
+            images,
+        )
     };
     let (model_eval, images) = run(model);
     let (other_eval, psnr_db) = match other {
@@ -132,4 +162,36 @@ mod tests {
         // mse 0.04, peak^2 4: 10 log10(100) = 20 dB.
         assert!((psnr(&a, &b) - 20.0).abs() < 1e-6);
     }
+}
+
+/// Adds (or replaces, by `model`) one row in a JSON list of results, e.g.
+/// `experiments/tiny-teachers/results.json`, recording the command that produced it.
+pub fn record(
+    path: &Path,
+    label: &str,
+    report: &EvalReport,
+    weights: &Path,
+    command: &str,
+) -> Result<()> {
+    let mut rows: Vec<serde_json::Value> = match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            crate::error::Error::runtime(format!(
+                "{}: not a JSON list of results ({e}); move it away to start a new one",
+                path.display()
+            ))
+        })?,
+        Err(_) => Vec::new(),
+    };
+    rows.retain(|r| r.get("model").and_then(|m| m.as_str()) != Some(label));
+    rows.push(serde_json::json!({
+        "model": label,
+        "fid": report.model.fid,
+        "fid_real_heldout": report.fid_real_heldout,
+        "accuracy": report.model.accuracy,
+        "samples": report.samples,
+        "sampler": report.sampler,
+        "weights": weights.display().to_string(),
+        "command": command,
+    }));
+    crate::train::atomic_write(path, &serde_json::to_vec_pretty(&rows).expect("json"))
 }

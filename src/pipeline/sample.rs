@@ -33,7 +33,13 @@ pub fn load_model(cfg: &Config, weights: Option<&Path>, device: &Device) -> Resu
 
 /// Generates `n` images (classes cycling 0..9) with the config's sampler, in batches, from the
 /// noise stream `seed`; returns row-major `[n * 32 * 32]` values in [-1, 1] and the labels.
-pub fn generate(model: &Denoiser, cfg: &Config, n: usize, seed: u64, device: &Device) -> (Vec<f32>, Vec<usize>) {
+pub fn generate(
+    model: &Denoiser,
+    cfg: &Config,
+    n: usize,
+    seed: u64,
+    device: &Device,
+) -> (Vec<f32>, Vec<usize>) {
     let schedule = NoiseSchedule::new(&cfg.diffusion);
     let sampler = Sampler::new(&schedule, &cfg.sampler);
     let labels: Vec<usize> = (0..n).map(|i| i % NUM_CLASSES).collect();
@@ -41,14 +47,23 @@ pub fn generate(model: &Denoiser, cfg: &Config, n: usize, seed: u64, device: &De
     let mut images = Vec::with_capacity(n * 32 * 32);
     for chunk in labels.chunks(cfg.eval.batch_size) {
         let x = sample(model, &sampler, chunk, &mut rng, device);
-        images.extend(x.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32"));
+        images.extend(
+            x.into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32"),
+        );
     }
     (images, labels)
 }
 
 /// Writes a PNG grid of `n` samples, one class per column.
 pub fn write_grid(model: &Denoiser, cfg: &Config, path: &Path, n: usize) -> Result<()> {
-    let device = model.devices().first().cloned().unwrap_or_else(Device::flex);
+    let device = model
+        .devices()
+        .first()
+        .cloned()
+        .unwrap_or_else(Device::flex);
     let (images, _) = generate(model, cfg, n, cfg.eval.seed, &device);
     let grid = crate::report::grid::gray_grid(&images, 32, NUM_CLASSES);
     crate::report::grid::save_png(path, &image::DynamicImage::ImageLuma8(grid))

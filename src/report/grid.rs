@@ -11,14 +11,22 @@ pub fn gray_grid(images: &[f32], side: usize, cols: usize) -> GrayImage {
     let n = images.len() / (side * side);
     let rows = n.div_ceil(cols);
     let pad = 2;
-    let mut img = GrayImage::from_pixel((cols * (side + pad) + pad) as u32, (rows * (side + pad) + pad) as u32, Luma([64]));
+    let mut img = GrayImage::from_pixel(
+        (cols * (side + pad) + pad) as u32,
+        (rows * (side + pad) + pad) as u32,
+        Luma([64]),
+    );
     for k in 0..n {
         let (r, c) = (k / cols, k % cols);
         for y in 0..side {
             for x in 0..side {
                 let v = images[k * side * side + y * side + x];
                 let px = (((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round()) as u8;
-                img.put_pixel((pad + c * (side + pad) + x) as u32, (pad + r * (side + pad) + y) as u32, Luma([px]));
+                img.put_pixel(
+                    (pad + c * (side + pad) + x) as u32,
+                    (pad + r * (side + pad) + y) as u32,
+                    Luma([px]),
+                );
             }
         }
     }
@@ -28,7 +36,8 @@ pub fn gray_grid(images: &[f32], side: usize, cols: usize) -> GrayImage {
 /// Places grids side by side (e.g. teacher | student from the same noise).
 pub fn side_by_side(grids: &[GrayImage]) -> RgbImage {
     let gap = 8;
-    let w: u32 = grids.iter().map(|g| g.width()).sum::<u32>() + gap * (grids.len() as u32).saturating_sub(1);
+    let w: u32 =
+        grids.iter().map(|g| g.width()).sum::<u32>() + gap * (grids.len() as u32).saturating_sub(1);
     let h = grids.iter().map(|g| g.height()).max().unwrap_or(0);
     let mut out = RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
     let mut x0 = 0;
@@ -44,7 +53,10 @@ pub fn side_by_side(grids: &[GrayImage]) -> RgbImage {
 /// Saves a PNG atomically.
 pub fn save_png(path: &Path, img: &image::DynamicImage) -> Result<()> {
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| Error::runtime(format!("{}: cannot encode PNG: {e}", path.display())))?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::runtime(format!("{}: cannot encode PNG: {e}", path.display())))?;
     crate::train::atomic_write(path, &bytes)
 }

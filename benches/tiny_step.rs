@@ -1,0 +1,151 @@
+//! One full-precision training step (forward, backward, AdamW) of each shipped tiny teacher at
+//! its configured batch size, on flex, beside the forward pass alone as the in-process baseline;
+//! plus the peak heap allocated during one step. Writes experiments/bench-tiny-step/results.json.
+//!
+//!     cargo bench --bench tiny_step
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+use criterion::Criterion;
+use msfp::config::Config;
+use msfp::data::{Mnist, Split};
+use msfp::diffusion::NoiseSchedule;
+use msfp::models::Denoiser;
+use msfp::pipeline::pretrain::diffusion_loss;
+use msfp::rng::SeededRng;
+use msfp::train::optim::AdamW;
+
+/// Counts live heap bytes and their peak (burn's flex tensors live on the Rust heap).
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+struct Setup {
+    cfg: Config,
+    data: Mnist,
+    schedule: NoiseSchedule,
+    device: Device,
+}
+
+fn setup(config: &str) -> Setup {
+    let cfg = Config::load(Path::new(config), &[]).expect("config");
+    let data = Mnist::load(
+        &cfg.data.dir,
+        Split::Train,
+        cfg.data.train_count,
+        cfg.data.heldout_count,
+    )
+    .expect("data");
+    Setup {
+        schedule: NoiseSchedule::new(&cfg.diffusion),
+        data,
+        device: Device::flex().autodiff(),
+        cfg,
+    }
+}
+
+fn step(s: &Setup, model: Denoiser, optim: &mut AdamW, rng: &mut SeededRng) -> Denoiser {
+    let idx: Vec<usize> = (0..s.cfg.train.batch_size)
+        .map(|_| rng.below(s.data.len()))
+        .collect();
+    let loss = diffusion_loss(&model, &s.schedule, &s.data, &idx, 0.1, rng, &s.device);
+    let grads = loss.backward();
+    optim.step(model, &grads, 1e-4).0
+}
+
+fn forward(s: &Setup, model: &Denoiser, rng: &mut SeededRng) -> f32 {
+    let b = s.cfg.train.batch_size;
+    let dev = s.device.clone().inner();
+    let x = Tensor::<4>::from_data(TensorData::new(rng.normals(b * 1024), [b, 1, 32, 32]), &dev);
+    let t = Tensor::<1>::full([b], 500.0, &dev);
+    let y = Tensor::<1, burn::tensor::Int>::zeros([b], &dev);
+    model.forward(x, t, y).sum().into_scalar::<f32>()
+}
+
+fn mean_ns(name: &str) -> Option<f64> {
+    let p = Path::new("target/criterion")
+        .join(name)
+        .join("new/estimates.json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+    v["mean"]["point_estimate"].as_f64()
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(std::time::Duration::from_secs(2))
+        .measurement_time(std::time::Duration::from_secs(20))
+        .configure_from_args();
+    let mut rows = Vec::new();
+    for (name, config) in [
+        ("tiny_unet", "configs/tiny_unet_mnist.toml"),
+        ("tiny_dit", "configs/tiny_dit_mnist.toml"),
+    ] {
+        let s = setup(config);
+        let mut rng = SeededRng::new(0);
+        let mut model = Some(Denoiser::new(&s.cfg.model, &mut rng, &s.device));
+        let mut optim = AdamW::new(0.0, 1.0);
+        c.bench_function(&format!("train_step_{name}"), |b| {
+            b.iter(|| model = Some(step(&s, model.take().unwrap(), &mut optim, &mut rng)))
+        });
+        let valid = model.as_ref().unwrap().valid();
+        c.bench_function(&format!("forward_{name}"), |b| {
+            b.iter(|| forward(&s, &valid, &mut rng))
+        });
+
+        let base = LIVE.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
+        model = Some(step(&s, model.take().unwrap(), &mut optim, &mut rng));
+        let peak = PEAK.load(Ordering::Relaxed) - base;
+        let (st, fw) = (
+            mean_ns(&format!("train_step_{name}")),
+            mean_ns(&format!("forward_{name}")),
+        );
+        rows.push(serde_json::json!({
+            "model": name,
+            "config": config,
+            "batch_size": s.cfg.train.batch_size,
+            "parameters": model.as_ref().unwrap().num_params(),
+            "train_step_ms": st.map(|v| v / 1e6),
+            "forward_ms": fw.map(|v| v / 1e6),
+            "ratio_step_vs_forward": st.zip(fw).map(|(a, b)| a / b),
+            "peak_step_heap_mib": peak as f64 / (1024.0 * 1024.0),
+        }));
+    }
+    c.final_summary();
+    let out = serde_json::json!({
+        "command": "cargo bench --bench tiny_step",
+        "backend": "flex (CPU)",
+        "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into()),
+        "results": rows,
+    });
+    let dir = Path::new("experiments/bench-tiny-step");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_vec_pretty(&out).unwrap(),
+    )
+    .unwrap();
+}

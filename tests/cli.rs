@@ -1,0 +1,433 @@
+//! End-to-end tests of the `msfp` binary and of resumable training on tiny shapes.
+//! One file, so the suite links a single test binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_msfp");
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A tiny UNet experiment writing into `out`.
+fn tiny_config(out: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[run]
+name = "tiny"
+out_dir = "{out}"
+seed = 3
+
+[model]
+kind = "tiny_unet"
+
+[model.unet]
+base_channels = 8
+channel_mult = [1, 2]
+attention_heads = 2
+groups = 4
+
+[data]
+dir = "{data}"
+train_count = 256
+heldout_count = 100
+
+[train]
+steps = 4
+batch_size = 4
+warmup_steps = 1
+checkpoint_every = 2
+log_every = 1
+
+[sampler]
+steps = 2
+
+[eval]
+samples = 20
+batch_size = 20
+{extra}
+"#,
+        out = out.display(),
+        data = repo().join("data").display(),
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn msfp(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("run msfp")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Exit code and a one-line error that mentions every needle, with no panic output.
+fn assert_fails(o: &Output, code: i32, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` missing from: {err}");
+    }
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic output: {err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "one error line: {err}"
+    );
+}
+
+#[test]
+fn config_errors_exit_2_and_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let cfg = write(
+        dir.path(),
+        "bad_key.toml",
+        &tiny_config(&out, "[sampler2]\nx = 1\n"),
+    );
+    assert_fails(
+        &msfp(&["pretrain", "--config", cfg.to_str().unwrap()]),
+        2,
+        &["bad_key.toml", "sampler2"],
+    );
+
+    let cfg = write(
+        dir.path(),
+        "bad_type.toml",
+        &tiny_config(&out, "").replace("steps = 4", "steps = \"four\""),
+    );
+    assert_fails(
+        &msfp(&["pretrain", "--config", cfg.to_str().unwrap()]),
+        2,
+        &["bad_type.toml", "line"],
+    );
+
+    let cfg = write(dir.path(), "ok.toml", &tiny_config(&out, ""));
+    let c = cfg.to_str().unwrap();
+    assert_fails(
+        &msfp(&["pretrain", "--config", c, "--set", "train.steps=0"]),
+        2,
+        &["train.steps"],
+    );
+    assert_fails(
+        &msfp(&["pretrain", "--config", c, "--set", "train.lr=-0.1"]),
+        2,
+        &["train.lr"],
+    );
+    assert_fails(
+        &msfp(&["pretrain", "--config", c, "--set", "run.device=tpu"]),
+        2,
+        &["tpu", "flex"],
+    );
+    assert_fails(
+        &msfp(&["pretrain", "--config", "/nonexistent/x.toml"]),
+        2,
+        &["/nonexistent/x.toml"],
+    );
+    assert_fails(
+        &msfp(&["pretrain", "--config", c, "--resume", "/nonexistent/ckpt"]),
+        2,
+        &["/nonexistent/ckpt"],
+    );
+    #[cfg(not(feature = "cuda"))]
+    assert_fails(
+        &msfp(&["pretrain", "--config", c, "--set", "run.device=cuda"]),
+        2,
+        &["--features cuda"],
+    );
+}
+
+#[test]
+fn weights_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        &tiny_config(&dir.path().join("run"), ""),
+    );
+    let c = cfg.to_str().unwrap();
+    let corrupt = write(
+        dir.path(),
+        "corrupt.safetensors",
+        "this is not a safetensors file",
+    );
+    assert_fails(
+        &msfp(&[
+            "sample",
+            "--config",
+            c,
+            "--weights",
+            corrupt.to_str().unwrap(),
+        ]),
+        1,
+        &["corrupt.safetensors"],
+    );
+    assert_fails(
+        &msfp(&[
+            "sample",
+            "--config",
+            c,
+            "--weights",
+            "/nonexistent/w.safetensors",
+        ]),
+        2,
+        &["/nonexistent/w.safetensors"],
+    );
+    // The shipped DiT teacher does not fit the UNet config.
+    let dit = repo().join("checkpoints/tiny_dit_mnist.safetensors");
+    if dit.exists() {
+        assert_fails(
+            &msfp(&["sample", "--config", c, "--weights", dit.to_str().unwrap()]),
+            2,
+            &["tiny_dit"],
+        );
+    }
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn resume_is_bit_exact_and_refuses_other_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("one");
+    let two = dir.path().join("two");
+    let c1 = write(dir.path(), "one.toml", &tiny_config(&one, ""));
+    let c2 = write(dir.path(), "two.toml", &tiny_config(&two, ""));
+
+    let o = msfp(&["pretrain", "--config", c1.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = msfp(&[
+        "pretrain",
+        "--config",
+        c2.to_str().unwrap(),
+        "--set",
+        "train.steps=2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A config that changes the math is refused, naming the key.
+    let o = msfp(&[
+        "pretrain",
+        "--config",
+        c2.to_str().unwrap(),
+        "--resume",
+        "auto",
+        "--set",
+        "train.lr=0.5",
+    ]);
+    assert_fails(&o, 2, &["train.lr"]);
+    // Raising train.steps is allowed; LR schedule depends on steps, so keep the same total here.
+    let o = msfp(&[
+        "pretrain",
+        "--config",
+        c2.to_str().unwrap(),
+        "--resume",
+        "auto",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    for f in [
+        "trainable.safetensors",
+        "optimizer.safetensors",
+        "ema.safetensors",
+        "state.json",
+    ] {
+        let a = read(&one.join("checkpoints/step-000004").join(f));
+        let b = read(&two.join("checkpoints/step-000004").join(f));
+        assert!(a == b, "{f} differs between 4 steps and 2 + resume 2");
+    }
+    assert_eq!(
+        read(&one.join("model.safetensors")),
+        read(&two.join("model.safetensors"))
+    );
+    // Outputs a user reads.
+    for f in ["metrics.jsonl", "summary.json", "loss.png", "samples.png"] {
+        assert!(two.join(f).exists(), "{f} missing");
+    }
+    let metrics = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().count(),
+        4,
+        "one line per logged step, none repeated: {metrics}"
+    );
+
+    // A checkpoint of another model is refused.
+    let dit = write(
+        dir.path(),
+        "dit.toml",
+        &tiny_config(&dir.path().join("dit"), "")
+            .replace("kind = \"tiny_unet\"", "kind = \"tiny_dit\""),
+    );
+    let ckpt = two.join("checkpoints/step-000004");
+    let o = msfp(&[
+        "pretrain",
+        "--config",
+        dit.to_str().unwrap(),
+        "--resume",
+        ckpt.to_str().unwrap(),
+    ]);
+    assert_fails(&o, 2, &["tiny_unet", "tiny_dit"]);
+
+    // A corrupt checkpoint is a runtime error naming the file.
+    std::fs::write(ckpt.join("trainable.safetensors"), b"garbage").unwrap();
+    let o = msfp(&[
+        "pretrain",
+        "--config",
+        c2.to_str().unwrap(),
+        "--resume",
+        ckpt.to_str().unwrap(),
+        "--set",
+        "train.steps=6",
+    ]);
+    assert_fails(&o, 1, &["trainable.safetensors"]);
+}
+
+#[test]
+fn sigkill_at_any_moment_leaves_latest_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let cfg = tiny_config(&out, "")
+        .replace("steps = 4", "steps = 100000")
+        .replace("checkpoint_every = 2", "checkpoint_every = 1");
+    let cfg = write(dir.path(), "k.toml", &cfg);
+    let mut seen = 0;
+    for delay_ms in [1500u64, 2300, 2950, 3700] {
+        let mut child = Command::new(BIN)
+            .args([
+                "pretrain",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--resume",
+                "auto",
+            ])
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let Some(latest) = msfp::train::checkpoint::latest(&out).unwrap() else {
+            continue;
+        };
+        let ckpt = msfp::train::checkpoint::load(&latest)
+            .unwrap_or_else(|e| panic!("latest incomplete after kill: {e}"));
+        assert!(ckpt.state.step >= seen, "progress never goes back");
+        seen = ckpt.state.step;
+        assert!(!ckpt.trainable.is_empty() && !ckpt.optimizer.is_empty());
+    }
+    assert!(seen > 0, "no checkpoint was written before the kills");
+}
+
+#[test]
+fn classifier_sample_and_eval_run_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let clf_out = dir.path().join("clf");
+    let extra = format!(
+        "classifier = \"{}\"\n",
+        clf_out.join("classifier.safetensors").display()
+    );
+    let cfg = write(dir.path(), "e.toml", &tiny_config(&out, &extra));
+    let c = cfg.to_str().unwrap();
+    let o = msfp(&[
+        "train-classifier",
+        "--config",
+        c,
+        "--set",
+        &format!("run.out_dir=\"{}\"", clf_out.display()),
+        "--set",
+        "train.steps=30",
+        "--set",
+        "train.batch_size=32",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = msfp(&["pretrain", "--config", c, "--set", "train.steps=2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let w = out.join("model.safetensors");
+    let png = dir.path().join("grid.png");
+    let o = msfp(&[
+        "sample",
+        "--config",
+        c,
+        "--weights",
+        w.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+        "--n",
+        "20",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = image::open(&png).unwrap();
+    assert!(img.width() > 32 * 10 && img.height() > 32 * 2);
+
+    let report = dir.path().join("eval.json");
+    let o = msfp(&[
+        "eval",
+        "--config",
+        c,
+        "--weights",
+        w.to_str().unwrap(),
+        "--compare",
+        w.to_str().unwrap(),
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&read(&report)).unwrap();
+    let fid = r["model"]["fid"].as_f64().unwrap();
+    let real = r["fid_real_heldout"].as_f64().unwrap();
+    assert!(
+        fid.is_finite() && fid > real,
+        "an untrained model is worse than real digits: {fid} vs {real}"
+    );
+    // Same weights and same noise: identical samples, so PSNR is effectively infinite.
+    assert!(r["psnr"].as_f64().unwrap() > 100.0, "{r}");
+    assert_eq!(r["model"]["fid"], r["other"]["fid"]);
+}
+
+#[test]
+fn config_reference_documents_every_key() {
+    let doc = std::fs::read_to_string(repo().join("docs/config.md")).unwrap();
+    let documented: std::collections::BTreeSet<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_string)
+        .collect();
+    let mut keys: std::collections::BTreeSet<String> =
+        msfp::Config::default().flattened().into_keys().collect();
+    // Optional keys have no default value to flatten.
+    keys.insert("model.weights".into());
+    assert_eq!(
+        documented, keys,
+        "docs/config.md and the config types disagree"
+    );
+    // Defaults quoted in the doc are the real ones.
+    let flat = msfp::Config::default().flattened();
+    for line in doc.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let key = cells[1].trim_matches('`');
+        if let Some(v) = flat.get(key) {
+            let v = v.replace(", ", ",");
+            let quoted = cells[3].trim_matches('`').replace(", ", ",");
+            assert_eq!(quoted, v, "default of {key}");
+        }
+    }
+}
