@@ -2,7 +2,7 @@
 //! its configured batch size, on flex, beside the forward pass alone as the in-process baseline;
 //! plus the peak heap allocated during one step. Writes experiments/bench-tiny-step/results.json.
 //!
-//!     cargo bench --bench tiny_step
+//!     cargo bench --profile dev --bench tiny_step
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
@@ -136,7 +136,7 @@ fn main() {
     }
     c.final_summary();
     let out = serde_json::json!({
-        "command": "cargo bench --bench tiny_step",
+        "command": "cargo bench --profile dev --bench tiny_step",
         "backend": "flex (CPU)",
         "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into()),
         "results": rows,

@@ -27,11 +27,18 @@ struct ConfigArgs {
     /// Override a config key, e.g. `--set train.steps=100` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     set: Vec<String>,
+    /// Backend device, overriding run.device: flex, wgpu, wgpu-cpu, cuda, cuda:N.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 impl ConfigArgs {
     fn load(&self) -> Result<Config> {
-        Config::load(&self.config, &self.set)
+        let mut overrides = self.set.clone();
+        if let Some(d) = &self.device {
+            overrides.push(format!("run.device={}", toml::Value::String(d.clone())));
+        }
+        Config::load(&self.config, &overrides)
     }
 }
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Trains the MNIST classifier and both tiny teachers from scratch on the CPU, ships their weights
+# under checkpoints/, and evaluates the teachers into experiments/tiny-teachers/results.json.
+# Every step resumes (`--resume auto`), so the script can be interrupted and run again.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build
+msfp=target/debug/msfp
+export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-1}
+
+$msfp train-classifier --config configs/mnist_classifier.toml
+cp runs/mnist_classifier/classifier.safetensors checkpoints/mnist_classifier.safetensors
+
+# The two teachers train in parallel, one core each.
+$msfp pretrain --config configs/tiny_unet_mnist.toml --resume auto > runs/pretrain_unet.log 2>&1 &
+$msfp pretrain --config configs/tiny_dit_mnist.toml --resume auto > runs/pretrain_dit.log 2>&1 &
+wait
+cp runs/tiny_unet_mnist/model.safetensors checkpoints/tiny_unet_mnist.safetensors
+cp runs/tiny_dit_mnist/model.safetensors checkpoints/tiny_dit_mnist.safetensors
+
+for m in unet dit; do
+  $msfp eval --config configs/tiny_${m}_mnist.toml \
+    --record experiments/tiny-teachers/results.json --label tiny_${m}
+  $msfp sample --config configs/tiny_${m}_mnist.toml --out experiments/tiny-teachers/tiny_${m}_samples.png
+done
