@@ -239,6 +239,9 @@ pub struct SamplerConfig {
     pub eta: f64,
     /// Classifier-free guidance scale (1 = conditional model only, no guidance).
     pub guidance_scale: f64,
+    /// Clip the predicted clean image to [-1, 1] at every step (and use the noise consistent
+    /// with it), as pixel-space DDPM does; keeps an imperfect model's trajectory in range.
+    pub clip_x0: bool,
 }
 
 impl Default for SamplerConfig {
@@ -248,6 +251,7 @@ impl Default for SamplerConfig {
             steps: 50,
             eta: 0.0,
             guidance_scale: 2.0,
+            clip_x0: false,
         }
     }
 }

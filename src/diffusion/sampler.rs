@@ -22,12 +22,15 @@ pub struct SamplerStep {
     pub gamma: f64,
     /// Standard deviation of the fresh noise added.
     pub sigma: f64,
+    /// alpha-bar at `t`.
+    pub alpha_bar: f64,
 }
 
 #[derive(Debug, Clone)]
 pub struct Sampler {
     pub steps: Vec<SamplerStep>,
     pub guidance_scale: f64,
+    pub clip_x0: bool,
 }
 
 impl Sampler {
@@ -62,12 +65,14 @@ impl Sampler {
                     coef_x,
                     gamma,
                     sigma,
+                    alpha_bar: a_t,
                 }
             })
             .collect();
         Self {
             steps,
             guidance_scale: cfg.guidance_scale,
+            clip_x0: cfg.clip_x0,
         }
     }
 
@@ -125,7 +130,12 @@ pub fn sample(
         Denoiser::Dit(m) => m.class_embed.null_label(),
     };
     for step in &sampler.steps {
-        let eps = sampler.guided_eps(model, x.clone(), step.t, &y, null);
+        let mut eps = sampler.guided_eps(model, x.clone(), step.t, &y, null);
+        if sampler.clip_x0 {
+            let (sa, sb) = (step.alpha_bar.sqrt(), (1.0 - step.alpha_bar).sqrt());
+            let x0 = ((x.clone() - eps * sb) / sa).clamp(-1.0, 1.0);
+            eps = (x.clone() - x0 * sa) / sb;
+        }
         x = x * step.coef_x + eps * step.gamma;
         if step.sigma > 0.0 {
             let z = Tensor::<4>::from_data(TensorData::new(rng.normals(n), shape), device);
@@ -154,6 +164,7 @@ mod tests {
                 steps: 10,
                 eta: 0.0,
                 guidance_scale: 1.0,
+                clip_x0: false,
             },
         );
         assert_eq!(sampler.steps.len(), 10);
@@ -176,6 +187,7 @@ mod tests {
                 steps: 20,
                 eta: 0.0,
                 guidance_scale: 1.0,
+                clip_x0: false,
             },
         );
         for st in &sampler.steps[..19] {
@@ -216,6 +228,7 @@ mod tests {
                 steps: 25,
                 eta: 0.0,
                 guidance_scale: 1.0,
+                clip_x0: false,
             },
         );
         let (x0, eps) = (0.3f64, -1.2f64);
