@@ -2,7 +2,8 @@
 //!
 //! The crate is organised by concept: `nn` holds the layers every model is built from, `models`
 //! the networks, `diffusion` schedules and samplers, `train` the machinery of resumable training,
-//! `pipeline` the stages of a job and `report` what a user looks at.
+//! `quant` number formats and fake quantizers, `pipeline` the stages of a job and `report` what a
+//! user looks at.
 
 #[macro_use]
 pub mod error;
@@ -13,6 +14,7 @@ pub mod diffusion;
 pub mod models;
 pub mod nn;
 pub mod pipeline;
+pub mod quant;
 pub mod report;
 pub mod rng;
 pub mod train;

@@ -89,6 +89,23 @@ enum Command {
         #[arg(long)]
         label: Option<String>,
     },
+    /// Print a number format as JSON: its parameters and every representable value.
+    Formats {
+        /// e.g. e2m1, e4m3, ue2m2, int4, uint8.
+        spec: String,
+    },
+    /// Fake-quantize a JSON array of numbers read from stdin; prints the quantized array.
+    Quantize {
+        /// Number format, e.g. e2m1.
+        #[arg(long)]
+        format: String,
+        /// The value the grid's max maps to (scale = M / grid max); default: the grid's max.
+        #[arg(long, value_name = "M", allow_hyphen_values = true)]
+        max: Option<f64>,
+        /// Zero point Z: q = Z + s * round((x - Z) / s). Default 0.
+        #[arg(long, value_name = "Z", allow_hyphen_values = true)]
+        zero_point: Option<f64>,
+    },
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -145,6 +162,17 @@ fn run(cli: Cli) -> Result<()> {
                 let used = weights.or(cfg.model.weights.clone()).unwrap_or_default();
                 pipeline::eval::record(&path, &label, &report, &used, &command_line())?;
             }
+        }
+        Command::Formats { spec } => println!("{}", msfp::quant::cli::formats(&spec)?),
+        Command::Quantize {
+            format,
+            max,
+            zero_point,
+        } => {
+            let input = std::io::read_to_string(std::io::stdin())
+                .map_err(|e| Error::runtime(format!("reading stdin: {e}")))?;
+            let out = msfp::quant::cli::quantize(&format, max, zero_point, &input)?;
+            println!("{out}");
         }
     }
     Ok(())
