@@ -10,6 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use super::NoiseSchedule;
 use crate::config::{SamplerConfig, SamplerKind};
 use crate::models::Denoiser;
+use crate::nn::StepCtx;
 use crate::rng::SeededRng;
 
 /// One denoising step from timestep `t` to `t_prev` (`None` = the clean image).
@@ -94,13 +95,14 @@ impl Sampler {
         let [b, _, _, _] = x.dims();
         let tt = Tensor::<1>::full([b], t as f32, &device);
         if (self.guidance_scale - 1.0).abs() < 1e-12 {
-            return model.forward(x, tt, labels.clone());
+            return model.forward(x, tt, labels.clone(), StepCtx::at(t));
         }
         let null = Tensor::<1, Int>::full([b], null_label as i64, &device);
         let eps = model.forward(
             Tensor::cat(vec![x.clone(), x], 0),
             Tensor::cat(vec![tt.clone(), tt], 0),
             Tensor::cat(vec![labels.clone(), null], 0),
+            StepCtx::at(t),
         );
         let cond = eps.clone().slice([0..b]);
         let uncond = eps.slice([b..2 * b]);

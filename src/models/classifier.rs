@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
-use crate::nn::{Conv2d, Linear};
+use crate::nn::{Conv2d, Linear, StepCtx};
 use crate::rng::SeededRng;
 
 /// Width of the feature vector used for FID.
@@ -39,15 +39,16 @@ impl Classifier {
 
     /// Pre-activation penultimate features `[B, FEATURE_DIM]` of images `[B, 1, 32, 32]` in [-1, 1].
     pub fn features(&self, x: Tensor<4>) -> Tensor<2> {
-        let h = max_pool2(relu(self.conv1.forward(x)));
-        let h = max_pool2(relu(self.conv2.forward(h)));
+        let h = max_pool2(relu(self.conv1.forward(x, StepCtx::default())));
+        let h = max_pool2(relu(self.conv2.forward(h, StepCtx::default())));
         let [b, _, _, _] = h.dims();
-        self.fc1.forward(h.reshape([b, 32 * 8 * 8]))
+        self.fc1
+            .forward(h.reshape([b, 32 * 8 * 8]), StepCtx::default())
     }
 
     /// Class logits from features.
     pub fn logits_from_features(&self, features: Tensor<2>) -> Tensor<2> {
-        self.fc2.forward(relu(features))
+        self.fc2.forward(relu(features), StepCtx::default())
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {

@@ -6,7 +6,9 @@ use burn::tensor::activation::{gelu, silu};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::DitConfig;
-use crate::nn::{ClassEmbedding, Conv2d, Linear, SelfAttention, layer_norm, timestep_embedding};
+use crate::nn::{
+    ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, layer_norm, timestep_embedding,
+};
 use crate::rng::SeededRng;
 
 const IMAGE: usize = 32;
@@ -32,8 +34,8 @@ pub struct DitBlock {
 }
 
 impl DitBlock {
-    fn forward(&self, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
-        let mods = self.ada_ln.forward(silu(c)).chunk(6, 1);
+    fn forward(&self, x: Tensor<3>, c: Tensor<2>, ctx: StepCtx) -> Tensor<3> {
+        let mods = self.ada_ln.forward(silu(c), ctx).chunk(6, 1);
         let [
             shift_msa,
             scale_msa,
@@ -42,12 +44,16 @@ impl DitBlock {
             scale_mlp,
             gate_mlp,
         ]: [Tensor<2>; 6] = mods.try_into().expect("six modulation chunks");
-        let h = self
-            .attn
-            .forward(modulate(layer_norm(x.clone(), 1e-6), shift_msa, scale_msa));
+        let h = self.attn.forward(
+            modulate(layer_norm(x.clone(), 1e-6), shift_msa, scale_msa),
+            ctx,
+        );
         let x = x + gate_msa.unsqueeze_dim::<3>(1) * h;
         let h = modulate(layer_norm(x.clone(), 1e-6), shift_mlp, scale_mlp);
-        let h = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(h)));
+        let h = self
+            .mlp
+            .fc2
+            .forward(gelu(self.mlp.fc1.forward(h, ctx)), ctx);
         x + gate_mlp.unsqueeze_dim::<3>(1) * h
     }
 }
@@ -92,7 +98,13 @@ impl TinyDit {
         }
     }
 
-    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>) -> Tensor<4> {
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1>,
+        y: Tensor<1, Int>,
+        ctx: StepCtx,
+    ) -> Tensor<4> {
         let device = x.device();
         let [b, _, _, _] = x.dims();
         let p = self.patch_size;
@@ -100,26 +112,28 @@ impl TinyDit {
         let n = g * g;
         let tokens = self
             .patch_embed
-            .forward(x)
+            .forward(x, ctx)
             .reshape([b, self.hidden, n])
             .swap_dims(1, 2);
         let mut x = tokens + pos_embed_2d(self.hidden, g, &device).unsqueeze::<3>();
 
         let temb = timestep_embedding(t, FREQ_DIM);
-        let c = self.t_embed_2.forward(silu(self.t_embed_1.forward(temb)))
+        let c = self
+            .t_embed_2
+            .forward(silu(self.t_embed_1.forward(temb, ctx)), ctx)
             + self.class_embed.forward(y);
         for block in &self.blocks {
-            x = block.forward(x, c.clone());
+            x = block.forward(x, c.clone(), ctx);
         }
         let [shift, scale]: [Tensor<2>; 2] = self
             .final_ada_ln
-            .forward(silu(c))
+            .forward(silu(c), ctx)
             .chunk(2, 1)
             .try_into()
             .expect("two chunks");
         let x = self
             .final_linear
-            .forward(modulate(layer_norm(x, 1e-6), shift, scale));
+            .forward(modulate(layer_norm(x, 1e-6), shift, scale), ctx);
         // [B, N, p*p] -> [B, 1, 32, 32]
         x.reshape([b, g, g, p, p])
             .permute([0, 1, 3, 2, 4])

@@ -12,6 +12,7 @@ pub use dit::TinyDit;
 pub use unet::TinyUnet;
 
 use crate::config::{ModelConfig, ModelKind};
+use crate::nn::StepCtx;
 use crate::rng::SeededRng;
 
 /// Number of classes of the tiny models (MNIST digits); label `NUM_CLASSES` is the null label.
@@ -39,10 +40,17 @@ impl Denoiser {
         }
     }
 
-    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>) -> Tensor<4> {
+    /// `ctx` carries the batch's shared timestep when there is one (sampling, distillation).
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1>,
+        y: Tensor<1, Int>,
+        ctx: StepCtx,
+    ) -> Tensor<4> {
         match self {
-            Denoiser::Unet(m) => m.forward(x, t, y),
-            Denoiser::Dit(m) => m.forward(x, t, y),
+            Denoiser::Unet(m) => m.forward(x, t, y, ctx),
+            Denoiser::Dit(m) => m.forward(x, t, y, ctx),
         }
     }
 }

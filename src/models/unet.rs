@@ -7,7 +7,9 @@ use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::config::UnetConfig;
-use crate::nn::{ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, timestep_embedding};
+use crate::nn::{
+    ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, StepCtx, timestep_embedding,
+};
 use crate::rng::SeededRng;
 
 #[derive(Module, Debug)]
@@ -40,13 +42,13 @@ impl ResBlock {
         }
     }
 
-    fn forward(&self, x: Tensor<4>, emb: Tensor<2>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+    fn forward(&self, x: Tensor<4>, emb: Tensor<2>, ctx: StepCtx) -> Tensor<4> {
+        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())), ctx);
         let [b, c, _, _] = h.dims();
-        let h = h + self.emb_proj.forward(silu(emb)).reshape([b, c, 1, 1]);
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = h + self.emb_proj.forward(silu(emb), ctx).reshape([b, c, 1, 1]);
+        let h = self.conv2.forward(silu(self.norm2.forward(h)), ctx);
         let skip = match &self.skip {
-            Some(conv) => conv.forward(x),
+            Some(conv) => conv.forward(x, ctx),
             None => x,
         };
         skip + h
@@ -74,7 +76,7 @@ impl AttnBlock {
         }
     }
 
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, ctx: StepCtx) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let tokens = self
             .norm
@@ -83,7 +85,7 @@ impl AttnBlock {
             .swap_dims(1, 2);
         let out = self
             .attn
-            .forward(tokens)
+            .forward(tokens, ctx)
             .swap_dims(1, 2)
             .reshape([b, c, h, w]);
         x + out
@@ -98,10 +100,10 @@ pub struct Stage {
 }
 
 impl Stage {
-    fn forward(&self, x: Tensor<4>, emb: Tensor<2>) -> Tensor<4> {
-        let h = self.res.forward(x, emb);
+    fn forward(&self, x: Tensor<4>, emb: Tensor<2>, ctx: StepCtx) -> Tensor<4> {
+        let h = self.res.forward(x, emb, ctx);
         match &self.attn {
-            Some(a) => a.forward(h),
+            Some(a) => a.forward(h, ctx),
             None => h,
         }
     }
@@ -204,45 +206,55 @@ impl TinyUnet {
 
     /// Predicts the noise in `x` (`[B, 1, 32, 32]`) at timesteps `t` (`[B]`) for labels `y`
     /// (`[B]`, the null label for unconditional).
-    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>) -> Tensor<4> {
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1>,
+        y: Tensor<1, Int>,
+        ctx: StepCtx,
+    ) -> Tensor<4> {
         let temb = timestep_embedding(t, self.base_channels);
         let emb = self
             .time_embed_2
-            .forward(silu(self.time_embed_1.forward(temb)))
+            .forward(silu(self.time_embed_1.forward(temb, ctx)), ctx)
             + self.class_embed.forward(y);
 
-        let mut h = self.conv_in.forward(x);
+        let mut h = self.conv_in.forward(x, ctx);
         let mut skips = vec![h.clone()];
         let mut blocks = self.down.iter();
         for level in 0..self.levels {
             for _ in 0..self.res_blocks {
-                h = blocks.next().expect("down block").forward(h, emb.clone());
+                h = blocks
+                    .next()
+                    .expect("down block")
+                    .forward(h, emb.clone(), ctx);
                 skips.push(h.clone());
             }
             if let Some(ds) = self.downsample.get(level) {
-                h = ds.forward(h);
+                h = ds.forward(h, ctx);
                 skips.push(h.clone());
             }
         }
 
-        h = self.mid_1.forward(h, emb.clone());
-        h = self.mid_attn.forward(h);
-        h = self.mid_2.forward(h, emb.clone());
+        h = self.mid_1.forward(h, emb.clone(), ctx);
+        h = self.mid_attn.forward(h, ctx);
+        h = self.mid_2.forward(h, emb.clone(), ctx);
 
         let mut blocks = self.up.iter();
         for level in 0..self.levels {
             for _ in 0..=self.res_blocks {
                 let skip = skips.pop().expect("skip");
-                h = blocks
-                    .next()
-                    .expect("up block")
-                    .forward(Tensor::cat(vec![h, skip], 1), emb.clone());
+                h = blocks.next().expect("up block").forward(
+                    Tensor::cat(vec![h, skip], 1),
+                    emb.clone(),
+                    ctx,
+                );
             }
             if let Some(us) = self.upsample.get(level) {
-                h = us.forward(upsample_nearest2(h));
+                h = us.forward(upsample_nearest2(h), ctx);
             }
         }
-        self.conv_out.forward(silu(self.norm_out.forward(h)))
+        self.conv_out.forward(silu(self.norm_out.forward(h)), ctx)
     }
 }
 

@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
 
-use super::Linear;
+use super::{Linear, StepCtx};
 use crate::rng::SeededRng;
 
 #[derive(Module, Debug)]
@@ -24,14 +24,14 @@ impl SelfAttention {
         }
     }
 
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, ctx: StepCtx) -> Tensor<3> {
         let [b, n, c] = x.dims();
         let h = self.heads;
         let d = c / h;
         // [B, N, 3, H, D] -> [3, B, H, N, D]
         let qkv = self
             .qkv
-            .forward(x)
+            .forward(x, ctx)
             .reshape([b, n, 3, h, d])
             .permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().slice([0..1]).squeeze_dim::<4>(0);
@@ -40,6 +40,6 @@ impl SelfAttention {
         let scores = q.matmul(k.transpose()) / (d as f64).sqrt();
         let probs = softmax(scores, 3);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, n, c]);
-        self.proj.forward(out)
+        self.proj.forward(out, ctx)
     }
 }

@@ -4,7 +4,8 @@ use burn::module::{Module, Param};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor};
 
-use super::init;
+use super::{StepCtx, init};
+use crate::quant::layer::LayerQuant;
 use crate::rng::SeededRng;
 
 #[derive(Module, Debug)]
@@ -14,6 +15,8 @@ pub struct Conv2d {
     pub bias: Option<Param<Tensor<1>>>,
     pub stride: usize,
     pub padding: usize,
+    /// Weight/input quantizers; `None` is the full-precision layer.
+    pub quant: Option<LayerQuant>,
 }
 
 impl Conv2d {
@@ -32,6 +35,7 @@ impl Conv2d {
             bias: Some(init::uniform(rng, [c_out], bound, device)),
             stride,
             padding,
+            quant: None,
         }
     }
 
@@ -40,13 +44,12 @@ impl Conv2d {
         Self::new(c_in, c_out, 3, 1, 1, rng, device)
     }
 
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>, ctx: StepCtx) -> Tensor<4> {
+        let (x, w) = match &self.quant {
+            None => (x, self.weight.val()),
+            Some(q) => (q.input(x, ctx), q.weight(self.weight.val())),
+        };
         let options = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
-        burn::tensor::module::conv2d(
-            x,
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-            options,
-        )
+        burn::tensor::module::conv2d(x, w, self.bias.as_ref().map(|b| b.val()), options)
     }
 }

@@ -4,7 +4,8 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
-use super::init;
+use super::{StepCtx, init};
+use crate::quant::layer::LayerQuant;
 use crate::rng::SeededRng;
 
 #[derive(Module, Debug)]
@@ -12,6 +13,8 @@ pub struct Linear {
     /// `[d_out, d_in]`.
     pub weight: Param<Tensor<2>>,
     pub bias: Option<Param<Tensor<1>>>,
+    /// Weight/input quantizers; `None` is the full-precision layer.
+    pub quant: Option<LayerQuant>,
 }
 
 impl Linear {
@@ -27,6 +30,7 @@ impl Linear {
         Self {
             weight: init::uniform(rng, [d_out, d_in], bound, device),
             bias: bias.then(|| init::uniform(rng, [d_out], bound, device)),
+            quant: None,
         }
     }
 
@@ -35,6 +39,7 @@ impl Linear {
         Self {
             weight: init::constant([d_out, d_in], 0.0, device),
             bias: Some(init::constant([d_out], 0.0, device)),
+            quant: None,
         }
     }
 
@@ -42,11 +47,11 @@ impl Linear {
         self.weight.dims()[0]
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::linear(
-            x,
-            self.weight.val().transpose(),
-            self.bias.as_ref().map(|b| b.val()),
-        )
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, ctx: StepCtx) -> Tensor<D> {
+        let (x, w) = match &self.quant {
+            None => (x, self.weight.val()),
+            Some(q) => (q.input(x, ctx), q.weight(self.weight.val())),
+        };
+        burn::tensor::module::linear(x, w.transpose(), self.bias.as_ref().map(|b| b.val()))
     }
 }

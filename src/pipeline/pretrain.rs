@@ -13,6 +13,7 @@ use crate::data::{Mnist, Split};
 use crate::diffusion::NoiseSchedule;
 use crate::error::{Error, Result};
 use crate::models::{Denoiser, NUM_CLASSES};
+use crate::nn::StepCtx;
 use crate::rng::SeededRng;
 use crate::train::checkpoint::{self, Checkpoint, DataCursor, TrainState};
 use crate::train::metrics::{MetricsLog, Progress, StepMetrics};
@@ -134,7 +135,8 @@ pub fn diffusion_loss(
         TensorData::new(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), [b]),
         device,
     );
-    let pred = model.forward(xt, tt, labels);
+    // Timesteps differ per sample here: no shared step context.
+    let pred = model.forward(xt, tt, labels, StepCtx::default());
     (pred - noise).square().mean()
 }
 

@@ -4,8 +4,12 @@
 //! `Format::round` is the scalar reference; the tensor path in `quantizer` must agree with it
 //! bit for bit, and both are checked against ml_dtypes (tests/fixtures/fp_rounding).
 
+pub mod calib;
 pub mod cli;
 pub mod format;
+pub mod layer;
+pub mod mixup;
+pub mod pack;
 pub mod quantizer;
 
 pub use format::{Encoding, Format, Kind};

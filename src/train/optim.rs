@@ -218,7 +218,11 @@ mod step_tests {
         );
         let target = x.clone().sum_dim(1) * 0.5 + 1.0;
         let mut opt = AdamW::new(0.0, 0.0);
-        let loss_of = |l: &Linear| (l.forward(x.clone()) - target.clone()).square().mean();
+        let loss_of = |l: &Linear| {
+            (l.forward(x.clone(), crate::nn::StepCtx::default()) - target.clone())
+                .square()
+                .mean()
+        };
         let first = loss_of(&layer).into_scalar::<f32>();
         for _ in 0..200 {
             let grads = loss_of(&layer).backward();
