@@ -9,6 +9,7 @@ use crate::config::DitConfig;
 use crate::nn::{
     ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, layer_norm, timestep_embedding,
 };
+use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
 
 const IMAGE: usize = 32;
@@ -156,4 +157,52 @@ pub fn pos_embed_2d(dim: usize, grid: usize, device: &Device) -> Tensor<2> {
         }
     }
     Tensor::from_data(TensorData::new(values, [grid * grid, dim]), device)
+}
+
+impl TinyDit {
+    /// Every quantizable layer, in forward order.
+    pub fn quant_sites(&mut self) -> Vec<QuantSite<'_>> {
+        let mut out = Vec::new();
+        out.push(QuantSite::conv("patch_embed", &mut self.patch_embed, false));
+        out.push(QuantSite::linear("t_embed_1", &mut self.t_embed_1, false));
+        out.push(QuantSite::linear("t_embed_2", &mut self.t_embed_2, true));
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            out.push(QuantSite::linear(
+                format!("blocks.{i}.ada_ln"),
+                &mut b.ada_ln,
+                true,
+            ));
+            out.push(QuantSite::linear(
+                format!("blocks.{i}.attn.qkv"),
+                &mut b.attn.qkv,
+                false,
+            ));
+            out.push(QuantSite::linear(
+                format!("blocks.{i}.attn.proj"),
+                &mut b.attn.proj,
+                false,
+            ));
+            out.push(QuantSite::linear(
+                format!("blocks.{i}.mlp.fc1"),
+                &mut b.mlp.fc1,
+                false,
+            ));
+            out.push(QuantSite::linear(
+                format!("blocks.{i}.mlp.fc2"),
+                &mut b.mlp.fc2,
+                true,
+            ));
+        }
+        out.push(QuantSite::linear(
+            "final_ada_ln",
+            &mut self.final_ada_ln,
+            true,
+        ));
+        out.push(QuantSite::linear(
+            "final_linear",
+            &mut self.final_linear,
+            false,
+        ));
+        out
+    }
 }

@@ -40,6 +40,14 @@ impl Denoiser {
         }
     }
 
+    /// Every quantizable layer, in forward order, with its module path.
+    pub fn quant_sites(&mut self) -> Vec<crate::quant::site::QuantSite<'_>> {
+        match self {
+            Denoiser::Unet(m) => m.quant_sites(),
+            Denoiser::Dit(m) => m.quant_sites(),
+        }
+    }
+
     /// `ctx` carries the batch's shared timestep when there is one (sampling, distillation).
     pub fn forward(
         &self,

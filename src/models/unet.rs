@@ -10,6 +10,7 @@ use crate::config::UnetConfig;
 use crate::nn::{
     ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, StepCtx, timestep_embedding,
 };
+use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
 
 #[derive(Module, Debug)]
@@ -264,4 +265,75 @@ pub fn upsample_nearest2(x: Tensor<4>) -> Tensor<4> {
     x.reshape([b, c, h, 1, w, 1])
         .expand([b, c, h, 2, w, 2])
         .reshape([b, c, 2 * h, 2 * w])
+}
+
+impl ResBlock {
+    fn sites<'a>(&'a mut self, p: &str, out: &mut Vec<QuantSite<'a>>) {
+        out.push(QuantSite::conv(format!("{p}.conv1"), &mut self.conv1, true));
+        out.push(QuantSite::linear(
+            format!("{p}.emb_proj"),
+            &mut self.emb_proj,
+            true,
+        ));
+        out.push(QuantSite::conv(format!("{p}.conv2"), &mut self.conv2, true));
+        if let Some(skip) = self.skip.as_mut() {
+            out.push(QuantSite::conv(format!("{p}.skip"), skip, false));
+        }
+    }
+}
+
+impl AttnBlock {
+    fn sites<'a>(&'a mut self, p: &str, out: &mut Vec<QuantSite<'a>>) {
+        out.push(QuantSite::linear(
+            format!("{p}.attn.qkv"),
+            &mut self.attn.qkv,
+            false,
+        ));
+        out.push(QuantSite::linear(
+            format!("{p}.attn.proj"),
+            &mut self.attn.proj,
+            false,
+        ));
+    }
+}
+
+impl TinyUnet {
+    /// Every quantizable layer, in forward order.
+    pub fn quant_sites(&mut self) -> Vec<QuantSite<'_>> {
+        let mut out = Vec::new();
+        out.push(QuantSite::linear(
+            "time_embed_1",
+            &mut self.time_embed_1,
+            false,
+        ));
+        out.push(QuantSite::linear(
+            "time_embed_2",
+            &mut self.time_embed_2,
+            true,
+        ));
+        out.push(QuantSite::conv("conv_in", &mut self.conv_in, false));
+        for (i, stage) in self.down.iter_mut().enumerate() {
+            stage.res.sites(&format!("down.{i}.res"), &mut out);
+            if let Some(a) = stage.attn.as_mut() {
+                a.sites(&format!("down.{i}.attn"), &mut out);
+            }
+        }
+        for (i, ds) in self.downsample.iter_mut().enumerate() {
+            out.push(QuantSite::conv(format!("downsample.{i}"), ds, false));
+        }
+        self.mid_1.sites("mid_1", &mut out);
+        self.mid_attn.sites("mid_attn", &mut out);
+        self.mid_2.sites("mid_2", &mut out);
+        for (i, stage) in self.up.iter_mut().enumerate() {
+            stage.res.sites(&format!("up.{i}.res"), &mut out);
+            if let Some(a) = stage.attn.as_mut() {
+                a.sites(&format!("up.{i}.attn"), &mut out);
+            }
+        }
+        for (i, us) in self.upsample.iter_mut().enumerate() {
+            out.push(QuantSite::conv(format!("upsample.{i}"), us, false));
+        }
+        out.push(QuantSite::conv("conv_out", &mut self.conv_out, true));
+        out
+    }
 }

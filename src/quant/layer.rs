@@ -90,11 +90,17 @@ impl ActQuant {
     }
 }
 
+/// Shared sink for the input statistics of one layer during calibration.
+pub type Observer = std::sync::Arc<std::sync::Mutex<super::calib::ActStats>>;
+
 /// The quantizers of one layer; either may be absent (e.g. weight-only quantization).
 #[derive(Module, Debug)]
 pub struct LayerQuant {
     pub weight: Option<WeightQuant>,
     pub act: Option<ActQuant>,
+    /// Calibration only: records every input this layer sees (before any quantization).
+    #[module(skip)]
+    pub observer: Option<Observer>,
 }
 
 impl LayerQuant {
@@ -106,6 +112,14 @@ impl LayerQuant {
     }
 
     pub fn input<const D: usize>(&self, x: Tensor<D>, ctx: StepCtx) -> Tensor<D> {
+        if let Some(obs) = &self.observer {
+            let values = x
+                .to_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap_or_default();
+            obs.lock().expect("observer lock").observe(&values);
+        }
         match &self.act {
             Some(q) => q.forward(x, ctx),
             None => x,
@@ -156,6 +170,7 @@ mod tests {
         layer.quant = Some(LayerQuant {
             weight: Some(WeightQuant::new(wf.clone(), w_scale.clone())),
             act: Some(ActQuant::new(af.clone(), a_scale, Some(a_zero), 1000)),
+            observer: None,
         });
         for (t, s, z) in [(10, 0.5, -0.3), (999, 0.25, -1.0)] {
             let out = layer.forward(x.clone(), StepCtx::at(t));
@@ -192,6 +207,7 @@ mod tests {
         conv.quant = Some(LayerQuant {
             weight: Some(WeightQuant::new(f, scale)),
             act: None,
+            observer: None,
         });
         let quantized = conv.forward(x.clone(), StepCtx::default()).into_data();
         assert_ne!(quantized, before);
@@ -218,6 +234,7 @@ mod tests {
                 Some(Tensor::from_floats([-0.2], &device)),
                 1000,
             )),
+            observer: None,
         });
         let loss = layer
             .forward(input([4, 6], &device), StepCtx::at(5))

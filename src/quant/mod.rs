@@ -10,7 +10,9 @@ pub mod format;
 pub mod layer;
 pub mod mixup;
 pub mod pack;
+pub mod plan;
 pub mod quantizer;
+pub mod site;
 
 pub use format::{Encoding, Format, Kind};
 pub use quantizer::{fake_quantize, fake_quantize_grouped, grid_round, grid_round_ste};

@@ -1,0 +1,443 @@
+//! Which layers are quantized, at which formats, and their post-training calibration.
+//!
+//! A [`QuantConfig`] gives default weight and activation formats and overrides by glob pattern
+//! on module paths (e.g. keep `conv_in` and `conv_out` at 8 bits). [`calibrate`] attaches
+//! observers, lets the caller run the model over calibration inputs spanning the timesteps,
+//! then searches every layer's formats, clipping ranges and zero points (MSFP's mixup-sign
+//! initialisation) and installs the quantizers.
+
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use super::calib::{
+    ActStats, CalibConfig, Granularity, Objective, search_clipping, search_fp_formats,
+};
+use super::format::Format;
+use super::layer::{ActQuant, LayerQuant, Observer, WeightQuant};
+use super::mixup::{MixupConfig, SignClass, choose_activation_format};
+use crate::error::{Error, Result};
+use crate::models::Denoiser;
+
+/// A format choice: a fixed spec (`e2m1`, `ue2m2`, `int4`, ...), a family searched per layer
+/// (`fp4`, `fp6`, `fp8`: every exponent/mantissa split of that width; for activations the
+/// mixup-sign rule picks signed or unsigned), or `none` (full precision).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FormatChoice {
+    None,
+    Fixed(Format),
+    SearchFp(u32),
+}
+
+impl FormatChoice {
+    pub fn parse(s: &str, key: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" | "" => Ok(FormatChoice::None),
+            "fp4" => Ok(FormatChoice::SearchFp(4)),
+            "fp6" => Ok(FormatChoice::SearchFp(6)),
+            "fp8" => Ok(FormatChoice::SearchFp(8)),
+            other => Format::parse(other).map(FormatChoice::Fixed).map_err(|e| {
+                Error::usage(format!("{key} = \"{s}\": {e} (or fp4, fp6, fp8, none)"))
+            }),
+        }
+    }
+
+    pub fn bits(&self) -> Option<u32> {
+        match self {
+            FormatChoice::None => None,
+            FormatChoice::Fixed(f) => Some(f.bits()),
+            FormatChoice::SearchFp(b) => Some(*b),
+        }
+    }
+}
+
+/// Per-layer override, matched by a glob on the module path (`*` matches dots too).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LayerOverride {
+    pub pattern: String,
+    pub weight: Option<String>,
+    pub act: Option<String>,
+    /// Leave matching layers in full precision.
+    #[serde(default)]
+    pub skip: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuantConfig {
+    /// Weight format of every layer (per output channel): a spec, `fp4`/`fp6`/`fp8`, or `none`.
+    pub weight: String,
+    /// Input-activation format of every layer (per tensor): a spec, `fp4`/`fp6`/`fp8`, or `none`.
+    pub act: String,
+    /// Activation scales (and zero points) per layer, one per equal range of timesteps.
+    pub act_timestep_slots: usize,
+    /// Overrides, later entries winning.
+    pub layers: Vec<LayerOverride>,
+}
+
+impl Default for QuantConfig {
+    fn default() -> Self {
+        Self {
+            weight: "fp4".into(),
+            act: "fp4".into(),
+            act_timestep_slots: 1,
+            layers: Vec::new(),
+        }
+    }
+}
+
+/// The resolved formats of one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerPlan {
+    pub weight: FormatChoice,
+    pub act: FormatChoice,
+}
+
+impl QuantConfig {
+    pub fn validate(&self, section: &str) -> Result<()> {
+        FormatChoice::parse(&self.weight, &format!("{section}.weight"))?;
+        FormatChoice::parse(&self.act, &format!("{section}.act"))?;
+        if self.act_timestep_slots == 0 {
+            return Err(Error::usage(format!(
+                "{section}.act_timestep_slots = 0 is out of range: it must be at least 1"
+            )));
+        }
+        for (i, o) in self.layers.iter().enumerate() {
+            let key = format!("{section}.layers[{i}]");
+            glob::Pattern::new(&o.pattern)
+                .map_err(|e| Error::usage(format!("{key}.pattern = \"{}\": {e}", o.pattern)))?;
+            if let Some(w) = &o.weight {
+                FormatChoice::parse(w, &format!("{key}.weight"))?;
+            }
+            if let Some(a) = &o.act {
+                FormatChoice::parse(a, &format!("{key}.act"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The formats of the layer at `path` (after overrides).
+    pub fn resolve(&self, path: &str) -> Result<LayerPlan> {
+        let (mut weight, mut act) = (self.weight.clone(), self.act.clone());
+        for o in &self.layers {
+            let pattern = glob::Pattern::new(&o.pattern)
+                .map_err(|e| Error::usage(format!("pattern {}: {e}", o.pattern)))?;
+            if !pattern.matches(path) {
+                continue;
+            }
+            if o.skip {
+                (weight, act) = ("none".into(), "none".into());
+            }
+            if let Some(w) = &o.weight {
+                weight = w.clone();
+            }
+            if let Some(a) = &o.act {
+                act = a.clone();
+            }
+        }
+        Ok(LayerPlan {
+            weight: FormatChoice::parse(&weight, "quant.weight")?,
+            act: FormatChoice::parse(&act, "quant.act")?,
+        })
+    }
+}
+
+/// What calibration decided for one layer (for reports and `inspect`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteReport {
+    pub path: String,
+    pub weight_format: Option<String>,
+    pub weight_error: Option<f64>,
+    pub act_format: Option<String>,
+    pub act_class: Option<String>,
+    pub act_scale: Option<f32>,
+    pub act_zero_point: Option<f32>,
+    pub act_error: Option<f64>,
+    pub act_min: Option<f32>,
+    pub act_max: Option<f32>,
+}
+
+/// Post-training calibration of `model` in place. `run` must push calibration inputs through
+/// the model (e.g. teacher sampling trajectories over the timesteps); every quantized layer's
+/// inputs are observed, then formats, scales and zero points are searched.
+pub fn calibrate(
+    model: &mut Denoiser,
+    quant: &QuantConfig,
+    calib: &CalibConfig,
+    mixup: &MixupConfig,
+    timesteps: usize,
+    seed: u64,
+    run: impl FnOnce(&Denoiser) -> Result<()>,
+) -> Result<Vec<SiteReport>> {
+    quant.validate("quant")?;
+    calib.validate("calib")?;
+    mixup.validate("mixup")?;
+    let mut observers: Vec<Option<Observer>> = Vec::new();
+    for (i, mut site) in model.quant_sites().into_iter().enumerate() {
+        let plan = quant.resolve(&site.path)?;
+        let observer = (plan.act != FormatChoice::None).then(|| {
+            let stats = ActStats::new(calib.sample_size, seed.wrapping_add(i as u64));
+            std::sync::Arc::new(std::sync::Mutex::new(stats))
+        });
+        *site.layer.quant_mut() = observer.clone().map(|o| LayerQuant {
+            weight: None,
+            act: None,
+            observer: Some(o),
+        });
+        observers.push(observer);
+    }
+    run(model)?;
+
+    let mut reports = Vec::new();
+    for (mut site, observer) in model.quant_sites().into_iter().zip(observers) {
+        let plan = quant.resolve(&site.path)?;
+        let mut report = SiteReport {
+            path: site.path.clone(),
+            weight_format: None,
+            weight_error: None,
+            act_format: None,
+            act_class: None,
+            act_scale: None,
+            act_zero_point: None,
+            act_error: None,
+            act_min: None,
+            act_max: None,
+        };
+        let device = match &site.layer {
+            super::site::LayerMut::Linear(l) => l.weight.val().device(),
+            super::site::LayerMut::Conv2d(c) => c.weight.val().device(),
+        };
+        let weight = match &plan.weight {
+            FormatChoice::None => None,
+            choice => {
+                let (w, shape) = site.layer.weight_host();
+                let rows = shape[0];
+                let mat = [rows, w.len() / rows];
+                let cfg = CalibConfig {
+                    granularity: Granularity::PerChannel,
+                    ..calib.clone()
+                };
+                let best = match choice {
+                    FormatChoice::Fixed(f) => {
+                        search_clipping(f, &w, &mat, &cfg, &Objective::TensorMse)?
+                    }
+                    FormatChoice::SearchFp(bits) => {
+                        search_fp_formats(*bits, true, &w, &mat, &cfg, &Objective::TensorMse)?.best
+                    }
+                    FormatChoice::None => unreachable!(),
+                };
+                report.weight_format = Some(best.spec.clone());
+                report.weight_error = Some(best.error);
+                let scale =
+                    Tensor::<1>::from_data(TensorData::new(best.scales.clone(), [rows]), &device);
+                Some(WeightQuant::new(Format::parse(&best.spec)?, scale))
+            }
+        };
+        let act = match (&plan.act, observer) {
+            (FormatChoice::None, _) | (_, None) => None,
+            (choice, Some(obs)) => {
+                let stats = obs.lock().expect("observer lock").clone();
+                if stats.count == 0 {
+                    return Err(Error::runtime(format!(
+                        "calibration never reached layer `{}`: the calibration run must call the model",
+                        site.path
+                    )));
+                }
+                let class = mixup.classify(&stats, site.after_activation);
+                let (spec, scale, zero, error) = match choice {
+                    FormatChoice::Fixed(f) => {
+                        let r = search_clipping(
+                            f,
+                            stats.sample(),
+                            &[stats.sample().len()],
+                            &CalibConfig {
+                                granularity: Granularity::PerTensor,
+                                ..calib.clone()
+                            },
+                            &Objective::TensorMse,
+                        )?;
+                        (
+                            r.spec.clone(),
+                            r.scales[0],
+                            r.zero_points.as_ref().map(|z| z[0]),
+                            r.error,
+                        )
+                    }
+                    FormatChoice::SearchFp(bits) => {
+                        let c = choose_activation_format(
+                            &stats,
+                            class,
+                            *bits,
+                            calib,
+                            mixup.mixup_sign,
+                        )?;
+                        (c.spec, c.scale, c.zero_point, c.error)
+                    }
+                    FormatChoice::None => unreachable!(),
+                };
+                report.act_format = Some(spec.clone());
+                report.act_class = Some(match class {
+                    SignClass::Anomalous => "AAL".into(),
+                    SignClass::Normal => "NAL".into(),
+                });
+                report.act_scale = Some(scale);
+                report.act_zero_point = zero;
+                report.act_error = Some(error);
+                report.act_min = Some(stats.min);
+                report.act_max = Some(stats.max);
+                let slots = quant.act_timestep_slots;
+                let scales =
+                    Tensor::<1>::from_data(TensorData::new(vec![scale; slots], [slots]), &device);
+                let zeros = zero.map(|z| {
+                    Tensor::<1>::from_data(TensorData::new(vec![z; slots], [slots]), &device)
+                });
+                Some(ActQuant::new(
+                    Format::parse(&spec)?,
+                    scales,
+                    zeros,
+                    timesteps,
+                ))
+            }
+        };
+        *site.layer.quant_mut() = (weight.is_some() || act.is_some()).then_some(LayerQuant {
+            weight,
+            act,
+            observer: None,
+        });
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::nn::StepCtx;
+    use crate::rng::SeededRng;
+    use burn::tensor::{Device, Int};
+
+    fn tiny_unet(device: &Device) -> Denoiser {
+        let mut cfg = ModelConfig::default();
+        cfg.unet.base_channels = 8;
+        cfg.unet.channel_mult = vec![1, 2];
+        cfg.unet.attention_heads = 2;
+        cfg.unet.groups = 4;
+        Denoiser::new(&cfg, &mut SeededRng::new(0), device)
+    }
+
+    fn batch(device: &Device) -> (Tensor<4>, Tensor<1>, Tensor<1, Int>) {
+        let x = Tensor::from_data(
+            TensorData::new(SeededRng::new(5).normals(2 * 1024), [2, 1, 32, 32]),
+            device,
+        );
+        (
+            x,
+            Tensor::from_floats([300.0, 300.0], device),
+            Tensor::from_ints([1, 2], device),
+        )
+    }
+
+    #[test]
+    fn w4a4_calibration_quantizes_every_site_with_mixup_sign() {
+        let device = Device::flex();
+        let mut model = tiny_unet(&device);
+        let (x, t, y) = batch(&device);
+        let fp = model.forward(x.clone(), t.clone(), y.clone(), StepCtx::at(300));
+        let quant = QuantConfig {
+            layers: vec![
+                LayerOverride {
+                    pattern: "conv_in".into(),
+                    weight: Some("e4m3".into()),
+                    act: Some("e4m3".into()),
+                    skip: false,
+                },
+                LayerOverride {
+                    pattern: "time_embed_*".into(),
+                    skip: true,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let calib = CalibConfig {
+            clip_grid: 20,
+            zero_point_grid: 5,
+            sample_size: 4096,
+            ..Default::default()
+        };
+        let reports = calibrate(
+            &mut model,
+            &quant,
+            &calib,
+            &MixupConfig::default(),
+            1000,
+            0,
+            |m| {
+                for t in [900.0, 500.0, 100.0] {
+                    let tt = Tensor::from_floats([t, t], &device);
+                    m.forward(x.clone(), tt, y.clone(), StepCtx::at(t as usize));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        let find = |p: &str| {
+            reports
+                .iter()
+                .find(|r| r.path == p)
+                .unwrap_or_else(|| panic!("{p}"))
+        };
+        assert_eq!(find("conv_in").weight_format.as_deref(), Some("e4m3"));
+        assert_eq!(find("conv_in").act_format.as_deref(), Some("e4m3"));
+        assert_eq!(find("time_embed_1").weight_format, None, "skipped");
+        // After SiLU: anomalous, unsigned 4-bit FP with a zero point; attention input: signed.
+        let conv1 = find("down.0.res.conv1");
+        assert_eq!(conv1.act_class.as_deref(), Some("AAL"));
+        assert!(
+            conv1.act_format.as_deref().unwrap().starts_with("ue"),
+            "{conv1:?}"
+        );
+        assert!(conv1.act_zero_point.unwrap() < 0.0);
+        let qkv = find("down.1.attn.attn.qkv");
+        assert!(
+            qkv.act_format.as_deref().unwrap().starts_with('e'),
+            "{qkv:?}"
+        );
+        assert!(
+            reports
+                .iter()
+                .filter(|r| r.weight_format.is_some())
+                .all(|r| r.weight_format.as_ref().unwrap().len() == 4)
+        );
+        let q = model.forward(x, t, y, StepCtx::at(300));
+        let diff = (q.clone() - fp).abs().max().into_scalar::<f32>();
+        assert!(
+            diff > 1e-4 && q.abs().max().into_scalar::<f32>().is_finite(),
+            "{diff}"
+        );
+    }
+
+    #[test]
+    fn bad_quant_config_names_the_key() {
+        let q = QuantConfig {
+            act: "e9m9".into(),
+            ..Default::default()
+        };
+        let e = q.validate("quant").unwrap_err();
+        assert!(e.message.contains("quant.act"), "{e}");
+        let q = QuantConfig {
+            layers: vec![LayerOverride {
+                pattern: "[".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(
+            q.validate("quant")
+                .unwrap_err()
+                .message
+                .contains("quant.layers[0].pattern")
+        );
+    }
+}
