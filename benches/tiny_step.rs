@@ -51,25 +51,12 @@ struct Setup {
 
 fn setup(config: &str) -> Setup {
     let cfg = Config::load(Path::new(config), &[]).expect("config");
-    let data = Mnist::load(
-        &cfg.data.dir,
-        Split::Train,
-        cfg.data.train_count,
-        cfg.data.heldout_count,
-    )
-    .expect("data");
-    Setup {
-        schedule: NoiseSchedule::new(&cfg.diffusion),
-        data,
-        device: Device::flex().autodiff(),
-        cfg,
-    }
+    let data = Mnist::from_config(&cfg.data, Split::Train).expect("data");
+    Setup { schedule: NoiseSchedule::new(&cfg.diffusion), data, device: Device::flex().autodiff(), cfg }
 }
 
 fn step(s: &Setup, model: Denoiser, optim: &mut AdamW, rng: &mut SeededRng) -> Denoiser {
-    let idx: Vec<usize> = (0..s.cfg.train.batch_size)
-        .map(|_| rng.below(s.data.len()))
-        .collect();
+    let idx: Vec<usize> = (0..s.cfg.train.batch_size).map(|_| rng.below(s.data.len())).collect();
     let loss = diffusion_loss(&model, &s.schedule, &s.data, &idx, 0.1, rng, &s.device);
     let grads = loss.backward();
     optim.step(model, &grads, 1e-4).0
@@ -81,16 +68,11 @@ fn forward(s: &Setup, model: &Denoiser, rng: &mut SeededRng) -> f32 {
     let x = Tensor::<4>::from_data(TensorData::new(rng.normals(b * 1024), [b, 1, 32, 32]), &dev);
     let t = Tensor::<1>::full([b], 500.0, &dev);
     let y = Tensor::<1, burn::tensor::Int>::zeros([b], &dev);
-    model
-        .forward(x, t, y, msfp::nn::StepCtx::at(500))
-        .sum()
-        .into_scalar::<f32>()
+    model.forward(x, t, y, msfp::nn::StepCtx::at(500)).sum().into_scalar::<f32>()
 }
 
 fn mean_ns(name: &str) -> Option<f64> {
-    let p = Path::new("target/criterion")
-        .join(name)
-        .join("new/estimates.json");
+    let p = Path::new("target/criterion").join(name).join("new/estimates.json");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
     v["mean"]["point_estimate"].as_f64()
 }
@@ -102,10 +84,9 @@ fn main() {
         .measurement_time(std::time::Duration::from_secs(20))
         .configure_from_args();
     let mut rows = Vec::new();
-    for (name, config) in [
-        ("tiny_unet", "configs/tiny_unet_mnist.toml"),
-        ("tiny_dit", "configs/tiny_dit_mnist.toml"),
-    ] {
+    for (name, config) in
+        [("tiny_unet", "configs/tiny_unet_mnist.toml"), ("tiny_dit", "configs/tiny_dit_mnist.toml")]
+    {
         let s = setup(config);
         let mut rng = SeededRng::new(0);
         let mut model = Some(Denoiser::new(&s.cfg.model, &mut rng, &s.device));
@@ -114,18 +95,13 @@ fn main() {
             b.iter(|| model = Some(step(&s, model.take().unwrap(), &mut optim, &mut rng)))
         });
         let valid = model.as_ref().unwrap().valid();
-        c.bench_function(&format!("forward_{name}"), |b| {
-            b.iter(|| forward(&s, &valid, &mut rng))
-        });
+        c.bench_function(&format!("forward_{name}"), |b| b.iter(|| forward(&s, &valid, &mut rng)));
 
         let base = LIVE.load(Ordering::Relaxed);
         PEAK.store(base, Ordering::Relaxed);
         model = Some(step(&s, model.take().unwrap(), &mut optim, &mut rng));
         let peak = PEAK.load(Ordering::Relaxed) - base;
-        let (st, fw) = (
-            mean_ns(&format!("train_step_{name}")),
-            mean_ns(&format!("forward_{name}")),
-        );
+        let (st, fw) = (mean_ns(&format!("train_step_{name}")), mean_ns(&format!("forward_{name}")));
         rows.push(serde_json::json!({
             "model": name,
             "config": config,
@@ -146,9 +122,5 @@ fn main() {
     });
     let dir = Path::new("experiments/bench-tiny-step");
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("results.json"),
-        serde_json::to_vec_pretty(&out).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&out).unwrap()).unwrap();
 }

@@ -42,12 +42,7 @@ pub struct RunConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self {
-            name: "run".into(),
-            out_dir: "runs/run".into(),
-            seed: 0,
-            device: "flex".into(),
-        }
+        Self { name: "run".into(), out_dir: "runs/run".into(), seed: 0, device: "flex".into() }
     }
 }
 
@@ -96,13 +91,7 @@ pub struct UnetConfig {
 
 impl Default for UnetConfig {
     fn default() -> Self {
-        Self {
-            base_channels: 32,
-            channel_mult: vec![1, 2, 2],
-            res_blocks: 1,
-            attention_heads: 4,
-            groups: 8,
-        }
+        Self { base_channels: 32, channel_mult: vec![1, 2, 2], res_blocks: 1, attention_heads: 4, groups: 8 }
     }
 }
 
@@ -118,13 +107,7 @@ pub struct DitConfig {
 
 impl Default for DitConfig {
     fn default() -> Self {
-        Self {
-            patch_size: 4,
-            hidden: 128,
-            depth: 6,
-            heads: 4,
-            mlp_ratio: 4,
-        }
+        Self { patch_size: 4, hidden: 128, depth: 6, heads: 4, mlp_ratio: 4 }
     }
 }
 
@@ -141,11 +124,7 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self {
-            dir: "data".into(),
-            train_count: 9000,
-            heldout_count: 1000,
-        }
+        Self { dir: "data".into(), train_count: 9000, heldout_count: 1000 }
     }
 }
 
@@ -167,12 +146,7 @@ pub struct DiffusionConfig {
 
 impl Default for DiffusionConfig {
     fn default() -> Self {
-        Self {
-            schedule: BetaSchedule::Linear,
-            timesteps: 1000,
-            beta_start: 1e-4,
-            beta_end: 0.02,
-        }
+        Self { schedule: BetaSchedule::Linear, timesteps: 1000, beta_start: 1e-4, beta_end: 0.02 }
     }
 }
 
@@ -246,13 +220,7 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        Self {
-            kind: SamplerKind::Ddim,
-            steps: 50,
-            eta: 0.0,
-            guidance_scale: 2.0,
-            clip_x0: false,
-        }
+        Self { kind: SamplerKind::Ddim, steps: 50, eta: 0.0, guidance_scale: 2.0, clip_x0: false }
     }
 }
 
@@ -289,27 +257,21 @@ impl Config {
 
     /// Parses TOML text (`origin` names it in errors), applies `--set` overrides and validates.
     pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            Error::usage(format!("{origin}: {}", one_line(&e.to_string())))
-        })?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| Error::usage(format!("{origin}: {}", one_line(&e.to_string()))))?;
         for spec in overrides {
             apply_override(&mut table, spec)?;
         }
-        let config: Config =
-            Config::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
-                // Re-run on the text for line numbers when the error comes from the file itself.
-                let located = if overrides.is_empty() {
-                    toml::from_str::<Config>(text)
-                        .err()
-                        .map(|e| one_line(&e.to_string()))
-                } else {
-                    None
-                };
-                Error::usage(format!(
-                    "{origin}: {}",
-                    located.unwrap_or_else(|| one_line(&e.to_string()))
-                ))
-            })?;
+        let config: Config = Config::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+            // Re-run on the text for line numbers when the error comes from the file itself.
+            let located = if overrides.is_empty() {
+                toml::from_str::<Config>(text).err().map(|e| one_line(&e.to_string()))
+            } else {
+                None
+            };
+            Error::usage(format!("{origin}: {}", located.unwrap_or_else(|| one_line(&e.to_string()))))
+        })?;
         config.validate().map_err(|e| e.context(origin))?;
         Ok(config)
     }
@@ -317,17 +279,13 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         fn positive(key: &str, v: usize) -> Result<()> {
             if v == 0 {
-                return Err(Error::usage(format!(
-                    "{key} = 0 is out of range: it must be at least 1"
-                )));
+                return Err(Error::usage(format!("{key} = 0 is out of range: it must be at least 1")));
             }
             Ok(())
         }
         fn in_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
             if !(v.is_finite() && v >= lo && v <= hi) {
-                return Err(Error::usage(format!(
-                    "{key} = {v} is out of range: it must be in [{lo}, {hi}]"
-                )));
+                return Err(Error::usage(format!("{key} = {v} is out of range: it must be in [{lo}, {hi}]")));
             }
             Ok(())
         }
@@ -448,10 +406,7 @@ const NON_MATH_KEYS: &[&str] = &[
 ];
 
 /// Keys whose values differ between two fingerprints, formatted `key: old -> new`.
-pub fn fingerprint_diff(
-    saved: &BTreeMap<String, String>,
-    now: &BTreeMap<String, String>,
-) -> Vec<String> {
+pub fn fingerprint_diff(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
     let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -468,11 +423,7 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>
     match value {
         toml::Value::Table(t) => {
             for (k, v) in t {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
                 flatten(&key, v, out);
             }
         }
@@ -502,9 +453,8 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
     {
         let mut node = &mut *table;
         for part in &parts[..parts.len() - 1] {
-            let entry = node
-                .entry(part.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry =
+                node.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             node = match entry {
                 toml::Value::Table(t) => t,
                 _ => usage!("--set {spec}: {part} is not a section"),
@@ -520,11 +470,7 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
 
 /// toml's messages span several lines with a source excerpt; keep them to one readable line.
 fn one_line(msg: &str) -> String {
-    msg.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('|'))
-        .collect::<Vec<_>>()
-        .join(" ")
+    msg.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('|')).collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
@@ -547,12 +493,7 @@ mod tests {
 
     #[test]
     fn overrides_are_type_checked() {
-        let c = Config::parse(
-            "",
-            "t",
-            &["train.steps=7".into(), "sampler.kind=ddpm".into()],
-        )
-        .unwrap();
+        let c = Config::parse("", "t", &["train.steps=7".into(), "sampler.kind=ddpm".into()]).unwrap();
         assert_eq!(c.train.steps, 7);
         assert_eq!(c.sampler.kind, SamplerKind::Ddpm);
         let err = Config::parse("", "t", &["train.steps=abc".into()]).unwrap_err();
@@ -563,11 +504,9 @@ mod tests {
 
     #[test]
     fn out_of_range_values_are_refused() {
-        for (set, key) in [
-            ("train.steps=0", "train.steps"),
-            ("train.lr=-1", "train.lr"),
-            ("sampler.eta=2", "sampler.eta"),
-        ] {
+        for (set, key) in
+            [("train.steps=0", "train.steps"), ("train.lr=-1", "train.lr"), ("sampler.eta=2", "sampler.eta")]
+        {
             let err = Config::parse("", "t", &[set.into()]).unwrap_err();
             assert!(err.message.contains(key), "{err}");
         }

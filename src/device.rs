@@ -91,9 +91,7 @@ fn probe(device: &Device, spec: &str) -> Result<()> {
     std::panic::set_hook(hook);
     match ok {
         Ok(v) if v == 3.0 => Ok(()),
-        Ok(v) => Err(Error::runtime(format!(
-            "device `{spec}` started but computed 1 + 2 = {v}"
-        ))),
+        Ok(v) => Err(Error::runtime(format!("device `{spec}` started but computed 1 + 2 = {v}"))),
         Err(p) => {
             let why = p
                 .downcast_ref::<String>()

@@ -18,17 +18,11 @@ pub struct Error {
 
 impl Error {
     pub fn usage(message: impl Into<String>) -> Self {
-        Self {
-            kind: ErrorKind::Usage,
-            message: message.into(),
-        }
+        Self { kind: ErrorKind::Usage, message: message.into() }
     }
 
     pub fn runtime(message: impl Into<String>) -> Self {
-        Self {
-            kind: ErrorKind::Runtime,
-            message: message.into(),
-        }
+        Self { kind: ErrorKind::Runtime, message: message.into() }
     }
 
     /// The process exit code for this error.
@@ -41,10 +35,7 @@ impl Error {
 
     /// Prefixes the message with context, keeping the kind.
     pub fn context(self, what: impl fmt::Display) -> Self {
-        Self {
-            kind: self.kind,
-            message: format!("{what}: {}", self.message),
-        }
+        Self { kind: self.kind, message: format!("{what}: {}", self.message) }
     }
 }
 

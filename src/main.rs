@@ -9,11 +9,7 @@ use msfp::error::{Error, Result};
 use msfp::pipeline;
 
 #[derive(Parser)]
-#[command(
-    name = "msfp",
-    version,
-    about = "W4A4 floating-point quantization of diffusion models"
-)]
+#[command(name = "msfp", version, about = "W4A4 floating-point quantization of diffusion models")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -112,10 +108,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pretrain { config, resume } => {
             let cfg = config.load()?;
-            let summary = pipeline::pretrain::pretrain(
-                &cfg,
-                pipeline::pretrain::Resume::parse(resume.as_deref()),
-            )?;
+            let summary =
+                pipeline::pretrain::pretrain(&cfg, pipeline::pretrain::Resume::parse(resume.as_deref()))?;
             println!("{}", serde_json::to_string_pretty(&summary).expect("json"));
         }
         Command::TrainClassifier { config } => {
@@ -123,12 +117,7 @@ fn run(cli: Cli) -> Result<()> {
             let summary = pipeline::classifier::train_classifier(&cfg)?;
             println!("{}", serde_json::to_string_pretty(&summary).expect("json"));
         }
-        Command::Sample {
-            config,
-            weights,
-            out,
-            n,
-        } => {
+        Command::Sample { config, weights, out, n } => {
             let cfg = config.load()?;
             if n == 0 {
                 return Err(Error::usage("--n must be at least 1"));
@@ -138,14 +127,7 @@ fn run(cli: Cli) -> Result<()> {
             pipeline::sample::write_grid(&model, &cfg, &out, n)?;
             println!("wrote {}", out.display());
         }
-        Command::Eval {
-            config,
-            weights,
-            compare,
-            out,
-            record,
-            label,
-        } => {
+        Command::Eval { config, weights, compare, out, record, label } => {
             let cfg = config.load()?;
             let device = msfp::device::make_device(&cfg.run.device)?;
             let model = pipeline::sample::load_model(&cfg, weights.as_deref(), &device)?;
@@ -164,11 +146,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Formats { spec } => println!("{}", msfp::quant::cli::formats(&spec)?),
-        Command::Quantize {
-            format,
-            max,
-            zero_point,
-        } => {
+        Command::Quantize { format, max, zero_point } => {
             let input = std::io::read_to_string(std::io::stdin())
                 .map_err(|e| Error::runtime(format!("reading stdin: {e}")))?;
             let out = msfp::quant::cli::quantize(&format, max, zero_point, &input)?;
@@ -200,14 +178,8 @@ fn main() -> ExitCode {
             .cloned()
             .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default();
-        let at = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
-        eprintln!(
-            "error: internal failure{at}: {}",
-            msg.lines().next().unwrap_or("")
-        );
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("error: internal failure{at}: {}", msg.lines().next().unwrap_or(""));
     }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,

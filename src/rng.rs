@@ -22,9 +22,7 @@ pub struct RngState {
 
 impl SeededRng {
     pub fn new(seed: u64) -> Self {
-        Self {
-            inner: ChaCha8Rng::seed_from_u64(seed),
-        }
+        Self { inner: ChaCha8Rng::seed_from_u64(seed) }
     }
 
     /// An independent stream derived from `seed` and a purpose tag (e.g. init vs. data).

@@ -61,11 +61,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 fn msfp(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("run msfp")
+    Command::new(BIN).args(args).env("RAYON_NUM_THREADS", "1").output().expect("run msfp")
 }
 
 fn stderr(o: &Output) -> String {
@@ -79,122 +75,56 @@ fn assert_fails(o: &Output, code: i32, needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "`{n}` missing from: {err}");
     }
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "panic output: {err}"
-    );
-    assert_eq!(
-        err.lines().filter(|l| l.starts_with("error")).count(),
-        1,
-        "one error line: {err}"
-    );
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic output: {err}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("error")).count(), 1, "one error line: {err}");
 }
 
 #[test]
 fn config_errors_exit_2_and_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let cfg = write(
-        dir.path(),
-        "bad_key.toml",
-        &tiny_config(&out, "[sampler2]\nx = 1\n"),
-    );
-    assert_fails(
-        &msfp(&["pretrain", "--config", cfg.to_str().unwrap()]),
-        2,
-        &["bad_key.toml", "sampler2"],
-    );
+    let cfg = write(dir.path(), "bad_key.toml", &tiny_config(&out, "[sampler2]\nx = 1\n"));
+    assert_fails(&msfp(&["pretrain", "--config", cfg.to_str().unwrap()]), 2, &["bad_key.toml", "sampler2"]);
 
-    let cfg = write(
-        dir.path(),
-        "bad_type.toml",
-        &tiny_config(&out, "").replace("steps = 4", "steps = \"four\""),
-    );
-    assert_fails(
-        &msfp(&["pretrain", "--config", cfg.to_str().unwrap()]),
-        2,
-        &["bad_type.toml", "line"],
-    );
+    let cfg =
+        write(dir.path(), "bad_type.toml", &tiny_config(&out, "").replace("steps = 4", "steps = \"four\""));
+    assert_fails(&msfp(&["pretrain", "--config", cfg.to_str().unwrap()]), 2, &["bad_type.toml", "line"]);
 
     let cfg = write(dir.path(), "ok.toml", &tiny_config(&out, ""));
     let c = cfg.to_str().unwrap();
-    assert_fails(
-        &msfp(&["pretrain", "--config", c, "--set", "train.steps=0"]),
-        2,
-        &["train.steps"],
-    );
-    assert_fails(
-        &msfp(&["pretrain", "--config", c, "--set", "train.lr=-0.1"]),
-        2,
-        &["train.lr"],
-    );
-    assert_fails(
-        &msfp(&["pretrain", "--config", c, "--set", "run.device=tpu"]),
-        2,
-        &["tpu", "flex"],
-    );
-    assert_fails(
-        &msfp(&["pretrain", "--config", "/nonexistent/x.toml"]),
-        2,
-        &["/nonexistent/x.toml"],
-    );
+    assert_fails(&msfp(&["pretrain", "--config", c, "--set", "train.steps=0"]), 2, &["train.steps"]);
+    assert_fails(&msfp(&["pretrain", "--config", c, "--set", "train.lr=-0.1"]), 2, &["train.lr"]);
+    assert_fails(&msfp(&["pretrain", "--config", c, "--set", "run.device=tpu"]), 2, &["tpu", "flex"]);
+    assert_fails(&msfp(&["pretrain", "--config", "/nonexistent/x.toml"]), 2, &["/nonexistent/x.toml"]);
     assert_fails(
         &msfp(&["pretrain", "--config", c, "--resume", "/nonexistent/ckpt"]),
         2,
         &["/nonexistent/ckpt"],
     );
     #[cfg(not(feature = "cuda"))]
-    assert_fails(
-        &msfp(&["pretrain", "--config", c, "--set", "run.device=cuda"]),
-        2,
-        &["--features cuda"],
-    );
+    assert_fails(&msfp(&["pretrain", "--config", c, "--set", "run.device=cuda"]), 2, &["--features cuda"]);
 }
 
 #[test]
 fn weights_errors_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write(
-        dir.path(),
-        "c.toml",
-        &tiny_config(&dir.path().join("run"), ""),
-    );
+    let cfg = write(dir.path(), "c.toml", &tiny_config(&dir.path().join("run"), ""));
     let c = cfg.to_str().unwrap();
-    let corrupt = write(
-        dir.path(),
-        "corrupt.safetensors",
-        "this is not a safetensors file",
-    );
+    let corrupt = write(dir.path(), "corrupt.safetensors", "this is not a safetensors file");
     assert_fails(
-        &msfp(&[
-            "sample",
-            "--config",
-            c,
-            "--weights",
-            corrupt.to_str().unwrap(),
-        ]),
+        &msfp(&["sample", "--config", c, "--weights", corrupt.to_str().unwrap()]),
         1,
         &["corrupt.safetensors"],
     );
     assert_fails(
-        &msfp(&[
-            "sample",
-            "--config",
-            c,
-            "--weights",
-            "/nonexistent/w.safetensors",
-        ]),
+        &msfp(&["sample", "--config", c, "--weights", "/nonexistent/w.safetensors"]),
         2,
         &["/nonexistent/w.safetensors"],
     );
     // The shipped DiT teacher does not fit the UNet config.
     let dit = repo().join("checkpoints/tiny_dit_mnist.safetensors");
     if dit.exists() {
-        assert_fails(
-            &msfp(&["sample", "--config", c, "--weights", dit.to_str().unwrap()]),
-            2,
-            &["tiny_dit"],
-        );
+        assert_fails(&msfp(&["sample", "--config", c, "--weights", dit.to_str().unwrap()]), 2, &["tiny_dit"]);
     }
 }
 
@@ -212,75 +142,37 @@ fn resume_is_bit_exact_and_refuses_other_configs() {
 
     let o = msfp(&["pretrain", "--config", c1.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = msfp(&[
-        "pretrain",
-        "--config",
-        c2.to_str().unwrap(),
-        "--set",
-        "train.steps=2",
-    ]);
+    let o = msfp(&["pretrain", "--config", c2.to_str().unwrap(), "--set", "train.steps=2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     // A config that changes the math is refused, naming the key.
-    let o = msfp(&[
-        "pretrain",
-        "--config",
-        c2.to_str().unwrap(),
-        "--resume",
-        "auto",
-        "--set",
-        "train.lr=0.5",
-    ]);
+    let o =
+        msfp(&["pretrain", "--config", c2.to_str().unwrap(), "--resume", "auto", "--set", "train.lr=0.5"]);
     assert_fails(&o, 2, &["train.lr"]);
     // Raising train.steps is allowed; LR schedule depends on steps, so keep the same total here.
-    let o = msfp(&[
-        "pretrain",
-        "--config",
-        c2.to_str().unwrap(),
-        "--resume",
-        "auto",
-    ]);
+    let o = msfp(&["pretrain", "--config", c2.to_str().unwrap(), "--resume", "auto"]);
     assert!(o.status.success(), "{}", stderr(&o));
 
-    for f in [
-        "trainable.safetensors",
-        "optimizer.safetensors",
-        "ema.safetensors",
-        "state.json",
-    ] {
+    for f in ["trainable.safetensors", "optimizer.safetensors", "ema.safetensors", "state.json"] {
         let a = read(&one.join("checkpoints/step-000004").join(f));
         let b = read(&two.join("checkpoints/step-000004").join(f));
         assert!(a == b, "{f} differs between 4 steps and 2 + resume 2");
     }
-    assert_eq!(
-        read(&one.join("model.safetensors")),
-        read(&two.join("model.safetensors"))
-    );
+    assert_eq!(read(&one.join("model.safetensors")), read(&two.join("model.safetensors")));
     // Outputs a user reads.
     for f in ["metrics.jsonl", "summary.json", "loss.png", "samples.png"] {
         assert!(two.join(f).exists(), "{f} missing");
     }
     let metrics = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
-    assert_eq!(
-        metrics.lines().count(),
-        4,
-        "one line per logged step, none repeated: {metrics}"
-    );
+    assert_eq!(metrics.lines().count(), 4, "one line per logged step, none repeated: {metrics}");
 
     // A checkpoint of another model is refused.
     let dit = write(
         dir.path(),
         "dit.toml",
-        &tiny_config(&dir.path().join("dit"), "")
-            .replace("kind = \"tiny_unet\"", "kind = \"tiny_dit\""),
+        &tiny_config(&dir.path().join("dit"), "").replace("kind = \"tiny_unet\"", "kind = \"tiny_dit\""),
     );
     let ckpt = two.join("checkpoints/step-000004");
-    let o = msfp(&[
-        "pretrain",
-        "--config",
-        dit.to_str().unwrap(),
-        "--resume",
-        ckpt.to_str().unwrap(),
-    ]);
+    let o = msfp(&["pretrain", "--config", dit.to_str().unwrap(), "--resume", ckpt.to_str().unwrap()]);
     assert_fails(&o, 2, &["tiny_unet", "tiny_dit"]);
 
     // A corrupt checkpoint is a runtime error naming the file.
@@ -308,13 +200,7 @@ fn sigkill_at_any_moment_leaves_latest_complete() {
     let mut seen = 0;
     for delay_ms in [1500u64, 2300, 2950, 3700] {
         let mut child = Command::new(BIN)
-            .args([
-                "pretrain",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--resume",
-                "auto",
-            ])
+            .args(["pretrain", "--config", cfg.to_str().unwrap(), "--resume", "auto"])
             .env("RAYON_NUM_THREADS", "1")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -340,10 +226,7 @@ fn classifier_sample_and_eval_run_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let clf_out = dir.path().join("clf");
-    let extra = format!(
-        "classifier = \"{}\"\n",
-        clf_out.join("classifier.safetensors").display()
-    );
+    let extra = format!("classifier = \"{}\"\n", clf_out.join("classifier.safetensors").display());
     let cfg = write(dir.path(), "e.toml", &tiny_config(&out, &extra));
     let c = cfg.to_str().unwrap();
     let o = msfp(&[
@@ -393,10 +276,7 @@ fn classifier_sample_and_eval_run_end_to_end() {
     let r: serde_json::Value = serde_json::from_slice(&read(&report)).unwrap();
     let fid = r["model"]["fid"].as_f64().unwrap();
     let real = r["fid_real_heldout"].as_f64().unwrap();
-    assert!(
-        fid.is_finite() && fid > real,
-        "an untrained model is worse than real digits: {fid} vs {real}"
-    );
+    assert!(fid.is_finite() && fid > real, "an untrained model is worse than real digits: {fid} vs {real}");
     // Same weights and same noise: identical samples, so PSNR is effectively infinite.
     assert!(r["psnr"].as_f64().unwrap() > 100.0, "{r}");
     assert_eq!(r["model"]["fid"], r["other"]["fid"]);
@@ -415,10 +295,7 @@ fn config_reference_documents_every_key() {
         msfp::Config::default().flattened().into_keys().collect();
     // Optional keys have no default value to flatten.
     keys.insert("model.weights".into());
-    assert_eq!(
-        documented, keys,
-        "docs/config.md and the config types disagree"
-    );
+    assert_eq!(documented, keys, "docs/config.md and the config types disagree");
     // Defaults quoted in the doc are the real ones.
     let flat = msfp::Config::default().flattened();
     for line in doc.lines().filter(|l| l.starts_with("| `")) {

@@ -27,12 +27,7 @@ pub struct Mnist {
 
 impl Mnist {
     /// Loads the split from `dir`: the first `train_count` digits, or the last `heldout_count`.
-    pub fn load(
-        dir: &Path,
-        split: Split,
-        train_count: usize,
-        heldout_count: usize,
-    ) -> Result<Self> {
+    pub fn load(dir: &Path, split: Split, train_count: usize, heldout_count: usize) -> Result<Self> {
         let (pixels, rows, cols) = read_idx_images(&dir.join(IMAGES_FILE))?;
         let labels = read_idx_labels(&dir.join(LABELS_FILE))?;
         let n = labels.len();
@@ -65,10 +60,12 @@ impl Mnist {
                 }
             }
         }
-        Ok(Self {
-            images,
-            labels: labels[range].to_vec(),
-        })
+        Ok(Self { images, labels: labels[range].to_vec() })
+    }
+
+    /// Loads a split as the `[data]` section of a config describes it.
+    pub fn from_config(cfg: &crate::config::DataConfig, split: Split) -> Result<Self> {
+        Self::load(&cfg.dir, split, cfg.train_count, cfg.heldout_count)
     }
 
     pub fn len(&self) -> usize {
@@ -88,10 +85,7 @@ impl Mnist {
         }
         let labels: Vec<i64> = indices.iter().map(|&i| self.labels[i] as i64).collect();
         (
-            Tensor::from_data(
-                TensorData::new(data, [indices.len(), 1, SIDE, SIDE]),
-                device,
-            ),
+            Tensor::from_data(TensorData::new(data, [indices.len(), 1, SIDE, SIDE]), device),
             Tensor::from_data(TensorData::new(labels, [indices.len()]), device),
         )
     }
@@ -123,16 +117,9 @@ fn be_u32(bytes: &[u8], at: usize) -> u32 {
 pub fn read_idx_images(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
     let b = read_maybe_gz(path)?;
     if b.len() < 16 || be_u32(&b, 0) != 0x0803 {
-        return Err(Error::runtime(format!(
-            "{}: not an IDX image file (bad magic)",
-            path.display()
-        )));
+        return Err(Error::runtime(format!("{}: not an IDX image file (bad magic)", path.display())));
     }
-    let (n, rows, cols) = (
-        be_u32(&b, 4) as usize,
-        be_u32(&b, 8) as usize,
-        be_u32(&b, 12) as usize,
-    );
+    let (n, rows, cols) = (be_u32(&b, 4) as usize, be_u32(&b, 8) as usize, be_u32(&b, 12) as usize);
     if b.len() != 16 + n * rows * cols {
         return Err(Error::runtime(format!(
             "{}: header announces {n} images of {rows}x{cols} but the file holds {} bytes of pixels",
@@ -147,10 +134,7 @@ pub fn read_idx_images(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
 pub fn read_idx_labels(path: &Path) -> Result<Vec<u8>> {
     let b = read_maybe_gz(path)?;
     if b.len() < 8 || be_u32(&b, 0) != 0x0801 {
-        return Err(Error::runtime(format!(
-            "{}: not an IDX label file (bad magic)",
-            path.display()
-        )));
+        return Err(Error::runtime(format!("{}: not an IDX label file (bad magic)", path.display())));
     }
     let n = be_u32(&b, 4) as usize;
     if b.len() != 8 + n {
@@ -178,10 +162,7 @@ mod tests {
         for &l in train.labels.iter().chain(&held.labels) {
             counts[l as usize] += 1;
         }
-        assert_eq!(
-            counts,
-            [1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978]
-        );
+        assert_eq!(counts, [1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978]);
         // Padding is background (-1) and pixels stay in range.
         assert_eq!(train.images[0], -1.0);
         assert!(train.images.iter().all(|v| (-1.0..=1.0).contains(v)));

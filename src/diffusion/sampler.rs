@@ -54,27 +54,15 @@ impl Sampler {
                 let t_prev = ts.get(i + 1).copied();
                 let a_t = schedule.alpha_bar(Some(t));
                 let a_prev = schedule.alpha_bar(t_prev);
-                let sigma = eta
-                    * ((1.0 - a_prev) / (1.0 - a_t)).sqrt()
-                    * (1.0 - a_t / a_prev).max(0.0).sqrt();
+                let sigma =
+                    eta * ((1.0 - a_prev) / (1.0 - a_t)).sqrt() * (1.0 - a_t / a_prev).max(0.0).sqrt();
                 let coef_x = (a_prev / a_t).sqrt();
-                let gamma = (1.0 - a_prev - sigma * sigma).max(0.0).sqrt()
-                    - (a_prev * (1.0 - a_t) / a_t).sqrt();
-                SamplerStep {
-                    t,
-                    t_prev,
-                    coef_x,
-                    gamma,
-                    sigma,
-                    alpha_bar: a_t,
-                }
+                let gamma =
+                    (1.0 - a_prev - sigma * sigma).max(0.0).sqrt() - (a_prev * (1.0 - a_t) / a_t).sqrt();
+                SamplerStep { t, t_prev, coef_x, gamma, sigma, alpha_bar: a_t }
             })
             .collect();
-        Self {
-            steps,
-            guidance_scale: cfg.guidance_scale,
-            clip_x0: cfg.clip_x0,
-        }
+        Self { steps, guidance_scale: cfg.guidance_scale, clip_x0: cfg.clip_x0 }
     }
 
     /// The denoising factors gamma_t of every step, in sampling order.
@@ -201,20 +189,8 @@ mod tests {
             let coef_x = c_x0 / a.sqrt() + c_xt;
             let gamma = -c_x0 * (1.0 - a).sqrt() / a.sqrt();
             let var = beta * (1.0 - ap) / (1.0 - a);
-            assert!(
-                (st.coef_x - coef_x).abs() < 1e-9,
-                "t={} {} {}",
-                st.t,
-                st.coef_x,
-                coef_x
-            );
-            assert!(
-                (st.gamma - gamma).abs() < 1e-9,
-                "t={} {} {}",
-                st.t,
-                st.gamma,
-                gamma
-            );
+            assert!((st.coef_x - coef_x).abs() < 1e-9, "t={} {} {}", st.t, st.coef_x, coef_x);
+            assert!((st.gamma - gamma).abs() < 1e-9, "t={} {} {}", st.t, st.gamma, gamma);
             assert!((st.sigma * st.sigma - var).abs() < 1e-9);
         }
     }

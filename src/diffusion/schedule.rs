@@ -15,19 +15,13 @@ impl NoiseSchedule {
     pub fn new(cfg: &DiffusionConfig) -> Self {
         let n = cfg.timesteps;
         let lin = |a: f64, b: f64, i: usize| {
-            if n == 1 {
-                a
-            } else {
-                a + (b - a) * i as f64 / (n - 1) as f64
-            }
+            if n == 1 { a } else { a + (b - a) * i as f64 / (n - 1) as f64 }
         };
         let betas: Vec<f64> = (0..n)
             .map(|i| match cfg.schedule {
                 BetaSchedule::Linear => lin(cfg.beta_start, cfg.beta_end, i),
                 // Stable Diffusion's schedule: linear in sqrt(beta).
-                BetaSchedule::ScaledLinear => {
-                    lin(cfg.beta_start.sqrt(), cfg.beta_end.sqrt(), i).powi(2)
-                }
+                BetaSchedule::ScaledLinear => lin(cfg.beta_start.sqrt(), cfg.beta_end.sqrt(), i).powi(2),
             })
             .collect();
         let mut acc = 1.0;
@@ -38,10 +32,7 @@ impl NoiseSchedule {
                 acc
             })
             .collect();
-        Self {
-            betas,
-            alphas_cumprod,
-        }
+        Self { betas, alphas_cumprod }
     }
 
     pub fn timesteps(&self) -> usize {
@@ -58,10 +49,7 @@ impl NoiseSchedule {
         let device = x0.device();
         let b = t.len();
         let coef = |f: &dyn Fn(f64) -> f64| {
-            let v: Vec<f32> = t
-                .iter()
-                .map(|&ti| f(self.alphas_cumprod[ti]) as f32)
-                .collect();
+            let v: Vec<f32> = t.iter().map(|&ti| f(self.alphas_cumprod[ti]) as f32).collect();
             Tensor::<1>::from_data(TensorData::new(v, [b]), &device).reshape([b, 1, 1, 1])
         };
         x0 * coef(&|a| a.sqrt()) + noise * coef(&|a| (1.0 - a).sqrt())
@@ -79,11 +67,7 @@ mod tests {
         assert!((s.betas[0] - 1e-4).abs() < 1e-12);
         assert!((s.betas[999] - 0.02).abs() < 1e-12);
         // Known value of DDPM's linear schedule: alpha-bar_999 ~ 4.04e-5.
-        assert!(
-            (s.alphas_cumprod[999] - 4.0358e-5).abs() < 1e-6,
-            "{}",
-            s.alphas_cumprod[999]
-        );
+        assert!((s.alphas_cumprod[999] - 4.0358e-5).abs() < 1e-6, "{}", s.alphas_cumprod[999]);
     }
 
     #[test]

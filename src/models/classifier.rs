@@ -21,10 +21,7 @@ pub struct Classifier {
 
 fn max_pool2(x: Tensor<4>) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h / 2, 2, w / 2, 2])
-        .max_dim(5)
-        .max_dim(3)
-        .reshape([b, c, h / 2, w / 2])
+    x.reshape([b, c, h / 2, 2, w / 2, 2]).max_dim(5).max_dim(3).reshape([b, c, h / 2, w / 2])
 }
 
 impl Classifier {
@@ -42,8 +39,7 @@ impl Classifier {
         let h = max_pool2(relu(self.conv1.forward(x, StepCtx::default())));
         let h = max_pool2(relu(self.conv2.forward(h, StepCtx::default())));
         let [b, _, _, _] = h.dims();
-        self.fc1
-            .forward(h.reshape([b, 32 * 8 * 8]), StepCtx::default())
+        self.fc1.forward(h.reshape([b, 32 * 8 * 8]), StepCtx::default())
     }
 
     /// Class logits from features.

@@ -6,9 +6,7 @@ use burn::tensor::activation::{gelu, silu};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::DitConfig;
-use crate::nn::{
-    ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, layer_norm, timestep_embedding,
-};
+use crate::nn::{ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, layer_norm, timestep_embedding};
 use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
 
@@ -37,24 +35,12 @@ pub struct DitBlock {
 impl DitBlock {
     fn forward(&self, x: Tensor<3>, c: Tensor<2>, ctx: StepCtx) -> Tensor<3> {
         let mods = self.ada_ln.forward(silu(c), ctx).chunk(6, 1);
-        let [
-            shift_msa,
-            scale_msa,
-            gate_msa,
-            shift_mlp,
-            scale_mlp,
-            gate_mlp,
-        ]: [Tensor<2>; 6] = mods.try_into().expect("six modulation chunks");
-        let h = self.attn.forward(
-            modulate(layer_norm(x.clone(), 1e-6), shift_msa, scale_msa),
-            ctx,
-        );
+        let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp]: [Tensor<2>; 6] =
+            mods.try_into().expect("six modulation chunks");
+        let h = self.attn.forward(modulate(layer_norm(x.clone(), 1e-6), shift_msa, scale_msa), ctx);
         let x = x + gate_msa.unsqueeze_dim::<3>(1) * h;
         let h = modulate(layer_norm(x.clone(), 1e-6), shift_mlp, scale_mlp);
-        let h = self
-            .mlp
-            .fc2
-            .forward(gelu(self.mlp.fc1.forward(h, ctx)), ctx);
+        let h = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(h, ctx)), ctx);
         x + gate_mlp.unsqueeze_dim::<3>(1) * h
     }
 }
@@ -99,46 +85,26 @@ impl TinyDit {
         }
     }
 
-    pub fn forward(
-        &self,
-        x: Tensor<4>,
-        t: Tensor<1>,
-        y: Tensor<1, Int>,
-        ctx: StepCtx,
-    ) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>, ctx: StepCtx) -> Tensor<4> {
         let device = x.device();
         let [b, _, _, _] = x.dims();
         let p = self.patch_size;
         let g = IMAGE / p;
         let n = g * g;
-        let tokens = self
-            .patch_embed
-            .forward(x, ctx)
-            .reshape([b, self.hidden, n])
-            .swap_dims(1, 2);
+        let tokens = self.patch_embed.forward(x, ctx).reshape([b, self.hidden, n]).swap_dims(1, 2);
         let mut x = tokens + pos_embed_2d(self.hidden, g, &device).unsqueeze::<3>();
 
         let temb = timestep_embedding(t, FREQ_DIM);
-        let c = self
-            .t_embed_2
-            .forward(silu(self.t_embed_1.forward(temb, ctx)), ctx)
+        let c = self.t_embed_2.forward(silu(self.t_embed_1.forward(temb, ctx)), ctx)
             + self.class_embed.forward(y);
         for block in &self.blocks {
             x = block.forward(x, c.clone(), ctx);
         }
-        let [shift, scale]: [Tensor<2>; 2] = self
-            .final_ada_ln
-            .forward(silu(c), ctx)
-            .chunk(2, 1)
-            .try_into()
-            .expect("two chunks");
-        let x = self
-            .final_linear
-            .forward(modulate(layer_norm(x, 1e-6), shift, scale), ctx);
+        let [shift, scale]: [Tensor<2>; 2] =
+            self.final_ada_ln.forward(silu(c), ctx).chunk(2, 1).try_into().expect("two chunks");
+        let x = self.final_linear.forward(modulate(layer_norm(x, 1e-6), shift, scale), ctx);
         // [B, N, p*p] -> [B, 1, 32, 32]
-        x.reshape([b, g, g, p, p])
-            .permute([0, 1, 3, 2, 4])
-            .reshape([b, 1, IMAGE, IMAGE])
+        x.reshape([b, g, g, p, p]).permute([0, 1, 3, 2, 4]).reshape([b, 1, IMAGE, IMAGE])
     }
 }
 
@@ -167,42 +133,14 @@ impl TinyDit {
         out.push(QuantSite::linear("t_embed_1", &mut self.t_embed_1, false));
         out.push(QuantSite::linear("t_embed_2", &mut self.t_embed_2, true));
         for (i, b) in self.blocks.iter_mut().enumerate() {
-            out.push(QuantSite::linear(
-                format!("blocks.{i}.ada_ln"),
-                &mut b.ada_ln,
-                true,
-            ));
-            out.push(QuantSite::linear(
-                format!("blocks.{i}.attn.qkv"),
-                &mut b.attn.qkv,
-                false,
-            ));
-            out.push(QuantSite::linear(
-                format!("blocks.{i}.attn.proj"),
-                &mut b.attn.proj,
-                false,
-            ));
-            out.push(QuantSite::linear(
-                format!("blocks.{i}.mlp.fc1"),
-                &mut b.mlp.fc1,
-                false,
-            ));
-            out.push(QuantSite::linear(
-                format!("blocks.{i}.mlp.fc2"),
-                &mut b.mlp.fc2,
-                true,
-            ));
+            out.push(QuantSite::linear(format!("blocks.{i}.ada_ln"), &mut b.ada_ln, true));
+            out.push(QuantSite::linear(format!("blocks.{i}.attn.qkv"), &mut b.attn.qkv, false));
+            out.push(QuantSite::linear(format!("blocks.{i}.attn.proj"), &mut b.attn.proj, false));
+            out.push(QuantSite::linear(format!("blocks.{i}.mlp.fc1"), &mut b.mlp.fc1, false));
+            out.push(QuantSite::linear(format!("blocks.{i}.mlp.fc2"), &mut b.mlp.fc2, true));
         }
-        out.push(QuantSite::linear(
-            "final_ada_ln",
-            &mut self.final_ada_ln,
-            true,
-        ));
-        out.push(QuantSite::linear(
-            "final_linear",
-            &mut self.final_linear,
-            false,
-        ));
+        out.push(QuantSite::linear("final_ada_ln", &mut self.final_ada_ln, true));
+        out.push(QuantSite::linear("final_linear", &mut self.final_linear, false));
         out
     }
 }

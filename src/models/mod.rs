@@ -49,13 +49,7 @@ impl Denoiser {
     }
 
     /// `ctx` carries the batch's shared timestep when there is one (sampling, distillation).
-    pub fn forward(
-        &self,
-        x: Tensor<4>,
-        t: Tensor<1>,
-        y: Tensor<1, Int>,
-        ctx: StepCtx,
-    ) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>, ctx: StepCtx) -> Tensor<4> {
         match self {
             Denoiser::Unet(m) => m.forward(x, t, y, ctx),
             Denoiser::Dit(m) => m.forward(x, t, y, ctx),

@@ -7,9 +7,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::config::UnetConfig;
-use crate::nn::{
-    ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, StepCtx, timestep_embedding,
-};
+use crate::nn::{ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, StepCtx, timestep_embedding};
 use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
 
@@ -64,13 +62,7 @@ pub struct AttnBlock {
 }
 
 impl AttnBlock {
-    fn new(
-        channels: usize,
-        heads: usize,
-        groups: usize,
-        rng: &mut SeededRng,
-        device: &Device,
-    ) -> Self {
+    fn new(channels: usize, heads: usize, groups: usize, rng: &mut SeededRng, device: &Device) -> Self {
         Self {
             norm: GroupNorm::new(groups, channels, device),
             attn: SelfAttention::new(channels, heads, rng, device),
@@ -79,16 +71,8 @@ impl AttnBlock {
 
     fn forward(&self, x: Tensor<4>, ctx: StepCtx) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let tokens = self
-            .norm
-            .forward(x.clone())
-            .reshape([b, c, h * w])
-            .swap_dims(1, 2);
-        let out = self
-            .attn
-            .forward(tokens, ctx)
-            .swap_dims(1, 2)
-            .reshape([b, c, h, w]);
+        let tokens = self.norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
+        let out = self.attn.forward(tokens, ctx).swap_dims(1, 2).reshape([b, c, h, w]);
         x + out
     }
 }
@@ -153,8 +137,7 @@ impl TinyUnet {
         for (level, &c) in chans.iter().enumerate() {
             for _ in 0..cfg.res_blocks {
                 let res = ResBlock::new(ch, c, emb, g, rng, device);
-                let attn =
-                    attn_at(level).then(|| AttnBlock::new(c, cfg.attention_heads, g, rng, device));
+                let attn = attn_at(level).then(|| AttnBlock::new(c, cfg.attention_heads, g, rng, device));
                 down.push(Stage { res, attn });
                 ch = c;
                 skip_chans.push(ch);
@@ -175,8 +158,7 @@ impl TinyUnet {
             for _ in 0..=cfg.res_blocks {
                 let skip = skip_chans.pop().expect("one skip per up block");
                 let res = ResBlock::new(ch + skip, c, emb, g, rng, device);
-                let attn =
-                    attn_at(level).then(|| AttnBlock::new(c, cfg.attention_heads, g, rng, device));
+                let attn = attn_at(level).then(|| AttnBlock::new(c, cfg.attention_heads, g, rng, device));
                 up.push(Stage { res, attn });
                 ch = c;
             }
@@ -207,17 +189,9 @@ impl TinyUnet {
 
     /// Predicts the noise in `x` (`[B, 1, 32, 32]`) at timesteps `t` (`[B]`) for labels `y`
     /// (`[B]`, the null label for unconditional).
-    pub fn forward(
-        &self,
-        x: Tensor<4>,
-        t: Tensor<1>,
-        y: Tensor<1, Int>,
-        ctx: StepCtx,
-    ) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>, ctx: StepCtx) -> Tensor<4> {
         let temb = timestep_embedding(t, self.base_channels);
-        let emb = self
-            .time_embed_2
-            .forward(silu(self.time_embed_1.forward(temb, ctx)), ctx)
+        let emb = self.time_embed_2.forward(silu(self.time_embed_1.forward(temb, ctx)), ctx)
             + self.class_embed.forward(y);
 
         let mut h = self.conv_in.forward(x, ctx);
@@ -225,10 +199,7 @@ impl TinyUnet {
         let mut blocks = self.down.iter();
         for level in 0..self.levels {
             for _ in 0..self.res_blocks {
-                h = blocks
-                    .next()
-                    .expect("down block")
-                    .forward(h, emb.clone(), ctx);
+                h = blocks.next().expect("down block").forward(h, emb.clone(), ctx);
                 skips.push(h.clone());
             }
             if let Some(ds) = self.downsample.get(level) {
@@ -245,11 +216,7 @@ impl TinyUnet {
         for level in 0..self.levels {
             for _ in 0..=self.res_blocks {
                 let skip = skips.pop().expect("skip");
-                h = blocks.next().expect("up block").forward(
-                    Tensor::cat(vec![h, skip], 1),
-                    emb.clone(),
-                    ctx,
-                );
+                h = blocks.next().expect("up block").forward(Tensor::cat(vec![h, skip], 1), emb.clone(), ctx);
             }
             if let Some(us) = self.upsample.get(level) {
                 h = us.forward(upsample_nearest2(h), ctx);
@@ -262,19 +229,13 @@ impl TinyUnet {
 /// Nearest-neighbour x2 upsampling by broadcasting (works and differentiates on every backend).
 pub fn upsample_nearest2(x: Tensor<4>) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h, 1, w, 1])
-        .expand([b, c, h, 2, w, 2])
-        .reshape([b, c, 2 * h, 2 * w])
+    x.reshape([b, c, h, 1, w, 1]).expand([b, c, h, 2, w, 2]).reshape([b, c, 2 * h, 2 * w])
 }
 
 impl ResBlock {
     fn sites<'a>(&'a mut self, p: &str, out: &mut Vec<QuantSite<'a>>) {
         out.push(QuantSite::conv(format!("{p}.conv1"), &mut self.conv1, true));
-        out.push(QuantSite::linear(
-            format!("{p}.emb_proj"),
-            &mut self.emb_proj,
-            true,
-        ));
+        out.push(QuantSite::linear(format!("{p}.emb_proj"), &mut self.emb_proj, true));
         out.push(QuantSite::conv(format!("{p}.conv2"), &mut self.conv2, true));
         if let Some(skip) = self.skip.as_mut() {
             out.push(QuantSite::conv(format!("{p}.skip"), skip, false));
@@ -284,16 +245,8 @@ impl ResBlock {
 
 impl AttnBlock {
     fn sites<'a>(&'a mut self, p: &str, out: &mut Vec<QuantSite<'a>>) {
-        out.push(QuantSite::linear(
-            format!("{p}.attn.qkv"),
-            &mut self.attn.qkv,
-            false,
-        ));
-        out.push(QuantSite::linear(
-            format!("{p}.attn.proj"),
-            &mut self.attn.proj,
-            false,
-        ));
+        out.push(QuantSite::linear(format!("{p}.attn.qkv"), &mut self.attn.qkv, false));
+        out.push(QuantSite::linear(format!("{p}.attn.proj"), &mut self.attn.proj, false));
     }
 }
 
@@ -301,16 +254,8 @@ impl TinyUnet {
     /// Every quantizable layer, in forward order.
     pub fn quant_sites(&mut self) -> Vec<QuantSite<'_>> {
         let mut out = Vec::new();
-        out.push(QuantSite::linear(
-            "time_embed_1",
-            &mut self.time_embed_1,
-            false,
-        ));
-        out.push(QuantSite::linear(
-            "time_embed_2",
-            &mut self.time_embed_2,
-            true,
-        ));
+        out.push(QuantSite::linear("time_embed_1", &mut self.time_embed_1, false));
+        out.push(QuantSite::linear("time_embed_2", &mut self.time_embed_2, true));
         out.push(QuantSite::conv("conv_in", &mut self.conv_in, false));
         for (i, stage) in self.down.iter_mut().enumerate() {
             stage.res.sites(&format!("down.{i}.res"), &mut out);

@@ -29,11 +29,7 @@ impl SelfAttention {
         let h = self.heads;
         let d = c / h;
         // [B, N, 3, H, D] -> [3, B, H, N, D]
-        let qkv = self
-            .qkv
-            .forward(x, ctx)
-            .reshape([b, n, 3, h, d])
-            .permute([2, 0, 3, 1, 4]);
+        let qkv = self.qkv.forward(x, ctx).reshape([b, n, 3, h, d]).permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().slice([0..1]).squeeze_dim::<4>(0);
         let k = qkv.clone().slice([1..2]).squeeze_dim::<4>(0);
         let v = qkv.slice([2..3]).squeeze_dim::<4>(0);

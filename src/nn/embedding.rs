@@ -11,9 +11,7 @@ use crate::rng::SeededRng;
 pub fn timestep_embedding(t: Tensor<1>, dim: usize) -> Tensor<2> {
     let half = dim / 2;
     let device = t.device();
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (-(10000f32.ln()) * i as f32 / half as f32).exp())
-        .collect();
+    let freqs: Vec<f32> = (0..half).map(|i| (-(10000f32.ln()) * i as f32 / half as f32).exp()).collect();
     let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &device).unsqueeze::<2>();
     let args = t.unsqueeze_dim::<2>(1) * freqs;
     Tensor::cat(vec![args.clone().cos(), args.sin()], 1)
@@ -28,9 +26,7 @@ pub struct ClassEmbedding {
 
 impl ClassEmbedding {
     pub fn new(num_classes: usize, dim: usize, rng: &mut SeededRng, device: &Device) -> Self {
-        Self {
-            weight: init::normal(rng, [num_classes + 1, dim], 0.02, device),
-        }
+        Self { weight: init::normal(rng, [num_classes + 1, dim], 0.02, device) }
     }
 
     /// Index of the null (unconditional) label.

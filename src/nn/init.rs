@@ -14,9 +14,7 @@ pub fn uniform<const D: usize>(
     device: &Device,
 ) -> Param<Tensor<D>> {
     let n: usize = shape.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|_| (rng.uniform() * 2.0 - 1.0) * bound)
-        .collect();
+    let values: Vec<f32> = (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) * bound).collect();
     Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
 }
 
@@ -32,10 +30,6 @@ pub fn normal<const D: usize>(
     Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
 }
 
-pub fn constant<const D: usize>(
-    shape: [usize; D],
-    value: f32,
-    device: &Device,
-) -> Param<Tensor<D>> {
+pub fn constant<const D: usize>(shape: [usize; D], value: f32, device: &Device) -> Param<Tensor<D>> {
     Param::from_tensor(Tensor::full(shape, value, device))
 }

@@ -19,13 +19,7 @@ pub struct Linear {
 
 impl Linear {
     /// PyTorch-default initialisation.
-    pub fn new(
-        d_in: usize,
-        d_out: usize,
-        bias: bool,
-        rng: &mut SeededRng,
-        device: &Device,
-    ) -> Self {
+    pub fn new(d_in: usize, d_out: usize, bias: bool, rng: &mut SeededRng, device: &Device) -> Self {
         let bound = 1.0 / (d_in as f32).sqrt();
         Self {
             weight: init::uniform(rng, [d_out, d_in], bound, device),

@@ -26,8 +26,6 @@ pub struct StepCtx {
 
 impl StepCtx {
     pub fn at(timestep: usize) -> Self {
-        Self {
-            timestep: Some(timestep),
-        }
+        Self { timestep: Some(timestep) }
     }
 }

@@ -50,38 +50,20 @@ pub fn train_classifier(cfg: &Config) -> Result<ClassifierSummary> {
     let out_dir = &cfg.run.out_dir;
     std::fs::create_dir_all(out_dir).map_err(|e| crate::error::io_err(out_dir, e))?;
     let device = crate::device::make_device(&cfg.run.device)?.autodiff();
-    let train = Mnist::load(
-        &cfg.data.dir,
-        Split::Train,
-        cfg.data.train_count,
-        cfg.data.heldout_count,
-    )?;
-    let held = Mnist::load(
-        &cfg.data.dir,
-        Split::Heldout,
-        cfg.data.train_count,
-        cfg.data.heldout_count,
-    )?;
+    let train = Mnist::from_config(&cfg.data, Split::Train)?;
+    let held = Mnist::from_config(&cfg.data, Split::Heldout)?;
     let mut model = Classifier::new(&mut SeededRng::derived(cfg.run.seed, 0), &device);
     let mut optim = AdamW::new(cfg.train.weight_decay, cfg.train.grad_clip);
     let mut rng = SeededRng::derived(cfg.run.seed, 1);
-    let mut stream =
-        super::pretrain::DataStream::new(cfg.run.seed, train.len(), Default::default());
+    let mut stream = super::pretrain::DataStream::new(cfg.run.seed, train.len(), Default::default());
     let progress = Progress::new("classifier", 0, cfg.train.steps);
     for step in 0..cfg.train.steps {
         let idx = stream.next_batch(cfg.train.batch_size);
         let (x, y) = train.batch(&idx, &device);
-        let mut px = x
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32");
+        let mut px = x.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
         augment(&mut px, &mut rng);
         let x = Tensor::<4>::from_data(TensorData::new(px, [idx.len(), 1, 32, 32]), &device);
-        let loss = log_softmax(model.forward(x), 1)
-            .gather(1, y.unsqueeze_dim::<2>(1))
-            .mean()
-            .neg();
+        let loss = log_softmax(model.forward(x), 1).gather(1, y.unsqueeze_dim::<2>(1)).mean().neg();
         let value = loss.clone().into_scalar::<f32>();
         if !value.is_finite() {
             return Err(Error::runtime(format!(
@@ -105,10 +87,7 @@ pub fn train_classifier(cfg: &Config) -> Result<ClassifierSummary> {
     let weights = out_dir.join("classifier.safetensors");
     let meta = BTreeMap::from([
         ("msfp.model".to_string(), "\"mnist_classifier\"".to_string()),
-        (
-            "msfp.heldout_accuracy".to_string(),
-            format!("{accuracy:.4}"),
-        ),
+        ("msfp.heldout_accuracy".to_string(), format!("{accuracy:.4}")),
     ]);
     params::save_safetensors(&weights, &params::collect(&model), &meta)?;
     let summary = ClassifierSummary {
@@ -127,32 +106,17 @@ pub fn train_classifier(cfg: &Config) -> Result<ClassifierSummary> {
 pub fn load_classifier(path: &Path, device: &Device) -> Result<Classifier> {
     let (tensors, _) = params::load_safetensors(path)
         .map_err(|e| e.context("eval.classifier (train one with `msfp train-classifier`)"))?;
-    params::load_into(
-        Classifier::new(&mut SeededRng::new(0), device),
-        &tensors,
-        path,
-    )
+    params::load_into(Classifier::new(&mut SeededRng::new(0), device), &tensors, path)
 }
 
 /// Runs `f` over `images` in batches of 250 and concatenates the `[B, D]` outputs row-major.
-fn batched<const D: usize>(
-    images: &[f32],
-    device: &Device,
-    f: impl Fn(Tensor<4>) -> Tensor<D>,
-) -> Vec<f32> {
+fn batched<const D: usize>(images: &[f32], device: &Device, f: impl Fn(Tensor<4>) -> Tensor<D>) -> Vec<f32> {
     let px = 32 * 32;
     let mut out = Vec::new();
     for chunk in images.chunks(250 * px) {
-        let x = Tensor::<4>::from_data(
-            TensorData::new(chunk.to_vec(), [chunk.len() / px, 1, 32, 32]),
-            device,
-        );
-        out.extend(
-            f(x).into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("f32"),
-        );
+        let x =
+            Tensor::<4>::from_data(TensorData::new(chunk.to_vec(), [chunk.len() / px, 1, 32, 32]), device);
+        out.extend(f(x).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32"));
     }
     out
 }
@@ -169,10 +133,7 @@ pub fn accuracy(model: &Classifier, images: &[f32], labels: &[usize], device: &D
         .chunks(10)
         .zip(labels)
         .filter(|(row, l)| {
-            let arg = row
-                .iter()
-                .enumerate()
-                .fold(0, |best, (i, v)| if *v > row[best] { i } else { best });
+            let arg = row.iter().enumerate().fold(0, |best, (i, v)| if *v > row[best] { i } else { best });
             arg == **l
         })
         .count();

@@ -41,11 +41,7 @@ pub fn fid(a: &[f32], b: &[f32], d: usize) -> f64 {
     let sqrt_a = psd_sqrt(&cov_a);
     let inner = &sqrt_a * &cov_b * &sqrt_a;
     let inner = (&inner + inner.transpose()) * 0.5;
-    let tr_sqrt: f64 = SymmetricEigen::new(inner)
-        .eigenvalues
-        .iter()
-        .map(|v| v.max(0.0).sqrt())
-        .sum();
+    let tr_sqrt: f64 = SymmetricEigen::new(inner).eigenvalues.iter().map(|v| v.max(0.0).sqrt()).sum();
     (diff.dot(&diff) + cov_a.trace() + cov_b.trace() - 2.0 * tr_sqrt).max(0.0)
 }
 
@@ -66,12 +62,7 @@ fn psd_sqrt(m: &DMatrix<f64>) -> DMatrix<f64> {
 
 /// PSNR in dB between two image sets with values in [-1, 1] (peak-to-peak 2).
 pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
-    let mse = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| ((x - y) as f64).powi(2))
-        .sum::<f64>()
-        / a.len().max(1) as f64;
+    let mse = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64;
     10.0 * (4.0 / mse.max(1e-20)).log10()
 }
 
@@ -84,18 +75,8 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let classifier = load_classifier(&cfg.eval.classifier, device)?;
     let n = cfg.eval.samples;
-    let held = Mnist::load(
-        &cfg.data.dir,
-        Split::Heldout,
-        cfg.data.train_count,
-        cfg.data.heldout_count,
-    )?;
-    let train = Mnist::load(
-        &cfg.data.dir,
-        Split::Train,
-        cfg.data.train_count,
-        cfg.data.heldout_count,
-    )?;
+    let held = Mnist::from_config(&cfg.data, Split::Heldout)?;
+    let train = Mnist::from_config(&cfg.data, Split::Train)?;
     let held_f = features(&classifier, &held.images, device);
     let real_n = n.min(train.len());
     let train_f = features(&classifier, &train.images[..real_n * 32 * 32], device);
@@ -166,13 +147,7 @@ mod tests {
 
 /// Adds (or replaces, by `model`) one row in a JSON list of results, e.g.
 /// `experiments/tiny-teachers/results.json`, recording the command that produced it.
-pub fn record(
-    path: &Path,
-    label: &str,
-    report: &EvalReport,
-    weights: &Path,
-    command: &str,
-) -> Result<()> {
+pub fn record(path: &Path, label: &str, report: &EvalReport, weights: &Path, command: &str) -> Result<()> {
     let mut rows: Vec<serde_json::Value> = match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
             crate::error::Error::runtime(format!(

@@ -55,12 +55,7 @@ pub struct DataStream {
 impl DataStream {
     pub fn new(seed: u64, n: usize, cursor: DataCursor) -> Self {
         let order = SeededRng::derived(seed, STREAM_EPOCH + cursor.epoch).permutation(n);
-        Self {
-            seed,
-            n,
-            cursor,
-            order,
-        }
+        Self { seed, n, cursor, order }
     }
 
     pub fn cursor(&self) -> DataCursor {
@@ -71,12 +66,9 @@ impl DataStream {
         let mut out = Vec::with_capacity(size);
         while out.len() < size {
             if self.cursor.position == self.n {
-                self.cursor = DataCursor {
-                    epoch: self.cursor.epoch + 1,
-                    position: 0,
-                };
-                self.order = SeededRng::derived(self.seed, STREAM_EPOCH + self.cursor.epoch)
-                    .permutation(self.n);
+                self.cursor = DataCursor { epoch: self.cursor.epoch + 1, position: 0 };
+                self.order =
+                    SeededRng::derived(self.seed, STREAM_EPOCH + self.cursor.epoch).permutation(self.n);
             }
             out.push(self.order[self.cursor.position]);
             self.cursor.position += 1;
@@ -98,13 +90,7 @@ pub struct PretrainSummary {
 }
 
 pub fn job_name(cfg: &Config) -> String {
-    format!(
-        "pretrain:{}",
-        serde_json::to_value(cfg.model.kind)
-            .expect("kind")
-            .as_str()
-            .unwrap_or("?")
-    )
+    format!("pretrain:{}", serde_json::to_value(cfg.model.kind).expect("kind").as_str().unwrap_or("?"))
 }
 
 /// One denoising-score-matching loss on a batch, `mean ||eps_hat - eps||^2`.
@@ -120,21 +106,14 @@ pub fn diffusion_loss(
     let b = indices.len();
     let (x0, labels) = data.batch(indices, device);
     let t: Vec<usize> = (0..b).map(|_| rng.below(schedule.timesteps())).collect();
-    let noise = Tensor::<4>::from_data(
-        TensorData::new(rng.normals(b * 32 * 32), [b, 1, 32, 32]),
-        device,
-    );
-    let keep: Vec<i64> = (0..b)
-        .map(|_| i64::from(rng.uniform() as f64 >= label_dropout))
-        .collect();
+    let noise = Tensor::<4>::from_data(TensorData::new(rng.normals(b * 32 * 32), [b, 1, 32, 32]), device);
+    let keep: Vec<i64> = (0..b).map(|_| i64::from(rng.uniform() as f64 >= label_dropout)).collect();
     let keep = Tensor::<1, Int>::from_data(TensorData::new(keep, [b]), device);
     // label if kept, else the null label
     let labels = labels * keep.clone() + (keep.neg() + 1) * NUM_CLASSES as i64;
     let xt = schedule.add_noise(x0, noise.clone(), &t);
-    let tt = Tensor::<1>::from_data(
-        TensorData::new(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), [b]),
-        device,
-    );
+    let tt =
+        Tensor::<1>::from_data(TensorData::new(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), [b]), device);
     // Timesteps differ per sample here: no shared step context.
     let pred = model.forward(xt, tt, labels, StepCtx::default());
     (pred - noise).square().mean()
@@ -145,20 +124,11 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
     std::fs::create_dir_all(&out_dir).map_err(|e| crate::error::io_err(&out_dir, e))?;
     let device = crate::device::make_device(&cfg.run.device)?.autodiff();
     let schedule = NoiseSchedule::new(&cfg.diffusion);
-    let data = Mnist::load(
-        &cfg.data.dir,
-        Split::Train,
-        cfg.data.train_count,
-        cfg.data.heldout_count,
-    )?;
+    let data = Mnist::from_config(&cfg.data, Split::Train)?;
     let job = job_name(cfg);
     let fingerprint = cfg.fingerprint();
 
-    let mut model = Denoiser::new(
-        &cfg.model,
-        &mut SeededRng::derived(cfg.run.seed, STREAM_INIT),
-        &device,
-    );
+    let mut model = Denoiser::new(&cfg.model, &mut SeededRng::derived(cfg.run.seed, STREAM_INIT), &device);
     let mut optim = AdamW::new(cfg.train.weight_decay, cfg.train.grad_clip);
     let mut ema = (cfg.train.ema_decay > 0.0).then(|| Ema::new(&model, cfg.train.ema_decay));
     let mut rng = SeededRng::derived(cfg.run.seed, STREAM_TRAIN);
@@ -174,11 +144,7 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
         let ckpt = checkpoint::load(dir)?;
         checkpoint::check_compatible(&ckpt, &job, &fingerprint)?;
         model = params::load_into(model, &ckpt.trainable, &dir.join(checkpoint::TRAINABLE))?;
-        optim.load_state(
-            &ckpt.optimizer,
-            ckpt.optimizer_step,
-            &device.clone().inner(),
-        );
+        optim.load_state(&ckpt.optimizer, ckpt.optimizer_step, &device.clone().inner());
         if let (Some(e), Some(saved)) = (ema.as_mut(), &ckpt.ema) {
             e.load(saved, &device.clone().inner());
         }
@@ -202,15 +168,8 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
     let mut last_rate = 0.0;
     for step in start..cfg.train.steps {
         let indices = stream.next_batch(cfg.train.batch_size);
-        let loss = diffusion_loss(
-            &model,
-            &schedule,
-            &data,
-            &indices,
-            cfg.train.label_dropout,
-            &mut rng,
-            &device,
-        );
+        let loss =
+            diffusion_loss(&model, &schedule, &data, &indices, cfg.train.label_dropout, &mut rng, &device);
         let loss_value = loss.clone().into_scalar::<f32>() as f64;
         if !loss_value.is_finite() {
             return Err(Error::runtime(format!(
@@ -260,10 +219,7 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
     }
     progress.finish();
 
-    let weights = ema
-        .as_ref()
-        .map(Ema::tensors)
-        .unwrap_or_else(|| params::collect(&model));
+    let weights = ema.as_ref().map(Ema::tensors).unwrap_or_else(|| params::collect(&model));
     let weights_path = out_dir.join("model.safetensors");
     save_weights(&weights_path, &weights, cfg)?;
     let all = MetricsLog::read_all(&out_dir);
@@ -295,14 +251,8 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
 /// Writes model weights with metadata naming the model kind and its config.
 pub fn save_weights(path: &Path, weights: &NamedTensors, cfg: &Config) -> Result<()> {
     let meta = BTreeMap::from([
-        (
-            "msfp.model".to_string(),
-            serde_json::to_string(&cfg.model.kind).expect("json"),
-        ),
-        (
-            "msfp.model_config".to_string(),
-            serde_json::to_string(&cfg.model).expect("json"),
-        ),
+        ("msfp.model".to_string(), serde_json::to_string(&cfg.model.kind).expect("json")),
+        ("msfp.model_config".to_string(), serde_json::to_string(&cfg.model).expect("json")),
     ]);
     params::save_safetensors(path, weights, &meta)
 }

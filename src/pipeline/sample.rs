@@ -47,23 +47,14 @@ pub fn generate(
     let mut images = Vec::with_capacity(n * 32 * 32);
     for chunk in labels.chunks(cfg.eval.batch_size) {
         let x = sample(model, &sampler, chunk, &mut rng, device);
-        images.extend(
-            x.into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("f32"),
-        );
+        images.extend(x.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32"));
     }
     (images, labels)
 }
 
 /// Writes a PNG grid of `n` samples, one class per column.
 pub fn write_grid(model: &Denoiser, cfg: &Config, path: &Path, n: usize) -> Result<()> {
-    let device = model
-        .devices()
-        .first()
-        .cloned()
-        .unwrap_or_else(Device::flex);
+    let device = model.devices().first().cloned().unwrap_or_else(Device::flex);
     let (images, _) = generate(model, cfg, n, cfg.eval.seed, &device);
     let grid = crate::report::grid::gray_grid(&images, 32, NUM_CLASSES);
     crate::report::grid::save_png(path, &image::DynamicImage::ImageLuma8(grid))

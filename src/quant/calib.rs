@@ -105,11 +105,7 @@ impl CalibConfig {
     /// `{key}` when `section` is empty).
     pub fn validate(&self, section: &str) -> Result<()> {
         let key = |k: &str| {
-            if section.is_empty() {
-                k.to_string()
-            } else {
-                format!("{section}.{k}")
-            }
+            if section.is_empty() { k.to_string() } else { format!("{section}.{k}") }
         };
         for (k, v) in [
             ("clip_grid", self.clip_grid),
@@ -122,11 +118,7 @@ impl CalibConfig {
             }
         }
         if !(self.clip_min.is_finite() && self.clip_min > 0.0 && self.clip_min <= 1.0) {
-            usage!(
-                "{} = {} is out of range: it must be in (0, 1]",
-                key("clip_min"),
-                self.clip_min
-            );
+            usage!("{} = {} is out of range: it must be in (0, 1]", key("clip_min"), self.clip_min);
         }
         if !(self.clip_max.is_finite() && self.clip_max >= self.clip_min && self.clip_max <= 2.0) {
             usage!(
@@ -155,15 +147,7 @@ fn linspace(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     if n <= 1 {
         return vec![hi];
     }
-    (0..n)
-        .map(|i| {
-            if i == n - 1 {
-                hi
-            } else {
-                lo + (hi - lo) * i as f64 / (n - 1) as f64
-            }
-        })
-        .collect()
+    (0..n).map(|i| if i == n - 1 { hi } else { lo + (hi - lo) * i as f64 / (n - 1) as f64 }).collect()
 }
 
 /// The error a search minimises.
@@ -241,11 +225,7 @@ pub fn quantize_blocks(
     scales: &[f32],
     zero_points: Option<&[f32]>,
 ) -> Vec<f32> {
-    assert_eq!(
-        data.len(),
-        block_len * scales.len(),
-        "blocks do not tile the data"
-    );
+    assert_eq!(data.len(), block_len * scales.len(), "blocks do not tile the data");
     data.chunks(block_len)
         .enumerate()
         .flat_map(|(b, block)| {
@@ -256,11 +236,7 @@ pub fn quantize_blocks(
 }
 
 /// `(block_len, scale_shape)` of a tensor of shape `shape` under `granularity`.
-pub fn blocking(
-    shape: &[usize],
-    granularity: Granularity,
-    group_size: usize,
-) -> Result<(usize, Vec<usize>)> {
+pub fn blocking(shape: &[usize], granularity: Granularity, group_size: usize) -> Result<(usize, Vec<usize>)> {
     let numel: usize = shape.iter().product();
     if shape.is_empty() || numel == 0 {
         usage!("cannot calibrate a tensor of shape {shape:?}: it has no elements");
@@ -275,9 +251,7 @@ pub fn blocking(
         Granularity::PerGroup => {
             let last = shape[shape.len() - 1];
             if group_size == 0 || !last.is_multiple_of(group_size) {
-                usage!(
-                    "group size {group_size} does not divide the last dimension {last} of {shape:?}"
-                );
+                usage!("group size {group_size} does not divide the last dimension {last} of {shape:?}");
             }
             (group_size, vec![numel / group_size, 1])
         }
@@ -287,27 +261,17 @@ pub fn blocking(
 fn check_data(data: &[f32], shape: &[usize]) -> Result<()> {
     let numel: usize = shape.iter().product();
     if data.len() != numel {
-        usage!(
-            "calibration data has {} values but shape {shape:?} needs {numel}",
-            data.len()
-        );
+        usage!("calibration data has {} values but shape {shape:?} needs {numel}", data.len());
     }
     if let Some(i) = data.iter().position(|x| !x.is_finite()) {
-        runtime!(
-            "calibration data holds a non-finite value {} at index {i}",
-            data[i]
-        );
+        runtime!("calibration data holds a non-finite value {} at index {i}", data[i]);
     }
     Ok(())
 }
 
 /// Min and max of a non-empty finite block.
 fn min_max(block: &[f32]) -> (f32, f32) {
-    block
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
-            (lo.min(x), hi.max(x))
-        })
+    block.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)))
 }
 
 /// The scale covering `range` (a positive span of data) at clipping `ratio`, kept in f32's
@@ -360,11 +324,7 @@ pub fn search_clipping(
     check_data(data, shape)?;
     let (block_len, scale_shape) = blocking(shape, cfg.granularity, cfg.group_size)?;
     let ratios = cfg.ratios();
-    let fractions = if format.signed() {
-        vec![0.0]
-    } else {
-        cfg.zero_point_fractions()
-    };
+    let fractions = if format.signed() { vec![0.0] } else { cfg.zero_point_fractions() };
     let ranges: Vec<(f32, f32)> = data.chunks(block_len).map(min_max).collect();
     let nblocks = ranges.len();
     let mut scales = vec![0.0f32; nblocks];
@@ -404,10 +364,7 @@ pub fn search_clipping(
                         z_try[b] = z.unwrap_or(0.0);
                     }
                     let zp = (!format.signed()).then_some(z_try.as_slice());
-                    for (b, (out, block)) in buf
-                        .chunks_mut(block_len)
-                        .zip(data.chunks(block_len))
-                        .enumerate()
+                    for (b, (out, block)) in buf.chunks_mut(block_len).zip(data.chunks(block_len)).enumerate()
                     {
                         let (s, z) = (s_try[b], zp.map(|z| z[b]));
                         for (o, &x) in out.iter_mut().zip(block) {
@@ -471,18 +428,12 @@ pub fn search_formats(
     let mut errors = Vec::with_capacity(candidates.len());
     for format in candidates {
         let r = search_clipping(format, data, shape, cfg, objective)?;
-        errors.push(FormatError {
-            spec: r.spec.clone(),
-            error: r.error,
-        });
+        errors.push(FormatError { spec: r.spec.clone(), error: r.error });
         if best.as_ref().is_none_or(|b| r.error < b.error) {
             best = Some(r);
         }
     }
-    Ok(FormatSearch {
-        best: best.expect("at least one candidate"),
-        errors,
-    })
+    Ok(FormatSearch { best: best.expect("at least one candidate"), errors })
 }
 
 /// [`search_formats`] over all FP splits of `bits` ([`fp_formats`]).
@@ -496,10 +447,7 @@ pub fn search_fp_formats(
 ) -> Result<FormatSearch> {
     let candidates = fp_formats(bits, signed);
     if candidates.is_empty() {
-        usage!(
-            "no {} FP format has {bits} bits",
-            if signed { "signed" } else { "unsigned" }
-        );
+        usage!("no {} FP format has {bits} bits", if signed { "signed" } else { "unsigned" });
     }
     search_formats(&candidates, data, shape, cfg, objective)
 }
@@ -566,11 +514,7 @@ impl ActStats {
         self.w *= (self.open_unit().ln() / k).exp();
         let skip = (self.open_unit().ln() / (-self.w).ln_1p()).floor();
         // Saturating: with a tiny threshold the skip is astronomically long.
-        let skip = if skip.is_finite() && skip < 1e18 {
-            skip as u64
-        } else {
-            u64::MAX / 2
-        };
+        let skip = if skip.is_finite() && skip < 1e18 { skip as u64 } else { u64::MAX / 2 };
         self.next = self.next.saturating_add(skip).saturating_add(1);
     }
 
@@ -638,11 +582,7 @@ impl ActStats {
             } else {
                 (self.rng.below((r1 + r2) as usize) as u64) < r1
             };
-            let (v, r) = if from_a {
-                (&mut a, &mut r1)
-            } else {
-                (&mut b, &mut r2)
-            };
+            let (v, r) = if from_a { (&mut a, &mut r1) } else { (&mut b, &mut r2) };
             let j = self.rng.below(v.len());
             out.push(v.swap_remove(j));
             *r = r.saturating_sub(1);
@@ -659,11 +599,7 @@ impl ActStats {
             }
             self.w = w;
             let skip = (self.open_unit().ln() / (-w).ln_1p()).floor();
-            let skip = if skip.is_finite() && skip < 1e18 {
-                skip as u64
-            } else {
-                u64::MAX / 2
-            };
+            let skip = if skip.is_finite() && skip < 1e18 { skip as u64 } else { u64::MAX / 2 };
             self.next = total.saturating_add(skip);
         } else {
             self.next = total;
@@ -681,19 +617,11 @@ impl ActStats {
 
     /// `max(|min|, |max|)`; 0 before any value.
     pub fn absmax(&self) -> f32 {
-        if self.count == 0 {
-            0.0
-        } else {
-            self.min.abs().max(self.max.abs())
-        }
+        if self.count == 0 { 0.0 } else { self.min.abs().max(self.max.abs()) }
     }
 
     pub fn mean(&self) -> f64 {
-        if self.count == 0 {
-            0.0
-        } else {
-            self.sum / self.count as f64
-        }
+        if self.count == 0 { 0.0 } else { self.sum / self.count as f64 }
     }
 
     /// Population standard deviation.
@@ -742,11 +670,7 @@ pub(crate) mod tests {
     }
 
     fn mse(a: &[f32], b: &[f32]) -> f64 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| ((x - y) as f64).powi(2))
-            .sum::<f64>()
-            / a.len() as f64
+        a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64
     }
 
     fn cfg(granularity: Granularity) -> CalibConfig {
@@ -785,10 +709,7 @@ pub(crate) mod tests {
         assert!((r[0] - 0.6).abs() < 1e-12 && (r[2] - 0.8).abs() < 1e-12 && r[4] == 1.0);
         assert_eq!(c.zero_point_fractions(), [0.0, 0.5, 1.0]);
         assert_eq!(min_max_cfg(Granularity::PerTensor).ratios(), [1.0]);
-        assert_eq!(
-            min_max_cfg(Granularity::PerTensor).zero_point_fractions(),
-            [1.0]
-        );
+        assert_eq!(min_max_cfg(Granularity::PerTensor).zero_point_fractions(), [1.0]);
         let d = CalibConfig::default();
         assert_eq!((d.ratios().len(), d.ratios()[99]), (100, 1.0));
     }
@@ -801,33 +722,20 @@ pub(crate) mod tests {
         for (name, data) in [("student-t(3)", &t), ("laplace", &l)] {
             for spec in ["e2m1", "int4"] {
                 let format = fmt(spec);
-                for (gran, shape) in [
-                    (Granularity::PerTensor, vec![data.len()]),
-                    (Granularity::PerChannel, vec![16, 1024]),
-                ] {
+                for (gran, shape) in
+                    [(Granularity::PerTensor, vec![data.len()]), (Granularity::PerChannel, vec![16, 1024])]
+                {
                     let obj = Objective::TensorMse;
-                    let searched =
-                        search_clipping(&format, data, &shape, &cfg(gran), &obj).expect("search");
-                    let minmax = search_clipping(&format, data, &shape, &min_max_cfg(gran), &obj)
-                        .expect("min-max");
-                    let nblocks = if gran == Granularity::PerTensor {
-                        1
-                    } else {
-                        16
-                    };
+                    let searched = search_clipping(&format, data, &shape, &cfg(gran), &obj).expect("search");
+                    let minmax =
+                        search_clipping(&format, data, &shape, &min_max_cfg(gran), &obj).expect("min-max");
+                    let nblocks = if gran == Granularity::PerTensor { 1 } else { 16 };
                     assert_eq!(searched.scales.len(), nblocks);
                     assert_eq!(searched.zero_points, None);
                     // The reported error is the MSE of the quantizer it returns.
-                    let q = quantize_blocks(
-                        &format,
-                        data,
-                        data.len() / nblocks,
-                        &searched.scales,
-                        None,
-                    );
+                    let q = quantize_blocks(&format, data, data.len() / nblocks, &searched.scales, None);
                     assert!((mse(&q, data) - searched.error).abs() < 1e-9 * searched.error);
-                    let mean_ratio =
-                        searched.ratios.iter().sum::<f32>() / searched.ratios.len() as f32;
+                    let mean_ratio = searched.ratios.iter().sum::<f32>() / searched.ratios.len() as f32;
                     eprintln!(
                         "{name} {spec} {gran:?}: searched MSE {:.5} (mean ratio {mean_ratio:.3}) vs min-max {:.5}",
                         searched.error, minmax.error
@@ -849,37 +757,21 @@ pub(crate) mod tests {
         let mut rng = SeededRng::new(5);
         let data = laplace(&mut rng, 4 * 64);
         let format = fmt("e2m1");
-        let c = CalibConfig {
-            granularity: Granularity::PerGroup,
-            group_size: 32,
-            ..cfg(Granularity::PerGroup)
-        };
+        let c =
+            CalibConfig { granularity: Granularity::PerGroup, group_size: 32, ..cfg(Granularity::PerGroup) };
         let r = search_clipping(&format, &data, &[4, 64], &c, &Objective::TensorMse).unwrap();
         assert_eq!((r.scales.len(), r.scale_shape.clone()), (8, vec![8, 1]));
-        let per_tensor = search_clipping(
-            &format,
-            &data,
-            &[4, 64],
-            &cfg(Granularity::PerTensor),
-            &Objective::TensorMse,
-        )
-        .unwrap();
+        let per_tensor =
+            search_clipping(&format, &data, &[4, 64], &cfg(Granularity::PerTensor), &Objective::TensorMse)
+                .unwrap();
         assert!(r.error <= per_tensor.error);
-        let bad = CalibConfig {
-            group_size: 48,
-            ..c.clone()
-        };
+        let bad = CalibConfig { group_size: 48, ..c.clone() };
         let e = search_clipping(&format, &data, &[4, 64], &bad, &Objective::TensorMse).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Usage);
         assert!(e.message.contains("48"), "{}", e.message);
-        let ch = search_clipping(
-            &format,
-            &data,
-            &[4, 64],
-            &cfg(Granularity::PerChannel),
-            &Objective::TensorMse,
-        )
-        .unwrap();
+        let ch =
+            search_clipping(&format, &data, &[4, 64], &cfg(Granularity::PerChannel), &Objective::TensorMse)
+                .unwrap();
         assert_eq!(ch.scale_shape, [4, 1]);
     }
 
@@ -898,10 +790,7 @@ pub(crate) mod tests {
                 &Objective::TensorMse,
             )
             .unwrap();
-            let z = r
-                .zero_points
-                .as_ref()
-                .expect("unsigned formats get a zero point")[0];
+            let z = r.zero_points.as_ref().expect("unsigned formats get a zero point")[0];
             assert!(lo <= z && z <= 0.0, "{spec}: z = {z}, min {lo}");
             let q = quantize_blocks(&format, &data, data.len(), &r.scales, Some(&[z]));
             assert!((mse(&q, &data) - r.error).abs() < 1e-9 * r.error);
@@ -926,18 +815,13 @@ pub(crate) mod tests {
         let c = cfg(Granularity::PerTensor);
         // A closure computing the tensor MSE itself lands on the same quantizer.
         let f = |q: &[f32]| mse(q, &data);
-        let via_closure =
-            search_clipping(&format, &data, &[2048], &c, &Objective::Output(&f)).unwrap();
+        let via_closure = search_clipping(&format, &data, &[2048], &c, &Objective::Output(&f)).unwrap();
         let direct = search_clipping(&format, &data, &[2048], &c, &Objective::TensorMse).unwrap();
         assert_eq!(via_closure.scales, direct.scales);
         assert!((via_closure.error - direct.error).abs() < 1e-12);
 
         // A layer-output objective: y = W x for a [4, 512] input and a 3x4 mixing matrix.
-        let w = [
-            [0.5f32, -1.0, 0.25, 2.0],
-            [1.0, 1.0, 1.0, 1.0],
-            [0.0, 0.3, -0.7, 0.1],
-        ];
+        let w = [[0.5f32, -1.0, 0.25, 2.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.3, -0.7, 0.1]];
         let forward = |x: &[f32]| -> Vec<f32> {
             (0..3)
                 .flat_map(|o| (0..512).map(move |j| (0..4).map(|i| w[o][i] * x[i * 512 + j]).sum()))
@@ -950,14 +834,7 @@ pub(crate) mod tests {
             mse(&forward(q), &y)
         };
         let pc = cfg(Granularity::PerChannel);
-        let r = search_clipping(
-            &format,
-            &data,
-            &[4, 512],
-            &pc,
-            &Objective::Output(&layer_mse),
-        )
-        .unwrap();
+        let r = search_clipping(&format, &data, &[4, 512], &pc, &Objective::Output(&layer_mse)).unwrap();
         assert_eq!(calls.get(), pc.clip_grid);
         assert_eq!(r.scales.len(), 4);
         // One shared ratio; the result is no worse than min-max under the same objective.
@@ -984,8 +861,7 @@ pub(crate) mod tests {
         let data: Vec<f32> = rng.normals(20_000).into_iter().map(silu).collect();
         let c = cfg(Granularity::PerTensor);
         let n = [data.len()];
-        let unsigned =
-            search_clipping(&fmt("ue2m2"), &data, &n, &c, &Objective::TensorMse).unwrap();
+        let unsigned = search_clipping(&fmt("ue2m2"), &data, &n, &c, &Objective::TensorMse).unwrap();
         let signed = search_clipping(&fmt("e2m1"), &data, &n, &c, &Objective::TensorMse).unwrap();
         eprintln!(
             "SiLU(N(0,1)), 20k samples: ue2m2 + zero point MSE {:.3e} (s {:.4}, z {:.4}) vs e2m1 MSE {:.3e} (s {:.4}); ratio {:.2}",
@@ -996,12 +872,7 @@ pub(crate) mod tests {
             signed.scales[0],
             signed.error / unsigned.error
         );
-        assert!(
-            unsigned.error < signed.error,
-            "ue2m2 {} vs e2m1 {}",
-            unsigned.error,
-            signed.error
-        );
+        assert!(unsigned.error < signed.error, "ue2m2 {} vs e2m1 {}", unsigned.error, signed.error);
 
         let search = search_fp_formats(4, false, &data, &n, &c, &Objective::TensorMse).unwrap();
         let specs: Vec<&str> = search.errors.iter().map(|e| e.spec.as_str()).collect();
@@ -1025,10 +896,7 @@ pub(crate) mod tests {
     #[test]
     fn fp_formats_enumerates_parseable_splits() {
         let names = |bits, signed| -> Vec<String> {
-            fp_formats(bits, signed)
-                .iter()
-                .map(|f| f.spec().to_string())
-                .collect()
+            fp_formats(bits, signed).iter().map(|f| f.spec().to_string()).collect()
         };
         assert_eq!(names(4, true), ["e1m2", "e2m1", "e3m0"]);
         assert_eq!(names(6, false).len(), 6);
@@ -1037,15 +905,7 @@ pub(crate) mod tests {
         assert_eq!(names(8, true).len(), 7);
         assert!(names(5, true).is_empty());
         assert!(
-            search_fp_formats(
-                5,
-                true,
-                &[1.0],
-                &[1],
-                &CalibConfig::default(),
-                &Objective::TensorMse
-            )
-            .is_err()
+            search_fp_formats(5, true, &[1.0], &[1], &CalibConfig::default(), &Objective::TensorMse).is_err()
         );
     }
 
@@ -1058,14 +918,7 @@ pub(crate) mod tests {
             assert_eq!(r.error, 0.0);
             assert!(r.scales[0] > 0.0);
         }
-        let e = search_clipping(
-            &fmt("e2m1"),
-            &[1.0, f32::NAN],
-            &[2],
-            &c,
-            &Objective::TensorMse,
-        )
-        .unwrap_err();
+        let e = search_clipping(&fmt("e2m1"), &[1.0, f32::NAN], &[2], &c, &Objective::TensorMse).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Runtime);
         assert!(search_clipping(&fmt("e2m1"), &[1.0], &[2], &c, &Objective::TensorMse).is_err());
         assert!(search_clipping(&fmt("e2m1"), &[], &[0], &c, &Objective::TensorMse).is_err());
@@ -1097,12 +950,7 @@ pub(crate) mod tests {
             assert_eq!(e.kind, ErrorKind::Usage);
             assert!(e.message.starts_with(key), "{bad}: {}", e.message);
         }
-        let e = CalibConfig {
-            clip_min: f64::NAN,
-            ..CalibConfig::default()
-        }
-        .validate("")
-        .unwrap_err();
+        let e = CalibConfig { clip_min: f64::NAN, ..CalibConfig::default() }.validate("").unwrap_err();
         assert!(e.message.starts_with("clip_min"), "{}", e.message);
     }
 
@@ -1129,17 +977,9 @@ pub(crate) mod tests {
         assert!((frac_pos - 0.1587).abs() < 0.02, "P(x > 1) {frac_pos}");
         // The sample is not biased to the start of the stream: about a fifth of it comes from
         // the last fifth.
-        let tail: std::collections::HashSet<u32> =
-            data[40_000..].iter().map(|x| x.to_bits()).collect();
-        let from_tail = s
-            .sample()
-            .iter()
-            .filter(|x| tail.contains(&x.to_bits()))
-            .count();
-        assert!(
-            (from_tail as f64 / 4096.0 - 0.2).abs() < 0.03,
-            "{from_tail}"
-        );
+        let tail: std::collections::HashSet<u32> = data[40_000..].iter().map(|x| x.to_bits()).collect();
+        let from_tail = s.sample().iter().filter(|x| tail.contains(&x.to_bits())).count();
+        assert!((from_tail as f64 / 4096.0 - 0.2).abs() < 0.03, "{from_tail}");
 
         // Deterministic given the seed, whatever the batch sizes.
         let mut again = ActStats::new(4096, 7);

@@ -44,24 +44,15 @@ pub fn formats(spec: &str) -> Result<String> {
 /// `msfp quantize`: fake-quantizes the JSON array of numbers in `input` with scale
 /// `max / format.max()` (default 1) and zero point `zero_point` (default 0), returning the
 /// quantized JSON array.
-pub fn quantize(
-    spec: &str,
-    max: Option<f64>,
-    zero_point: Option<f64>,
-    input: &str,
-) -> Result<String> {
+pub fn quantize(spec: &str, max: Option<f64>, zero_point: Option<f64>, input: &str) -> Result<String> {
     let format = Format::parse(spec)?;
     let max = max.unwrap_or(format.max() as f64);
     if !(max.is_finite() && max > 0.0) {
-        return Err(Error::usage(format!(
-            "--max must be a positive finite number, not {max}"
-        )));
+        return Err(Error::usage(format!("--max must be a positive finite number, not {max}")));
     }
     let scale = (max / format.max() as f64) as f32;
     if !(scale.is_finite() && scale > 0.0) {
-        return Err(Error::usage(format!(
-            "--max {max} gives a scale {scale} outside f32's positive range"
-        )));
+        return Err(Error::usage(format!("--max {max} gives a scale {scale} outside f32's positive range")));
     }
     let zero = zero_point.map(|z| z as f32);
     if let Some(z) = zero
@@ -83,9 +74,7 @@ pub fn quantize(
             if v.is_finite() {
                 Ok(v)
             } else {
-                Err(Error::usage(format!(
-                    "input value {x} at index {i} is not a finite f32"
-                )))
+                Err(Error::usage(format!("input value {x} at index {i} is not a finite f32")))
             }
         })
         .collect::<Result<Vec<f32>>>()?;
@@ -119,10 +108,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&formats("ue2m2").unwrap()).unwrap();
         assert_eq!(v["spec"], "ue2m2");
         assert_eq!(v["signed"], false);
-        assert_eq!(
-            (v["exp_bits"].as_u64(), v["man_bits"].as_u64()),
-            (Some(2), Some(2))
-        );
+        assert_eq!((v["exp_bits"].as_u64(), v["man_bits"].as_u64()), (Some(2), Some(2)));
         assert_eq!(v["bias"], 1);
         assert_eq!(v["max"], 7.0);
         assert_eq!(v["values"].as_array().unwrap().len(), 16);
@@ -131,14 +117,8 @@ mod tests {
     #[test]
     fn quantize_scales_and_shifts() {
         let q = |max, z, input| parse(&quantize("e2m1", max, z, input).unwrap());
-        assert_eq!(
-            q(None, None, "[0.25, 0.75, 2.5, 5, 7, -0.3]"),
-            [0., 1., 2., 4., 6., -0.5]
-        );
-        assert_eq!(
-            q(Some(12.0), None, "[1, 3, 5, 13, -7]"),
-            [1., 3., 4., 12., -8.]
-        );
+        assert_eq!(q(None, None, "[0.25, 0.75, 2.5, 5, 7, -0.3]"), [0., 1., 2., 4., 6., -0.5]);
+        assert_eq!(q(Some(12.0), None, "[1, 3, 5, 13, -7]"), [1., 3., 4., 12., -8.]);
         assert_eq!(q(None, Some(1.0), "[1.25, 0, 8, -7]"), [1., 0., 7., -5.]);
         assert_eq!(q(None, None, "[]"), Vec::<f64>::new());
     }
@@ -163,9 +143,6 @@ mod tests {
             assert_eq!(err.kind, ErrorKind::Usage, "{input} {max:?} {z:?}");
             assert!(!err.message.contains('\n'), "{}", err.message);
         }
-        assert_eq!(
-            quantize("e9m9", None, None, "[1]").unwrap_err().kind,
-            ErrorKind::Usage
-        );
+        assert_eq!(quantize("e9m9", None, None, "[1]").unwrap_err().kind, ErrorKind::Usage);
     }
 }

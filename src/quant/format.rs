@@ -29,11 +29,7 @@ pub enum Encoding {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// Minifloat with an implicit leading one, exponent bias `2^(exp_bits-1) - 1` and subnormals.
-    Float {
-        exp_bits: u32,
-        man_bits: u32,
-        encoding: Encoding,
-    },
+    Float { exp_bits: u32, man_bits: u32, encoding: Encoding },
     /// Integers, step 1: symmetric `-(2^(N-1)-1)..=2^(N-1)-1` when signed, `0..=2^N-1` when not
     /// (used with a zero point).
     Int { bits: u32 },
@@ -78,11 +74,7 @@ impl Format {
         if !(2..=8).contains(&bits) {
             return Err(format!("integer formats have 2 to 8 bits, not {bits}"));
         }
-        let max = if signed {
-            (1u32 << (bits - 1)) - 1
-        } else {
-            (1u32 << bits) - 1
-        };
+        let max = if signed { (1u32 << (bits - 1)) - 1 } else { (1u32 << bits) - 1 };
         Ok(Self {
             spec: format!("{}int{bits}", if signed { "" } else { "u" }),
             kind: Kind::Int { bits },
@@ -143,18 +135,11 @@ impl Format {
         }
         let max = *magnitudes.last().expect("at least one code");
         if !max.is_finite() {
-            return Err(format!(
-                "its max 2^{} does not fit in f32",
-                max_exp(&magnitudes)
-            ));
+            return Err(format!("its max 2^{} does not fit in f32", max_exp(&magnitudes)));
         }
         Ok(Self {
             spec: format!("{}e{exp_bits}m{man_bits}", if signed { "" } else { "u" }),
-            kind: Kind::Float {
-                exp_bits,
-                man_bits,
-                encoding,
-            },
+            kind: Kind::Float { exp_bits, man_bits, encoding },
             signed,
             magnitudes,
         })
@@ -172,9 +157,7 @@ impl Format {
     /// Storage bits, sign included.
     pub fn bits(&self) -> u32 {
         match self.kind {
-            Kind::Float {
-                exp_bits, man_bits, ..
-            } => self.signed as u32 + exp_bits + man_bits,
+            Kind::Float { exp_bits, man_bits, .. } => self.signed as u32 + exp_bits + man_bits,
             Kind::Int { bits } => bits,
         }
     }
@@ -220,8 +203,7 @@ impl Format {
     /// For minifloats, the unbiased exponents `(1 - bias, e_max)` of the lowest binade (whose
     /// step the subnormals share) and of the binade `[2^e_max, 2^(e_max+1))` holding `max`.
     pub(crate) fn exponent_range(&self) -> Option<(i32, i32)> {
-        matches!(self.kind, Kind::Float { .. })
-            .then(|| (1 - self.bias(), max_exp(&self.magnitudes)))
+        matches!(self.kind, Kind::Float { .. }).then(|| (1 - self.bias(), max_exp(&self.magnitudes)))
     }
 
     /// Every representable value, ascending, without duplicates (+0 and -0 are one value 0).
@@ -238,11 +220,8 @@ impl Format {
     /// grid's ends. A negative input that rounds to zero gives -0 in a signed format (as
     /// ml_dtypes does), +0 in an unsigned one. NaN input is the caller's problem.
     pub fn round(&self, x: f32) -> f32 {
-        let (negative, a) = if self.signed {
-            (x < 0.0, x.abs())
-        } else {
-            (false, if x > 0.0 { x } else { 0.0 })
-        };
+        let (negative, a) =
+            if self.signed { (x < 0.0, x.abs()) } else { (false, if x > 0.0 { x } else { 0.0 }) };
         let r = if a >= self.max() {
             self.max()
         } else {
@@ -251,11 +230,7 @@ impl Format {
             let (lo, l, h) = (hi - 1, mags[hi - 1], mags[hi]);
             // Exact: neighbours share a binade (or meet at its edge), so l + h fits 24 bits.
             let mid = (l + h) * 0.5;
-            if a < mid || (a == mid && lo % 2 == 0) {
-                l
-            } else {
-                h
-            }
+            if a < mid || (a == mid && lo % 2 == 0) { l } else { h }
         };
         if negative { -r } else { r }
     }
@@ -289,9 +264,7 @@ fn max_exp(magnitudes: &[f32]) -> i32 {
 
 /// A bit count: 1 or 2 decimal digits, nothing else.
 fn parse_bits(s: &str) -> Option<u32> {
-    (!s.is_empty() && s.len() <= 2 && s.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| s.parse().ok())
-        .flatten()
+    (!s.is_empty() && s.len() <= 2 && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
 }
 
 /// `XmY` or `XmYfn` -> (X, Y, has_fn_suffix).
@@ -335,43 +308,25 @@ mod tests {
         ] {
             let fmt = f(spec);
             assert_eq!(fmt.spec(), spec);
-            assert_eq!(
-                (fmt.bits(), fmt.bias(), fmt.max()),
-                (bits, bias, max),
-                "{spec}"
-            );
+            assert_eq!((fmt.bits(), fmt.bias(), fmt.max()), (bits, bias, max), "{spec}");
         }
         assert_eq!(f("e4m3fn"), f("e4m3"));
         assert_eq!(f(" E2M1 ").spec(), "e2m1");
         let int4 = f("int4");
-        assert_eq!(
-            (int4.exp_bits(), int4.man_bits(), int4.signed()),
-            (0, 3, true)
-        );
+        assert_eq!((int4.exp_bits(), int4.man_bits(), int4.signed()), (0, 3, true));
         let uint4 = f("uint4");
-        assert_eq!(
-            (uint4.exp_bits(), uint4.man_bits(), uint4.signed()),
-            (0, 4, false)
-        );
+        assert_eq!((uint4.exp_bits(), uint4.man_bits(), uint4.signed()), (0, 4, false));
     }
 
     #[test]
     fn signed_grids() {
         assert_eq!(
             f("e2m1").values(),
-            [
-                -6., -4., -3., -2., -1.5, -1., -0.5, 0., 0.5, 1., 1.5, 2., 3., 4., 6.
-            ]
+            [-6., -4., -3., -2., -1.5, -1., -0.5, 0., 0.5, 1., 1.5, 2., 3., 4., 6.]
         );
-        assert_eq!(
-            f("e3m0").values()[7..],
-            [0., 0.25, 0.5, 1., 2., 4., 8., 16.]
-        );
+        assert_eq!(f("e3m0").values()[7..], [0., 0.25, 0.5, 1., 2., 4., 8., 16.]);
         // Bias 0: subnormals k/2, then the one normal binade [2, 4); an int grid with step 1/2.
-        assert_eq!(
-            f("e1m2").values()[7..],
-            [0., 0.5, 1., 1.5, 2., 2.5, 3., 3.5]
-        );
+        assert_eq!(f("e1m2").values()[7..], [0., 0.5, 1., 1.5, 2., 2.5, 3., 3.5]);
         // 256 codes minus the two NaNs and the duplicate zero; E5M2 also loses 6 infs/NaNs.
         assert_eq!(f("e4m3").values().len(), 253);
         assert_eq!(f("e5m2").values().len(), 247);
@@ -381,15 +336,11 @@ mod tests {
     fn unsigned_grids_are_hand_derived() {
         assert_eq!(
             f("ue2m2").values(),
-            [
-                0., 0.25, 0.5, 0.75, 1., 1.25, 1.5, 1.75, 2., 2.5, 3., 3.5, 4., 5., 6., 7.
-            ]
+            [0., 0.25, 0.5, 0.75, 1., 1.25, 1.5, 1.75, 2., 2.5, 3., 3.5, 4., 5., 6., 7.]
         );
         assert_eq!(
             f("ue3m1").values(),
-            [
-                0., 0.125, 0.25, 0.375, 0.5, 0.75, 1., 1.5, 2., 3., 4., 6., 8., 12., 16., 24.
-            ]
+            [0., 0.125, 0.25, 0.375, 0.5, 0.75, 1., 1.5, 2., 3., 4., 6., 8., 12., 16., 24.]
         );
         // Bias 0: subnormals k/4 below 2, then the one normal binade [2, 4) with the same step.
         let ue1m3: Vec<f32> = (0..16).map(|k| k as f32 / 4.0).collect();
@@ -423,17 +374,13 @@ mod tests {
             assert_eq!(*v.last().unwrap(), fmt.max(), "{spec}");
             assert_eq!(v[0], fmt.min(), "{spec}");
             if fmt.signed() {
-                assert!(
-                    v.iter().zip(v.iter().rev()).all(|(a, b)| *a == -*b),
-                    "{spec}"
-                );
+                assert!(v.iter().zip(v.iter().rev()).all(|(a, b)| *a == -*b), "{spec}");
             }
             let codes = 1usize << fmt.bits();
             match fmt.kind() {
-                Kind::Float {
-                    encoding: Encoding::AllFinite,
-                    ..
-                } => assert_eq!(v.len(), codes - fmt.signed() as usize, "{spec}"),
+                Kind::Float { encoding: Encoding::AllFinite, .. } => {
+                    assert_eq!(v.len(), codes - fmt.signed() as usize, "{spec}")
+                }
                 Kind::Int { .. } => assert_eq!(v.len(), codes - fmt.signed() as usize, "{spec}"),
                 _ => {}
             }
@@ -467,14 +414,7 @@ mod tests {
     #[test]
     fn round_by_hand() {
         let e2m1 = f("e2m1");
-        let cases = [
-            (0.25, 0.0),
-            (0.75, 1.0),
-            (2.5, 2.0),
-            (5.0, 4.0),
-            (7.0, 6.0),
-            (-0.3, -0.5),
-        ];
+        let cases = [(0.25, 0.0), (0.75, 1.0), (2.5, 2.0), (5.0, 4.0), (7.0, 6.0), (-0.3, -0.5)];
         for (x, want) in cases {
             assert_eq!(e2m1.round(x), want, "e2m1 {x}");
         }
@@ -486,13 +426,7 @@ mod tests {
         assert_eq!(e3m0.round(3.0), 2.0);
         assert_eq!(e3m0.round(0.125), 0.0);
         let int4 = f("int4");
-        for (x, want) in [
-            (2.5, 2.0),
-            (3.5, 4.0),
-            (-2.5, -2.0),
-            (100.0, 7.0),
-            (-8.0, -7.0),
-        ] {
+        for (x, want) in [(2.5, 2.0), (3.5, 4.0), (-2.5, -2.0), (100.0, 7.0), (-8.0, -7.0)] {
             assert_eq!(int4.round(x), want, "int4 {x}");
         }
         let uint4 = f("uint4");
@@ -505,17 +439,12 @@ mod tests {
     #[test]
     fn bad_specs_are_usage_errors() {
         for spec in [
-            "", "e", "fp4", "e2m1x", "e3m3", "e0m3", "e2m", "em1", "e-1m4", "e+2m1", "e2m1ffn",
-            "e5m2fn", "e4m4", "ue0m4", "ue1m1", "ue2m7", "ue8m0", "int1", "int9", "int", "uint0",
-            "uint16", "e4m3 fn",
+            "", "e", "fp4", "e2m1x", "e3m3", "e0m3", "e2m", "em1", "e-1m4", "e+2m1", "e2m1ffn", "e5m2fn",
+            "e4m4", "ue0m4", "ue1m1", "ue2m7", "ue8m0", "int1", "int9", "int", "uint0", "uint16", "e4m3 fn",
         ] {
             let err = Format::parse(spec).expect_err(spec);
             assert_eq!(err.kind, ErrorKind::Usage, "{spec}");
-            assert!(
-                err.message.contains(&format!("`{spec}`")),
-                "{}",
-                err.message
-            );
+            assert!(err.message.contains(&format!("`{spec}`")), "{}", err.message);
             assert!(!err.message.contains('\n'), "{}", err.message);
         }
         let msg = Format::parse("ue8m0").unwrap_err().message;
@@ -536,8 +465,7 @@ mod tests {
             let vectors = fixtures::vectors(name);
             assert!(vectors.len() >= 100_000, "{name}");
             // The fixture must exercise every tie, or ties-to-even is not really checked.
-            let inputs: std::collections::HashSet<u32> =
-                vectors.iter().map(|(x, _)| x.to_bits()).collect();
+            let inputs: std::collections::HashSet<u32> = vectors.iter().map(|(x, _)| x.to_bits()).collect();
             for w in fmt.values().windows(2) {
                 let mid = (w[0] + w[1]) / 2.0;
                 assert!(inputs.contains(&mid.to_bits()), "{name}: tie {mid} missing");

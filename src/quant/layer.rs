@@ -21,10 +21,7 @@ pub struct WeightQuant {
 
 impl WeightQuant {
     pub fn new(format: Format, scale: Tensor<1>) -> Self {
-        Self {
-            format,
-            scale: Param::from_tensor(scale),
-        }
+        Self { format, scale: Param::from_tensor(scale) }
     }
 
     pub fn forward<const D: usize>(&self, w: Tensor<D>) -> Tensor<D> {
@@ -50,12 +47,7 @@ pub struct ActQuant {
 }
 
 impl ActQuant {
-    pub fn new(
-        format: Format,
-        scale: Tensor<1>,
-        zero_point: Option<Tensor<1>>,
-        timesteps: usize,
-    ) -> Self {
+    pub fn new(format: Format, scale: Tensor<1>, zero_point: Option<Tensor<1>>, timesteps: usize) -> Self {
         Self {
             format,
             scale: Param::from_tensor(scale),
@@ -71,9 +63,7 @@ impl ActQuant {
     /// The slot of a timestep; without a timestep (or with one slot) slot 0.
     pub fn slot(&self, ctx: StepCtx) -> usize {
         match ctx.timestep {
-            Some(t) if self.slots() > 1 => {
-                (t.min(self.timesteps - 1) * self.slots()) / self.timesteps
-            }
+            Some(t) if self.slots() > 1 => (t.min(self.timesteps - 1) * self.slots()) / self.timesteps,
             _ => 0,
         }
     }
@@ -81,12 +71,7 @@ impl ActQuant {
     pub fn forward<const D: usize>(&self, x: Tensor<D>, ctx: StepCtx) -> Tensor<D> {
         let slot = self.slot(ctx);
         let pick = |p: &Param<Tensor<1>>| p.val().slice([slot..slot + 1]).reshape([1; D]);
-        fake_quantize(
-            x,
-            &self.format,
-            pick(&self.scale),
-            self.zero_point.as_ref().map(pick),
-        )
+        fake_quantize(x, &self.format, pick(&self.scale), self.zero_point.as_ref().map(pick))
     }
 }
 
@@ -113,11 +98,7 @@ impl LayerQuant {
 
     pub fn input<const D: usize>(&self, x: Tensor<D>, ctx: StepCtx) -> Tensor<D> {
         if let Some(obs) = &self.observer {
-            let values = x
-                .to_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .unwrap_or_default();
+            let values = x.to_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
             obs.lock().expect("observer lock").observe(&values);
         }
         match &self.act {
@@ -180,19 +161,10 @@ mod tests {
                 Tensor::<2>::full([1, 1], s, &device),
                 Some(Tensor::<2>::full([1, 1], z, &device)),
             );
-            let wq = fake_quantize(
-                layer.weight.val(),
-                &wf,
-                w_scale.clone().reshape([4, 1]),
-                None,
-            );
-            let expect =
-                xq.matmul(wq.transpose()) + layer.bias.as_ref().unwrap().val().reshape([1, 4]);
+            let wq = fake_quantize(layer.weight.val(), &wf, w_scale.clone().reshape([4, 1]), None);
+            let expect = xq.matmul(wq.transpose()) + layer.bias.as_ref().unwrap().val().reshape([1, 4]);
             assert!(max_abs_diff(out.clone(), expect) < 1e-5, "t = {t}");
-            assert!(
-                max_abs_diff(out, fp.clone()) > 1e-3,
-                "quantization changes the output"
-            );
+            assert!(max_abs_diff(out, fp.clone()) > 1e-3, "quantization changes the output");
         }
     }
 
@@ -204,19 +176,11 @@ mod tests {
         let before = conv.forward(x.clone(), StepCtx::default()).into_data();
         let f = Format::parse("int4").unwrap();
         let scale = minmax_weight_scale(&conv.weight.val(), &f);
-        conv.quant = Some(LayerQuant {
-            weight: Some(WeightQuant::new(f, scale)),
-            act: None,
-            observer: None,
-        });
+        conv.quant = Some(LayerQuant { weight: Some(WeightQuant::new(f, scale)), act: None, observer: None });
         let quantized = conv.forward(x.clone(), StepCtx::default()).into_data();
         assert_ne!(quantized, before);
         conv.quant = None;
-        assert_eq!(
-            conv.forward(x, StepCtx::default()).into_data(),
-            before,
-            "bit-identical"
-        );
+        assert_eq!(conv.forward(x, StepCtx::default()).into_data(), before, "bit-identical");
     }
 
     #[test]
@@ -236,14 +200,10 @@ mod tests {
             )),
             observer: None,
         });
-        let loss = layer
-            .forward(input([4, 6], &device), StepCtx::at(5))
-            .square()
-            .sum();
+        let loss = layer.forward(input([4, 6], &device), StepCtx::at(5)).square().sum();
         let grads = loss.backward();
         let q = layer.quant.as_ref().unwrap();
-        let nonzero =
-            |t: Option<Tensor<1>>| t.expect("gradient").abs().sum().into_scalar::<f32>() > 0.0;
+        let nonzero = |t: Option<Tensor<1>>| t.expect("gradient").abs().sum().into_scalar::<f32>() > 0.0;
         assert!(nonzero(q.weight.as_ref().unwrap().scale.val().grad(&grads)));
         let act = q.act.as_ref().unwrap();
         assert!(nonzero(act.scale.val().grad(&grads)));
@@ -254,16 +214,8 @@ mod tests {
     fn timestep_slots_split_the_schedule_evenly() {
         let device = Device::flex();
         let f = Format::parse("e2m1").unwrap();
-        let q = ActQuant::new(
-            f,
-            Tensor::from_floats([1.0, 2.0, 3.0, 4.0], &device),
-            None,
-            1000,
-        );
-        let slots: Vec<usize> = [0, 249, 250, 999, 5000]
-            .iter()
-            .map(|&t| q.slot(StepCtx::at(t)))
-            .collect();
+        let q = ActQuant::new(f, Tensor::from_floats([1.0, 2.0, 3.0, 4.0], &device), None, 1000);
+        let slots: Vec<usize> = [0, 249, 250, 999, 5000].iter().map(|&t| q.slot(StepCtx::at(t))).collect();
         assert_eq!(slots, [0, 0, 1, 3, 3]);
         assert_eq!(q.slot(StepCtx::default()), 0);
     }

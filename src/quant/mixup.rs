@@ -56,11 +56,7 @@ pub struct MixupConfig {
 
 impl Default for MixupConfig {
     fn default() -> Self {
-        Self {
-            mixup_sign: true,
-            rule: MixupRule::Either,
-            k: 0.5,
-        }
+        Self { mixup_sign: true, rule: MixupRule::Either, k: 0.5 }
     }
 }
 
@@ -68,11 +64,7 @@ impl MixupConfig {
     /// Usage errors name the key as `{section}.{key}`.
     pub fn validate(&self, section: &str) -> Result<()> {
         if !(self.k.is_finite() && (0.0..=1.0).contains(&self.k)) {
-            let key = if section.is_empty() {
-                "k".to_string()
-            } else {
-                format!("{section}.k")
-            };
+            let key = if section.is_empty() { "k".to_string() } else { format!("{section}.k") };
             usage!("{key} = {} is out of range: it must be in [0, 1]", self.k);
         }
         Ok(())
@@ -92,12 +84,7 @@ pub fn is_asymmetric(stats: &ActStats, k: f64) -> bool {
 
 /// Applies `rule`; `follows_silu_or_gelu` is the structural fact the caller knows about the
 /// model, `stats` the calibration statistics of the layer's input.
-pub fn classify(
-    rule: MixupRule,
-    k: f64,
-    follows_silu_or_gelu: bool,
-    stats: &ActStats,
-) -> SignClass {
+pub fn classify(rule: MixupRule, k: f64, follows_silu_or_gelu: bool, stats: &ActStats) -> SignClass {
     let structural = follows_silu_or_gelu;
     let statistical = || is_asymmetric(stats, k);
     let anomalous = match rule {
@@ -106,11 +93,7 @@ pub fn classify(
         MixupRule::Both => structural && statistical(),
         MixupRule::Either => structural || statistical(),
     };
-    if anomalous {
-        SignClass::Anomalous
-    } else {
-        SignClass::Normal
-    }
+    if anomalous { SignClass::Anomalous } else { SignClass::Normal }
 }
 
 /// The activation quantizer chosen for one layer input.
@@ -150,18 +133,8 @@ pub fn choose_activation_format(
         runtime!("no finite activation values were observed: cannot choose a format");
     }
     let unsigned = mixup_sign && class == SignClass::Anomalous;
-    let cfg = CalibConfig {
-        granularity: Granularity::PerTensor,
-        ..cfg.clone()
-    };
-    let search = search_fp_formats(
-        bits,
-        !unsigned,
-        sample,
-        &[sample.len()],
-        &cfg,
-        &Objective::TensorMse,
-    )?;
+    let cfg = CalibConfig { granularity: Granularity::PerTensor, ..cfg.clone() };
+    let search = search_fp_formats(bits, !unsigned, sample, &[sample.len()], &cfg, &Objective::TensorMse)?;
     let best = search.best;
     Ok(ActivationChoice {
         spec: best.spec,
@@ -189,11 +162,7 @@ mod tests {
     }
 
     fn small_cfg() -> CalibConfig {
-        CalibConfig {
-            clip_grid: 40,
-            zero_point_grid: 10,
-            ..CalibConfig::default()
-        }
+        CalibConfig { clip_grid: 40, zero_point_grid: 10, ..CalibConfig::default() }
     }
 
     #[test]
@@ -236,14 +205,8 @@ mod tests {
         assert_eq!(classify(Statistical, 0.5, false, &lopsided), Anomalous);
         assert_eq!(classify(Statistical, 0.4, false, &lopsided), Normal);
         // Empty or non-positive statistics are never asymmetric.
-        assert_eq!(
-            classify(Statistical, 0.5, false, &ActStats::new(8, 0)),
-            Normal
-        );
-        assert_eq!(
-            classify(Statistical, 0.5, false, &stats(&[-1.0, -0.5])),
-            Normal
-        );
+        assert_eq!(classify(Statistical, 0.5, false, &ActStats::new(8, 0)), Normal);
+        assert_eq!(classify(Statistical, 0.5, false, &stats(&[-1.0, -0.5])), Normal);
         let cfg = MixupConfig::default();
         assert_eq!(cfg.classify(&s_silu, false), Anomalous);
     }
@@ -252,24 +215,12 @@ mod tests {
     fn mixup_config_parses_and_validates() {
         let c: MixupConfig = toml::from_str("rule = \"both\"\nk = 0.25").unwrap();
         assert_eq!((c.rule, c.k, c.mixup_sign), (MixupRule::Both, 0.25, true));
-        assert_eq!(
-            toml::from_str::<MixupConfig>("").unwrap(),
-            MixupConfig::default()
-        );
+        assert_eq!(toml::from_str::<MixupConfig>("").unwrap(), MixupConfig::default());
         assert!(toml::from_str::<MixupConfig>("rule = \"sometimes\"").is_err());
         assert!(toml::from_str::<MixupConfig>("kk = 1").is_err());
-        let e = MixupConfig {
-            k: 1.5,
-            ..MixupConfig::default()
-        }
-        .validate("quant.mixup")
-        .unwrap_err();
+        let e = MixupConfig { k: 1.5, ..MixupConfig::default() }.validate("quant.mixup").unwrap_err();
         assert_eq!(e.kind, ErrorKind::Usage);
-        assert!(
-            e.message.starts_with("quant.mixup.k = 1.5"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.starts_with("quant.mixup.k = 1.5"), "{}", e.message);
     }
 
     #[test]

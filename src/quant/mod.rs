@@ -35,10 +35,7 @@ pub(crate) mod fixtures {
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert_eq!(bytes.len() % 8, 0, "{}", path.display());
         let f = |b: &[u8]| f32::from_le_bytes(b.try_into().expect("4 bytes"));
-        bytes
-            .chunks_exact(8)
-            .map(|p| (f(&p[..4]), f(&p[4..])))
-            .collect()
+        bytes.chunks_exact(8).map(|p| (f(&p[..4]), f(&p[4..]))).collect()
     }
 
     /// Every finite value of the format according to ml_dtypes, ascending.

@@ -79,44 +79,25 @@ pub struct Codec {
 impl Codec {
     pub fn new(format: &Format) -> Self {
         let values = format.values();
-        let magnitudes = if format.signed() {
-            values[(values.len() - 1) / 2..].to_vec()
-        } else {
-            values
-        };
+        let magnitudes = if format.signed() { values[(values.len() - 1) / 2..].to_vec() } else { values };
         let bits = format.bits();
         let codes = 1u32 << bits;
         let half = 1u32 << (bits - 1);
         let table = (0..codes)
             .map(|code| match (format.kind(), format.signed()) {
                 (Kind::Int { .. }, true) => {
-                    let v = if code >= half {
-                        code as i64 - codes as i64
-                    } else {
-                        code as i64
-                    };
-                    if v == -(half as i64) {
-                        f32::NAN
-                    } else {
-                        v as f32
-                    }
+                    let v = if code >= half { code as i64 - codes as i64 } else { code as i64 };
+                    if v == -(half as i64) { f32::NAN } else { v as f32 }
                 }
                 (Kind::Float { .. }, true) => {
-                    let m = magnitudes
-                        .get((code & (half - 1)) as usize)
-                        .copied()
-                        .unwrap_or(f32::NAN);
+                    let m = magnitudes.get((code & (half - 1)) as usize).copied().unwrap_or(f32::NAN);
                     if code & half != 0 { -m } else { m }
                 }
                 // Unsigned grids use every code.
                 (_, false) => magnitudes[code as usize],
             })
             .collect();
-        Self {
-            format: format.clone(),
-            magnitudes,
-            table,
-        }
+        Self { format: format.clone(), magnitudes, table }
     }
 
     pub fn bits(&self) -> u32 {
@@ -228,10 +209,7 @@ impl PackedTensor {
     ) -> Result<Self> {
         let numel: usize = shape.iter().product();
         if values.len() != numel {
-            usage!(
-                "cannot pack {} values as shape {shape:?} ({numel} elements)",
-                values.len()
-            );
+            usage!("cannot pack {} values as shape {shape:?} ({numel} elements)", values.len());
         }
         check_scales(numel, scales, scale_shape, zero_points)?;
         if let Some(i) = values.iter().position(|x| !x.is_finite()) {
@@ -305,26 +283,14 @@ impl PackedTensor {
         let want = packed_len(numel, bits)
             .ok_or_else(|| Error::runtime(format!("shape {:?} overflows", self.shape)))?;
         if self.codes.len() != want {
-            runtime!(
-                "{} code bytes, but {numel} elements of {bits} bits take {want}",
-                self.codes.len()
-            );
+            runtime!("{} code bytes, but {numel} elements of {bits} bits take {want}", self.codes.len());
         }
-        check_scales(
-            numel,
-            &self.scales,
-            &self.scale_shape,
-            self.zero_points.as_deref(),
-        )
-        .map_err(|e| Error::runtime(e.message))?;
+        check_scales(numel, &self.scales, &self.scale_shape, self.zero_points.as_deref())
+            .map_err(|e| Error::runtime(e.message))?;
         let codec = Codec::new(&self.format);
         let codes = self.code_values();
         if let Some(i) = codes.iter().position(|&c| !codec.is_valid(c)) {
-            runtime!(
-                "element {i} has code {:#x}, which is not a value of {}",
-                codes[i],
-                self.format
-            );
+            runtime!("element {i} has code {:#x}, which is not a value of {}", codes[i], self.format);
         }
         let used = numel * bits as usize;
         if !used.is_multiple_of(8) && self.codes[used / 8] >> (used % 8) != 0 {
@@ -341,22 +307,13 @@ fn check_scales(
     zero_points: Option<&[f32]>,
 ) -> Result<()> {
     if scales.is_empty() || !numel.is_multiple_of(scales.len()) {
-        usage!(
-            "{} scales do not split {numel} elements into equal blocks",
-            scales.len()
-        );
+        usage!("{} scales do not split {numel} elements into equal blocks", scales.len());
     }
     if scale_shape.iter().product::<usize>() != scales.len() {
-        usage!(
-            "scale shape {scale_shape:?} does not hold {} scales",
-            scales.len()
-        );
+        usage!("scale shape {scale_shape:?} does not hold {} scales", scales.len());
     }
     if let Some(i) = scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
-        usage!(
-            "scale {i} is {}: scales must be positive and finite",
-            scales[i]
-        );
+        usage!("scale {i} is {}: scales must be positive and finite", scales[i]);
     }
     if let Some(z) = zero_points {
         if z.len() != scales.len() {
@@ -398,30 +355,12 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 /// Serialises without validating (the caller validates; tests use it to write bad files).
 fn to_bytes(tensors: &BTreeMap<String, PackedTensor>) -> Result<Vec<u8>> {
     let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut meta = FileMeta {
-        version: VERSION,
-        tensors: BTreeMap::new(),
-    };
+    let mut meta = FileMeta { version: VERSION, tensors: BTreeMap::new() };
     for (name, t) in tensors {
-        buffers.push((
-            key(name, "codes"),
-            Dtype::U8,
-            vec![t.codes.len()],
-            t.codes.clone(),
-        ));
-        buffers.push((
-            key(name, "scales"),
-            Dtype::F32,
-            t.scale_shape.clone(),
-            f32_bytes(&t.scales),
-        ));
+        buffers.push((key(name, "codes"), Dtype::U8, vec![t.codes.len()], t.codes.clone()));
+        buffers.push((key(name, "scales"), Dtype::F32, t.scale_shape.clone(), f32_bytes(&t.scales)));
         if let Some(z) = &t.zero_points {
-            buffers.push((
-                key(name, "zero_points"),
-                Dtype::F32,
-                t.scale_shape.clone(),
-                f32_bytes(z),
-            ));
+            buffers.push((key(name, "zero_points"), Dtype::F32, t.scale_shape.clone(), f32_bytes(z)));
         }
         meta.tensors.insert(
             name.clone(),
@@ -443,10 +382,7 @@ fn to_bytes(tensors: &BTreeMap<String, PackedTensor>) -> Result<Vec<u8>> {
         })
         .collect::<Result<Vec<_>>>()?;
     let info = HashMap::from([
-        (
-            META_KEY.to_string(),
-            serde_json::to_string(&meta).expect("json"),
-        ),
+        (META_KEY.to_string(), serde_json::to_string(&meta).expect("json")),
         (LAYOUT_KEY.to_string(), LAYOUT.to_string()),
     ]);
     safetensors::serialize(views, Some(info)).map_err(|e| Error::runtime(e.to_string()))
@@ -456,11 +392,9 @@ fn to_bytes(tensors: &BTreeMap<String, PackedTensor>) -> Result<Vec<u8>> {
 /// Every tensor is validated first.
 pub fn save_packed(path: &Path, tensors: &BTreeMap<String, PackedTensor>) -> Result<()> {
     for (name, t) in tensors {
-        t.validate()
-            .map_err(|e| e.context(format!("{}: tensor `{name}`", path.display())))?;
+        t.validate().map_err(|e| e.context(format!("{}: tensor `{name}`", path.display())))?;
     }
-    let bytes = to_bytes(tensors)
-        .map_err(|e| e.context(format!("{}: cannot serialise", path.display())))?;
+    let bytes = to_bytes(tensors).map_err(|e| e.context(format!("{}: cannot serialise", path.display())))?;
     crate::train::atomic_write(path, &bytes)
 }
 
@@ -472,10 +406,7 @@ pub fn load_packed(path: &Path) -> Result<BTreeMap<String, PackedTensor>> {
         _ => Error::runtime(format!("{}: {e}", path.display())),
     })?;
     parse(&bytes).map_err(|why| {
-        Error::runtime(format!(
-            "{}: not a valid msfp packed-tensor file: {why}",
-            path.display()
-        ))
+        Error::runtime(format!("{}: not a valid msfp packed-tensor file: {why}", path.display()))
     })
 }
 
@@ -486,13 +417,9 @@ fn parse(bytes: &[u8]) -> std::result::Result<BTreeMap<String, PackedTensor>, St
         .as_ref()
         .and_then(|m| m.get(META_KEY))
         .ok_or_else(|| format!("no `{META_KEY}` metadata (not written by msfp's packer)"))?;
-    let meta: FileMeta =
-        serde_json::from_str(json).map_err(|e| format!("bad `{META_KEY}` metadata: {e}"))?;
+    let meta: FileMeta = serde_json::from_str(json).map_err(|e| format!("bad `{META_KEY}` metadata: {e}"))?;
     if meta.version != VERSION {
-        return Err(format!(
-            "layout version {} (this build reads {VERSION})",
-            meta.version
-        ));
+        return Err(format!("layout version {} (this build reads {VERSION})", meta.version));
     }
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
     let mut expected = std::collections::HashSet::new();
@@ -501,23 +428,13 @@ fn parse(bytes: &[u8]) -> std::result::Result<BTreeMap<String, PackedTensor>, St
         let bad = |why: String| format!("tensor `{name}`: {why}");
         let format = Format::parse(&m.spec).map_err(|e| bad(e.message))?;
         if format.bits() != m.bits {
-            return Err(bad(format!(
-                "{} has {} bits, metadata says {}",
-                m.spec,
-                format.bits(),
-                m.bits
-            )));
+            return Err(bad(format!("{} has {} bits, metadata says {}", m.spec, format.bits(), m.bits)));
         }
         let view = |part: &str, dtype: Dtype| {
             let k = key(&name, part);
-            let v = st
-                .tensor(&k)
-                .map_err(|_| bad(format!("tensor `{k}` is missing")))?;
+            let v = st.tensor(&k).map_err(|_| bad(format!("tensor `{k}` is missing")))?;
             if v.dtype() != dtype {
-                return Err(bad(format!(
-                    "`{k}` has dtype {:?}, expected {dtype:?}",
-                    v.dtype()
-                )));
+                return Err(bad(format!("`{k}` has dtype {:?}, expected {dtype:?}", v.dtype())));
             }
             Ok((k, v))
         };
@@ -530,11 +447,8 @@ fn parse(bytes: &[u8]) -> std::result::Result<BTreeMap<String, PackedTensor>, St
                     m.scale_shape
                 )));
             }
-            let data = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let data =
+                v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             Ok((k, data))
         };
         let (ck, codes) = view("codes", Dtype::U8)?;
@@ -559,16 +473,10 @@ fn parse(bytes: &[u8]) -> std::result::Result<BTreeMap<String, PackedTensor>, St
         t.validate().map_err(|e| bad(e.message))?;
         out.insert(name, t);
     }
-    let mut extra: Vec<&str> = st
-        .names()
-        .into_iter()
-        .filter(|n| !expected.contains(*n))
-        .collect();
+    let mut extra: Vec<&str> = st.names().into_iter().filter(|n| !expected.contains(*n)).collect();
     extra.sort();
     if let Some(n) = extra.first() {
-        return Err(format!(
-            "tensor `{n}` is not described by the `{META_KEY}` metadata"
-        ));
+        return Err(format!("tensor `{n}` is not described by the `{META_KEY}` metadata"));
     }
     Ok(out)
 }
@@ -591,9 +499,7 @@ mod tests {
     #[test]
     fn codes_by_hand() {
         let e2m1 = fmt("e2m1");
-        let v = [
-            0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.5, -6.0, 0.25, -0.1,
-        ];
+        let v = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.5, -6.0, 0.25, -0.1];
         let p = PackedTensor::pack(&v, &[12], &e2m1, &[1.0], &[1], None).unwrap();
         assert_eq!(p.code_values(), [0, 1, 2, 3, 4, 5, 6, 7, 9, 15, 0, 0]);
         assert_eq!(p.codes, [0x10, 0x32, 0x54, 0x76, 0xf9, 0x00]);
@@ -602,29 +508,14 @@ mod tests {
         let c = Codec::new(&e2m1);
         assert_eq!(c.decode(0b1000).to_bits(), (-0.0f32).to_bits());
 
-        let p = PackedTensor::pack(
-            &[-7.0, -1.0, 0.0, 7.0, -9.0],
-            &[5],
-            &fmt("int4"),
-            &[1.0],
-            &[1],
-            None,
-        )
-        .unwrap();
+        let p = PackedTensor::pack(&[-7.0, -1.0, 0.0, 7.0, -9.0], &[5], &fmt("int4"), &[1.0], &[1], None)
+            .unwrap();
         assert_eq!(p.code_values(), [0b1001, 0b1111, 0, 7, 0b1001]);
         assert_eq!(p.codes, [0xf9, 0x70, 0x09]);
         assert!(Codec::new(&fmt("int4")).decode(0b1000).is_nan());
 
         // Six bits: four codes in three bytes.
-        let p = PackedTensor::pack(
-            &[1.0, 2.0, 3.0, 4.0],
-            &[4],
-            &fmt("uint6"),
-            &[1.0],
-            &[1],
-            None,
-        )
-        .unwrap();
+        let p = PackedTensor::pack(&[1.0, 2.0, 3.0, 4.0], &[4], &fmt("uint6"), &[1.0], &[1], None).unwrap();
         assert_eq!(p.codes, [0x81, 0x30, 0x10]);
 
         // OCP bit patterns for FP8; the NaN / inf patterns are never values.
@@ -647,11 +538,7 @@ mod tests {
                 let codes: Vec<u32> = (0..n).map(|_| rng.below(1 << bits) as u32).collect();
                 let bytes = pack_bits(&codes, bits);
                 assert_eq!(bytes.len(), (n * bits as usize).div_ceil(8));
-                assert_eq!(
-                    unpack_bits(&bytes, bits, n),
-                    codes,
-                    "{bits} bits, {n} codes"
-                );
+                assert_eq!(unpack_bits(&bytes, bits, n), codes, "{bits} bits, {n} codes");
             }
         }
     }
@@ -700,10 +587,7 @@ mod tests {
         let t = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [c, k]), &device);
         let st = Tensor::<2>::from_data(TensorData::new(s.to_vec(), [c, 1]), &device);
         let zt = z.map(|z| Tensor::<2>::from_data(TensorData::new(z.to_vec(), [c, 1]), &device));
-        fake_quantize(t, format, st, zt)
-            .into_data()
-            .try_into_vec::<f32>()
-            .expect("f32")
+        fake_quantize(t, format, st, zt).into_data().try_into_vec::<f32>().expect("f32")
     }
 
     #[test]
@@ -720,14 +604,9 @@ mod tests {
             let fq = fake_quant_tensor(&format, &x, c, k, &s, z.as_deref());
             let p = PackedTensor::pack(&x, &[c, k], &format, &s, &[c, 1], z.as_deref()).unwrap();
             // Packing the fake-quantized values gives the same codes (idempotent).
-            let again =
-                PackedTensor::pack(&fq, &[c, k], &format, &s, &[c, 1], z.as_deref()).unwrap();
+            let again = PackedTensor::pack(&fq, &[c, k], &format, &s, &[c, 1], z.as_deref()).unwrap();
             assert_eq!(again.codes, p.codes, "{spec}: re-packing quantized values");
-            assert_eq!(
-                p.codes.len(),
-                (c * k * format.bits() as usize).div_ceil(8),
-                "{spec}"
-            );
+            assert_eq!(p.codes.len(), (c * k * format.bits() as usize).div_ceil(8), "{spec}");
             tensors.insert(format!("layer.{spec}.weight"), p);
             want.insert(format!("layer.{spec}.weight"), fq);
             inputs.insert(format!("layer.{spec}.weight"), x);
@@ -748,10 +627,7 @@ mod tests {
                 .filter(|(_, (g, w))| g.to_bits() != w.to_bits())
                 .take(3)
                 .collect();
-            assert!(
-                bad.is_empty(),
-                "{name}: (index, (unpacked, fake-quantized)) {bad:?}"
-            );
+            assert!(bad.is_empty(), "{name}: (index, (unpacked, fake-quantized)) {bad:?}");
             // The scalar reference `Format::round` agrees as numbers (it may keep a -0).
             let block = t.numel() / t.scales.len();
             let x = &inputs[name];
@@ -763,10 +639,7 @@ mod tests {
             }
         }
         // No temporary files are left behind.
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["packed.safetensors"]);
     }
 
@@ -790,9 +663,7 @@ mod tests {
     fn bad_inputs_and_damaged_files_give_clear_errors() {
         let f = fmt("e2m1");
         assert_eq!(
-            PackedTensor::pack(&[1.0; 6], &[2, 4], &f, &[1.0], &[1], None)
-                .unwrap_err()
-                .kind,
+            PackedTensor::pack(&[1.0; 6], &[2, 4], &f, &[1.0], &[1], None).unwrap_err().kind,
             ErrorKind::Usage
         );
         assert!(PackedTensor::pack(&[1.0; 6], &[6], &f, &[1.0; 4], &[4], None).is_err());
@@ -803,15 +674,8 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ok.safetensors");
-        let good = PackedTensor::pack(
-            &[0.5, -1.0, 3.0, 6.0, 0.0],
-            &[5],
-            &fmt("e4m3"),
-            &[0.01],
-            &[1],
-            None,
-        )
-        .unwrap();
+        let good =
+            PackedTensor::pack(&[0.5, -1.0, 3.0, 6.0, 0.0], &[5], &fmt("e4m3"), &[0.01], &[1], None).unwrap();
         let one = |t: PackedTensor| BTreeMap::from([("w".to_string(), t)]);
         save_packed(&path, &one(good.clone())).unwrap();
         let bytes = std::fs::read(&path).unwrap();
@@ -821,32 +685,17 @@ mod tests {
             std::fs::write(&p, contents).unwrap();
             let e = load_packed(&p).unwrap_err();
             assert_eq!(e.kind, ErrorKind::Runtime, "{name}");
-            assert!(
-                e.message.contains(&p.display().to_string()),
-                "{name}: {}",
-                e.message
-            );
+            assert!(e.message.contains(&p.display().to_string()), "{name}: {}", e.message);
             assert!(e.message.contains(needle), "{name}: {}", e.message);
             assert!(!e.message.contains('\n'), "{}", e.message);
         };
-        check(
-            "truncated.safetensors",
-            &bytes[..bytes.len() - 3],
-            "not a valid msfp packed-tensor file",
-        );
+        check("truncated.safetensors", &bytes[..bytes.len() - 3], "not a valid msfp packed-tensor file");
         check("empty.safetensors", &[], "not a valid");
-        check(
-            "garbage.safetensors",
-            b"\xff\xff\xff\xff\xff\xff\xff\x7fhello",
-            "not a valid",
-        );
+        check("garbage.safetensors", b"\xff\xff\xff\xff\xff\xff\xff\x7fhello", "not a valid");
         // A valid safetensors file that is not a packed file.
         let plain_bytes = f32_bytes(&[1.0, 2.0]);
         let plain = safetensors::serialize(
-            [(
-                "w",
-                TensorView::new(Dtype::F32, vec![2], &plain_bytes).unwrap(),
-            )],
+            [("w", TensorView::new(Dtype::F32, vec![2], &plain_bytes).unwrap())],
             None,
         )
         .unwrap();
@@ -854,38 +703,19 @@ mod tests {
         // Metadata that disagrees with the data.
         let mut wrong_shape = good.clone();
         wrong_shape.shape = vec![7];
-        check(
-            "shape.safetensors",
-            &to_bytes(&one(wrong_shape)).unwrap(),
-            "code bytes",
-        );
+        check("shape.safetensors", &to_bytes(&one(wrong_shape)).unwrap(), "code bytes");
         // A NaN code of e4m3.
         let mut nan_code = good.clone();
         nan_code.codes[1] = 0x7f;
-        check(
-            "nan.safetensors",
-            &to_bytes(&one(nan_code.clone())).unwrap(),
-            "not a value of e4m3",
-        );
+        check("nan.safetensors", &to_bytes(&one(nan_code.clone())).unwrap(), "not a value of e4m3");
         // save refuses it too, naming the file and tensor.
         let e = save_packed(&dir.path().join("x.safetensors"), &one(nan_code)).unwrap_err();
-        assert!(
-            e.message.contains("x.safetensors") && e.message.contains("`w`"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("x.safetensors") && e.message.contains("`w`"), "{}", e.message);
         let mut neg_scale = good.clone();
         neg_scale.scales = vec![-1.0];
-        check(
-            "scale.safetensors",
-            &to_bytes(&one(neg_scale)).unwrap(),
-            "positive",
-        );
+        check("scale.safetensors", &to_bytes(&one(neg_scale)).unwrap(), "positive");
         // A flipped metadata byte (spec e4m3 -> e4m9).
-        let at = bytes
-            .windows(6)
-            .position(|w| w == b"e4m3\\\"" || w == b"\"e4m3\"")
-            .unwrap();
+        let at = bytes.windows(6).position(|w| w == b"e4m3\\\"" || w == b"\"e4m3\"").unwrap();
         let mut tampered = bytes.clone();
         let digit = at + if tampered[at] == b'"' { 4 } else { 3 };
         tampered[digit] = b'9';

@@ -9,9 +9,7 @@
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::calib::{
-    ActStats, CalibConfig, Granularity, Objective, search_clipping, search_fp_formats,
-};
+use super::calib::{ActStats, CalibConfig, Granularity, Objective, search_clipping, search_fp_formats};
 use super::format::Format;
 use super::layer::{ActQuant, LayerQuant, Observer, WeightQuant};
 use super::mixup::{MixupConfig, SignClass, choose_activation_format};
@@ -35,9 +33,9 @@ impl FormatChoice {
             "fp4" => Ok(FormatChoice::SearchFp(4)),
             "fp6" => Ok(FormatChoice::SearchFp(6)),
             "fp8" => Ok(FormatChoice::SearchFp(8)),
-            other => Format::parse(other).map(FormatChoice::Fixed).map_err(|e| {
-                Error::usage(format!("{key} = \"{s}\": {e} (or fp4, fp6, fp8, none)"))
-            }),
+            other => Format::parse(other)
+                .map(FormatChoice::Fixed)
+                .map_err(|e| Error::usage(format!("{key} = \"{s}\": {e} (or fp4, fp6, fp8, none)"))),
         }
     }
 
@@ -77,12 +75,7 @@ pub struct QuantConfig {
 
 impl Default for QuantConfig {
     fn default() -> Self {
-        Self {
-            weight: "fp4".into(),
-            act: "fp4".into(),
-            act_timestep_slots: 1,
-            layers: Vec::new(),
-        }
+        Self { weight: "fp4".into(), act: "fp4".into(), act_timestep_slots: 1, layers: Vec::new() }
     }
 }
 
@@ -179,11 +172,8 @@ pub fn calibrate(
             let stats = ActStats::new(calib.sample_size, seed.wrapping_add(i as u64));
             std::sync::Arc::new(std::sync::Mutex::new(stats))
         });
-        *site.layer.quant_mut() = observer.clone().map(|o| LayerQuant {
-            weight: None,
-            act: None,
-            observer: Some(o),
-        });
+        *site.layer.quant_mut() =
+            observer.clone().map(|o| LayerQuant { weight: None, act: None, observer: Some(o) });
         observers.push(observer);
     }
     run(model)?;
@@ -213,14 +203,9 @@ pub fn calibrate(
                 let (w, shape) = site.layer.weight_host();
                 let rows = shape[0];
                 let mat = [rows, w.len() / rows];
-                let cfg = CalibConfig {
-                    granularity: Granularity::PerChannel,
-                    ..calib.clone()
-                };
+                let cfg = CalibConfig { granularity: Granularity::PerChannel, ..calib.clone() };
                 let best = match choice {
-                    FormatChoice::Fixed(f) => {
-                        search_clipping(f, &w, &mat, &cfg, &Objective::TensorMse)?
-                    }
+                    FormatChoice::Fixed(f) => search_clipping(f, &w, &mat, &cfg, &Objective::TensorMse)?,
                     FormatChoice::SearchFp(bits) => {
                         search_fp_formats(*bits, true, &w, &mat, &cfg, &Objective::TensorMse)?.best
                     }
@@ -228,8 +213,7 @@ pub fn calibrate(
                 };
                 report.weight_format = Some(best.spec.clone());
                 report.weight_error = Some(best.error);
-                let scale =
-                    Tensor::<1>::from_data(TensorData::new(best.scales.clone(), [rows]), &device);
+                let scale = Tensor::<1>::from_data(TensorData::new(best.scales.clone(), [rows]), &device);
                 Some(WeightQuant::new(Format::parse(&best.spec)?, scale))
             }
         };
@@ -250,27 +234,13 @@ pub fn calibrate(
                             f,
                             stats.sample(),
                             &[stats.sample().len()],
-                            &CalibConfig {
-                                granularity: Granularity::PerTensor,
-                                ..calib.clone()
-                            },
+                            &CalibConfig { granularity: Granularity::PerTensor, ..calib.clone() },
                             &Objective::TensorMse,
                         )?;
-                        (
-                            r.spec.clone(),
-                            r.scales[0],
-                            r.zero_points.as_ref().map(|z| z[0]),
-                            r.error,
-                        )
+                        (r.spec.clone(), r.scales[0], r.zero_points.as_ref().map(|z| z[0]), r.error)
                     }
                     FormatChoice::SearchFp(bits) => {
-                        let c = choose_activation_format(
-                            &stats,
-                            class,
-                            *bits,
-                            calib,
-                            mixup.mixup_sign,
-                        )?;
+                        let c = choose_activation_format(&stats, class, *bits, calib, mixup.mixup_sign)?;
                         (c.spec, c.scale, c.zero_point, c.error)
                     }
                     FormatChoice::None => unreachable!(),
@@ -286,24 +256,14 @@ pub fn calibrate(
                 report.act_min = Some(stats.min);
                 report.act_max = Some(stats.max);
                 let slots = quant.act_timestep_slots;
-                let scales =
-                    Tensor::<1>::from_data(TensorData::new(vec![scale; slots], [slots]), &device);
-                let zeros = zero.map(|z| {
-                    Tensor::<1>::from_data(TensorData::new(vec![z; slots], [slots]), &device)
-                });
-                Some(ActQuant::new(
-                    Format::parse(&spec)?,
-                    scales,
-                    zeros,
-                    timesteps,
-                ))
+                let scales = Tensor::<1>::from_data(TensorData::new(vec![scale; slots], [slots]), &device);
+                let zeros =
+                    zero.map(|z| Tensor::<1>::from_data(TensorData::new(vec![z; slots], [slots]), &device));
+                Some(ActQuant::new(Format::parse(&spec)?, scales, zeros, timesteps))
             }
         };
-        *site.layer.quant_mut() = (weight.is_some() || act.is_some()).then_some(LayerQuant {
-            weight,
-            act,
-            observer: None,
-        });
+        *site.layer.quant_mut() =
+            (weight.is_some() || act.is_some()).then_some(LayerQuant { weight, act, observer: None });
         reports.push(report);
     }
     Ok(reports)
@@ -327,15 +287,9 @@ mod tests {
     }
 
     fn batch(device: &Device) -> (Tensor<4>, Tensor<1>, Tensor<1, Int>) {
-        let x = Tensor::from_data(
-            TensorData::new(SeededRng::new(5).normals(2 * 1024), [2, 1, 32, 32]),
-            device,
-        );
-        (
-            x,
-            Tensor::from_floats([300.0, 300.0], device),
-            Tensor::from_ints([1, 2], device),
-        )
+        let x =
+            Tensor::from_data(TensorData::new(SeededRng::new(5).normals(2 * 1024), [2, 1, 32, 32]), device);
+        (x, Tensor::from_floats([300.0, 300.0], device), Tensor::from_ints([1, 2], device))
     }
 
     #[test]
@@ -352,92 +306,53 @@ mod tests {
                     act: Some("e4m3".into()),
                     skip: false,
                 },
-                LayerOverride {
-                    pattern: "time_embed_*".into(),
-                    skip: true,
-                    ..Default::default()
-                },
+                LayerOverride { pattern: "time_embed_*".into(), skip: true, ..Default::default() },
             ],
             ..Default::default()
         };
-        let calib = CalibConfig {
-            clip_grid: 20,
-            zero_point_grid: 5,
-            sample_size: 4096,
-            ..Default::default()
-        };
-        let reports = calibrate(
-            &mut model,
-            &quant,
-            &calib,
-            &MixupConfig::default(),
-            1000,
-            0,
-            |m| {
-                for t in [900.0, 500.0, 100.0] {
-                    let tt = Tensor::from_floats([t, t], &device);
-                    m.forward(x.clone(), tt, y.clone(), StepCtx::at(t as usize));
-                }
-                Ok(())
-            },
-        )
+        let calib =
+            CalibConfig { clip_grid: 20, zero_point_grid: 5, sample_size: 4096, ..Default::default() };
+        let reports = calibrate(&mut model, &quant, &calib, &MixupConfig::default(), 1000, 0, |m| {
+            for t in [900.0, 500.0, 100.0] {
+                let tt = Tensor::from_floats([t, t], &device);
+                m.forward(x.clone(), tt, y.clone(), StepCtx::at(t as usize));
+            }
+            Ok(())
+        })
         .unwrap();
-        let find = |p: &str| {
-            reports
-                .iter()
-                .find(|r| r.path == p)
-                .unwrap_or_else(|| panic!("{p}"))
-        };
+        let find = |p: &str| reports.iter().find(|r| r.path == p).unwrap_or_else(|| panic!("{p}"));
         assert_eq!(find("conv_in").weight_format.as_deref(), Some("e4m3"));
         assert_eq!(find("conv_in").act_format.as_deref(), Some("e4m3"));
         assert_eq!(find("time_embed_1").weight_format, None, "skipped");
         // After SiLU: anomalous, unsigned 4-bit FP with a zero point; attention input: signed.
         let conv1 = find("down.0.res.conv1");
         assert_eq!(conv1.act_class.as_deref(), Some("AAL"));
-        assert!(
-            conv1.act_format.as_deref().unwrap().starts_with("ue"),
-            "{conv1:?}"
-        );
+        assert!(conv1.act_format.as_deref().unwrap().starts_with("ue"), "{conv1:?}");
         assert!(conv1.act_zero_point.unwrap() < 0.0);
         let qkv = find("down.1.attn.attn.qkv");
+        assert!(qkv.act_format.as_deref().unwrap().starts_with('e'), "{qkv:?}");
         assert!(
-            qkv.act_format.as_deref().unwrap().starts_with('e'),
-            "{qkv:?}"
-        );
-        assert!(
-            reports
-                .iter()
-                .filter(|r| r.weight_format.is_some())
-                .all(|r| r.weight_format.as_ref().unwrap().len() == 4)
+            reports.iter().filter(|r| r.weight_format.is_some()).all(|r| r
+                .weight_format
+                .as_ref()
+                .unwrap()
+                .len()
+                == 4)
         );
         let q = model.forward(x, t, y, StepCtx::at(300));
         let diff = (q.clone() - fp).abs().max().into_scalar::<f32>();
-        assert!(
-            diff > 1e-4 && q.abs().max().into_scalar::<f32>().is_finite(),
-            "{diff}"
-        );
+        assert!(diff > 1e-4 && q.abs().max().into_scalar::<f32>().is_finite(), "{diff}");
     }
 
     #[test]
     fn bad_quant_config_names_the_key() {
-        let q = QuantConfig {
-            act: "e9m9".into(),
-            ..Default::default()
-        };
+        let q = QuantConfig { act: "e9m9".into(), ..Default::default() };
         let e = q.validate("quant").unwrap_err();
         assert!(e.message.contains("quant.act"), "{e}");
         let q = QuantConfig {
-            layers: vec![LayerOverride {
-                pattern: "[".into(),
-                ..Default::default()
-            }],
+            layers: vec![LayerOverride { pattern: "[".into(), ..Default::default() }],
             ..Default::default()
         };
-        assert!(
-            q.validate("quant")
-                .unwrap_err()
-                .message
-                .contains("quant.layers[0].pattern")
-        );
+        assert!(q.validate("quant").unwrap_err().message.contains("quant.layers[0].pattern"));
     }
 }

@@ -51,9 +51,7 @@ fn round_minifloat<const D: usize>(
     // floor(log2(a)) through the natural log may be one off right next to a power of two 2^k,
     // which is harmless: from either side, with either binade's step, such an `a` rounds to
     // 2^k. It would take a relative error of 2^-9 in the log to matter. log(0) = -inf clamps.
-    let e = (a.clone().log() / LN_2)
-        .floor()
-        .clamp(e_min as f32, e_max as f32);
+    let e = (a.clone().log() / LN_2).floor().clamp(e_min as f32, e_max as f32);
     // Below 2^e_min this is the subnormal step; above the grid the result is clamped by the caller.
     let step = pow2(e.clone() - man_bits as f32);
     let scaled = a / step.clone();
@@ -157,10 +155,7 @@ pub fn fake_quantize_grouped<const D: usize>(
             )));
         }
     }
-    Ok(from_groups(
-        fake_quantize(groups, format, scale, zero_point),
-        dims,
-    ))
+    Ok(from_groups(fake_quantize(groups, format, scale, zero_point), dims))
 }
 
 #[cfg(test)]
@@ -196,14 +191,7 @@ mod tests {
     /// Grid values, ties and their neighbours, in-range randoms, random f32 bit patterns.
     fn probe_inputs(format: &Format) -> Vec<f32> {
         let grid = format.values();
-        let mut xs = vec![
-            0.0,
-            -0.0,
-            f32::MAX,
-            f32::MIN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-        ];
+        let mut xs = vec![0.0, -0.0, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY];
         for w in grid.windows(2) {
             let mid = (w[0] + w[1]) / 2.0;
             xs.extend([w[0], w[0].next_up(), w[0].next_down(), mid]);
@@ -219,12 +207,7 @@ mod tests {
                 xs.push((unit - 0.5) * 2f32.powi(-(i as i32 % 40)) * format.max());
             }
         }
-        xs.extend(
-            xorshift(12345)
-                .take(2000)
-                .map(f32::from_bits)
-                .filter(|x| !x.is_nan()),
-        );
+        xs.extend(xorshift(12345).take(2000).map(f32::from_bits).filter(|x| !x.is_nan()));
         xs
     }
 
@@ -363,13 +346,10 @@ mod tests {
         let w: Vec<f32> = (0..10).map(|i| 0.5 + 0.1 * i as f32).collect();
         let zv = z.unwrap_or([0.0; 2]);
 
-        let x =
-            Tensor::<2>::from_data(TensorData::new(xs.to_vec(), [2, 5]), &device).require_grad();
-        let st =
-            Tensor::<2>::from_data(TensorData::new(s.to_vec(), [2, 1]), &device).require_grad();
-        let zt = z.map(|z| {
-            Tensor::<2>::from_data(TensorData::new(z.to_vec(), [2, 1]), &device).require_grad()
-        });
+        let x = Tensor::<2>::from_data(TensorData::new(xs.to_vec(), [2, 5]), &device).require_grad();
+        let st = Tensor::<2>::from_data(TensorData::new(s.to_vec(), [2, 1]), &device).require_grad();
+        let zt =
+            z.map(|z| Tensor::<2>::from_data(TensorData::new(z.to_vec(), [2, 1]), &device).require_grad());
         let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), [2, 5]), &device);
         let q = fake_quantize(x.clone(), &format, st.clone(), zt.clone());
         let grads = (q * wt).sum().backward();
@@ -393,41 +373,22 @@ mod tests {
             let want_dx = if inside { w } else { 0.0 };
             want_ds[c] += w * if inside { r - v } else { r };
             want_dz[c] += w * if inside { 0.0 } else { 1.0 };
-            assert!(
-                (dx[i] as f64 - want_dx).abs() < 1e-5,
-                "{spec} dx[{i}] = {}",
-                dx[i]
-            );
+            assert!((dx[i] as f64 - want_dx).abs() < 1e-5, "{spec} dx[{i}] = {}", dx[i]);
             // Finite differences of the surrogate.
             let frozen = r - v.clamp(lo, hi);
             let f = |x: f64, s: f64, z: f64| z + s * (((x - z) / s).clamp(lo, hi) + frozen);
             let fd_dx = w * (f(x + h, s, z) - f(x - h, s, z)) / (2.0 * h);
             fd_ds[c] += w * (f(x, s + h, z) - f(x, s - h, z)) / (2.0 * h);
             fd_dz[c] += w * (f(x, s, z + h) - f(x, s, z - h)) / (2.0 * h);
-            assert!(
-                (dx[i] as f64 - fd_dx).abs() < 1e-4,
-                "{spec} dx[{i}] vs fd {fd_dx}"
-            );
+            assert!((dx[i] as f64 - fd_dx).abs() < 1e-4, "{spec} dx[{i}] vs fd {fd_dx}");
         }
         for c in 0..2 {
             let tol = 1e-3 * (1.0 + want_ds[c].abs());
-            assert!(
-                (ds[c] as f64 - want_ds[c]).abs() < tol,
-                "{spec} ds[{c}] {ds:?} vs {want_ds:?}"
-            );
-            assert!(
-                (ds[c] as f64 - fd_ds[c]).abs() < tol,
-                "{spec} ds[{c}] {ds:?} vs fd {fd_ds:?}"
-            );
+            assert!((ds[c] as f64 - want_ds[c]).abs() < tol, "{spec} ds[{c}] {ds:?} vs {want_ds:?}");
+            assert!((ds[c] as f64 - fd_ds[c]).abs() < tol, "{spec} ds[{c}] {ds:?} vs fd {fd_ds:?}");
             if let Some(dz) = &dz {
-                assert!(
-                    (dz[c] as f64 - want_dz[c]).abs() < 1e-4,
-                    "{spec} dz {dz:?} vs {want_dz:?}"
-                );
-                assert!(
-                    (dz[c] as f64 - fd_dz[c]).abs() < 1e-3,
-                    "{spec} dz {dz:?} vs fd {fd_dz:?}"
-                );
+                assert!((dz[c] as f64 - want_dz[c]).abs() < 1e-4, "{spec} dz {dz:?} vs {want_dz:?}");
+                assert!((dz[c] as f64 - fd_dz[c]).abs() < 1e-3, "{spec} dz {dz:?} vs fd {fd_dz:?}");
             }
         }
     }
@@ -435,12 +396,7 @@ mod tests {
     #[test]
     fn ste_and_lsq_gradients_signed_fp() {
         // Channel 0 (s = 0.5, range [-3, 3]): two values clipped. Channel 1 (s = 0.25): one.
-        check_gradients(
-            "e2m1",
-            [-3.7, -0.4, 0.26, 0.9, 3.3, 0.1, -1.2, 1.4, 0.61, -2.0],
-            [0.5, 0.25],
-            None,
-        );
+        check_gradients("e2m1", [-3.7, -0.4, 0.26, 0.9, 3.3, 0.1, -1.2, 1.4, 0.61, -2.0], [0.5, 0.25], None);
     }
 
     #[test]

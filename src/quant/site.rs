@@ -33,10 +33,7 @@ impl LayerMut<'_> {
             LayerMut::Conv2d(c) => c.weight.val().into_data(),
         };
         let shape = data.shape().to_vec();
-        (
-            data.convert::<f32>().try_to_vec::<f32>().expect("f32 weights"),
-            shape,
-        )
+        (data.convert::<f32>().try_to_vec::<f32>().expect("f32 weights"), shape)
     }
 }
 
@@ -49,18 +46,10 @@ pub struct QuantSite<'a> {
 
 impl<'a> QuantSite<'a> {
     pub fn linear(path: impl Into<String>, l: &'a mut Linear, after_activation: bool) -> Self {
-        Self {
-            path: path.into(),
-            layer: LayerMut::Linear(l),
-            after_activation,
-        }
+        Self { path: path.into(), layer: LayerMut::Linear(l), after_activation }
     }
 
     pub fn conv(path: impl Into<String>, c: &'a mut Conv2d, after_activation: bool) -> Self {
-        Self {
-            path: path.into(),
-            layer: LayerMut::Conv2d(c),
-            after_activation,
-        }
+        Self { path: path.into(), layer: LayerMut::Conv2d(c), after_activation }
     }
 }

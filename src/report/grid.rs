@@ -36,8 +36,7 @@ pub fn gray_grid(images: &[f32], side: usize, cols: usize) -> GrayImage {
 /// Places grids side by side (e.g. teacher | student from the same noise).
 pub fn side_by_side(grids: &[GrayImage]) -> RgbImage {
     let gap = 8;
-    let w: u32 =
-        grids.iter().map(|g| g.width()).sum::<u32>() + gap * (grids.len() as u32).saturating_sub(1);
+    let w: u32 = grids.iter().map(|g| g.width()).sum::<u32>() + gap * (grids.len() as u32).saturating_sub(1);
     let h = grids.iter().map(|g| g.height()).max().unwrap_or(0);
     let mut out = RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
     let mut x0 = 0;
@@ -53,10 +52,7 @@ pub fn side_by_side(grids: &[GrayImage]) -> RgbImage {
 /// Saves a PNG atomically.
 pub fn save_png(path: &Path, img: &image::DynamicImage) -> Result<()> {
     let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| Error::runtime(format!("{}: cannot encode PNG: {e}", path.display())))?;
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .map_err(|e| Error::runtime(format!("{}: cannot encode PNG: {e}", path.display())))?;
     crate::train::atomic_write(path, &bytes)
 }

@@ -25,12 +25,8 @@ pub fn line_plot(series: &[(Vec<(f64, f64)>, [u8; 3])], log_y: bool) -> RgbImage
     if pts.is_empty() {
         return img;
     }
-    let (x0, x1) = pts
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let (mut y0, mut y1) = pts
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let (x0, x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (mut y0, mut y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     if (y1 - y0).abs() < 1e-12 {
         y0 -= 0.5;
         y1 += 0.5;
@@ -39,10 +35,7 @@ pub fn line_plot(series: &[(Vec<(f64, f64)>, [u8; 3])], log_y: bool) -> RgbImage
     let py = |y: f64| (H - M) as f64 - (y - y0) / (y1 - y0) * (H - 2 * M) as f64;
     let grid = Rgb([225, 225, 225]);
     let ticks: Vec<f64> = if log_y {
-        (y0.floor() as i32..=y1.ceil() as i32)
-            .map(f64::from)
-            .filter(|v| *v >= y0 && *v <= y1)
-            .collect()
+        (y0.floor() as i32..=y1.ceil() as i32).map(f64::from).filter(|v| *v >= y0 && *v <= y1).collect()
     } else {
         (0..=4).map(|i| y0 + (y1 - y0) * i as f64 / 4.0).collect()
     };
@@ -50,24 +43,11 @@ pub fn line_plot(series: &[(Vec<(f64, f64)>, [u8; 3])], log_y: bool) -> RgbImage
         draw_line(&mut img, (M as f64, py(v)), ((W - M) as f64, py(v)), grid);
     }
     let axis = Rgb([0, 0, 0]);
-    draw_line(
-        &mut img,
-        (M as f64, (H - M) as f64),
-        ((W - M) as f64, (H - M) as f64),
-        axis,
-    );
-    draw_line(
-        &mut img,
-        (M as f64, M as f64),
-        (M as f64, (H - M) as f64),
-        axis,
-    );
+    draw_line(&mut img, (M as f64, (H - M) as f64), ((W - M) as f64, (H - M) as f64), axis);
+    draw_line(&mut img, (M as f64, M as f64), (M as f64, (H - M) as f64), axis);
     for (s, colour) in series {
-        let s: Vec<(f64, f64)> = s
-            .iter()
-            .map(|&(x, y)| (px(x), py(ty(y))))
-            .filter(|p| p.1.is_finite())
-            .collect();
+        let s: Vec<(f64, f64)> =
+            s.iter().map(|&(x, y)| (px(x), py(ty(y)))).filter(|p| p.1.is_finite()).collect();
         for w in s.windows(2) {
             draw_line(&mut img, w[0], w[1], Rgb(*colour));
         }
@@ -94,10 +74,7 @@ pub fn loss_curve(path: &Path, metrics: &[StepMetrics]) -> Result<()> {
         .map(|i| {
             let lo = i.saturating_sub(k - 1);
             let w = &raw[lo..=i];
-            (
-                raw[i].0,
-                w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64,
-            )
+            (raw[i].0, w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64)
         })
         .collect();
     let img = line_plot(&[(raw, [160, 190, 230]), (smooth, [20, 60, 160])], true);

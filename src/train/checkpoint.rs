@@ -99,11 +99,7 @@ pub fn list(root: &Path) -> Vec<PathBuf> {
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
-        })
+        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
         .collect();
     dirs.sort();
     dirs
@@ -113,9 +109,7 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
     let dirs = list(root);
     let latest = std::fs::read_to_string(root.join(LATEST)).unwrap_or_default();
     for d in dirs.iter().take(dirs.len().saturating_sub(keep)) {
-        if d.file_name()
-            .is_some_and(|n| n.to_string_lossy() == latest.trim())
-        {
+        if d.file_name().is_some_and(|n| n.to_string_lossy() == latest.trim()) {
             continue;
         }
         std::fs::remove_dir_all(d).map_err(|e| io_err(d, e))?;
@@ -152,52 +146,22 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     }
     let state_path = dir.join(STATE);
     let text = std::fs::read_to_string(&state_path).map_err(|e| {
-        Error::runtime(format!(
-            "{}: {e}; the checkpoint is incomplete or corrupt",
-            state_path.display()
-        ))
+        Error::runtime(format!("{}: {e}; the checkpoint is incomplete or corrupt", state_path.display()))
     })?;
-    let state: TrainState = serde_json::from_str(&text).map_err(|e| {
-        Error::runtime(format!(
-            "{}: corrupt checkpoint state ({e})",
-            state_path.display()
-        ))
+    let state: TrainState = serde_json::from_str(&text)
+        .map_err(|e| Error::runtime(format!("{}: corrupt checkpoint state ({e})", state_path.display())))?;
+    let (trainable, _) = load_safetensors(&dir.join(TRAINABLE)).map_err(|e| Error::runtime(e.message))?;
+    let (optimizer, meta) = load_safetensors(&dir.join(OPTIMIZER)).map_err(|e| Error::runtime(e.message))?;
+    let optimizer_step = meta.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| {
+        Error::runtime(format!("{}: missing optimizer step", dir.join(OPTIMIZER).display()))
     })?;
-    let (trainable, _) =
-        load_safetensors(&dir.join(TRAINABLE)).map_err(|e| Error::runtime(e.message))?;
-    let (optimizer, meta) =
-        load_safetensors(&dir.join(OPTIMIZER)).map_err(|e| Error::runtime(e.message))?;
-    let optimizer_step = meta
-        .get("step")
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            Error::runtime(format!(
-                "{}: missing optimizer step",
-                dir.join(OPTIMIZER).display()
-            ))
-        })?;
     let ema_path = dir.join(EMA);
-    let ema = if ema_path.exists() {
-        Some(load_safetensors(&ema_path)?.0)
-    } else {
-        None
-    };
-    Ok(Checkpoint {
-        dir: dir.to_path_buf(),
-        state,
-        trainable,
-        optimizer,
-        optimizer_step,
-        ema,
-    })
+    let ema = if ema_path.exists() { Some(load_safetensors(&ema_path)?.0) } else { None };
+    Ok(Checkpoint { dir: dir.to_path_buf(), state, trainable, optimizer, optimizer_step, ema })
 }
 
 /// Refuses a checkpoint trained for another job or with a config that changes the math.
-pub fn check_compatible(
-    ckpt: &Checkpoint,
-    job: &str,
-    fingerprint: &BTreeMap<String, String>,
-) -> Result<()> {
+pub fn check_compatible(ckpt: &Checkpoint, job: &str, fingerprint: &BTreeMap<String, String>) -> Result<()> {
     if ckpt.state.job != job {
         return Err(Error::usage(format!(
             "{}: checkpoint was written by `{}`, this run is `{job}`; resume it with its own config",

@@ -47,12 +47,8 @@ impl MetricsLog {
             .create(true)
             .open(&self.path)
             .map_err(|e| io_err(&self.path, e))?;
-        writeln!(
-            f,
-            "{}",
-            serde_json::to_string(m).expect("metrics serialise")
-        )
-        .map_err(|e| io_err(&self.path, e))
+        writeln!(f, "{}", serde_json::to_string(m).expect("metrics serialise"))
+            .map_err(|e| io_err(&self.path, e))
     }
 
     pub fn read_all(out_dir: &Path) -> Vec<StepMetrics> {
@@ -78,23 +74,15 @@ impl Progress {
         let bar = std::io::stdout().is_terminal().then(|| {
             let b = ProgressBar::new(total as u64);
             b.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} {msg} ({per_sec}, ETA {eta})",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
+                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({per_sec}, ETA {eta})")
+                    .expect("valid template")
+                    .progress_chars("=> "),
             );
             b.set_prefix(what.to_string());
             b.set_position(start as u64);
             b
         });
-        Self {
-            bar,
-            start,
-            total,
-            t0: Instant::now(),
-            what: what.to_string(),
-        }
+        Self { bar, start, total, t0: Instant::now(), what: what.to_string() }
     }
 
     /// Steps per second since this process started the loop.
@@ -112,10 +100,7 @@ impl Progress {
             None if log => {
                 let rate = self.rate(done);
                 let eta = (self.total - done) as f64 / rate.max(1e-9);
-                println!(
-                    "{} step {done}/{} {msg} {rate:.2} it/s ETA {eta:.0}s",
-                    self.what, self.total
-                );
+                println!("{} step {done}/{} {msg} {rate:.2} it/s ETA {eta:.0}s", self.what, self.total);
             }
             None => {}
         }

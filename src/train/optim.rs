@@ -44,16 +44,10 @@ impl AdamW {
     /// pre-clipping global gradient norm.
     pub fn step<M: Module>(&mut self, module: M, grads: &Gradients, lr: f64) -> (M, f64) {
         let mut flat_grads = collect_grads(&module, grads);
-        let sq = flat_grads
-            .values()
-            .map(|g| g.clone().square().sum())
-            .reduce(|a, b| a + b);
+        let sq = flat_grads.values().map(|g| g.clone().square().sum()).reduce(|a, b| a + b);
         let norm = sq.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt());
-        let clip = if self.grad_clip > 0.0 && norm > self.grad_clip {
-            self.grad_clip / (norm + 1e-6)
-        } else {
-            1.0
-        };
+        let clip =
+            if self.grad_clip > 0.0 && norm > self.grad_clip { self.grad_clip / (norm + 1e-6) } else { 1.0 };
         self.step += 1;
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - b1.powi(self.step as i32);
@@ -72,11 +66,7 @@ impl AdamW {
                 None => g.square() * (1.0 - b2),
             };
             let update = (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + self.eps);
-            let p = if self.weight_decay > 0.0 {
-                p.clone() - p * (lr * self.weight_decay)
-            } else {
-                p
-            };
+            let p = if self.weight_decay > 0.0 { p.clone() - p * (lr * self.weight_decay) } else { p };
             self.exp_avg.insert(path.to_string(), m);
             self.exp_avg_sq.insert(path.to_string(), v);
             p - update * lr
@@ -100,8 +90,7 @@ impl AdamW {
         self.exp_avg.clear();
         self.exp_avg_sq.clear();
         for (name, t) in tensors {
-            let value =
-                Tensor::<1>::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device);
+            let value = Tensor::<1>::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device);
             if let Some(path) = name.strip_suffix(".exp_avg_sq") {
                 self.exp_avg_sq.insert(path.to_string(), value);
             } else if let Some(path) = name.strip_suffix(".exp_avg") {
@@ -147,10 +136,7 @@ impl Ema {
         let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64));
         for_each_param(module, |path, t, _| {
             if let Some((s, shape)) = self.shadow.remove(path) {
-                self.shadow.insert(
-                    path.to_string(),
-                    (s * d + t.clone().inner() * (1.0 - d), shape),
-                );
+                self.shadow.insert(path.to_string(), (s * d + t.clone().inner() * (1.0 - d), shape));
             }
         });
     }
@@ -159,13 +145,7 @@ impl Ema {
         self.shadow
             .iter()
             .map(|(k, (t, shape))| {
-                (
-                    k.clone(),
-                    HostTensor {
-                        shape: shape.clone(),
-                        data: HostTensor::from_tensor(t).data,
-                    },
-                )
+                (k.clone(), HostTensor { shape: shape.clone(), data: HostTensor::from_tensor(t).data })
             })
             .collect()
     }
@@ -210,18 +190,13 @@ mod step_tests {
         let device = Device::flex().autodiff();
         let mut layer = Linear::new(4, 1, true, &mut SeededRng::new(0), &device);
         let x = Tensor::<2>::from_data(
-            TensorData::new(
-                (0..32).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(),
-                [8, 4],
-            ),
+            TensorData::new((0..32).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), [8, 4]),
             &device,
         );
         let target = x.clone().sum_dim(1) * 0.5 + 1.0;
         let mut opt = AdamW::new(0.0, 0.0);
         let loss_of = |l: &Linear| {
-            (l.forward(x.clone(), crate::nn::StepCtx::default()) - target.clone())
-                .square()
-                .mean()
+            (l.forward(x.clone(), crate::nn::StepCtx::default()) - target.clone()).square().mean()
         };
         let first = loss_of(&layer).into_scalar::<f32>();
         for _ in 0..200 {

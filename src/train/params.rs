@@ -21,10 +21,7 @@ pub struct HostTensor {
 impl HostTensor {
     pub fn from_tensor<const D: usize>(t: &Tensor<D>) -> Self {
         let data = t.to_data().convert::<f32>();
-        Self {
-            shape: data.shape().to_vec(),
-            data: data.try_into_vec::<f32>().expect("f32 data"),
-        }
+        Self { shape: data.shape().to_vec(), data: data.try_into_vec::<f32>().expect("f32 data") }
     }
 
     pub fn to_data(&self) -> TensorData {
@@ -42,19 +39,13 @@ struct PathTracker {
 
 impl PathTracker {
     fn enter(&mut self, name: &str, container: &str) {
-        self.stack
-            .push((!container.starts_with("Enum:")).then(|| name.to_string()));
+        self.stack.push((!container.starts_with("Enum:")).then(|| name.to_string()));
     }
     fn exit(&mut self) {
         self.stack.pop();
     }
     fn path(&self) -> String {
-        self.stack
-            .iter()
-            .flatten()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(".")
+        self.stack.iter().flatten().cloned().collect::<Vec<_>>().join(".")
     }
 }
 
@@ -71,17 +62,13 @@ impl ModuleVisitor for Collector {
         self.tracker.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out
-            .insert(self.tracker.path(), HostTensor::from_tensor(&param.val()));
+        self.out.insert(self.tracker.path(), HostTensor::from_tensor(&param.val()));
     }
 }
 
 /// Every float parameter of `module`, by path.
 pub fn collect<M: Module>(module: &M) -> NamedTensors {
-    let mut c = Collector {
-        tracker: PathTracker::default(),
-        out: BTreeMap::new(),
-    };
+    let mut c = Collector { tracker: PathTracker::default(), out: BTreeMap::new() };
     module.visit(&mut c);
     c.out
 }
@@ -106,18 +93,12 @@ pub fn for_each_param<M: Module>(module: &M, f: impl FnMut(&str, &Tensor<1>, &[u
             (self.f)(&self.tracker.path(), &t.reshape([n]), &dims);
         }
     }
-    module.visit(&mut V {
-        tracker: PathTracker::default(),
-        f,
-    });
+    module.visit(&mut V { tracker: PathTracker::default(), f });
 }
 
 /// The gradient of every parameter that has one, flattened, by path. Gradients are looked up on
 /// the parameter tensors themselves (a reshaped view is a new graph node without a gradient).
-pub fn collect_grads<M: Module>(
-    module: &M,
-    grads: &burn::tensor::Gradients,
-) -> BTreeMap<String, Tensor<1>> {
+pub fn collect_grads<M: Module>(module: &M, grads: &burn::tensor::Gradients) -> BTreeMap<String, Tensor<1>> {
     struct V<'a> {
         tracker: PathTracker,
         grads: &'a burn::tensor::Gradients,
@@ -137,11 +118,7 @@ pub fn collect_grads<M: Module>(
             }
         }
     }
-    let mut v = V {
-        tracker: PathTracker::default(),
-        grads,
-        out: BTreeMap::new(),
-    };
+    let mut v = V { tracker: PathTracker::default(), grads, out: BTreeMap::new() };
     module.visit(&mut v);
     v.out
 }
@@ -177,24 +154,15 @@ pub fn map_params<M: Module>(module: M, f: impl FnMut(&str, Tensor<1>) -> Tensor
             Param::from_mapped_value(id, out, mapper)
         }
     }
-    module.map(&mut Mp {
-        tracker: PathTracker::default(),
-        f,
-    })
+    module.map(&mut Mp { tracker: PathTracker::default(), f })
 }
 
 /// Loads `tensors` into `module`: every parameter must be present with the right shape and
 /// every tensor must be used. `origin` names the file in errors.
 pub fn load_into<M: Module>(module: M, tensors: &NamedTensors, origin: &Path) -> Result<M> {
     let expected = collect_shapes(&module);
-    let missing: Vec<&String> = expected
-        .keys()
-        .filter(|k| !tensors.contains_key(*k))
-        .collect();
-    let unused: Vec<&String> = tensors
-        .keys()
-        .filter(|k| !expected.contains_key(*k))
-        .collect();
+    let missing: Vec<&String> = expected.keys().filter(|k| !tensors.contains_key(*k)).collect();
+    let unused: Vec<&String> = tensors.keys().filter(|k| !expected.contains_key(*k)).collect();
     if !missing.is_empty() || !unused.is_empty() {
         return Err(Error::runtime(format!(
             "{}: does not fit this model ({} missing tensors, e.g. {:?}; {} unexpected, e.g. {:?}); was it written for another model or config?",
@@ -216,10 +184,7 @@ pub fn load_into<M: Module>(module: M, tensors: &NamedTensors, origin: &Path) ->
     }
     Ok(map_params(module, |path, old| {
         let t = &tensors[path];
-        Tensor::from_data(
-            TensorData::new(t.data.clone(), [t.data.len()]),
-            &old.device(),
-        )
+        Tensor::from_data(TensorData::new(t.data.clone(), [t.data.len()]), &old.device())
     }))
 }
 
@@ -239,22 +204,11 @@ pub fn save_safetensors(
 ) -> Result<()> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
-        .map(|(k, t)| {
-            (
-                k.clone(),
-                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                t.shape.clone(),
-            )
-        })
+        .map(|(k, t)| (k.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
         .collect();
     let views: Vec<(String, TensorView)> = bytes
         .iter()
-        .map(|(k, b, s)| {
-            (
-                k.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view"),
-            )
-        })
+        .map(|(k, b, s)| (k.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view")))
         .collect();
     let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
     let out = safetensors::serialize(views, Some(meta))
@@ -275,28 +229,19 @@ pub fn load_safetensors(path: &Path) -> Result<(NamedTensors, BTreeMap<String, S
         ))
     };
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(corrupt)?;
-    let meta: BTreeMap<String, String> = header
-        .metadata()
-        .clone()
-        .map(|m| m.into_iter().collect())
-        .unwrap_or_default();
+    let meta: BTreeMap<String, String> =
+        header.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default();
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(corrupt)?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let raw = view.data();
         let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::F64 => raw
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
                 .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
-                .collect(),
+            Dtype::F16 => raw.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
             Dtype::BF16 => raw
                 .chunks_exact(2)
                 .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
@@ -314,13 +259,7 @@ pub fn load_safetensors(path: &Path) -> Result<(NamedTensors, BTreeMap<String, S
                 path.display()
             )));
         }
-        out.insert(
-            name,
-            HostTensor {
-                shape: view.shape().to_vec(),
-                data,
-            },
-        );
+        out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
     }
     Ok((out, meta))
 }
