@@ -15,7 +15,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use criterion::{Criterion, SamplingMode};
@@ -162,8 +162,13 @@ fn checksums_of(q: Tensor<2>, dx: Tensor<2>, ds: Tensor<2>) -> serde_json::Value
     })
 }
 
-fn median_ns(name: &str) -> Option<f64> {
+/// Criterion's median for `name`, if it was measured by this run (a benchmark left out by a
+/// filter keeps an older estimates.json, which must not be reported).
+fn median_ns(name: &str, since: SystemTime) -> Option<f64> {
     let p = Path::new("target/criterion").join(GROUP).join(name).join("new/estimates.json");
+    if std::fs::metadata(&p).and_then(|m| m.modified()).ok()? < since {
+        return None;
+    }
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
     v["median"]["point_estimate"].as_f64()
 }
@@ -231,6 +236,7 @@ fn main() {
             .then(|| allocations(elements, || fwd_bwd_inner_round(&x0, &s0, &format))),
     });
 
+    let started = SystemTime::now();
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
@@ -255,9 +261,9 @@ fn main() {
     g.finish();
     c.final_summary();
 
-    let ours = median_ns("fake_quant_fwd_bwd").map(|v| v / 1e9);
-    let fwd = median_ns("fake_quant_fwd").map(|v| v / 1e9);
-    let copy = median_ns("copy").map(|v| v / 1e9);
+    let ours = median_ns("fake_quant_fwd_bwd", started).map(|v| v / 1e9);
+    let fwd = median_ns("fake_quant_fwd", started).map(|v| v / 1e9);
+    let copy = median_ns("copy", started).map(|v| v / 1e9);
 
     let (torch, torch_reason) = match run_torch(elements, rows, cols, threads) {
         Ok(v) => (Some(v), None),
@@ -284,7 +290,7 @@ fn main() {
     });
 
     let variant = variant_checksums.map(|sums| {
-        let t = median_ns("inner_round_fwd_bwd").map(|v| v / 1e9);
+        let t = median_ns("inner_round_fwd_bwd", started).map(|v| v / 1e9);
         serde_json::json!({
             "what": "prototype: grid_round on the inner flex tensor (benches/quantizer.rs \
                      fake_quantize_inner_round), same math",
