@@ -1,7 +1,9 @@
 //! DDIM and DDPM samplers over a strided subsequence of the training timesteps, with
 //! classifier-free guidance. Every step is linear in the predicted noise:
 //!
-//!     x_prev = coef_x * x_t + gamma * eps_hat + sigma * z
+//! ```text
+//! x_prev = coef_x * x_t + gamma * eps_hat + sigma * z
+//! ```
 //!
 //! `gamma` is the "denoising factor" MSFP's DFA loss weights by, so each step exposes it.
 
