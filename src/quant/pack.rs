@@ -48,7 +48,7 @@
 //! "scale_shape": [..], "zero_points": false}}}`, and `msfp.layout` a one-line reminder of this
 //! layout. Files are written atomically (temporary name, then rename).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
@@ -381,11 +381,11 @@ fn to_bytes(tensors: &BTreeMap<String, PackedTensor>) -> Result<Vec<u8>> {
                 .map_err(|e| Error::runtime(format!("tensor `{k}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let info = HashMap::from([
+    let info = BTreeMap::from([
         (META_KEY.to_string(), serde_json::to_string(&meta).expect("json")),
         (LAYOUT_KEY.to_string(), LAYOUT.to_string()),
     ]);
-    safetensors::serialize(views, Some(info)).map_err(|e| Error::runtime(e.to_string()))
+    crate::train::params::serialize_canonical(views, &info).map_err(|e| Error::runtime(e.to_string()))
 }
 
 /// Saves named packed tensors to a safetensors file, atomically (temporary name, then rename).

@@ -210,10 +210,37 @@ pub fn save_safetensors(
         .iter()
         .map(|(k, b, s)| (k.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view")))
         .collect();
-    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
-    let out = safetensors::serialize(views, Some(meta))
+    let out = serialize_canonical(views, metadata)
         .map_err(|e| Error::runtime(format!("{}: cannot serialise: {e}", path.display())))?;
     crate::train::atomic_write(path, &out)
+}
+
+/// `safetensors::serialize` with a canonical header. The crate takes the metadata as a
+/// `HashMap`, whose iteration order changes from process to process; re-emitting the header
+/// with sorted keys makes equal content give equal bytes (bit-exact resume compares files).
+pub fn serialize_canonical(
+    views: Vec<(String, TensorView<'_>)>,
+    metadata: &BTreeMap<String, String>,
+) -> std::result::Result<Vec<u8>, safetensors::SafeTensorError> {
+    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
+    let raw = safetensors::serialize(views, Some(meta))?;
+    let n = u64::from_le_bytes(raw[..8].try_into().expect("8-byte length")) as usize;
+    let mut header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&raw[8..8 + n]).expect("the crate writes a JSON object");
+    if let Some(m) = header.remove("__metadata__") {
+        let sorted: BTreeMap<String, String> = serde_json::from_value(m).expect("string metadata");
+        header.insert("__metadata__".into(), serde_json::to_value(sorted).expect("json"));
+    }
+    let mut text = serde_json::to_vec(&header).expect("json");
+    // The format aligns the data section to 8 bytes by padding the header with spaces.
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + raw.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&raw[8 + n..]);
+    Ok(out)
 }
 
 /// Reads every tensor of a safetensors file as f32 (f16/bf16/f64 are converted), with its metadata.
@@ -280,4 +307,29 @@ fn f16_to_f32(h: u16) -> f32 {
         e => (1.0 + man as f32 / 1024.0) * 2f32.powi(e - 15),
     };
     if sign == 1 { -v } else { v }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_byte_identical_whatever_the_metadata_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors =
+            BTreeMap::from([("a.weight".to_string(), HostTensor { shape: vec![2], data: vec![1.0, -2.0] })]);
+        let meta: BTreeMap<String, String> =
+            (0..8).map(|i| (format!("key{i}"), format!("value{i}"))).collect();
+        // HashMap order differs between maps with different seeds; the bytes must not.
+        let mut files = Vec::new();
+        for i in 0..4 {
+            let p = dir.path().join(format!("{i}.safetensors"));
+            save_safetensors(&p, &tensors, &meta).unwrap();
+            files.push(std::fs::read(&p).unwrap());
+        }
+        assert!(files.windows(2).all(|w| w[0] == w[1]));
+        let (back, m) = load_safetensors(&dir.path().join("0.safetensors")).unwrap();
+        assert_eq!(back, tensors);
+        assert_eq!(m, meta);
+    }
 }
