@@ -11,10 +11,9 @@
 //! cores), `MSFP_BENCH_PYTHON` (default `python3`), `MSFP_BENCH_VARIANTS=1` (also time the
 //! prototype `fake_quantize_inner_round`).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -25,47 +24,9 @@ const DEFAULT_ELEMENTS: usize = 4096 * 4096;
 const GROUP: &str = "quantizer";
 const OUT_DIR: &str = "experiments/bench-quantizer";
 
-/// Counts large heap allocations (flex tensors live on the Rust heap): how many buffers of at
-/// least `BIG` bytes one fake-quant step allocates, their total size, and the peak live heap.
-struct Counting;
-static BIG: AtomicUsize = AtomicUsize::new(usize::MAX);
-static BIG_COUNT: AtomicUsize = AtomicUsize::new(0);
-static BIG_BYTES: AtomicUsize = AtomicUsize::new(0);
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let size = layout.size();
-            if size >= BIG.load(Ordering::Relaxed) {
-                BIG_COUNT.fetch_add(1, Ordering::Relaxed);
-                BIG_BYTES.fetch_add(size, Ordering::Relaxed);
-            }
-            let now = LIVE.fetch_add(size, Ordering::Relaxed) + size;
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            let size = layout.size();
-            if size >= BIG.load(Ordering::Relaxed) {
-                BIG_COUNT.fetch_add(1, Ordering::Relaxed);
-                BIG_BYTES.fetch_add(size, Ordering::Relaxed);
-            }
-            let now = LIVE.fetch_add(size, Ordering::Relaxed) + size;
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
+#[path = "common/alloc.rs"]
+mod counting_alloc;
+use counting_alloc::{BIG, BIG_BYTES, BIG_COUNT, Counting, LIVE, PEAK};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
