@@ -25,6 +25,15 @@ pub struct Config {
     pub sampler: SamplerConfig,
     #[serde(default)]
     pub eval: EvalConfig,
+    /// Which layers are quantized and at which formats (used by quantization jobs).
+    #[serde(default)]
+    pub quant: crate::quant::plan::QuantConfig,
+    /// Calibration searches (clipping ratios, zero points).
+    #[serde(default)]
+    pub calib: crate::quant::calib::CalibConfig,
+    /// MSFP's mixup-sign rule for activations.
+    #[serde(default)]
+    pub mixup: crate::quant::mixup::MixupConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -368,6 +377,9 @@ impl Config {
             );
         }
         crate::device::parse_device_spec(&self.run.device).map_err(|e| e.context("run.device"))?;
+        self.quant.validate("quant")?;
+        self.calib.validate("calib")?;
+        self.mixup.validate("mixup")?;
         Ok(())
     }
 
@@ -510,6 +522,19 @@ mod tests {
             let err = Config::parse("", "t", &[set.into()]).unwrap_err();
             assert!(err.message.contains(key), "{err}");
         }
+    }
+
+    #[test]
+    fn quant_sections_parse_and_validate() {
+        let text = "[quant]\nweight = \"fp4\"\nact = \"fp4\"\n[[quant.layers]]\npattern = \"conv_in\"\nweight = \"e4m3\"\n[mixup]\nrule = \"structural\"\n";
+        let c = Config::parse(text, "q.toml", &[]).unwrap();
+        assert_eq!(c.quant.layers[0].weight.as_deref(), Some("e4m3"));
+        let err = Config::parse("[quant]\nact = \"e9m9\"\n", "q.toml", &[]).unwrap_err();
+        assert!(err.message.contains("quant.act") && err.message.contains("q.toml"), "{err}");
+        let err = Config::parse("[calib]\nclip_min = 0\n", "q.toml", &[]).unwrap_err();
+        assert!(err.message.contains("calib.clip_min"), "{err}");
+        let err = Config::parse("[mixup]\nrule = \"sometimes\"\n", "q.toml", &[]).unwrap_err();
+        assert!(err.message.contains("sometimes"), "{err}");
     }
 
     #[test]
