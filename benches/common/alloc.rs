@@ -15,30 +15,29 @@ pub static BIG_BYTES: AtomicUsize = AtomicUsize::new(0);
 pub static LIVE: AtomicUsize = AtomicUsize::new(0);
 pub static PEAK: AtomicUsize = AtomicUsize::new(0);
 
+/// Books a successful allocation of `size` bytes.
+fn record(size: usize) {
+    if size >= BIG.load(Ordering::Relaxed) {
+        BIG_COUNT.fetch_add(1, Ordering::Relaxed);
+        BIG_BYTES.fetch_add(size, Ordering::Relaxed);
+    }
+    let now = LIVE.fetch_add(size, Ordering::Relaxed) + size;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
-            let size = layout.size();
-            if size >= BIG.load(Ordering::Relaxed) {
-                BIG_COUNT.fetch_add(1, Ordering::Relaxed);
-                BIG_BYTES.fetch_add(size, Ordering::Relaxed);
-            }
-            let now = LIVE.fetch_add(size, Ordering::Relaxed) + size;
-            PEAK.fetch_max(now, Ordering::Relaxed);
+            record(layout.size());
         }
         p
     }
+    /// Zeroed buffers come straight from the system (calloc), not through `alloc`.
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
-            let size = layout.size();
-            if size >= BIG.load(Ordering::Relaxed) {
-                BIG_COUNT.fetch_add(1, Ordering::Relaxed);
-                BIG_BYTES.fetch_add(size, Ordering::Relaxed);
-            }
-            let now = LIVE.fetch_add(size, Ordering::Relaxed) + size;
-            PEAK.fetch_max(now, Ordering::Relaxed);
+            record(layout.size());
         }
         p
     }
