@@ -60,7 +60,7 @@ pub fn train_classifier(cfg: &Config) -> Result<ClassifierSummary> {
     for step in 0..cfg.train.steps {
         let idx = stream.next_batch(cfg.train.batch_size);
         let (x, y) = train.batch(&idx, &device);
-        let mut px = x.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
+        let mut px = params::host_values(x);
         augment(&mut px, &mut rng);
         let x = Tensor::<4>::from_data(TensorData::new(px, [idx.len(), 1, 32, 32]), &device);
         let loss = log_softmax(model.forward(x), 1).gather(1, y.unsqueeze_dim::<2>(1)).mean().neg();
@@ -116,7 +116,7 @@ fn batched<const D: usize>(images: &[f32], device: &Device, f: impl Fn(Tensor<4>
     for chunk in images.chunks(250 * px) {
         let x =
             Tensor::<4>::from_data(TensorData::new(chunk.to_vec(), [chunk.len() / px, 1, 32, 32]), device);
-        out.extend(f(x).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32"));
+        out.extend(params::host_values(f(x)));
     }
     out
 }

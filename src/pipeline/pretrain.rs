@@ -235,7 +235,7 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
             tail.iter().sum::<f64>() / tail.len() as f64
         },
         steps_per_second: last_rate,
-        parameters: params::collect(&model).values().map(|t| t.data.len()).sum(),
+        parameters: model.num_params(),
         weights: weights_path.display().to_string(),
     };
     crate::train::atomic_write(

@@ -47,7 +47,7 @@ pub fn generate(
     let mut images = Vec::with_capacity(n * 32 * 32);
     for chunk in labels.chunks(cfg.eval.batch_size) {
         let x = sample(model, &sampler, chunk, &mut rng, device);
-        images.extend(x.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32"));
+        images.extend(params::host_values(x));
     }
     (images, labels)
 }

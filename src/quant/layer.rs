@@ -98,7 +98,7 @@ impl LayerQuant {
 
     pub fn input<const D: usize>(&self, x: Tensor<D>, ctx: StepCtx) -> Tensor<D> {
         if let Some(obs) = &self.observer {
-            let values = x.to_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+            let values = crate::train::params::host_values(x.clone());
             obs.lock().expect("observer lock").observe(&values);
         }
         match &self.act {

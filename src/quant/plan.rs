@@ -136,7 +136,7 @@ impl QuantConfig {
 }
 
 /// What calibration decided for one layer (for reports and `inspect`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct SiteReport {
     pub path: String,
     pub weight_format: Option<String>,
@@ -165,7 +165,7 @@ pub fn calibrate(
     quant.validate("quant")?;
     calib.validate("calib")?;
     mixup.validate("mixup")?;
-    let mut observers: Vec<Option<Observer>> = Vec::new();
+    let mut plans: Vec<(LayerPlan, Option<Observer>)> = Vec::new();
     for (i, mut site) in model.quant_sites().into_iter().enumerate() {
         let plan = quant.resolve(&site.path)?;
         let observer = (plan.act != FormatChoice::None).then(|| {
@@ -174,35 +174,21 @@ pub fn calibrate(
         });
         *site.layer.quant_mut() =
             observer.clone().map(|o| LayerQuant { weight: None, act: None, observer: Some(o) });
-        observers.push(observer);
+        plans.push((plan, observer));
     }
     run(model)?;
 
     let mut reports = Vec::new();
-    for (mut site, observer) in model.quant_sites().into_iter().zip(observers) {
-        let plan = quant.resolve(&site.path)?;
-        let mut report = SiteReport {
-            path: site.path.clone(),
-            weight_format: None,
-            weight_error: None,
-            act_format: None,
-            act_class: None,
-            act_scale: None,
-            act_zero_point: None,
-            act_error: None,
-            act_min: None,
-            act_max: None,
-        };
-        let device = match &site.layer {
-            super::site::LayerMut::Linear(l) => l.weight.val().device(),
-            super::site::LayerMut::Conv2d(c) => c.weight.val().device(),
-        };
+    for (mut site, (plan, observer)) in model.quant_sites().into_iter().zip(plans) {
+        let mut report = SiteReport { path: site.path.clone(), ..Default::default() };
+        let device = site.layer.device();
         let weight = match &plan.weight {
             FormatChoice::None => None,
             choice => {
-                let (w, shape) = site.layer.weight_host();
-                let rows = shape[0];
-                let mat = [rows, w.len() / rows];
+                let w = site.layer.weight_host();
+                let rows = w.shape[0];
+                let mat = [rows, w.data.len() / rows];
+                let w = w.data;
                 let cfg = CalibConfig { granularity: Granularity::PerChannel, ..calib.clone() };
                 let best = match choice {
                     FormatChoice::Fixed(f) => search_clipping(f, &w, &mat, &cfg, &Objective::TensorMse)?,

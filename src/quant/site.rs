@@ -2,8 +2,11 @@
 //! (the same path its parameters have in checkpoints) and whether its input comes straight out of
 //! a SiLU/GELU (the structural half of MSFP's anomalous-activation rule).
 
+use burn::tensor::Device;
+
 use crate::nn::{Conv2d, Linear};
 use crate::quant::layer::LayerQuant;
+use crate::train::params::HostTensor;
 
 /// Mutable access to a quantizable layer.
 pub enum LayerMut<'a> {
@@ -26,14 +29,20 @@ impl LayerMut<'_> {
         }
     }
 
-    /// The weight as a host matrix `[C_out, K]` (row-major) with its full shape.
-    pub fn weight_host(&self) -> (Vec<f32>, Vec<usize>) {
-        let data = match self {
-            LayerMut::Linear(l) => l.weight.val().into_data(),
-            LayerMut::Conv2d(c) => c.weight.val().into_data(),
-        };
-        let shape = data.shape().to_vec();
-        (data.convert::<f32>().try_to_vec::<f32>().expect("f32 weights"), shape)
+    /// The weight on the host (row-major, with its full shape).
+    pub fn weight_host(&self) -> HostTensor {
+        match self {
+            LayerMut::Linear(l) => HostTensor::from_tensor(&l.weight.val()),
+            LayerMut::Conv2d(c) => HostTensor::from_tensor(&c.weight.val()),
+        }
+    }
+
+    /// The device the layer's parameters live on.
+    pub fn device(&self) -> Device {
+        match self {
+            LayerMut::Linear(l) => l.weight.val().device(),
+            LayerMut::Conv2d(c) => c.weight.val().device(),
+        }
     }
 }
 

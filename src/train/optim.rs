@@ -161,6 +161,9 @@ impl Ema {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::Linear;
+    use crate::rng::SeededRng;
+    use burn::tensor::Device;
 
     #[test]
     fn warmup_then_cosine_to_zero() {
@@ -176,14 +179,6 @@ mod tests {
         assert!((learning_rate(&cfg, 60) - 0.5).abs() < 1e-12);
         assert!(learning_rate(&cfg, 109) < 0.001);
     }
-}
-
-#[cfg(test)]
-mod step_tests {
-    use super::*;
-    use crate::nn::Linear;
-    use crate::rng::SeededRng;
-    use burn::tensor::Device;
 
     #[test]
     fn adamw_reduces_a_regression_loss() {

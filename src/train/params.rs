@@ -18,10 +18,14 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
+/// A tensor's values on the host as f32, row-major.
+pub fn host_values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
+}
+
 impl HostTensor {
     pub fn from_tensor<const D: usize>(t: &Tensor<D>) -> Self {
-        let data = t.to_data().convert::<f32>();
-        Self { shape: data.shape().to_vec(), data: data.try_into_vec::<f32>().expect("f32 data") }
+        Self { shape: t.dims().to_vec(), data: host_values(t.clone()) }
     }
 
     pub fn to_data(&self) -> TensorData {
