@@ -51,7 +51,7 @@ fn forward(s: &Setup, model: &Denoiser, rng: &mut SeededRng) -> f32 {
     let x = Tensor::<4>::from_data(TensorData::new(rng.normals(b * 1024), [b, 1, 32, 32]), &dev);
     let t = Tensor::<1>::full([b], 500.0, &dev);
     let y = Tensor::<1, burn::tensor::Int>::zeros([b], &dev);
-    model.forward(x, t, y, msfp::nn::StepCtx::at(500)).sum().into_scalar::<f32>()
+    model.forward(x, t, y, &msfp::nn::StepCtx::at(500)).sum().into_scalar::<f32>()
 }
 
 fn mean_ns(name: &str) -> Option<f64> {

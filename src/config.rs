@@ -34,6 +34,45 @@ pub struct Config {
     /// MSFP's mixup-sign rule for activations.
     #[serde(default)]
     pub mixup: crate::quant::mixup::MixupConfig,
+    /// TALoRA adapters and router (`msfp train`).
+    #[serde(default)]
+    pub lora: crate::lora::LoraConfig,
+    /// Distillation loss (`msfp train`).
+    #[serde(default)]
+    pub loss: crate::loss::LossConfig,
+    /// Data-free distillation along the teacher's trajectory (`msfp train`).
+    #[serde(default)]
+    pub finetune: FinetuneConfig,
+}
+
+/// `[finetune]`: EfficientDM's data-free recipe. Each iteration draws `train.batch_size` classes
+/// and x_T and walks the teacher's sampling trajectory (`[sampler]` kind, eta and clip_x0, with
+/// `trajectory_steps` steps); at every step the student is distilled on the teacher's x_t and
+/// the optimizer steps once. `train.steps` counts optimizer steps; `train.lr` is the adapters'.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    pub trajectory_steps: usize,
+    /// Classifier-free guidance of the teacher's trajectory.
+    pub guidance_scale: f64,
+    pub router_lr: f64,
+    pub weight_scale_lr: f64,
+    pub act_scale_lr: f64,
+    /// Images whose teacher trajectories feed the calibration (PTQ initialisation).
+    pub calib_samples: usize,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self {
+            trajectory_steps: 25,
+            guidance_scale: 2.0,
+            router_lr: 1e-3,
+            weight_scale_lr: 1e-4,
+            act_scale_lr: 1e-4,
+            calib_samples: 32,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -185,6 +224,9 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
     pub log_every: usize,
+    /// Start from these weights instead of a random initialisation (warm start; the EMA starts
+    /// from them too).
+    pub init_weights: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -202,6 +244,7 @@ impl Default for TrainConfig {
             checkpoint_every: 200,
             keep_checkpoints: 3,
             log_every: 10,
+            init_weights: None,
         }
     }
 }
@@ -380,6 +423,26 @@ impl Config {
         self.quant.validate("quant")?;
         self.calib.validate("calib")?;
         self.mixup.validate("mixup")?;
+        self.lora.validate("lora")?;
+        self.loss.validate("loss")?;
+        let ft = &self.finetune;
+        positive("finetune.trajectory_steps", ft.trajectory_steps)?;
+        positive("finetune.calib_samples", ft.calib_samples)?;
+        if ft.trajectory_steps > self.diffusion.timesteps {
+            usage!(
+                "finetune.trajectory_steps = {} is out of range: at most diffusion.timesteps ({})",
+                ft.trajectory_steps,
+                self.diffusion.timesteps
+            );
+        }
+        in_range("finetune.guidance_scale", ft.guidance_scale, 0.0, 100.0)?;
+        for (key, v) in [
+            ("finetune.router_lr", ft.router_lr),
+            ("finetune.weight_scale_lr", ft.weight_scale_lr),
+            ("finetune.act_scale_lr", ft.act_scale_lr),
+        ] {
+            in_range(key, v, 0.0, 10.0)?;
+        }
         Ok(())
     }
 

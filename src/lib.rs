@@ -11,6 +11,8 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod diffusion;
+pub mod lora;
+pub mod loss;
 pub mod models;
 pub mod nn;
 pub mod pipeline;

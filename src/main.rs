@@ -48,6 +48,33 @@ enum Command {
         #[arg(long)]
         resume: Option<String>,
     },
+    /// The MSFP job: calibrate a W4A4 student of the teacher (model.weights), fine-tune it with
+    /// TALoRA + DFA along the teacher's trajectories, evaluate, and export the packed model.
+    Train {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// `auto` (continue from <out_dir>/checkpoints/latest if any) or a checkpoint directory.
+        #[arg(long)]
+        resume: Option<String>,
+    },
+    /// Write the packed low-bit model of a `train` run (its final student, or a checkpoint).
+    Export {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// A checkpoint directory of the run (default: the run's final student.safetensors).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print what a packed model holds, per quantized layer.
+    Inspect {
+        /// A packed model (`model.packed.safetensors`).
+        file: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Train the MNIST classifier whose features define FID.
     TrainClassifier {
         #[command(flatten)]
@@ -58,8 +85,11 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
         /// Model weights (default: model.weights).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "packed")]
         weights: Option<PathBuf>,
+        /// Sample from a packed low-bit model (written by `train` or `export`) instead.
+        #[arg(long)]
+        packed: Option<PathBuf>,
         #[arg(long, default_value = "samples.png")]
         out: PathBuf,
         /// Number of samples.
@@ -112,18 +142,40 @@ fn run(cli: Cli) -> Result<()> {
                 pipeline::pretrain::pretrain(&cfg, pipeline::pretrain::Resume::parse(resume.as_deref()))?;
             println!("{}", serde_json::to_string_pretty(&summary).expect("json"));
         }
+        Command::Train { config, resume } => {
+            let cfg = config.load()?;
+            let out = pipeline::finetune::train(&cfg, pipeline::pretrain::Resume::parse(resume.as_deref()))?;
+            println!("{}", serde_json::to_string_pretty(&out.summary).expect("json"));
+        }
+        Command::Export { config, checkpoint, out } => {
+            let cfg = config.load()?;
+            let device = msfp::device::make_device(&cfg.run.device)?;
+            let bytes = pipeline::finetune::export_run(&cfg, checkpoint.as_deref(), &out, &device)?;
+            println!("wrote {} ({bytes} bytes)", out.display());
+        }
+        Command::Inspect { file, json } => {
+            let layers = pipeline::inspect::inspect(&file)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&layers).expect("json"));
+            } else {
+                print!("{}", pipeline::inspect::render(&layers));
+            }
+        }
         Command::TrainClassifier { config } => {
             let cfg = config.load()?;
             let summary = pipeline::classifier::train_classifier(&cfg)?;
             println!("{}", serde_json::to_string_pretty(&summary).expect("json"));
         }
-        Command::Sample { config, weights, out, n } => {
+        Command::Sample { config, weights, packed, out, n } => {
             let cfg = config.load()?;
             if n == 0 {
                 return Err(Error::usage("--n must be at least 1"));
             }
             let device = msfp::device::make_device(&cfg.run.device)?;
-            let model = pipeline::sample::load_model(&cfg, weights.as_deref(), &device)?;
+            let model = match packed {
+                Some(p) => pipeline::export::load_packed_model(&p, &device)?,
+                None => pipeline::sample::load_model(&cfg, weights.as_deref(), &device)?,
+            };
             pipeline::sample::write_grid(&model, &cfg, &out, n)?;
             println!("wrote {}", out.display());
         }

@@ -295,6 +295,7 @@ fn config_reference_documents_every_key() {
         msfp::Config::default().flattened().into_keys().collect();
     // Optional keys have no default value to flatten.
     keys.insert("model.weights".into());
+    keys.insert("train.init_weights".into());
     assert_eq!(documented, keys, "docs/config.md and the config types disagree");
     // Defaults quoted in the doc are the real ones.
     let flat = msfp::Config::default().flattened();
@@ -307,4 +308,127 @@ fn config_reference_documents_every_key() {
             assert_eq!(quoted, v, "default of {key}");
         }
     }
+}
+
+/// A 1-step tiny teacher in `dir/teacher/model.safetensors` and a `msfp train` experiment on it:
+/// W4A4 FP4 with mixup-sign, 2 TALoRA adapters with a learned router, 3-step trajectories.
+fn tiny_student(dir: &Path, out: &Path) -> PathBuf {
+    let teacher_cfg = write(dir, "teacher.toml", &tiny_config(&dir.join("teacher"), ""));
+    let o = msfp(&["pretrain", "--config", teacher_cfg.to_str().unwrap(), "--set", "train.steps=1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let extra = r#"
+[quant]
+weight = "fp4"
+act = "fp4"
+act_timestep_slots = 2
+
+[calib]
+clip_grid = 8
+zero_point_grid = 4
+sample_size = 2048
+
+[lora]
+rank = 2
+adapters = 2
+router = "learned"
+router_hidden = 4
+
+[finetune]
+trajectory_steps = 3
+calib_samples = 2
+"#;
+    let text = tiny_config(out, extra)
+        .replace(
+            "[model.unet]",
+            &format!("weights = \"{}\"\n\n[model.unet]", dir.join("teacher/model.safetensors").display()),
+        )
+        .replace("batch_size = 4", "batch_size = 2")
+        .replace("samples = 20\nbatch_size = 20", "samples = 4\nbatch_size = 4");
+    write(dir, &format!("{}.toml", out.file_name().unwrap().to_str().unwrap()), &text)
+}
+
+#[test]
+fn train_resumes_bit_exactly_and_exports_a_packed_model_that_samples_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let cfg_a = tiny_student(dir.path(), &a);
+    let cfg_b = tiny_student(dir.path(), &b);
+    let ca = cfg_a.to_str().unwrap();
+    let cb = cfg_b.to_str().unwrap();
+    let o = msfp(&["train", "--config", ca]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Stop in the middle of the first trajectory (step 2 of 3), then resume to 4.
+    let o = msfp(&["train", "--config", cb, "--set", "train.steps=2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = msfp(&["train", "--config", cb, "--resume", "auto"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["student.safetensors", "checkpoints/step-000004/optimizer.safetensors", "ptq.safetensors"] {
+        assert!(read(&a.join(f)) == read(&b.join(f)), "{f} differs after resume");
+    }
+    // A math change is refused.
+    assert_fails(
+        &msfp(&["train", "--config", cb, "--resume", "auto", "--set", "lora.rank=3"]),
+        2,
+        &["lora.rank"],
+    );
+
+    let summary: serde_json::Value = serde_json::from_slice(&read(&a.join("summary.json"))).unwrap();
+    for stage in ["teacher", "ptq", "finetuned"] {
+        assert!(summary[stage]["fid"].as_f64().unwrap().is_finite(), "{stage}");
+    }
+    assert!(summary["finetuned"]["psnr_vs_teacher"].as_f64().unwrap() > 0.0);
+    assert_eq!(summary["router_usage"].as_array().unwrap().len(), 2);
+    for png in ["samples.png", "loss.png", "router.png"] {
+        assert!(a.join(png).exists(), "{png}");
+    }
+
+    // The packed model samples exactly like the fake-quant student.
+    let cfg = msfp::Config::load(&cfg_a, &[]).unwrap();
+    let device = burn::tensor::Device::flex();
+    let plan = msfp::pipeline::student::StudentPlan::load(&a.join("student_plan.json")).unwrap();
+    let student =
+        msfp::pipeline::finetune::load_student(&cfg, &plan, &a.join("student.safetensors"), &device).unwrap();
+    let packed =
+        msfp::pipeline::export::load_packed_model(&a.join("model.packed.safetensors"), &device).unwrap();
+    let (fake, _) = msfp::pipeline::sample::generate(&student, &cfg, 4, 7, &device);
+    let (real, _) = msfp::pipeline::sample::generate(&packed, &cfg, 4, 7, &device);
+    let differing = fake.iter().zip(&real).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differing, 0, "packed and fake-quant samples differ in {differing} of {} values", fake.len());
+    let teacher = msfp::pipeline::sample::load_model(&cfg, None, &device).unwrap();
+    let (fp, _) = msfp::pipeline::sample::generate(&teacher, &cfg, 4, 7, &device);
+    assert!(fp != fake, "the student is quantized");
+
+    // sample --packed, export and inspect through the CLI.
+    let png = dir.path().join("packed.png");
+    let packed_path = a.join("model.packed.safetensors");
+    let p = packed_path.to_str().unwrap();
+    let o = msfp(&["sample", "--config", ca, "--packed", p, "--out", png.to_str().unwrap(), "--n", "4"]);
+    assert!(o.status.success() && png.exists(), "{}", stderr(&o));
+    let again = dir.path().join("again.safetensors");
+    let o = msfp(&["export", "--config", ca, "--out", again.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    if read(&again) != read(&packed_path) {
+        let keep = std::env::temp_dir().join("msfp_export_debug");
+        let _ = std::fs::create_dir_all(&keep);
+        std::fs::copy(&again, keep.join("again.safetensors")).unwrap();
+        std::fs::copy(&packed_path, keep.join("train.safetensors")).unwrap();
+        panic!("export of the final student differs from train's (copies in {})", keep.display());
+    }
+    let o = msfp(&["inspect", p]);
+    let table = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(table.contains("AAL") && table.contains("NAL") && table.contains("(unsigned)"), "{table}");
+    assert!(table.contains("k=2 r=2 merged (2 weight sets)"), "{table}");
+    let o = msfp(&["inspect", p, "--json"]);
+    let layers: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(layers.as_array().unwrap().len(), plan.sites.len());
+
+    // Bad input.
+    assert_fails(&msfp(&["inspect", "/nonexistent/m.safetensors"]), 2, &["/nonexistent/m.safetensors"]);
+    let corrupt = write(dir.path(), "bad.safetensors", "not a model");
+    assert_fails(&msfp(&["inspect", corrupt.to_str().unwrap()]), 1, &["bad.safetensors"]);
+    let plain = a.join("ptq.safetensors");
+    assert_fails(&msfp(&["inspect", plain.to_str().unwrap()]), 1, &["ptq.safetensors", "msfp.packed"]);
+    assert_fails(&msfp(&["train", "--config", ca, "--set", "lora.adapters=0"]), 2, &["lora.adapters"]);
+    assert_fails(&msfp(&["train", "--config", ca, "--set", "loss.kind=\"l1\""]), 2, &["loss", "l1"]);
 }

@@ -68,6 +68,35 @@ impl Sampler {
     }
 
     /// The denoising factors gamma_t of every step, in sampling order.
+    /// One step `x_t -> x_prev` given the (guided) noise prediction; draws the step's noise
+    /// from `rng` when the step is stochastic.
+    pub fn advance(
+        &self,
+        step: &SamplerStep,
+        x: Tensor<4>,
+        eps: Tensor<4>,
+        rng: &mut SeededRng,
+    ) -> Tensor<4> {
+        let eps = if self.clip_x0 {
+            let (sa, sb) = (step.alpha_bar.sqrt(), (1.0 - step.alpha_bar).sqrt());
+            let x0 = ((x.clone() - eps * sb) / sa).clamp(-1.0, 1.0);
+            (x.clone() - x0 * sa) / sb
+        } else {
+            eps
+        };
+        let x = x * step.coef_x + eps * step.gamma;
+        if step.sigma > 0.0 {
+            let shape = x.dims();
+            let z = Tensor::<4>::from_data(
+                TensorData::new(rng.normals(shape.iter().product()), shape),
+                &x.device(),
+            );
+            x + z * step.sigma
+        } else {
+            x
+        }
+    }
+
     pub fn gammas(&self) -> Vec<f64> {
         self.steps.iter().map(|s| s.gamma).collect()
     }
@@ -85,19 +114,33 @@ impl Sampler {
         let [b, _, _, _] = x.dims();
         let tt = Tensor::<1>::full([b], t as f32, &device);
         if (self.guidance_scale - 1.0).abs() < 1e-12 {
-            return model.forward(x, tt, labels.clone(), StepCtx::at(t));
+            return model.forward(x, tt, labels.clone(), &StepCtx::at(t));
         }
-        let null = Tensor::<1, Int>::full([b], null_label as i64, &device);
-        let eps = model.forward(
-            Tensor::cat(vec![x.clone(), x], 0),
-            Tensor::cat(vec![tt.clone(), tt], 0),
-            Tensor::cat(vec![labels.clone(), null], 0),
-            StepCtx::at(t),
-        );
-        let cond = eps.clone().slice([0..b]);
-        let uncond = eps.slice([b..2 * b]);
+        let (cond, uncond) = cond_uncond_eps(model, x, t, labels, null_label);
         uncond.clone() + (cond - uncond) * self.guidance_scale
     }
+}
+
+/// The conditional and unconditional noise predictions at timestep `t`, from one forward pass
+/// over the doubled batch (labels, then null labels).
+pub fn cond_uncond_eps(
+    model: &Denoiser,
+    x: Tensor<4>,
+    t: usize,
+    labels: &Tensor<1, Int>,
+    null_label: usize,
+) -> (Tensor<4>, Tensor<4>) {
+    let device = x.device();
+    let [b, _, _, _] = x.dims();
+    let tt = Tensor::<1>::full([2 * b], t as f32, &device);
+    let null = Tensor::<1, Int>::full([b], null_label as i64, &device);
+    let eps = model.forward(
+        Tensor::cat(vec![x.clone(), x], 0),
+        tt,
+        Tensor::cat(vec![labels.clone(), null], 0),
+        &StepCtx::at(t),
+    );
+    (eps.clone().slice([0..b]), eps.slice([b..2 * b]))
 }
 
 /// Generates images `[B, 1, 32, 32]` in [-1, 1] for the given labels. All noise (x_T and the
@@ -117,22 +160,10 @@ pub fn sample(
         TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [b]),
         device,
     );
-    let null = match model {
-        Denoiser::Unet(m) => m.class_embed.null_label(),
-        Denoiser::Dit(m) => m.class_embed.null_label(),
-    };
+    let null = model.null_label();
     for step in &sampler.steps {
-        let mut eps = sampler.guided_eps(model, x.clone(), step.t, &y, null);
-        if sampler.clip_x0 {
-            let (sa, sb) = (step.alpha_bar.sqrt(), (1.0 - step.alpha_bar).sqrt());
-            let x0 = ((x.clone() - eps * sb) / sa).clamp(-1.0, 1.0);
-            eps = (x.clone() - x0 * sa) / sb;
-        }
-        x = x * step.coef_x + eps * step.gamma;
-        if step.sigma > 0.0 {
-            let z = Tensor::<4>::from_data(TensorData::new(rng.normals(n), shape), device);
-            x = x + z * step.sigma;
-        }
+        let eps = sampler.guided_eps(model, x.clone(), step.t, &y, null);
+        x = sampler.advance(step, x, eps, rng);
     }
     x.clamp(-1.0, 1.0)
 }

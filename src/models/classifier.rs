@@ -36,15 +36,15 @@ impl Classifier {
 
     /// Pre-activation penultimate features `[B, FEATURE_DIM]` of images `[B, 1, 32, 32]` in [-1, 1].
     pub fn features(&self, x: Tensor<4>) -> Tensor<2> {
-        let h = max_pool2(relu(self.conv1.forward(x, StepCtx::default())));
-        let h = max_pool2(relu(self.conv2.forward(h, StepCtx::default())));
+        let h = max_pool2(relu(self.conv1.forward(x, &StepCtx::default())));
+        let h = max_pool2(relu(self.conv2.forward(h, &StepCtx::default())));
         let [b, _, _, _] = h.dims();
-        self.fc1.forward(h.reshape([b, 32 * 8 * 8]), StepCtx::default())
+        self.fc1.forward(h.reshape([b, 32 * 8 * 8]), &StepCtx::default())
     }
 
     /// Class logits from features.
     pub fn logits_from_features(&self, features: Tensor<2>) -> Tensor<2> {
-        self.fc2.forward(relu(features), StepCtx::default())
+        self.fc2.forward(relu(features), &StepCtx::default())
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {

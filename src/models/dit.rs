@@ -6,6 +6,7 @@ use burn::tensor::activation::{gelu, silu};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::DitConfig;
+use crate::lora::Router;
 use crate::nn::{ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, layer_norm, timestep_embedding};
 use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
@@ -33,7 +34,7 @@ pub struct DitBlock {
 }
 
 impl DitBlock {
-    fn forward(&self, x: Tensor<3>, c: Tensor<2>, ctx: StepCtx) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, c: Tensor<2>, ctx: &StepCtx) -> Tensor<3> {
         let mods = self.ada_ln.forward(silu(c), ctx).chunk(6, 1);
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp]: [Tensor<2>; 6] =
             mods.try_into().expect("six modulation chunks");
@@ -56,6 +57,8 @@ pub struct TinyDit {
     pub final_linear: Linear,
     pub patch_size: usize,
     pub hidden: usize,
+    /// TALoRA router of a fine-tuned student; it sets each step's adapter route.
+    pub router: Option<Router>,
 }
 
 impl TinyDit {
@@ -82,11 +85,14 @@ impl TinyDit {
             final_linear: Linear::zeros(h, p * p, device),
             patch_size: p,
             hidden: h,
+            router: None,
         }
     }
 
-    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>, ctx: StepCtx) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>, ctx: &StepCtx) -> Tensor<4> {
         let device = x.device();
+        let routed = self.router.as_ref().map(|r| r.routed(ctx, &device));
+        let ctx = routed.as_ref().unwrap_or(ctx);
         let [b, _, _, _] = x.dims();
         let p = self.patch_size;
         let g = IMAGE / p;

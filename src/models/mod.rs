@@ -48,8 +48,30 @@ impl Denoiser {
         }
     }
 
+    pub fn router(&self) -> Option<&crate::lora::Router> {
+        match self {
+            Denoiser::Unet(m) => m.router.as_ref(),
+            Denoiser::Dit(m) => m.router.as_ref(),
+        }
+    }
+
+    pub fn router_mut(&mut self) -> &mut Option<crate::lora::Router> {
+        match self {
+            Denoiser::Unet(m) => &mut m.router,
+            Denoiser::Dit(m) => &mut m.router,
+        }
+    }
+
+    /// The label that means "no class" (classifier-free guidance).
+    pub fn null_label(&self) -> usize {
+        match self {
+            Denoiser::Unet(m) => m.class_embed.null_label(),
+            Denoiser::Dit(m) => m.class_embed.null_label(),
+        }
+    }
+
     /// `ctx` carries the batch's shared timestep when there is one (sampling, distillation).
-    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>, ctx: StepCtx) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>, ctx: &StepCtx) -> Tensor<4> {
         match self {
             Denoiser::Unet(m) => m.forward(x, t, y, ctx),
             Denoiser::Dit(m) => m.forward(x, t, y, ctx),

@@ -7,6 +7,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::config::UnetConfig;
+use crate::lora::Router;
 use crate::nn::{ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, StepCtx, timestep_embedding};
 use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
@@ -41,7 +42,7 @@ impl ResBlock {
         }
     }
 
-    fn forward(&self, x: Tensor<4>, emb: Tensor<2>, ctx: StepCtx) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, emb: Tensor<2>, ctx: &StepCtx) -> Tensor<4> {
         let h = self.conv1.forward(silu(self.norm1.forward(x.clone())), ctx);
         let [b, c, _, _] = h.dims();
         let h = h + self.emb_proj.forward(silu(emb), ctx).reshape([b, c, 1, 1]);
@@ -69,7 +70,7 @@ impl AttnBlock {
         }
     }
 
-    fn forward(&self, x: Tensor<4>, ctx: StepCtx) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, ctx: &StepCtx) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let tokens = self.norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
         let out = self.attn.forward(tokens, ctx).swap_dims(1, 2).reshape([b, c, h, w]);
@@ -85,7 +86,7 @@ pub struct Stage {
 }
 
 impl Stage {
-    fn forward(&self, x: Tensor<4>, emb: Tensor<2>, ctx: StepCtx) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, emb: Tensor<2>, ctx: &StepCtx) -> Tensor<4> {
         let h = self.res.forward(x, emb, ctx);
         match &self.attn {
             Some(a) => a.forward(h, ctx),
@@ -114,6 +115,8 @@ pub struct TinyUnet {
     pub base_channels: usize,
     pub res_blocks: usize,
     pub levels: usize,
+    /// TALoRA router of a fine-tuned student; it sets each step's adapter route.
+    pub router: Option<Router>,
 }
 
 impl TinyUnet {
@@ -184,12 +187,15 @@ impl TinyUnet {
             base_channels: c0,
             res_blocks: cfg.res_blocks,
             levels,
+            router: None,
         }
     }
 
     /// Predicts the noise in `x` (`[B, 1, 32, 32]`) at timesteps `t` (`[B]`) for labels `y`
     /// (`[B]`, the null label for unconditional).
-    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>, ctx: StepCtx) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>, ctx: &StepCtx) -> Tensor<4> {
+        let routed = self.router.as_ref().map(|r| r.routed(ctx, &x.device()));
+        let ctx = routed.as_ref().unwrap_or(ctx);
         let temb = timestep_embedding(t, self.base_channels);
         let emb = self.time_embed_2.forward(silu(self.time_embed_1.forward(temb, ctx)), ctx)
             + self.class_embed.forward(y);

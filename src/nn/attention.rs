@@ -24,7 +24,7 @@ impl SelfAttention {
         }
     }
 
-    pub fn forward(&self, x: Tensor<3>, ctx: StepCtx) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, ctx: &StepCtx) -> Tensor<3> {
         let [b, n, c] = x.dims();
         let h = self.heads;
         let d = c / h;

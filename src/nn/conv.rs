@@ -5,6 +5,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor};
 
 use super::{StepCtx, init};
+use crate::lora::Talora;
 use crate::quant::layer::LayerQuant;
 use crate::rng::SeededRng;
 
@@ -17,6 +18,8 @@ pub struct Conv2d {
     pub padding: usize,
     /// Weight/input quantizers; `None` is the full-precision layer.
     pub quant: Option<LayerQuant>,
+    /// TALoRA adapters (fine-tuning); `None` without.
+    pub lora: Option<Talora>,
 }
 
 impl Conv2d {
@@ -36,6 +39,7 @@ impl Conv2d {
             stride,
             padding,
             quant: None,
+            lora: None,
         }
     }
 
@@ -44,12 +48,20 @@ impl Conv2d {
         Self::new(c_in, c_out, 3, 1, 1, rng, device)
     }
 
-    pub fn forward(&self, x: Tensor<4>, ctx: StepCtx) -> Tensor<4> {
-        let (x, w) = match &self.quant {
-            None => (x, self.weight.val()),
-            Some(q) => (q.input(x, ctx), q.weight(self.weight.val())),
-        };
+    pub fn forward(&self, x: Tensor<4>, ctx: &StepCtx) -> Tensor<4> {
+        use burn::tensor::module::conv2d;
         let options = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
-        burn::tensor::module::conv2d(x, w, self.bias.as_ref().map(|b| b.val()), options)
+        let (w, branch) =
+            super::layer_weight(self.weight.val(), self.quant.as_ref(), self.lora.as_ref(), ctx);
+        let low_rank = branch.map(|d| conv2d(x.clone(), d, None, options.clone()));
+        let x = match &self.quant {
+            Some(q) => q.input(x, ctx),
+            None => x,
+        };
+        let y = conv2d(x, w, self.bias.as_ref().map(|b| b.val()), options);
+        match low_rank {
+            Some(l) => y + l,
+            None => y,
+        }
     }
 }

@@ -5,6 +5,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
 use super::{StepCtx, init};
+use crate::lora::Talora;
 use crate::quant::layer::LayerQuant;
 use crate::rng::SeededRng;
 
@@ -15,6 +16,8 @@ pub struct Linear {
     pub bias: Option<Param<Tensor<1>>>,
     /// Weight/input quantizers; `None` is the full-precision layer.
     pub quant: Option<LayerQuant>,
+    /// TALoRA adapters (fine-tuning); `None` without.
+    pub lora: Option<Talora>,
 }
 
 impl Linear {
@@ -25,6 +28,7 @@ impl Linear {
             weight: init::uniform(rng, [d_out, d_in], bound, device),
             bias: bias.then(|| init::uniform(rng, [d_out], bound, device)),
             quant: None,
+            lora: None,
         }
     }
 
@@ -34,6 +38,7 @@ impl Linear {
             weight: init::constant([d_out, d_in], 0.0, device),
             bias: Some(init::constant([d_out], 0.0, device)),
             quant: None,
+            lora: None,
         }
     }
 
@@ -41,11 +46,23 @@ impl Linear {
         self.weight.dims()[0]
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<D>, ctx: StepCtx) -> Tensor<D> {
-        let (x, w) = match &self.quant {
-            None => (x, self.weight.val()),
-            Some(q) => (q.input(x, ctx), q.weight(self.weight.val())),
+    pub fn d_in(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, ctx: &StepCtx) -> Tensor<D> {
+        use burn::tensor::module::linear;
+        let (w, branch) =
+            super::layer_weight(self.weight.val(), self.quant.as_ref(), self.lora.as_ref(), ctx);
+        let low_rank = branch.map(|d| linear(x.clone(), d.transpose(), None));
+        let x = match &self.quant {
+            Some(q) => q.input(x, ctx),
+            None => x,
         };
-        burn::tensor::module::linear(x, w.transpose(), self.bias.as_ref().map(|b| b.val()))
+        let y = linear(x, w.transpose(), self.bias.as_ref().map(|b| b.val()));
+        match low_rank {
+            Some(l) => y + l,
+            None => y,
+        }
     }
 }

@@ -15,17 +15,47 @@ pub use embedding::{ClassEmbedding, timestep_embedding};
 pub use linear::Linear;
 pub use norm::{GroupNorm, layer_norm};
 
+/// The weight a layer computes with (adapted by a merged TALoRA update, then fake-quantized;
+/// or the deployed per-adapter weight set of a packed model), and the full-precision low-rank
+/// update of a `branch` placement, which the layer applies to its unquantized input.
+pub fn layer_weight<const D: usize>(
+    w0: burn::tensor::Tensor<D>,
+    quant: Option<&crate::quant::layer::LayerQuant>,
+    lora: Option<&crate::lora::Talora>,
+    ctx: &StepCtx,
+) -> (burn::tensor::Tensor<D>, Option<burn::tensor::Tensor<D>>) {
+    use crate::lora::Placement;
+    let dims = w0.dims();
+    let branch = lora.filter(|l| l.placement == Placement::Branch).map(|l| l.delta_like(ctx, dims));
+    if let Some(sets) = quant.and_then(|q| q.weight_sets.as_ref()) {
+        return (crate::quant::layer::select_weight_set(sets.val(), ctx).reshape(dims), branch);
+    }
+    let w = match lora {
+        Some(l) if l.placement == Placement::Merged => w0 + l.delta_like(ctx, dims),
+        _ => w0,
+    };
+    let w = match quant {
+        Some(q) => q.weight(w),
+        None => w,
+    };
+    (w, branch)
+}
+
 /// What a forward pass knows about the denoising step it serves. Passed explicitly through
-/// every layer so that per-timestep quantizer state is selected by the timestep itself (never
-/// by a hidden call counter): a run can resume, or sample with any step count, at any step.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// every layer so that per-timestep quantizer state and the TALoRA adapter choice are selected
+/// by the timestep itself (never by a hidden call counter): a run can resume, or sample with any
+/// step count, at any step.
+#[derive(Debug, Clone, Default)]
 pub struct StepCtx {
     /// The training-schedule timestep shared by the whole batch, when there is one.
     pub timestep: Option<usize>,
+    /// TALoRA: the adapter mix `[K]` the router chose for this step (one-hot in the forward
+    /// pass; straight-through gradients for a learned router). Set by the model, read by layers.
+    pub route: Option<burn::tensor::Tensor<1>>,
 }
 
 impl StepCtx {
     pub fn at(timestep: usize) -> Self {
-        Self { timestep: Some(timestep) }
+        Self { timestep: Some(timestep), route: None }
     }
 }

@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::models::Denoiser;
 use crate::models::classifier::FEATURE_DIM;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ModelEval {
     pub fid: f64,
     pub accuracy: f64,
@@ -66,6 +66,44 @@ pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
     10.0 * (4.0 / mse.max(1e-20)).log10()
 }
 
+/// Scores generated samples against the held-out digits in the classifier's feature space.
+pub struct Scorer {
+    classifier: crate::models::Classifier,
+    heldout_features: Vec<f32>,
+    /// FID of as many real training digits as samples are scored, against the held-out digits.
+    pub fid_real_heldout: f64,
+    device: Device,
+}
+
+impl Scorer {
+    pub fn new(cfg: &Config, device: &Device) -> Result<Self> {
+        let classifier = load_classifier(&cfg.eval.classifier, device)?;
+        let held = Mnist::from_config(&cfg.data, Split::Heldout)?;
+        let train = Mnist::from_config(&cfg.data, Split::Train)?;
+        let heldout_features = features(&classifier, &held.images, device);
+        let real_n = cfg.eval.samples.min(train.len());
+        let train_f = features(&classifier, &train.images[..real_n * 32 * 32], device);
+        let fid_real_heldout = fid(&train_f, &heldout_features, FEATURE_DIM);
+        Ok(Self { classifier, heldout_features, fid_real_heldout, device: device.clone() })
+    }
+
+    /// FID and accuracy of images `[n * 32 * 32]` generated for `labels`.
+    pub fn score(&self, images: &[f32], labels: &[usize]) -> ModelEval {
+        let f = features(&self.classifier, images, &self.device);
+        ModelEval {
+            fid: fid(&f, &self.heldout_features, FEATURE_DIM),
+            accuracy: accuracy(&self.classifier, images, labels, &self.device),
+        }
+    }
+
+    /// Generates `eval.samples` images from the eval noise stream and scores them.
+    pub fn generate_and_score(&self, cfg: &Config, model: &Denoiser) -> (ModelEval, Vec<f32>) {
+        let (images, labels) =
+            super::sample::generate(model, cfg, cfg.eval.samples, cfg.eval.seed, &self.device);
+        (self.score(&images, &labels), images)
+    }
+}
+
 /// Evaluates `model` (and optionally `other` on identical noise).
 pub fn evaluate(
     cfg: &Config,
@@ -73,45 +111,31 @@ pub fn evaluate(
     other: Option<&Denoiser>,
     device: &Device,
 ) -> Result<EvalReport> {
-    let classifier = load_classifier(&cfg.eval.classifier, device)?;
-    let n = cfg.eval.samples;
-    let held = Mnist::from_config(&cfg.data, Split::Heldout)?;
-    let train = Mnist::from_config(&cfg.data, Split::Train)?;
-    let held_f = features(&classifier, &held.images, device);
-    let real_n = n.min(train.len());
-    let train_f = features(&classifier, &train.images[..real_n * 32 * 32], device);
-    let fid_real_heldout = fid(&train_f, &held_f, FEATURE_DIM);
-
-    let run = |m: &Denoiser| {
-        let (images, labels) = super::sample::generate(m, cfg, n, cfg.eval.seed, device);
-        let f = features(&classifier, &images, device);
-        (
-            ModelEval {
-                fid: fid(&f, &held_f, FEATURE_DIM),
-                accuracy: accuracy(&classifier, &images, &labels, device),
-            },
-            images,
-        )
-    };
-    let (model_eval, images) = run(model);
+    let scorer = Scorer::new(cfg, device)?;
+    let (model_eval, images) = scorer.generate_and_score(cfg, model);
     let (other_eval, psnr_db) = match other {
         Some(o) => {
-            let (e, other_images) = run(o);
+            let (e, other_images) = scorer.generate_and_score(cfg, o);
             (Some(e), Some(psnr(&images, &other_images)))
         }
         None => (None, None),
     };
     Ok(EvalReport {
-        samples: n,
-        fid_real_heldout,
+        samples: cfg.eval.samples,
+        fid_real_heldout: scorer.fid_real_heldout,
         model: model_eval,
         other: other_eval,
         psnr: psnr_db,
-        sampler: format!(
-            "{:?} steps={} eta={} guidance={}",
-            cfg.sampler.kind, cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.guidance_scale
-        ),
+        sampler: sampler_label(cfg),
     })
+}
+
+/// The sampler settings an evaluation ran with, for reports.
+pub fn sampler_label(cfg: &Config) -> String {
+    format!(
+        "{:?} steps={} eta={} guidance={}",
+        cfg.sampler.kind, cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.guidance_scale
+    )
 }
 
 pub fn write_report(path: &Path, report: &EvalReport) -> Result<()> {

@@ -2,5 +2,9 @@
 
 pub mod classifier;
 pub mod eval;
+pub mod export;
+pub mod finetune;
+pub mod inspect;
 pub mod pretrain;
 pub mod sample;
+pub mod student;

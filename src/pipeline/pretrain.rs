@@ -115,7 +115,7 @@ pub fn diffusion_loss(
     let tt =
         Tensor::<1>::from_data(TensorData::new(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), [b]), device);
     // Timesteps differ per sample here: no shared step context.
-    let pred = model.forward(xt, tt, labels, StepCtx::default());
+    let pred = model.forward(xt, tt, labels, &StepCtx::default());
     (pred - noise).square().mean()
 }
 
@@ -129,6 +129,10 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
     let fingerprint = cfg.fingerprint();
 
     let mut model = Denoiser::new(&cfg.model, &mut SeededRng::derived(cfg.run.seed, STREAM_INIT), &device);
+    if let Some(path) = &cfg.train.init_weights {
+        model = crate::pipeline::sample::load_weights_into(model, path, cfg)?;
+        tracing::info!("warm start from {}", path.display());
+    }
     let mut optim = AdamW::new(cfg.train.weight_decay, cfg.train.grad_clip);
     let mut ema = (cfg.train.ema_decay > 0.0).then(|| Ema::new(&model, cfg.train.ema_decay));
     let mut rng = SeededRng::derived(cfg.run.seed, STREAM_TRAIN);

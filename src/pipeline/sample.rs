@@ -17,6 +17,11 @@ pub fn load_model(cfg: &Config, weights: Option<&Path>, device: &Device) -> Resu
     let path = weights.or(cfg.model.weights.as_deref()).ok_or_else(|| {
         Error::usage("no weights given: pass --weights FILE or set model.weights in the config")
     })?;
+    load_weights_into(Denoiser::new(&cfg.model, &mut SeededRng::new(0), device), path, cfg)
+}
+
+/// Loads a `model.safetensors` into `model`, refusing a file written for another model kind.
+pub fn load_weights_into(model: Denoiser, path: &Path, cfg: &Config) -> Result<Denoiser> {
     let (tensors, meta) = params::load_safetensors(path)?;
     if let Some(kind) = meta.get("msfp.model") {
         let want = serde_json::to_string(&cfg.model.kind).expect("json");
@@ -27,7 +32,6 @@ pub fn load_model(cfg: &Config, weights: Option<&Path>, device: &Device) -> Resu
             )));
         }
     }
-    let model = Denoiser::new(&cfg.model, &mut SeededRng::new(0), device);
     params::load_into(model, &tensors, path)
 }
 

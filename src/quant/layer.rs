@@ -61,14 +61,14 @@ impl ActQuant {
     }
 
     /// The slot of a timestep; without a timestep (or with one slot) slot 0.
-    pub fn slot(&self, ctx: StepCtx) -> usize {
+    pub fn slot(&self, ctx: &StepCtx) -> usize {
         match ctx.timestep {
             Some(t) if self.slots() > 1 => (t.min(self.timesteps - 1) * self.slots()) / self.timesteps,
             _ => 0,
         }
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<D>, ctx: StepCtx) -> Tensor<D> {
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, ctx: &StepCtx) -> Tensor<D> {
         let slot = self.slot(ctx);
         let pick = |p: &Param<Tensor<1>>| p.val().slice([slot..slot + 1]).reshape([1; D]);
         fake_quantize(x, &self.format, pick(&self.scale), self.zero_point.as_ref().map(pick))
@@ -86,6 +86,10 @@ pub struct LayerQuant {
     /// Calibration only: records every input this layer sees (before any quantization).
     #[module(skip)]
     pub observer: Option<Observer>,
+    /// A deployed (unpacked) model's weights, `[sets, out, fan_in]`: one set per adapter for the
+    /// merged TALoRA placement, else one. When present they replace the weight, its quantizer
+    /// and the merged adapters: the values are already on the grid.
+    pub weight_sets: Option<Param<Tensor<3>>>,
 }
 
 impl LayerQuant {
@@ -96,7 +100,7 @@ impl LayerQuant {
         }
     }
 
-    pub fn input<const D: usize>(&self, x: Tensor<D>, ctx: StepCtx) -> Tensor<D> {
+    pub fn input<const D: usize>(&self, x: Tensor<D>, ctx: &StepCtx) -> Tensor<D> {
         if let Some(obs) = &self.observer {
             let values = crate::train::params::host_values(x.clone());
             obs.lock().expect("observer lock").observe(&values);
@@ -106,6 +110,20 @@ impl LayerQuant {
             None => x,
         }
     }
+}
+
+/// The weight set the step's route selects from `[sets, out, fan_in]` (exact for a one-hot
+/// route), as `[out, fan_in]`.
+pub fn select_weight_set(sets: Tensor<3>, ctx: &StepCtx) -> Tensor<2> {
+    let [n, out, fan_in] = sets.dims();
+    let mixed = match (&ctx.route, n) {
+        (_, 1) => sets,
+        (Some(route), _) => (sets * route.clone().reshape([n, 1, 1])).sum_dim(0),
+        (None, _) => {
+            panic!("a deployed layer with {n} weight sets needs a route: the model sets it from the timestep")
+        }
+    };
+    mixed.reshape([out, fan_in])
 }
 
 /// Absmax of each output channel of a weight `[C_out, ...]`, as the initial scale for `format`
@@ -141,7 +159,7 @@ mod tests {
         let device = Device::flex();
         let mut layer = Linear::new(8, 4, true, &mut SeededRng::new(1), &device);
         let x = input([3, 8], &device);
-        let fp = layer.forward(x.clone(), StepCtx::default());
+        let fp = layer.forward(x.clone(), &StepCtx::default());
         let wf = Format::parse("e2m1").unwrap();
         let af = Format::parse("ue2m2").unwrap();
         let w_scale = minmax_weight_scale(&layer.weight.val(), &wf);
@@ -152,9 +170,11 @@ mod tests {
             weight: Some(WeightQuant::new(wf.clone(), w_scale.clone())),
             act: Some(ActQuant::new(af.clone(), a_scale, Some(a_zero), 1000)),
             observer: None,
+            weight_sets: None,
+            weight_sets: None,
         });
         for (t, s, z) in [(10, 0.5, -0.3), (999, 0.25, -1.0)] {
-            let out = layer.forward(x.clone(), StepCtx::at(t));
+            let out = layer.forward(x.clone(), &StepCtx::at(t));
             let xq = fake_quantize(
                 x.clone(),
                 &af,
@@ -173,14 +193,19 @@ mod tests {
         let device = Device::flex();
         let mut conv = Conv2d::same3(2, 3, &mut SeededRng::new(2), &device);
         let x = input([1, 2, 5, 5], &device);
-        let before = conv.forward(x.clone(), StepCtx::default()).into_data();
+        let before = conv.forward(x.clone(), &StepCtx::default()).into_data();
         let f = Format::parse("int4").unwrap();
         let scale = minmax_weight_scale(&conv.weight.val(), &f);
-        conv.quant = Some(LayerQuant { weight: Some(WeightQuant::new(f, scale)), act: None, observer: None });
-        let quantized = conv.forward(x.clone(), StepCtx::default()).into_data();
+        conv.quant = Some(LayerQuant {
+            weight: Some(WeightQuant::new(f, scale)),
+            act: None,
+            observer: None,
+            weight_sets: None,
+        });
+        let quantized = conv.forward(x.clone(), &StepCtx::default()).into_data();
         assert_ne!(quantized, before);
         conv.quant = None;
-        assert_eq!(conv.forward(x, StepCtx::default()).into_data(), before, "bit-identical");
+        assert_eq!(conv.forward(x, &StepCtx::default()).into_data(), before, "bit-identical");
     }
 
     #[test]
@@ -199,8 +224,10 @@ mod tests {
                 1000,
             )),
             observer: None,
+            weight_sets: None,
+            weight_sets: None,
         });
-        let loss = layer.forward(input([4, 6], &device), StepCtx::at(5)).square().sum();
+        let loss = layer.forward(input([4, 6], &device), &StepCtx::at(5)).square().sum();
         let grads = loss.backward();
         let q = layer.quant.as_ref().unwrap();
         let nonzero = |t: Option<Tensor<1>>| t.expect("gradient").abs().sum().into_scalar::<f32>() > 0.0;
@@ -215,8 +242,8 @@ mod tests {
         let device = Device::flex();
         let f = Format::parse("e2m1").unwrap();
         let q = ActQuant::new(f, Tensor::from_floats([1.0, 2.0, 3.0, 4.0], &device), None, 1000);
-        let slots: Vec<usize> = [0, 249, 250, 999, 5000].iter().map(|&t| q.slot(StepCtx::at(t))).collect();
+        let slots: Vec<usize> = [0, 249, 250, 999, 5000].iter().map(|&t| q.slot(&StepCtx::at(t))).collect();
         assert_eq!(slots, [0, 0, 1, 3, 3]);
-        assert_eq!(q.slot(StepCtx::default()), 0);
+        assert_eq!(q.slot(&StepCtx::default()), 0);
     }
 }

@@ -56,6 +56,7 @@ use serde::{Deserialize, Serialize};
 
 use super::format::{Format, Kind};
 use crate::error::{Error, Result};
+use crate::train::params::{HostTensor, NamedTensors};
 
 /// Metadata key of the JSON description.
 pub const META_KEY: &str = "msfp.packed";
@@ -332,6 +333,9 @@ fn check_scales(
 struct FileMeta {
     version: u32,
     tensors: BTreeMap<String, TensorMeta>,
+    /// Plain `f32` tensors stored beside the packed ones (a packed model's biases, norms, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    dense: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -353,9 +357,17 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 /// Serialises without validating (the caller validates; tests use it to write bad files).
-fn to_bytes(tensors: &BTreeMap<String, PackedTensor>) -> Result<Vec<u8>> {
+fn to_bytes(
+    tensors: &BTreeMap<String, PackedTensor>,
+    dense: &NamedTensors,
+    extra_meta: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
     let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut meta = FileMeta { version: VERSION, tensors: BTreeMap::new() };
+    let mut meta = FileMeta { version: VERSION, tensors: BTreeMap::new(), dense: Vec::new() };
+    for (name, t) in dense {
+        buffers.push((name.clone(), Dtype::F32, t.shape.clone(), f32_bytes(&t.data)));
+        meta.dense.push(name.clone());
+    }
     for (name, t) in tensors {
         buffers.push((key(name, "codes"), Dtype::U8, vec![t.codes.len()], t.codes.clone()));
         buffers.push((key(name, "scales"), Dtype::F32, t.scale_shape.clone(), f32_bytes(&t.scales)));
@@ -381,26 +393,39 @@ fn to_bytes(tensors: &BTreeMap<String, PackedTensor>) -> Result<Vec<u8>> {
                 .map_err(|e| Error::runtime(format!("tensor `{k}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let info = BTreeMap::from([
-        (META_KEY.to_string(), serde_json::to_string(&meta).expect("json")),
-        (LAYOUT_KEY.to_string(), LAYOUT.to_string()),
-    ]);
+    let mut info = extra_meta.clone();
+    info.insert(META_KEY.to_string(), serde_json::to_string(&meta).expect("json"));
+    info.insert(LAYOUT_KEY.to_string(), LAYOUT.to_string());
     crate::train::params::serialize_canonical(views, &info).map_err(|e| Error::runtime(e.to_string()))
 }
 
 /// Saves named packed tensors to a safetensors file, atomically (temporary name, then rename).
 /// Every tensor is validated first.
 pub fn save_packed(path: &Path, tensors: &BTreeMap<String, PackedTensor>) -> Result<()> {
-    for (name, t) in tensors {
+    save_packed_file(path, &PackedFile { packed: tensors.clone(), ..Default::default() })
+}
+
+/// Everything a packed file holds: packed tensors, plain `f32` tensors and string metadata.
+#[derive(Debug, Clone, Default)]
+pub struct PackedFile {
+    pub packed: BTreeMap<String, PackedTensor>,
+    pub dense: NamedTensors,
+    /// Extra metadata (the `msfp.packed` and `msfp.layout` keys are the packer's own).
+    pub meta: BTreeMap<String, String>,
+}
+
+/// Saves a [`PackedFile`] atomically, validating every packed tensor first.
+pub fn save_packed_file(path: &Path, file: &PackedFile) -> Result<()> {
+    for (name, t) in &file.packed {
         t.validate().map_err(|e| e.context(format!("{}: tensor `{name}`", path.display())))?;
     }
-    let bytes = to_bytes(tensors).map_err(|e| e.context(format!("{}: cannot serialise", path.display())))?;
+    let bytes = to_bytes(&file.packed, &file.dense, &file.meta)
+        .map_err(|e| e.context(format!("{}: cannot serialise", path.display())))?;
     crate::train::atomic_write(path, &bytes)
 }
 
-/// Loads every packed tensor of a file written by [`save_packed`], checking everything the
-/// layout promises; a damaged or foreign file is a runtime error naming the file.
-pub fn load_packed(path: &Path) -> Result<BTreeMap<String, PackedTensor>> {
+/// Loads a whole packed file (see [`load_packed`] for the checks).
+pub fn load_packed_file(path: &Path) -> Result<PackedFile> {
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::usage(format!("{}: file not found", path.display())),
         _ => Error::runtime(format!("{}: {e}", path.display())),
@@ -410,7 +435,13 @@ pub fn load_packed(path: &Path) -> Result<BTreeMap<String, PackedTensor>> {
     })
 }
 
-fn parse(bytes: &[u8]) -> std::result::Result<BTreeMap<String, PackedTensor>, String> {
+/// Loads every packed tensor of a file written by [`save_packed`], checking everything the
+/// layout promises; a damaged or foreign file is a runtime error naming the file.
+pub fn load_packed(path: &Path) -> Result<BTreeMap<String, PackedTensor>> {
+    load_packed_file(path).map(|f| f.packed)
+}
+
+fn parse(bytes: &[u8]) -> std::result::Result<PackedFile, String> {
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
     let json = header
         .metadata()
@@ -473,12 +504,25 @@ fn parse(bytes: &[u8]) -> std::result::Result<BTreeMap<String, PackedTensor>, St
         t.validate().map_err(|e| bad(e.message))?;
         out.insert(name, t);
     }
+    let mut dense = BTreeMap::new();
+    for name in &meta.dense {
+        let v = st.tensor(name).map_err(|_| format!("dense tensor `{name}` is missing"))?;
+        if v.dtype() != Dtype::F32 {
+            return Err(format!("dense tensor `{name}` has dtype {:?}, expected F32", v.dtype()));
+        }
+        let data = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        dense.insert(name.clone(), HostTensor { shape: v.shape().to_vec(), data });
+        expected.insert(name.clone());
+    }
     let mut extra: Vec<&str> = st.names().into_iter().filter(|n| !expected.contains(*n)).collect();
     extra.sort();
     if let Some(n) = extra.first() {
         return Err(format!("tensor `{n}` is not described by the `{META_KEY}` metadata"));
     }
-    Ok(out)
+    let mut file_meta = header.metadata().clone().unwrap_or_default().into_iter().collect::<BTreeMap<_, _>>();
+    file_meta.remove(META_KEY);
+    file_meta.remove(LAYOUT_KEY);
+    Ok(PackedFile { packed: out, dense, meta: file_meta })
 }
 
 #[cfg(test)]
@@ -703,17 +747,29 @@ mod tests {
         // Metadata that disagrees with the data.
         let mut wrong_shape = good.clone();
         wrong_shape.shape = vec![7];
-        check("shape.safetensors", &to_bytes(&one(wrong_shape)).unwrap(), "code bytes");
+        check(
+            "shape.safetensors",
+            &to_bytes(&one(wrong_shape), &BTreeMap::new(), &BTreeMap::new()).unwrap(),
+            "code bytes",
+        );
         // A NaN code of e4m3.
         let mut nan_code = good.clone();
         nan_code.codes[1] = 0x7f;
-        check("nan.safetensors", &to_bytes(&one(nan_code.clone())).unwrap(), "not a value of e4m3");
+        check(
+            "nan.safetensors",
+            &to_bytes(&one(nan_code.clone()), &BTreeMap::new(), &BTreeMap::new()).unwrap(),
+            "not a value of e4m3",
+        );
         // save refuses it too, naming the file and tensor.
         let e = save_packed(&dir.path().join("x.safetensors"), &one(nan_code)).unwrap_err();
         assert!(e.message.contains("x.safetensors") && e.message.contains("`w`"), "{}", e.message);
         let mut neg_scale = good.clone();
         neg_scale.scales = vec![-1.0];
-        check("scale.safetensors", &to_bytes(&one(neg_scale)).unwrap(), "positive");
+        check(
+            "scale.safetensors",
+            &to_bytes(&one(neg_scale), &BTreeMap::new(), &BTreeMap::new()).unwrap(),
+            "positive",
+        );
         // A flipped metadata byte (spec e4m3 -> e4m9).
         let at = bytes.windows(6).position(|w| w == b"e4m3\\\"" || w == b"\"e4m3\"").unwrap();
         let mut tampered = bytes.clone();

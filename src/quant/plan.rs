@@ -136,7 +136,7 @@ impl QuantConfig {
 }
 
 /// What calibration decided for one layer (for reports and `inspect`).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct SiteReport {
     pub path: String,
     pub weight_format: Option<String>,
@@ -172,8 +172,12 @@ pub fn calibrate(
             let stats = ActStats::new(calib.sample_size, seed.wrapping_add(i as u64));
             std::sync::Arc::new(std::sync::Mutex::new(stats))
         });
-        *site.layer.quant_mut() =
-            observer.clone().map(|o| LayerQuant { weight: None, act: None, observer: Some(o) });
+        *site.layer.quant_mut() = observer.clone().map(|o| LayerQuant {
+            weight: None,
+            act: None,
+            observer: Some(o),
+            weight_sets: None,
+        });
         plans.push((plan, observer));
     }
     run(model)?;
@@ -248,8 +252,12 @@ pub fn calibrate(
                 Some(ActQuant::new(Format::parse(&spec)?, scales, zeros, timesteps))
             }
         };
-        *site.layer.quant_mut() =
-            (weight.is_some() || act.is_some()).then_some(LayerQuant { weight, act, observer: None });
+        *site.layer.quant_mut() = (weight.is_some() || act.is_some()).then_some(LayerQuant {
+            weight,
+            act,
+            observer: None,
+            weight_sets: None,
+        });
         reports.push(report);
     }
     Ok(reports)
@@ -283,7 +291,7 @@ mod tests {
         let device = Device::flex();
         let mut model = tiny_unet(&device);
         let (x, t, y) = batch(&device);
-        let fp = model.forward(x.clone(), t.clone(), y.clone(), StepCtx::at(300));
+        let fp = model.forward(x.clone(), t.clone(), y.clone(), &StepCtx::at(300));
         let quant = QuantConfig {
             layers: vec![
                 LayerOverride {
@@ -301,7 +309,7 @@ mod tests {
         let reports = calibrate(&mut model, &quant, &calib, &MixupConfig::default(), 1000, 0, |m| {
             for t in [900.0, 500.0, 100.0] {
                 let tt = Tensor::from_floats([t, t], &device);
-                m.forward(x.clone(), tt, y.clone(), StepCtx::at(t as usize));
+                m.forward(x.clone(), tt, y.clone(), &StepCtx::at(t as usize));
             }
             Ok(())
         })
@@ -325,7 +333,7 @@ mod tests {
                 .len()
                 == 4)
         );
-        let q = model.forward(x, t, y, StepCtx::at(300));
+        let q = model.forward(x, t, y, &StepCtx::at(300));
         let diff = (q.clone() - fp).abs().max().into_scalar::<f32>();
         assert!(diff > 1e-4 && q.abs().max().into_scalar::<f32>().is_finite(), "{diff}");
     }

@@ -29,6 +29,40 @@ impl LayerMut<'_> {
         }
     }
 
+    pub fn lora_mut(&mut self) -> &mut Option<crate::lora::Talora> {
+        match self {
+            LayerMut::Linear(l) => &mut l.lora,
+            LayerMut::Conv2d(c) => &mut c.lora,
+        }
+    }
+
+    pub fn lora(&self) -> Option<&crate::lora::Talora> {
+        match self {
+            LayerMut::Linear(l) => l.lora.as_ref(),
+            LayerMut::Conv2d(c) => c.lora.as_ref(),
+        }
+    }
+
+    /// The weight's shape.
+    pub fn weight_dims(&self) -> Vec<usize> {
+        match self {
+            LayerMut::Linear(l) => l.weight.dims().to_vec(),
+            LayerMut::Conv2d(c) => c.weight.dims().to_vec(),
+        }
+    }
+
+    /// The weight the layer computes with at `ctx` (adapted and fake-quantized), on the host.
+    pub fn effective_weight_host(&self, ctx: &crate::nn::StepCtx) -> HostTensor {
+        match self {
+            LayerMut::Linear(l) => HostTensor::from_tensor(
+                &crate::nn::layer_weight(l.weight.val(), l.quant.as_ref(), l.lora.as_ref(), ctx).0,
+            ),
+            LayerMut::Conv2d(c) => HostTensor::from_tensor(
+                &crate::nn::layer_weight(c.weight.val(), c.quant.as_ref(), c.lora.as_ref(), ctx).0,
+            ),
+        }
+    }
+
     /// The weight on the host (row-major, with its full shape).
     pub fn weight_host(&self) -> HostTensor {
         match self {

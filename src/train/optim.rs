@@ -43,6 +43,16 @@ impl AdamW {
     /// One update of every parameter that has a gradient. Returns the module and the
     /// pre-clipping global gradient norm.
     pub fn step<M: Module>(&mut self, module: M, grads: &Gradients, lr: f64) -> (M, f64) {
+        self.step_groups(module, grads, |_| lr)
+    }
+
+    /// [`Self::step`] with a learning rate per parameter path (parameter groups).
+    pub fn step_groups<M: Module>(
+        &mut self,
+        module: M,
+        grads: &Gradients,
+        lr_of: impl Fn(&str) -> f64,
+    ) -> (M, f64) {
         let mut flat_grads = collect_grads(&module, grads);
         let sq = flat_grads.values().map(|g| g.clone().square().sum()).reduce(|a, b| a + b);
         let norm = sq.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt());
@@ -56,6 +66,7 @@ impl AdamW {
             let Some(g) = flat_grads.remove(path) else {
                 return p;
             };
+            let lr = lr_of(path);
             let g = if clip < 1.0 { g * clip } else { g };
             let m = match self.exp_avg.remove(path) {
                 Some(m) => m * b1 + g.clone() * (1.0 - b1),
@@ -191,7 +202,7 @@ mod tests {
         let target = x.clone().sum_dim(1) * 0.5 + 1.0;
         let mut opt = AdamW::new(0.0, 0.0);
         let loss_of = |l: &Linear| {
-            (l.forward(x.clone(), crate::nn::StepCtx::default()) - target.clone()).square().mean()
+            (l.forward(x.clone(), &crate::nn::StepCtx::default()) - target.clone()).square().mean()
         };
         let first = loss_of(&layer).into_scalar::<f32>();
         for _ in 0..200 {

@@ -161,6 +161,81 @@ pub fn map_params<M: Module>(module: M, f: impl FnMut(&str, Tensor<1>) -> Tensor
     module.map(&mut Mp { tracker: PathTracker::default(), f })
 }
 
+/// Marks exactly the parameters whose path satisfies `trainable` as requiring gradients (the
+/// others are frozen: no gradient is computed or applied for them).
+pub fn set_trainable<M: Module>(module: M, trainable: impl Fn(&str) -> bool) -> M {
+    struct Mp<F> {
+        tracker: PathTracker,
+        f: F,
+    }
+    impl<F: Fn(&str) -> bool> ModuleMapper for Mp<F> {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.tracker.enter(name, container);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.tracker.exit();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let (id, tensor, mapper) = param.consume();
+            let tensor = tensor.detach().set_require_grad((self.f)(&self.tracker.path()));
+            Param::from_mapped_value(id, tensor, mapper)
+        }
+    }
+    module.map(&mut Mp { tracker: PathTracker::default(), f: trainable })
+}
+
+/// The parameters that require gradients, by path.
+pub fn collect_trainable<M: Module>(module: &M) -> NamedTensors {
+    struct V {
+        tracker: PathTracker,
+        out: NamedTensors,
+    }
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.tracker.enter(name, container);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.tracker.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if param.val().is_require_grad() {
+                self.out.insert(self.tracker.path(), HostTensor::from_tensor(&param.val()));
+            }
+        }
+    }
+    let mut v = V { tracker: PathTracker::default(), out: BTreeMap::new() };
+    module.visit(&mut v);
+    v.out
+}
+
+/// Loads `tensors` into the parameters they name, leaving the others as they are; every tensor
+/// must name a parameter of the right shape. `origin` names the file in errors.
+pub fn load_subset<M: Module>(module: M, tensors: &NamedTensors, origin: &Path) -> Result<M> {
+    let expected = collect_shapes(&module);
+    for (name, t) in tensors {
+        match expected.get(name) {
+            None => {
+                return Err(Error::runtime(format!(
+                    "{}: tensor `{name}` is not a parameter of this model; was it written for another model or config?",
+                    origin.display()
+                )));
+            }
+            Some(shape) if *shape != t.shape => {
+                return Err(Error::runtime(format!(
+                    "{}: tensor `{name}` has shape {:?} but the model expects {shape:?}",
+                    origin.display(),
+                    t.shape
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(map_params(module, |path, old| match tensors.get(path) {
+        Some(t) => Tensor::from_data(TensorData::new(t.data.clone(), [t.data.len()]), &old.device()),
+        None => old,
+    }))
+}
+
 /// Loads `tensors` into `module`: every parameter must be present with the right shape and
 /// every tensor must be used. `origin` names the file in errors.
 pub fn load_into<M: Module>(module: M, tensors: &NamedTensors, origin: &Path) -> Result<M> {

@@ -1,0 +1,441 @@
+//! `msfp train`: the full MSFP job. Load the full-precision teacher, build the W4A4 student
+//! (calibration over the teacher's trajectories: PTQ initialisation with mixup-sign formats),
+//! fine-tune it by data-free distillation along the teacher's sampling trajectory (EfficientDM's
+//! recipe) with TALoRA adapters and the DFA loss, evaluate teacher / PTQ / fine-tuned student on
+//! identical noise, and export the packed 4-bit model.
+//!
+//! Resumable at every optimizer step, bit-exact on flex: a checkpoint holds the trainable tensors
+//! (adapters, router, quantizer scales), the optimizer state and the step; the trajectory being
+//! walked is recomputed from its seed (the teacher is deterministic), so nothing else is needed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::Serialize;
+
+use super::eval::{ModelEval, Scorer, psnr, sampler_label};
+use super::pretrain::Resume;
+use super::student::{self, Group, StudentPlan, group_of};
+use crate::config::{Config, SamplerConfig};
+use crate::diffusion::sampler::cond_uncond_eps;
+use crate::diffusion::{NoiseSchedule, Sampler, sample};
+use crate::error::{Error, Result};
+use crate::models::{Denoiser, NUM_CLASSES};
+use crate::nn::StepCtx;
+use crate::rng::SeededRng;
+use crate::train::checkpoint::{self, Checkpoint, DataCursor, TrainState};
+use crate::train::metrics::{MetricsLog, Progress, StepMetrics};
+use crate::train::optim::{AdamW, learning_rate};
+use crate::train::params;
+
+/// RNG streams derived from the run seed.
+pub const STREAM_CALIB: u64 = 10;
+pub const STREAM_ADAPTERS: u64 = 11;
+const STREAM_TRAJECTORY: u64 = 1 << 32;
+
+pub const PLAN_FILE: &str = "student_plan.json";
+pub const PTQ_FILE: &str = "ptq.safetensors";
+pub const STUDENT_FILE: &str = "student.safetensors";
+pub const PACKED_FILE: &str = "model.packed.safetensors";
+
+pub fn job_name(cfg: &Config) -> String {
+    format!("train:{}", serde_json::to_value(cfg.model.kind).expect("kind").as_str().unwrap_or("?"))
+}
+
+/// The config fingerprint of the job: the math keys, plus the sampler keys that shape the
+/// teacher trajectory.
+pub fn fingerprint(cfg: &Config) -> BTreeMap<String, String> {
+    let flat = cfg.flattened();
+    let mut f = cfg.fingerprint();
+    for key in ["sampler.kind", "sampler.eta", "sampler.clip_x0"] {
+        if let Some(v) = flat.get(key) {
+            f.insert(key.to_string(), v.clone());
+        }
+    }
+    f
+}
+
+/// The sampler whose trajectory the student is distilled on.
+pub fn trajectory_sampler(cfg: &Config, schedule: &NoiseSchedule) -> Sampler {
+    let sc = SamplerConfig {
+        steps: cfg.finetune.trajectory_steps,
+        guidance_scale: cfg.finetune.guidance_scale,
+        ..cfg.sampler.clone()
+    };
+    Sampler::new(schedule, &sc)
+}
+
+/// One teacher trajectory: its labels and current x_t, advanced step by step.
+struct Trajectory {
+    iteration: usize,
+    position: usize,
+    labels: Tensor<1, Int>,
+    x: Tensor<4>,
+    rng: SeededRng,
+}
+
+impl Trajectory {
+    fn start(seed: u64, iteration: usize, batch: usize, device: &Device) -> Self {
+        let mut rng = SeededRng::derived(seed, STREAM_TRAJECTORY + iteration as u64);
+        let labels: Vec<i64> = (0..batch).map(|_| rng.below(NUM_CLASSES) as i64).collect();
+        let x = rng.normals(batch * 32 * 32);
+        Self {
+            iteration,
+            position: 0,
+            labels: Tensor::from_data(TensorData::new(labels, [batch]), device),
+            x: Tensor::from_data(TensorData::new(x, [batch, 1, 32, 32]), device),
+            rng,
+        }
+    }
+
+    /// The teacher's conditional and unconditional noise at the current step, then moves x on
+    /// with the guided prediction.
+    fn teacher_step(&mut self, teacher: &Denoiser, sampler: &Sampler) -> (Tensor<4>, Tensor<4>) {
+        let step = sampler.steps[self.position];
+        let (cond, uncond) =
+            cond_uncond_eps(teacher, self.x.clone(), step.t, &self.labels, teacher.null_label());
+        let guided = uncond.clone() + (cond.clone() - uncond.clone()) * sampler.guidance_scale;
+        self.x = sampler.advance(&step, self.x.clone(), guided, &mut self.rng);
+        self.position += 1;
+        (cond, uncond)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct StageEval {
+    #[serde(flatten)]
+    pub eval: ModelEval,
+    /// PSNR (dB) of this model's samples against the teacher's from identical noise.
+    pub psnr_vs_teacher: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileSizes {
+    pub fp32_bytes: u64,
+    pub fp16_bytes: u64,
+    pub packed_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub job: String,
+    pub steps: usize,
+    pub resumed_from: Option<String>,
+    pub samples: usize,
+    pub sampler: String,
+    pub fid_real_heldout: f64,
+    pub teacher: StageEval,
+    pub ptq: StageEval,
+    pub finetuned: StageEval,
+    pub final_loss: f64,
+    /// For each adapter, how many of the sampler's steps the final router sends to it.
+    pub router_usage: Vec<usize>,
+    pub weight_formats: BTreeMap<String, usize>,
+    pub act_formats: BTreeMap<String, usize>,
+    pub sizes: FileSizes,
+    pub seconds: f64,
+}
+
+/// What the trainer produced, for callers that continue with it (tests, the ablation).
+pub struct TrainOutput {
+    pub summary: TrainSummary,
+    pub student: Denoiser,
+}
+
+/// Runs the whole job; returns the summary (also written to `<out_dir>/summary.json`).
+pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
+    let started = std::time::Instant::now();
+    let out_dir = cfg.run.out_dir.clone();
+    std::fs::create_dir_all(&out_dir).map_err(|e| crate::error::io_err(&out_dir, e))?;
+    let device = crate::device::make_device(&cfg.run.device)?;
+    let ad = device.clone().autodiff();
+    let schedule = NoiseSchedule::new(&cfg.diffusion);
+    let sampler = trajectory_sampler(cfg, &schedule);
+    let job = job_name(cfg);
+    let fingerprint = fingerprint(cfg);
+    let teacher = super::sample::load_model(cfg, None, &device)?;
+
+    let resume_dir = match &resume {
+        Resume::No => None,
+        Resume::Auto => checkpoint::latest(&out_dir)?,
+        Resume::Dir(d) => Some(d.clone()),
+    };
+    let mut optim = AdamW::new(cfg.train.weight_decay, cfg.train.grad_clip);
+    let mut start = 0;
+    let (mut model, plan) = match &resume_dir {
+        Some(dir) => {
+            let ckpt = checkpoint::load(dir)?;
+            checkpoint::check_compatible(&ckpt, &job, &fingerprint)?;
+            let plan = StudentPlan::load(&out_dir.join(PLAN_FILE))?;
+            let mut model = super::sample::load_model(cfg, None, &ad)?;
+            student::build(&mut model, &plan, cfg.run.seed)?;
+            let model = params::set_trainable(model, |p| group_of(p).is_some());
+            let model = params::load_subset(model, &ckpt.trainable, &dir.join(checkpoint::TRAINABLE))?;
+            optim.load_state(&ckpt.optimizer, ckpt.optimizer_step, &device);
+            start = ckpt.state.step;
+            tracing::info!("resumed from {} at step {start}", dir.display());
+            (model, plan)
+        }
+        None => {
+            let (model, plan) = calibrate_student(cfg, &sampler, &ad)?;
+            plan.save(&out_dir.join(PLAN_FILE))?;
+            let ptq = params::collect_trainable(&model);
+            params::save_safetensors(&out_dir.join(PTQ_FILE), &ptq, &BTreeMap::new())?;
+            (model, plan)
+        }
+    };
+
+    let steps_per_trajectory = sampler.steps.len();
+    let weights = cfg.loss.step_weights(&sampler.gammas());
+    let metrics = MetricsLog::open(&out_dir, start)?;
+    let progress = Progress::new(&job, start, cfg.train.steps);
+    let mut trajectory: Option<Trajectory> = None;
+    let mut last_loss = f64::NAN;
+    for step in start..cfg.train.steps {
+        let (iteration, position) = (step / steps_per_trajectory, step % steps_per_trajectory);
+        let traj = match trajectory.take() {
+            Some(t) if t.iteration == iteration => t,
+            _ => {
+                // A new trajectory, or the one a resumed run was in the middle of: replay the
+                // teacher up to the current position.
+                let mut t = Trajectory::start(cfg.run.seed, iteration, cfg.train.batch_size, &device);
+                while t.position < position {
+                    t.teacher_step(&teacher, &sampler);
+                }
+                t
+            }
+        };
+        let mut traj = traj;
+        let sampler_step = sampler.steps[position];
+        let x_t = traj.x.clone();
+        let labels = traj.labels.clone();
+        let (cond, uncond) = traj.teacher_step(&teacher, &sampler);
+        trajectory = Some(traj);
+
+        let b = cfg.train.batch_size;
+        let target = Tensor::<4>::from_inner(Tensor::cat(vec![cond, uncond], 0));
+        let x_in = Tensor::<4>::from_inner(Tensor::cat(vec![x_t.clone(), x_t], 0));
+        let y_in = Tensor::<1, Int>::from_inner(Tensor::cat(
+            vec![labels, Tensor::full([b], model.null_label() as i64, &device)],
+            0,
+        ));
+        let t_in = Tensor::<1>::full([2 * b], sampler_step.t as f32, &ad);
+        let pred = model.forward(x_in, t_in, y_in, &StepCtx::at(sampler_step.t));
+        let loss = (pred - target).square().mean() * weights[position];
+        let loss_value = loss.clone().into_scalar::<f32>() as f64;
+        if !loss_value.is_finite() {
+            return Err(Error::runtime(format!(
+                "loss became {loss_value} at step {} (t = {}); lower train.lr (now {}) or the finetune.*_lr rates",
+                step + 1,
+                sampler_step.t,
+                cfg.train.lr
+            )));
+        }
+        let grads = loss.backward();
+        let factor = learning_rate(&cfg.train, step) / cfg.train.lr;
+        let ft = &cfg.finetune;
+        let (updated, grad_norm) = optim.step_groups(model, &grads, |path| {
+            factor
+                * match group_of(path) {
+                    Some(Group::Adapter) => cfg.train.lr,
+                    Some(Group::Router) => ft.router_lr,
+                    Some(Group::WeightScale) => ft.weight_scale_lr,
+                    Some(Group::ActScale) => ft.act_scale_lr,
+                    None => 0.0,
+                }
+        });
+        model = updated;
+        last_loss = loss_value;
+        let done = step + 1;
+        let log = done % cfg.train.log_every == 0 || done == cfg.train.steps;
+        if log {
+            metrics.append(&StepMetrics {
+                step: done,
+                loss: loss_value,
+                lr: factor * cfg.train.lr,
+                grad_norm,
+                it_per_s: progress.rate(done),
+            })?;
+            if let Some(r) = model.router() {
+                tracing::info!(
+                    "step {done}: router usage over the trajectory {:?}",
+                    usage(r, &sampler, &device)
+                );
+            }
+        }
+        progress.update(done, &format!("loss {loss_value:.5}"), log);
+        if done % cfg.train.checkpoint_every == 0 || done == cfg.train.steps {
+            let ckpt = Checkpoint {
+                dir: PathBuf::new(),
+                state: TrainState {
+                    step: done,
+                    rng: SeededRng::derived(cfg.run.seed, STREAM_TRAJECTORY).state(),
+                    cursor: DataCursor { epoch: iteration as u64, position: position + 1 },
+                    job: job.clone(),
+                    fingerprint: fingerprint.clone(),
+                },
+                trainable: params::collect_trainable(&model),
+                optimizer: optim.state_tensors(),
+                optimizer_step: optim.step,
+                ema: None,
+            };
+            checkpoint::save(&out_dir, &ckpt, cfg.train.keep_checkpoints)?;
+        }
+    }
+    progress.finish();
+    let final_tensors = params::collect_trainable(&model);
+    params::save_safetensors(&out_dir.join(STUDENT_FILE), &final_tensors, &BTreeMap::new())?;
+
+    let student = model.valid();
+    let ptq = load_student(cfg, &plan, &out_dir.join(PTQ_FILE), &device)?;
+    let packed_path = out_dir.join(PACKED_FILE);
+    super::export::export(&student, &plan, cfg, &packed_path)?;
+
+    tracing::info!("evaluating teacher, PTQ student and fine-tuned student on {} samples", cfg.eval.samples);
+    let scorer = Scorer::new(cfg, &device)?;
+    let (teacher_eval, teacher_images) = scorer.generate_and_score(cfg, &teacher);
+    let (ptq_eval, ptq_images) = scorer.generate_and_score(cfg, &ptq);
+    let (ft_eval, ft_images) = scorer.generate_and_score(cfg, &student);
+    write_comparison(&out_dir.join("samples.png"), &[&teacher_images, &ptq_images, &ft_images])?;
+    let all = MetricsLog::read_all(&out_dir);
+    crate::report::plot::loss_curve(&out_dir.join("loss.png"), &all)?;
+    let eval_sampler = Sampler::new(&schedule, &cfg.sampler);
+    let router_usage = match student.router() {
+        Some(r) => {
+            router_plot(&out_dir.join("router.png"), r, &eval_sampler, &device)?;
+            usage(r, &eval_sampler, &device)
+        }
+        None => vec![eval_sampler.steps.len()],
+    };
+    let count = |f: fn(&crate::quant::plan::SiteReport) -> &Option<String>| {
+        let mut m = BTreeMap::new();
+        for s in &plan.sites {
+            *m.entry(f(s).clone().unwrap_or_else(|| "none".into())).or_insert(0) += 1;
+        }
+        m
+    };
+    let summary = TrainSummary {
+        job,
+        steps: cfg.train.steps,
+        resumed_from: resume_dir.map(|d| d.display().to_string()),
+        samples: cfg.eval.samples,
+        sampler: sampler_label(cfg),
+        fid_real_heldout: scorer.fid_real_heldout,
+        teacher: StageEval { eval: teacher_eval, psnr_vs_teacher: None },
+        ptq: StageEval { eval: ptq_eval, psnr_vs_teacher: Some(psnr(&ptq_images, &teacher_images)) },
+        finetuned: StageEval { eval: ft_eval, psnr_vs_teacher: Some(psnr(&ft_images, &teacher_images)) },
+        final_loss: last_loss,
+        router_usage,
+        weight_formats: count(|s| &s.weight_format),
+        act_formats: count(|s| &s.act_format),
+        sizes: file_sizes(&teacher, &packed_path)?,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    crate::train::atomic_write(
+        &out_dir.join("summary.json"),
+        &serde_json::to_vec_pretty(&summary).expect("json"),
+    )?;
+    Ok(TrainOutput { summary, student })
+}
+
+/// The calibrated (PTQ) student with fresh adapters, ready to train.
+fn calibrate_student(cfg: &Config, sampler: &Sampler, ad: &Device) -> Result<(Denoiser, StudentPlan)> {
+    let mut model = params::set_trainable(super::sample::load_model(cfg, None, ad)?, |_| false);
+    let n = cfg.finetune.calib_samples;
+    let labels: Vec<usize> = (0..n).map(|i| i % NUM_CLASSES).collect();
+    tracing::info!("calibrating on {n} teacher trajectories of {} steps", sampler.steps.len());
+    let sites = crate::quant::plan::calibrate(
+        &mut model,
+        &cfg.quant,
+        &cfg.calib,
+        &cfg.mixup,
+        cfg.diffusion.timesteps,
+        cfg.run.seed,
+        |m| {
+            let mut rng = SeededRng::derived(cfg.run.seed, STREAM_CALIB);
+            for chunk in labels.chunks(cfg.train.batch_size) {
+                sample(m, sampler, chunk, &mut rng, ad);
+            }
+            Ok(())
+        },
+    )?;
+    let plan = StudentPlan {
+        sites,
+        act_timestep_slots: cfg.quant.act_timestep_slots,
+        timesteps: cfg.diffusion.timesteps,
+        lora: cfg.lora.clone(),
+    };
+    student::attach_adapters(&mut model, &plan.lora, plan.timesteps, cfg.run.seed);
+    Ok((params::set_trainable(model, |p| group_of(p).is_some()), plan))
+}
+
+/// A student of `plan` with the trainable tensors of `path` (e.g. `ptq.safetensors`), for
+/// inference on `device`.
+pub fn load_student(cfg: &Config, plan: &StudentPlan, path: &Path, device: &Device) -> Result<Denoiser> {
+    let mut model = super::sample::load_model(cfg, None, device)?;
+    student::build(&mut model, plan, cfg.run.seed)?;
+    let (tensors, _) = params::load_safetensors(path)?;
+    params::load_subset(model, &tensors, path)
+}
+
+/// Exports the student of a `train` run: its final `student.safetensors`, or the trainable
+/// tensors of `checkpoint`. Returns the file size.
+pub fn export_run(cfg: &Config, checkpoint: Option<&Path>, out: &Path, device: &Device) -> Result<u64> {
+    let dir = &cfg.run.out_dir;
+    let plan = StudentPlan::load(&dir.join(PLAN_FILE))?;
+    let source = match checkpoint {
+        Some(c) => c.join(checkpoint::TRAINABLE),
+        None => dir.join(STUDENT_FILE),
+    };
+    if !source.exists() {
+        return Err(Error::usage(format!(
+            "{}: not found; finish the run with `msfp train --config ... --resume auto` or pass --checkpoint DIR",
+            source.display()
+        )));
+    }
+    let student = load_student(cfg, &plan, &source, device)?;
+    super::export::export(&student, &plan, cfg, out)?;
+    std::fs::metadata(out).map(|m| m.len()).map_err(|e| crate::error::io_err(out, e))
+}
+
+/// How many of `sampler`'s steps the router sends to each adapter.
+pub fn usage(router: &crate::lora::Router, sampler: &Sampler, device: &Device) -> Vec<usize> {
+    let mut counts = vec![0; router.adapters];
+    for s in &sampler.steps {
+        counts[router.choice(s.t, device)] += 1;
+    }
+    counts
+}
+
+/// The adapter the router picks at each timestep of the schedule, as a plot.
+fn router_plot(path: &Path, router: &crate::lora::Router, sampler: &Sampler, device: &Device) -> Result<()> {
+    let points: Vec<(f64, f64)> =
+        sampler.steps.iter().rev().map(|s| (s.t as f64, router.choice(s.t, device) as f64)).collect();
+    let img = crate::report::plot::line_plot(&[(points, [200, 60, 40])], false);
+    crate::report::grid::save_png(path, &image::DynamicImage::ImageRgb8(img))
+}
+
+/// Teacher | PTQ | fine-tuned grids of the first 50 samples, side by side.
+fn write_comparison(path: &Path, sets: &[&Vec<f32>]) -> Result<()> {
+    let grids: Vec<_> = sets
+        .iter()
+        .map(|images| {
+            let n = (images.len() / 1024).min(50);
+            crate::report::grid::gray_grid(&images[..n * 1024], 32, NUM_CLASSES)
+        })
+        .collect();
+    crate::report::grid::save_png(
+        path,
+        &image::DynamicImage::ImageRgb8(crate::report::grid::side_by_side(&grids)),
+    )
+}
+
+/// Sizes of the teacher as fp32 and fp16 safetensors (computed from its parameter count and the
+/// file header) against the packed file.
+fn file_sizes(teacher: &Denoiser, packed: &Path) -> Result<FileSizes> {
+    let params = teacher.num_params() as u64;
+    let packed_bytes = std::fs::metadata(packed).map_err(|e| crate::error::io_err(packed, e))?.len();
+    Ok(FileSizes { fp32_bytes: params * 4, fp16_bytes: params * 2, packed_bytes })
+}

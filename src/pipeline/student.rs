@@ -1,0 +1,151 @@
+//! The quantized student of `msfp train`: the teacher's own definition with quantizers (from
+//! calibration), TALoRA adapters and a router attached to its layers.
+//!
+//! Formats are not parameters, so what calibration decided is kept as a [`StudentPlan`]
+//! (`student_plan.json` in the run directory); [`build`] turns a plan back into the same
+//! structure, and checkpoints then fill in its trainable values.
+
+use std::path::Path;
+
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::lora::{LoraConfig, Router, Talora};
+use crate::models::Denoiser;
+use crate::quant::format::Format;
+use crate::quant::layer::{ActQuant, LayerQuant, WeightQuant};
+use crate::quant::plan::SiteReport;
+use crate::rng::SeededRng;
+
+/// Everything about the student's structure that is not a parameter value.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StudentPlan {
+    /// One entry per quantization site, in forward order: the formats chosen by calibration.
+    pub sites: Vec<SiteReport>,
+    pub act_timestep_slots: usize,
+    pub timesteps: usize,
+    pub lora: LoraConfig,
+}
+
+impl StudentPlan {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::train::atomic_write(path, &serde_json::to_vec_pretty(self).expect("json"))
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| crate::error::io_err(path, e))?;
+        serde_json::from_str(&text).map_err(|e| {
+            Error::runtime(format!(
+                "{}: not a student plan ({e}); delete the run directory and start again",
+                path.display()
+            ))
+        })
+    }
+
+    /// Sites whose weights are quantized (they carry adapters).
+    pub fn quantized_weights(&self) -> usize {
+        self.sites.iter().filter(|s| s.weight_format.is_some()).count()
+    }
+}
+
+/// Parameter groups of fine-tuning, found by module path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    Adapter,
+    Router,
+    WeightScale,
+    ActScale,
+}
+
+/// The group a parameter trains in, or `None` for frozen (the teacher's weights).
+pub fn group_of(path: &str) -> Option<Group> {
+    if path.contains(".lora.") {
+        Some(Group::Adapter)
+    } else if path.starts_with("router.") {
+        Some(Group::Router)
+    } else if path.ends_with(".quant.weight.scale") {
+        Some(Group::WeightScale)
+    } else if path.contains(".quant.act.") {
+        Some(Group::ActScale)
+    } else {
+        None
+    }
+}
+
+/// Gives `model` the quantizers of `plan` (placeholder scales: a checkpoint or calibration
+/// sets them) and the adapters and router of `plan.lora`.
+pub fn build(model: &mut Denoiser, plan: &StudentPlan, seed: u64) -> Result<()> {
+    let sites = model.quant_sites();
+    if sites.len() != plan.sites.len() {
+        return Err(Error::runtime(format!(
+            "the student plan has {} layers but the model has {}: was it written for another model config?",
+            plan.sites.len(),
+            sites.len()
+        )));
+    }
+    for (mut site, report) in sites.into_iter().zip(&plan.sites) {
+        if site.path != report.path {
+            return Err(Error::runtime(format!(
+                "the student plan names layer `{}` where the model has `{}`",
+                report.path, site.path
+            )));
+        }
+        let device = site.layer.device();
+        let weight = match &report.weight_format {
+            Some(spec) => {
+                let rows = site.layer.weight_dims()[0];
+                Some(WeightQuant::new(Format::parse(spec)?, Tensor::ones([rows], &device)))
+            }
+            None => None,
+        };
+        let act = match &report.act_format {
+            Some(spec) => {
+                let n = plan.act_timestep_slots;
+                let zero = report.act_zero_point.map(|_| Tensor::zeros([n], &device));
+                Some(ActQuant::new(Format::parse(spec)?, Tensor::ones([n], &device), zero, plan.timesteps))
+            }
+            None => None,
+        };
+        *site.layer.quant_mut() = (weight.is_some() || act.is_some()).then_some(LayerQuant {
+            weight,
+            act,
+            observer: None,
+            weight_sets: None,
+        });
+    }
+    attach_adapters(model, &plan.lora, plan.timesteps, seed);
+    Ok(())
+}
+
+/// One TALoRA bank per weight-quantized layer, and the router when there are several adapters.
+pub fn attach_adapters(model: &mut Denoiser, lora: &LoraConfig, timesteps: usize, seed: u64) {
+    if !lora.enabled() {
+        return;
+    }
+    let mut rng = SeededRng::derived(seed, super::finetune::STREAM_ADAPTERS);
+    let mut device = None;
+    for mut site in model.quant_sites() {
+        if site.layer.quant().is_none_or(|q| q.weight.is_none()) {
+            continue;
+        }
+        let dims = site.layer.weight_dims();
+        let fan_in = dims[1..].iter().product();
+        let dev = site.layer.device();
+        *site.layer.lora_mut() = Some(Talora::new(
+            lora.adapters,
+            lora.rank,
+            dims[0],
+            fan_in,
+            lora.placement,
+            lora.alpha,
+            &mut rng,
+            &dev,
+        ));
+        device = Some(dev);
+    }
+    if let (true, Some(device)) = (lora.adapters > 1, device) {
+        *model.router_mut() =
+            Some(Router::new(lora.router, lora.adapters, lora.router_hidden, timesteps, &mut rng, &device));
+    }
+}
