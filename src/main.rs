@@ -29,12 +29,17 @@ struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    fn load(&self) -> Result<Config> {
+    /// `--set` overrides, with `--device` as `run.device`.
+    fn overrides(&self) -> Vec<String> {
         let mut overrides = self.set.clone();
         if let Some(d) = &self.device {
             overrides.push(format!("run.device={}", toml::Value::String(d.clone())));
         }
-        Config::load(&self.config, &overrides)
+        overrides
+    }
+
+    fn load(&self) -> Result<Config> {
+        Config::load(&self.config, &self.overrides())
     }
 }
 
@@ -56,6 +61,20 @@ enum Command {
         /// `auto` (continue from <out_dir>/checkpoints/latest if any) or a checkpoint directory.
         #[arg(long)]
         resume: Option<String>,
+    },
+    /// MSFP's ablation table on one teacher: every (row, seed) trained and evaluated once,
+    /// finished results kept and skipped on later runs.
+    Ablation {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Directory of the experiment (results/, results.json, runs/).
+        #[arg(long)]
+        out: PathBuf,
+        /// Rows to run (default: all), e.g. `teacher,msfp_ptq`.
+        #[arg(long, value_delimiter = ',')]
+        rows: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "0,1")]
+        seeds: Vec<u64>,
     },
     /// Write the packed low-bit model of a `train` run (its final student, or a checkpoint).
     Export {
@@ -146,6 +165,17 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = config.load()?;
             let out = pipeline::finetune::train(&cfg, pipeline::pretrain::Resume::parse(resume.as_deref()))?;
             println!("{}", serde_json::to_string_pretty(&out.summary).expect("json"));
+        }
+        Command::Ablation { config, out, rows, seeds } => {
+            let table = pipeline::ablation::run(
+                &config.config,
+                &config.overrides(),
+                &rows,
+                &seeds,
+                &out,
+                &command_line(),
+            )?;
+            println!("{}", serde_json::to_string_pretty(&table).expect("json"));
         }
         Command::Export { config, checkpoint, out } => {
             let cfg = config.load()?;

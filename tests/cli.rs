@@ -423,6 +423,40 @@ fn train_resumes_bit_exactly_and_exports_a_packed_model_that_samples_identically
     let layers: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(layers.as_array().unwrap().len(), plan.sites.len());
 
+    // The ablation: finished (row, seed) results are kept and skipped on a second run.
+    let abl = dir.path().join("abl");
+    let args = [
+        "ablation",
+        "--config",
+        ca,
+        "--out",
+        abl.to_str().unwrap(),
+        "--rows",
+        "teacher,msfp_ptq",
+        "--seeds",
+        "0",
+    ];
+    let o = msfp(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table: serde_json::Value = serde_json::from_slice(&read(&abl.join("results.json"))).unwrap();
+    let rows: Vec<&str> = table.as_array().unwrap().iter().map(|r| r["row"].as_str().unwrap()).collect();
+    assert_eq!(rows, ["teacher", "msfp_ptq"]);
+    assert!(table[1]["psnr_vs_teacher"].as_f64().unwrap() > 0.0 && table[0]["psnr_vs_teacher"].is_null());
+    let kept = abl.join("results/msfp_ptq-seed0.json");
+    let before = std::fs::metadata(&kept).unwrap().modified().unwrap();
+    let o = msfp(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().modified().unwrap(),
+        before,
+        "a finished result is not redone"
+    );
+    assert_fails(
+        &msfp(&["ablation", "--config", ca, "--out", abl.to_str().unwrap(), "--rows", "nope"]),
+        2,
+        &["nope", "msfp_full"],
+    );
+
     // Bad input.
     assert_fails(&msfp(&["inspect", "/nonexistent/m.safetensors"]), 2, &["/nonexistent/m.safetensors"]);
     let corrupt = write(dir.path(), "bad.safetensors", "not a model");

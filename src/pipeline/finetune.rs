@@ -144,9 +144,77 @@ pub struct TrainOutput {
     pub student: Denoiser,
 }
 
+/// The fine-tuned student (on the inference backend) and its plan, with everything [`fit`]
+/// wrote into the run directory.
+pub struct Fitted {
+    pub student: Denoiser,
+    pub teacher: Denoiser,
+    pub plan: StudentPlan,
+    pub resumed_from: Option<PathBuf>,
+    pub final_loss: f64,
+    pub packed: PathBuf,
+}
+
 /// Runs the whole job; returns the summary (also written to `<out_dir>/summary.json`).
 pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
     let started = std::time::Instant::now();
+    let device = crate::device::make_device(&cfg.run.device)?;
+    let Fitted { student, teacher, plan, resumed_from, final_loss, packed } = fit(cfg, resume)?;
+    let out_dir = cfg.run.out_dir.clone();
+    let schedule = NoiseSchedule::new(&cfg.diffusion);
+    let ptq = load_student(cfg, &plan, &out_dir.join(PTQ_FILE), &device)?;
+    let packed_path = packed;
+
+    tracing::info!("evaluating teacher, PTQ student and fine-tuned student on {} samples", cfg.eval.samples);
+    let scorer = Scorer::new(cfg, &device)?;
+    let (teacher_eval, teacher_images) = scorer.generate_and_score(cfg, &teacher);
+    let (ptq_eval, ptq_images) = scorer.generate_and_score(cfg, &ptq);
+    let (ft_eval, ft_images) = scorer.generate_and_score(cfg, &student);
+    write_comparison(&out_dir.join("samples.png"), &[&teacher_images, &ptq_images, &ft_images])?;
+    let all = MetricsLog::read_all(&out_dir);
+    crate::report::plot::loss_curve(&out_dir.join("loss.png"), &all)?;
+    let eval_sampler = Sampler::new(&schedule, &cfg.sampler);
+    let router_usage = match student.router() {
+        Some(r) => {
+            router_plot(&out_dir.join("router.png"), r, &eval_sampler, &device)?;
+            usage(r, &eval_sampler, &device)
+        }
+        None => vec![eval_sampler.steps.len()],
+    };
+    let count = |f: fn(&crate::quant::plan::SiteReport) -> &Option<String>| {
+        let mut m = BTreeMap::new();
+        for s in &plan.sites {
+            *m.entry(f(s).clone().unwrap_or_else(|| "none".into())).or_insert(0) += 1;
+        }
+        m
+    };
+    let summary = TrainSummary {
+        job: job_name(cfg),
+        steps: cfg.train.steps,
+        resumed_from: resumed_from.map(|d| d.display().to_string()),
+        samples: cfg.eval.samples,
+        sampler: sampler_label(cfg),
+        fid_real_heldout: scorer.fid_real_heldout,
+        teacher: StageEval { eval: teacher_eval, psnr_vs_teacher: None },
+        ptq: StageEval { eval: ptq_eval, psnr_vs_teacher: Some(psnr(&ptq_images, &teacher_images)) },
+        finetuned: StageEval { eval: ft_eval, psnr_vs_teacher: Some(psnr(&ft_images, &teacher_images)) },
+        final_loss,
+        router_usage,
+        weight_formats: count(|s| &s.weight_format),
+        act_formats: count(|s| &s.act_format),
+        sizes: file_sizes(&teacher, &packed_path)?,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    crate::train::atomic_write(
+        &out_dir.join("summary.json"),
+        &serde_json::to_vec_pretty(&summary).expect("json"),
+    )?;
+    Ok(TrainOutput { summary, student })
+}
+
+/// Calibrates (or resumes) and fine-tunes the student, saves `student.safetensors` and exports
+/// the packed model; no evaluation.
+pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
     let out_dir = cfg.run.out_dir.clone();
     std::fs::create_dir_all(&out_dir).map_err(|e| crate::error::io_err(&out_dir, e))?;
     let device = crate::device::make_device(&cfg.run.device)?;
@@ -289,59 +357,13 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
     params::save_safetensors(&out_dir.join(STUDENT_FILE), &final_tensors, &BTreeMap::new())?;
 
     let student = model.valid();
-    let ptq = load_student(cfg, &plan, &out_dir.join(PTQ_FILE), &device)?;
-    let packed_path = out_dir.join(PACKED_FILE);
-    super::export::export(&student, &plan, cfg, &packed_path)?;
-
-    tracing::info!("evaluating teacher, PTQ student and fine-tuned student on {} samples", cfg.eval.samples);
-    let scorer = Scorer::new(cfg, &device)?;
-    let (teacher_eval, teacher_images) = scorer.generate_and_score(cfg, &teacher);
-    let (ptq_eval, ptq_images) = scorer.generate_and_score(cfg, &ptq);
-    let (ft_eval, ft_images) = scorer.generate_and_score(cfg, &student);
-    write_comparison(&out_dir.join("samples.png"), &[&teacher_images, &ptq_images, &ft_images])?;
-    let all = MetricsLog::read_all(&out_dir);
-    crate::report::plot::loss_curve(&out_dir.join("loss.png"), &all)?;
-    let eval_sampler = Sampler::new(&schedule, &cfg.sampler);
-    let router_usage = match student.router() {
-        Some(r) => {
-            router_plot(&out_dir.join("router.png"), r, &eval_sampler, &device)?;
-            usage(r, &eval_sampler, &device)
-        }
-        None => vec![eval_sampler.steps.len()],
-    };
-    let count = |f: fn(&crate::quant::plan::SiteReport) -> &Option<String>| {
-        let mut m = BTreeMap::new();
-        for s in &plan.sites {
-            *m.entry(f(s).clone().unwrap_or_else(|| "none".into())).or_insert(0) += 1;
-        }
-        m
-    };
-    let summary = TrainSummary {
-        job,
-        steps: cfg.train.steps,
-        resumed_from: resume_dir.map(|d| d.display().to_string()),
-        samples: cfg.eval.samples,
-        sampler: sampler_label(cfg),
-        fid_real_heldout: scorer.fid_real_heldout,
-        teacher: StageEval { eval: teacher_eval, psnr_vs_teacher: None },
-        ptq: StageEval { eval: ptq_eval, psnr_vs_teacher: Some(psnr(&ptq_images, &teacher_images)) },
-        finetuned: StageEval { eval: ft_eval, psnr_vs_teacher: Some(psnr(&ft_images, &teacher_images)) },
-        final_loss: last_loss,
-        router_usage,
-        weight_formats: count(|s| &s.weight_format),
-        act_formats: count(|s| &s.act_format),
-        sizes: file_sizes(&teacher, &packed_path)?,
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    crate::train::atomic_write(
-        &out_dir.join("summary.json"),
-        &serde_json::to_vec_pretty(&summary).expect("json"),
-    )?;
-    Ok(TrainOutput { summary, student })
+    let packed = out_dir.join(PACKED_FILE);
+    super::export::export(&student, &plan, cfg, &packed)?;
+    Ok(Fitted { student, teacher, plan, resumed_from: resume_dir, final_loss: last_loss, packed })
 }
 
 /// The calibrated (PTQ) student with fresh adapters, ready to train.
-fn calibrate_student(cfg: &Config, sampler: &Sampler, ad: &Device) -> Result<(Denoiser, StudentPlan)> {
+pub fn calibrate_student(cfg: &Config, sampler: &Sampler, ad: &Device) -> Result<(Denoiser, StudentPlan)> {
     let mut model = params::set_trainable(super::sample::load_model(cfg, None, ad)?, |_| false);
     let n = cfg.finetune.calib_samples;
     let labels: Vec<usize> = (0..n).map(|i| i % NUM_CLASSES).collect();

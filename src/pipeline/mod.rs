@@ -1,5 +1,6 @@
 //! The stages of a job, each a plain function over a config.
 
+pub mod ablation;
 pub mod classifier;
 pub mod eval;
 pub mod export;

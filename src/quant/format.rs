@@ -222,6 +222,39 @@ impl Format {
     pub fn round(&self, x: f32) -> f32 {
         let (negative, a) =
             if self.signed { (x < 0.0, x.abs()) } else { (false, if x > 0.0 { x } else { 0.0 }) };
+        let r = if a >= self.max() { self.max() } else { self.round_magnitude(a) };
+        if negative { -r } else { r }
+    }
+
+    /// Rounds `0 <= a < max` with a few integer operations (this runs once per element of
+    /// every quantized tensor on the CPU): integers and the subnormal range have a fixed step,
+    /// so round `a / step`; in the normal range round the `f32` bit pattern to `man_bits`
+    /// mantissa bits (ties to even: the kept last bit is the code's last bit; a carry moves to
+    /// the next binade), then saturate at `max`. Tested equal to [`Self::round_by_search`].
+    fn round_magnitude(&self, a: f32) -> f32 {
+        match self.kind {
+            Kind::Int { .. } => a.round_ties_even(),
+            Kind::Float { man_bits, .. } => {
+                let e_min = 1 - self.bias();
+                if a < pow2_f32(e_min) {
+                    let step = pow2_f32(e_min - man_bits as i32);
+                    (a / step).round_ties_even() * step
+                } else {
+                    let shift = 23 - man_bits;
+                    let bits = a.to_bits();
+                    let lsb = (bits >> shift) & 1;
+                    let rounded = (bits + (1 << (shift - 1)) - 1 + lsb) & !((1u32 << shift) - 1);
+                    f32::from_bits(rounded).min(self.max())
+                }
+            }
+        }
+    }
+
+    /// [`Self::round`] by binary search over the grid: the definition the fast path is checked
+    /// against.
+    pub fn round_by_search(&self, x: f32) -> f32 {
+        let (negative, a) =
+            if self.signed { (x < 0.0, x.abs()) } else { (false, if x > 0.0 { x } else { 0.0 }) };
         let r = if a >= self.max() {
             self.max()
         } else {
@@ -234,6 +267,11 @@ impl Format {
         };
         if negative { -r } else { r }
     }
+}
+
+/// `2^e` as an `f32`, for `e` in the normal range.
+fn pow2_f32(e: i32) -> f32 {
+    f32::from_bits(((e + 127) as u32) << 23)
 }
 
 impl FromStr for Format {

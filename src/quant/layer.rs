@@ -171,7 +171,6 @@ mod tests {
             act: Some(ActQuant::new(af.clone(), a_scale, Some(a_zero), 1000)),
             observer: None,
             weight_sets: None,
-            weight_sets: None,
         });
         for (t, s, z) in [(10, 0.5, -0.3), (999, 0.25, -1.0)] {
             let out = layer.forward(x.clone(), &StepCtx::at(t));
@@ -224,7 +223,6 @@ mod tests {
                 1000,
             )),
             observer: None,
-            weight_sets: None,
             weight_sets: None,
         });
         let loss = layer.forward(input([4, 6], &device), &StepCtx::at(5)).square().sum();

@@ -7,7 +7,7 @@
 
 use std::f32::consts::LN_2;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor, TensorData};
 
 use super::format::Format;
 use crate::error::{Error, Result};
@@ -15,9 +15,25 @@ use crate::error::{Error, Result};
 /// Rounds every element to the nearest value of `format`'s grid, ties to the even code,
 /// saturating at the ends; bit-identical to [`Format::round`] on each element.
 ///
-/// No gradient flows through it (its derivative is zero almost everywhere): use
-/// [`grid_round_ste`] inside a differentiable computation.
+/// On the CPU (flex) this is one pass of [`Format::round`] over the values in host memory,
+/// which flex tensors already live in; elsewhere it is [`grid_round_elementwise`]. No gradient
+/// flows through it (its derivative is zero almost everywhere): use [`grid_round_ste`] inside a
+/// differentiable computation.
 pub fn grid_round<const D: usize>(v: Tensor<D>, format: &Format) -> Tensor<D> {
+    let device = v.device();
+    if device == Device::flex() {
+        let dims = v.dims();
+        let mut values = v.into_data().try_into_vec::<f32>().expect("f32 tensor");
+        for x in &mut values {
+            *x = format.round(*x);
+        }
+        return Tensor::from_data(TensorData::new(values, dims), &device);
+    }
+    grid_round_elementwise(v, format)
+}
+
+/// [`grid_round`] written as elementwise tensor operations, for every backend.
+pub fn grid_round_elementwise<const D: usize>(v: Tensor<D>, format: &Format) -> Tensor<D> {
     let negative = format.signed().then(|| v.clone().lower_elem(0.0));
     let a = if format.signed() {
         v.abs()
@@ -95,6 +111,9 @@ pub fn fake_quantize<const D: usize>(
     scale: Tensor<D>,
     zero_point: Option<Tensor<D>>,
 ) -> Tensor<D> {
+    if let Some(q) = fake_quantize_host(&x, format, &scale, zero_point.as_ref()) {
+        return q;
+    }
     let shifted = match &zero_point {
         Some(z) => x - z.clone(),
         None => x,
@@ -105,6 +124,59 @@ pub fn fake_quantize<const D: usize>(
         Some(z) => q + z,
         None => q,
     }
+}
+
+/// Inference fast path on the CPU: without autodiff, and with a scale per tensor or per
+/// leading-dimension block, the whole quantizer is one pass over host memory, computed with
+/// the same `f32` operations in the same order as the tensor code (`r = round(clamp((x - z) /
+/// s))`, then `r * s + z`), so the values are identical. `None` where it does not apply.
+fn fake_quantize_host<const D: usize>(
+    x: &Tensor<D>,
+    format: &Format,
+    scale: &Tensor<D>,
+    zero_point: Option<&Tensor<D>>,
+) -> Option<Tensor<D>> {
+    let device = x.device();
+    if device != Device::flex()
+        || x.is_autodiff()
+        || scale.is_autodiff()
+        || zero_point.is_some_and(|z| z.is_autodiff())
+    {
+        return None;
+    }
+    let dims = x.dims();
+    let blocks = scale.dims()[0];
+    let leading_only = scale.dims().iter().skip(1).all(|&d| d == 1);
+    if !leading_only
+        || !(blocks == 1 || blocks == dims[0])
+        || zero_point.is_some_and(|z| z.dims() != scale.dims())
+    {
+        return None;
+    }
+    let s = scale.clone().into_data().try_into_vec::<f32>().ok()?;
+    let z = match zero_point {
+        Some(z) => Some(z.clone().into_data().try_into_vec::<f32>().ok()?),
+        None => None,
+    };
+    let mut values = x.clone().into_data().try_into_vec::<f32>().ok()?;
+    let block = values.len() / blocks.max(1);
+    let (lo, hi) = (format.min(), format.max());
+    for (b, chunk) in values.chunks_mut(block.max(1)).enumerate() {
+        let (s, z) = (s[b], z.as_ref().map(|z| z[b]));
+        for v in chunk {
+            let shifted = match z {
+                Some(z) => *v - z,
+                None => *v,
+            };
+            // `+ 0.0` turns a rounded -0 into +0, as `v + (r - v)` does in the tensor code.
+            let r = (format.round((shifted / s).clamp(lo, hi)) + 0.0) * s;
+            *v = match z {
+                Some(z) => r + z,
+                None => r,
+            };
+        }
+    }
+    Some(Tensor::from_data(TensorData::new(values, dims), &device))
 }
 
 /// Views `x` as `[numel / group, group]`: each row is `group` consecutive elements along the
@@ -212,6 +284,21 @@ mod tests {
     }
 
     #[test]
+    fn scalar_fast_round_equals_grid_search() {
+        for spec in fixtures::all_specs() {
+            let format = fmt(&spec);
+            let mut xs = probe_inputs(&format);
+            if fixtures::REFERENCE_FORMATS.contains(&spec.as_str()) {
+                xs.extend(fixtures::vectors(&spec).into_iter().map(|(x, _)| x));
+            }
+            for x in xs {
+                let (fast, search) = (format.round(x), format.round_by_search(x));
+                assert_eq!(fast.to_bits(), search.to_bits(), "{spec}: x = {x:e}");
+            }
+        }
+    }
+
+    #[test]
     fn flex_round_is_ties_to_even() {
         let device = Device::flex();
         let x = [0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, 4.4999995, 8_388_607.5];
@@ -240,7 +327,9 @@ mod tests {
         for spec in fixtures::all_specs() {
             let format = fmt(&spec);
             let xs = probe_inputs(&format);
-            let got = values(grid_round(tensor(&xs, &device), &format));
+            let got = values(grid_round_elementwise(tensor(&xs, &device), &format));
+            let host = values(grid_round(tensor(&xs, &device), &format));
+            assert!(got.iter().zip(&host).all(|(a, b)| a.to_bits() == b.to_bits()), "{spec}: host path");
             let bad: Vec<_> = xs
                 .iter()
                 .zip(&got)
@@ -258,7 +347,7 @@ mod tests {
         for name in fixtures::REFERENCE_FORMATS {
             let format = fmt(name);
             let (xs, want): (Vec<f32>, Vec<f32>) = fixtures::vectors(name).into_iter().unzip();
-            let got = values(grid_round(tensor(&xs, &device), &format));
+            let got = values(grid_round_elementwise(tensor(&xs, &device), &format));
             let bad: Vec<_> = (0..xs.len())
                 .filter(|&i| got[i] != want[i])
                 .take(5)
@@ -275,7 +364,11 @@ mod tests {
 
     #[test]
     fn fake_quantize_forward_matches_scalar_formula() {
+        // Inner flex tensors take the one-pass host path, autodiff ones the tensor code: both
+        // must give the same bits.
+        let mut by_path: Vec<Vec<u32>> = Vec::new();
         for device in [Device::flex(), Device::flex().autodiff()] {
+            let mut bits = Vec::new();
             for (spec, s, z) in [
                 ("e2m1", 0.37f32, 0.0f32),
                 ("e4m3", 0.011, 0.0),
@@ -292,6 +385,7 @@ mod tests {
                 let scale = Tensor::<2>::full([1, 1], s, &device);
                 let zero = (z != 0.0).then(|| Tensor::<2>::full([1, 1], z, &device));
                 let got = values(fake_quantize(x.clone(), &format, scale, zero));
+                bits.extend(got.iter().map(|g| g.to_bits()));
                 for (x, g) in xs.iter().zip(got) {
                     let want = scalar_fake_quant(&format, *x, s, z);
                     // Equal as numbers: the STE's `v + (r - v)` turns a rounded -0 into +0.
@@ -301,7 +395,9 @@ mod tests {
                     }
                 }
             }
+            by_path.push(bits);
         }
+        assert!(by_path[0] == by_path[1], "host and tensor paths differ");
     }
 
     #[test]

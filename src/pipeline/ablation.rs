@@ -1,0 +1,317 @@
+//! `msfp ablation`: MSFP's ablation on one teacher, row by row and seed by seed.
+//!
+//! Every (row, seed) is one `msfp train`-style run of the base config with the row's overrides
+//! (`<out>/runs/<row>/seed<k>/`, resumable), evaluated on `eval.samples` samples from the seed's
+//! noise; its result is written to `<out>/results/<row>-seed<k>.json` as soon as it is known and
+//! skipped when the command runs again, so the table can be built over several sessions.
+//! `<out>/results.json` aggregates every finished result (mean and std over seeds).
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use serde::{Deserialize, Serialize};
+
+use super::eval::{Scorer, psnr, sampler_label};
+use super::finetune::{calibrate_student, fit, trajectory_sampler};
+use super::pretrain::Resume;
+use crate::config::Config;
+use crate::diffusion::NoiseSchedule;
+use crate::error::{Error, Result};
+
+/// What a row measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The full-precision teacher.
+    Teacher,
+    /// Calibration only.
+    Ptq,
+    /// Calibration and fine-tuning.
+    Finetune,
+}
+
+pub struct Row {
+    pub id: &'static str,
+    pub what: &'static str,
+    pub w_bits: u32,
+    pub a_bits: u32,
+    pub stage: Stage,
+    /// `--set` overrides on the base config.
+    pub overrides: &'static [&'static str],
+}
+
+/// The paper's ablation, in the order of its table.
+pub const ROWS: &[Row] = &[
+    Row {
+        id: "teacher",
+        what: "FP32 teacher",
+        w_bits: 32,
+        a_bits: 32,
+        stage: Stage::Teacher,
+        overrides: &[],
+    },
+    Row {
+        id: "int4_ft",
+        what: "W4A4 INT4 (int4 weights, uint4 + zero point activations, 8-bit ends), same fine-tuning as msfp_full",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Finetune,
+        overrides: &[
+            "quant.weight=\"int4\"",
+            "quant.act=\"uint4\"",
+            "quant.layers=[{pattern=\"conv_in\",weight=\"int8\",act=\"int8\"},{pattern=\"conv_out\",weight=\"int8\",act=\"uint8\"}]",
+        ],
+    },
+    Row {
+        id: "fp4_signed_ptq",
+        what: "W4A4 signed FP4 everywhere, PTQ only",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Ptq,
+        overrides: &["mixup.mixup_sign=false"],
+    },
+    Row {
+        id: "msfp_ptq",
+        what: "W4A4 mixup-sign FP4, PTQ only",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Ptq,
+        overrides: &[],
+    },
+    Row {
+        id: "msfp_lora",
+        what: "+ one LoRA (K = 1), plain MSE",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Finetune,
+        overrides: &["lora.adapters=1", "loss.kind=\"mse\""],
+    },
+    Row {
+        id: "msfp_talora",
+        what: "+ TALoRA (K adapters, router), plain MSE",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Finetune,
+        overrides: &["loss.kind=\"mse\""],
+    },
+    Row {
+        id: "msfp_full",
+        what: "+ DFA: full MSFP",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Finetune,
+        overrides: &[],
+    },
+    Row {
+        id: "w4a8_msfp_full",
+        what: "full MSFP, 8-bit FP activations",
+        w_bits: 4,
+        a_bits: 8,
+        stage: Stage::Finetune,
+        overrides: &["quant.act=\"fp8\""],
+    },
+    Row {
+        id: "w8a8_msfp_full",
+        what: "full MSFP, 8-bit FP weights and activations",
+        w_bits: 8,
+        a_bits: 8,
+        stage: Stage::Finetune,
+        overrides: &["quant.weight=\"fp8\"", "quant.act=\"fp8\""],
+    },
+];
+
+/// One finished (row, seed).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunResult {
+    pub row: String,
+    pub seed: u64,
+    pub fid: f64,
+    pub accuracy: f64,
+    pub psnr_vs_teacher: Option<f64>,
+    pub samples: usize,
+    pub sampler: String,
+    pub seconds: f64,
+    pub command: String,
+}
+
+/// One row of the table, over its finished seeds.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableRow {
+    pub row: String,
+    pub what: String,
+    pub w_bits: u32,
+    pub a_bits: u32,
+    pub fid_mean: f64,
+    pub fid_std: f64,
+    pub accuracy: f64,
+    pub psnr_vs_teacher: Option<f64>,
+    pub seeds: Vec<u64>,
+    pub samples: usize,
+    pub fid_real_heldout: f64,
+}
+
+fn result_path(out: &Path, row: &str, seed: u64) -> PathBuf {
+    out.join("results").join(format!("{row}-seed{seed}.json"))
+}
+
+/// The config of one (row, seed): the base, the row's overrides, the seed (fine-tuning and
+/// evaluation noise), and a run directory of its own.
+pub fn row_config(
+    base: &Path,
+    base_overrides: &[String],
+    row: &Row,
+    seed: u64,
+    out: &Path,
+) -> Result<Config> {
+    let mut overrides: Vec<String> = base_overrides.to_vec();
+    overrides.extend(row.overrides.iter().map(|s| s.to_string()));
+    let run_dir = out.join("runs").join(row.id).join(format!("seed{seed}"));
+    overrides.push(format!("run.out_dir={}", toml_string(&run_dir.display().to_string())));
+    overrides.push(format!("run.seed={seed}"));
+    let mut cfg = Config::load(base, &overrides)?;
+    cfg.eval.seed = cfg.eval.seed.wrapping_add(seed);
+    Ok(cfg)
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// Runs every (row, seed) that has no result yet, then rewrites `<out>/results.json`.
+pub fn run(
+    base: &Path,
+    base_overrides: &[String],
+    rows: &[String],
+    seeds: &[u64],
+    out: &Path,
+    command: &str,
+) -> Result<Vec<TableRow>> {
+    let selected: Vec<&Row> = if rows.is_empty() {
+        ROWS.iter().collect()
+    } else {
+        rows.iter()
+            .map(|r| {
+                ROWS.iter().find(|row| row.id == r).ok_or_else(|| {
+                    let ids: Vec<&str> = ROWS.iter().map(|r| r.id).collect();
+                    Error::usage(format!("--rows: unknown row `{r}`; the rows are {}", ids.join(", ")))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    std::fs::create_dir_all(out.join("results")).map_err(|e| crate::error::io_err(out, e))?;
+    // Validate every config before spending time on any run.
+    for row in &selected {
+        for &seed in seeds {
+            row_config(base, base_overrides, row, seed, out)
+                .map_err(|e| e.context(format!("row {}", row.id)))?;
+        }
+    }
+    for &seed in seeds {
+        let mut teacher_images: Option<Vec<f32>> = None;
+        for row in &selected {
+            let path = result_path(out, row.id, seed);
+            if path.exists() {
+                tracing::info!("{} seed {seed}: done ({}), skipped", row.id, path.display());
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let cfg = row_config(base, base_overrides, row, seed, out)?;
+            let device = crate::device::make_device(&cfg.run.device)?;
+            tracing::info!("{} seed {seed}: {}", row.id, row.what);
+            let teacher = super::sample::load_model(&cfg, None, &device)?;
+            let scorer = Scorer::new(&cfg, &device)?;
+            let model = match row.stage {
+                Stage::Teacher => teacher.clone(),
+                Stage::Ptq => {
+                    let sampler = trajectory_sampler(&cfg, &NoiseSchedule::new(&cfg.diffusion));
+                    let mut ptq_cfg = cfg.clone();
+                    ptq_cfg.lora.rank = 0;
+                    let (student, _) = calibrate_student(&ptq_cfg, &sampler, &device.clone().autodiff())?;
+                    student.valid()
+                }
+                Stage::Finetune => fit(&cfg, Resume::Auto)?.student,
+            };
+            tracing::info!("{} seed {seed}: evaluating on {} samples", row.id, cfg.eval.samples);
+            let (eval, images) = scorer.generate_and_score(&cfg, &model);
+            let psnr_vs_teacher = if row.stage == Stage::Teacher {
+                teacher_images = Some(images);
+                None
+            } else {
+                let t = match teacher_images.take() {
+                    Some(t) => t,
+                    None => scorer.generate_and_score(&cfg, &teacher).1,
+                };
+                let p = psnr(&images, &t);
+                teacher_images = Some(t);
+                Some(p)
+            };
+            let result = RunResult {
+                row: row.id.to_string(),
+                seed,
+                fid: eval.fid,
+                accuracy: eval.accuracy,
+                psnr_vs_teacher,
+                samples: cfg.eval.samples,
+                sampler: sampler_label(&cfg),
+                seconds: started.elapsed().as_secs_f64(),
+                command: command.to_string(),
+            };
+            tracing::info!("{} seed {seed}: FID {:.2}, accuracy {:.3}", row.id, result.fid, result.accuracy);
+            crate::train::atomic_write(&path, &serde_json::to_vec_pretty(&result).expect("json"))?;
+        }
+    }
+    let table = aggregate(base, base_overrides, out)?;
+    crate::train::atomic_write(&out.join("results.json"), &serde_json::to_vec_pretty(&table).expect("json"))?;
+    Ok(table)
+}
+
+/// Every finished result under `<out>/results/`, as table rows in the paper's order.
+pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path) -> Result<Vec<TableRow>> {
+    let mut table = Vec::new();
+    let fid_real_heldout = {
+        let cfg = Config::load(base, base_overrides)?;
+        let device = crate::device::make_device(&cfg.run.device)?;
+        Scorer::new(&cfg, &device)?.fid_real_heldout
+    };
+    for row in ROWS {
+        let mut results: Vec<RunResult> = Vec::new();
+        let Ok(entries) = std::fs::read_dir(out.join("results")) else { continue };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for p in paths {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if !name.starts_with(&format!("{}-seed", row.id)) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).map_err(|e| crate::error::io_err(&p, e))?;
+            let r: RunResult = serde_json::from_str(&text).map_err(|e| {
+                Error::runtime(format!("{}: {e}; delete it to rerun that (row, seed)", p.display()))
+            })?;
+            results.push(r);
+        }
+        if results.is_empty() {
+            continue;
+        }
+        let n = results.len() as f64;
+        let mean = |f: &dyn Fn(&RunResult) -> f64| results.iter().map(f).sum::<f64>() / n;
+        let fid_mean = mean(&|r| r.fid);
+        let fid_std = (results.iter().map(|r| (r.fid - fid_mean).powi(2)).sum::<f64>() / n).sqrt();
+        let psnr = results
+            .iter()
+            .all(|r| r.psnr_vs_teacher.is_some())
+            .then(|| mean(&|r| r.psnr_vs_teacher.unwrap_or(0.0)));
+        table.push(TableRow {
+            row: row.id.to_string(),
+            what: row.what.to_string(),
+            w_bits: row.w_bits,
+            a_bits: row.a_bits,
+            fid_mean,
+            fid_std,
+            accuracy: mean(&|r| r.accuracy),
+            psnr_vs_teacher: psnr,
+            seeds: results.iter().map(|r| r.seed).collect(),
+            samples: results[0].samples,
+            fid_real_heldout,
+        });
+    }
+    Ok(table)
+}
