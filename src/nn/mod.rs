@@ -15,30 +15,40 @@ pub use embedding::{ClassEmbedding, timestep_embedding};
 pub use linear::Linear;
 pub use norm::{GroupNorm, layer_norm};
 
-/// The weight a layer computes with (adapted by a merged TALoRA update, then fake-quantized;
-/// or the deployed per-adapter weight set of a packed model), and the full-precision low-rank
-/// update of a `branch` placement, which the layer applies to its unquantized input.
+/// The weight a layer computes with and, for the `branch` TALoRA placement, the full-precision
+/// low-rank update the layer applies to its unquantized input.
 pub fn layer_weight<const D: usize>(
     w0: burn::tensor::Tensor<D>,
     quant: Option<&crate::quant::layer::LayerQuant>,
     lora: Option<&crate::lora::Talora>,
     ctx: &StepCtx,
 ) -> (burn::tensor::Tensor<D>, Option<burn::tensor::Tensor<D>>) {
-    use crate::lora::Placement;
     let dims = w0.dims();
-    let branch = lora.filter(|l| l.placement == Placement::Branch).map(|l| l.delta_like(ctx, dims));
+    let branch =
+        lora.filter(|l| l.placement == crate::lora::Placement::Branch).map(|l| l.delta_like(ctx, dims));
+    (quantized_weight(w0, quant, lora, ctx), branch)
+}
+
+/// The (quantized) weight: `Q(W0 + B_k A_k)` for the merged placement, `Q(W0)` otherwise, or
+/// the deployed per-adapter weight set of a packed model.
+pub fn quantized_weight<const D: usize>(
+    w0: burn::tensor::Tensor<D>,
+    quant: Option<&crate::quant::layer::LayerQuant>,
+    lora: Option<&crate::lora::Talora>,
+    ctx: &StepCtx,
+) -> burn::tensor::Tensor<D> {
+    let dims = w0.dims();
     if let Some(sets) = quant.and_then(|q| q.weight_sets.as_ref()) {
-        return (crate::quant::layer::select_weight_set(sets.val(), ctx).reshape(dims), branch);
+        return crate::quant::layer::select_weight_set(sets.val(), ctx).reshape(dims);
     }
     let w = match lora {
-        Some(l) if l.placement == Placement::Merged => w0 + l.delta_like(ctx, dims),
+        Some(l) if l.placement == crate::lora::Placement::Merged => w0 + l.delta_like(ctx, dims),
         _ => w0,
     };
-    let w = match quant {
+    match quant {
         Some(q) => q.weight(w),
         None => w,
-    };
-    (w, branch)
+    }
 }
 
 /// What a forward pass knows about the denoising step it serves. Passed explicitly through

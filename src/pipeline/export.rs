@@ -165,3 +165,87 @@ pub fn load_packed_model(path: &Path, device: &Device) -> Result<Denoiser> {
     }
     params::load_subset(model, &file.dense, path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::{LoraConfig, RouterKind};
+    use crate::quant::plan::SiteReport;
+    use burn::tensor::Int;
+
+    fn tiny_cfg() -> Config {
+        let mut cfg = Config::default();
+        cfg.model.unet.base_channels = 8;
+        cfg.model.unet.channel_mult = vec![1, 2];
+        cfg.model.unet.attention_heads = 2;
+        cfg.model.unet.groups = 4;
+        cfg
+    }
+
+    /// A student with every layer at e2m1 weights and ue2m2 (+ zero point) inputs, two adapters
+    /// with non-zero updates, and the given placement and router.
+    fn student(placement: Placement, router: RouterKind, device: &Device) -> (Denoiser, StudentPlan, Config) {
+        let cfg = tiny_cfg();
+        let mut model = Denoiser::new(&cfg.model, &mut SeededRng::new(1), device);
+        let sites = model
+            .quant_sites()
+            .into_iter()
+            .map(|s| SiteReport {
+                path: s.path,
+                weight_format: Some("e2m1".into()),
+                act_format: Some("ue2m2".into()),
+                act_zero_point: Some(-0.2),
+                ..Default::default()
+            })
+            .collect();
+        let lora = LoraConfig { rank: 2, adapters: 2, router, placement, alpha: 2.0, router_hidden: 4 };
+        let plan = StudentPlan { sites, act_timestep_slots: 2, timesteps: 1000, lora };
+        student::build(&mut model, &plan, 0).unwrap();
+        // Scales of a plausible size and non-zero adapter updates, all from one stream.
+        let mut rng = SeededRng::new(5);
+        let model = params::map_params(model, |path, t| {
+            let n = t.dims()[0];
+            let v: Vec<f32> = if path.ends_with(".quant.weight.scale") {
+                (0..n).map(|_| 0.02 + 0.02 * rng.uniform()).collect()
+            } else if path.ends_with(".quant.act.scale") {
+                (0..n).map(|_| 0.1 + 0.1 * rng.uniform()).collect()
+            } else if path.ends_with(".lora.b") || path.starts_with("router.fc2") {
+                rng.normals(n).iter().map(|x| x * 0.05).collect()
+            } else {
+                return t;
+            };
+            Tensor::from_data(TensorData::new(v, [n]), &t.device())
+        });
+        (model, plan, cfg)
+    }
+
+    #[test]
+    fn packed_model_reproduces_the_fake_quant_student_for_both_placements() {
+        let device = Device::flex();
+        let dir = tempfile::tempdir().unwrap();
+        for (placement, router) in
+            [(Placement::Merged, RouterKind::Learned), (Placement::Branch, RouterKind::Range)]
+        {
+            let (model, plan, cfg) = student(placement, router, &device);
+            let path = dir.path().join(format!("{placement:?}.safetensors"));
+            export(&model, &plan, &cfg, &path).unwrap();
+            let packed = load_packed_model(&path, &device).unwrap();
+            let x = Tensor::<4>::from_data(
+                TensorData::new(SeededRng::new(9).normals(2 * 1024), [2, 1, 32, 32]),
+                &device,
+            );
+            let y = Tensor::<1, Int>::from_ints([3, 10], &device);
+            for t in [10usize, 600, 990] {
+                let tt = Tensor::<1>::full([2], t as f32, &device);
+                let ctx = StepCtx::at(t);
+                let fake = model.forward(x.clone(), tt.clone(), y.clone(), &ctx).into_data();
+                let real = packed.forward(x.clone(), tt, y.clone(), &ctx).into_data();
+                assert_eq!(fake, real, "{placement:?} t = {t}");
+            }
+            let file = load_packed_file(&path).unwrap();
+            let sets = file.packed["down.0.res.conv1.weight"].shape[0];
+            assert_eq!(sets, if placement == Placement::Merged { 2 } else { 1 });
+            assert_eq!(file.dense.contains_key("down.0.res.conv1.lora.a"), placement == Placement::Branch);
+        }
+    }
+}

@@ -54,12 +54,18 @@ impl LayerMut<'_> {
     /// The weight the layer computes with at `ctx` (adapted and fake-quantized), on the host.
     pub fn effective_weight_host(&self, ctx: &crate::nn::StepCtx) -> HostTensor {
         match self {
-            LayerMut::Linear(l) => HostTensor::from_tensor(
-                &crate::nn::layer_weight(l.weight.val(), l.quant.as_ref(), l.lora.as_ref(), ctx).0,
-            ),
-            LayerMut::Conv2d(c) => HostTensor::from_tensor(
-                &crate::nn::layer_weight(c.weight.val(), c.quant.as_ref(), c.lora.as_ref(), ctx).0,
-            ),
+            LayerMut::Linear(l) => HostTensor::from_tensor(&crate::nn::quantized_weight(
+                l.weight.val(),
+                l.quant.as_ref(),
+                l.lora.as_ref(),
+                ctx,
+            )),
+            LayerMut::Conv2d(c) => HostTensor::from_tensor(&crate::nn::quantized_weight(
+                c.weight.val(),
+                c.quant.as_ref(),
+                c.lora.as_ref(),
+                ctx,
+            )),
         }
     }
 
