@@ -213,6 +213,10 @@ fn main() {
             fake_quantize(x, &format, s, None)
         })
     });
+    // Inference (no autodiff): the one-pass host path on flex.
+    g.bench_function("fake_quant_inference", |b| {
+        b.iter(|| fake_quantize(x0.clone(), &format, s0.clone(), None))
+    });
     // x0 stays alive, so its storage is shared and `* 1.0` cannot run in place: flex (eager)
     // allocates a new tensor and writes every element, one read and one write of the tensor.
     g.bench_function("copy", |b| b.iter(|| x0.clone() * 1.0));
@@ -225,6 +229,7 @@ fn main() {
     let ours = median_ns("fake_quant_fwd_bwd", started).map(|v| v / 1e9);
     let fwd = median_ns("fake_quant_fwd", started).map(|v| v / 1e9);
     let copy = median_ns("copy", started).map(|v| v / 1e9);
+    let inference = median_ns("fake_quant_inference", started).map(|v| v / 1e9);
 
     let (torch, torch_reason) = match run_torch(elements, rows, cols, threads) {
         Ok(v) => (Some(v), None),
@@ -292,6 +297,8 @@ fn main() {
         "ratio_vs_copy": ours.zip(copy).map(|(a, b)| a / b),
         "ratio_vs_torch": ours.zip(torch_median).map(|(a, b)| a / b),
         "ratio_vs_torch_reason": torch_reason,
+        "fake_quant_inference_median_s": inference,
+        "ratio_inference_vs_copy": inference.zip(copy).map(|(a, b)| a / b),
         "torch": torch,
         "allocations_per_call": alloc_stats,
         "cross_check": cross_check,

@@ -219,35 +219,25 @@ impl Format {
     /// Rounds to the nearest representable value, ties to the even code, saturating at the
     /// grid's ends. A negative input that rounds to zero gives -0 in a signed format (as
     /// ml_dtypes does), +0 in an unsigned one. NaN input is the caller's problem.
+    #[inline]
     pub fn round(&self, x: f32) -> f32 {
-        let (negative, a) =
-            if self.signed { (x < 0.0, x.abs()) } else { (false, if x > 0.0 { x } else { 0.0 }) };
-        let r = if a >= self.max() { self.max() } else { self.round_magnitude(a) };
-        if negative { -r } else { r }
+        self.rounder().round(x)
     }
 
-    /// Rounds `0 <= a < max` with a few integer operations (this runs once per element of
-    /// every quantized tensor on the CPU): integers and the subnormal range have a fixed step,
-    /// so round `a / step`; in the normal range round the `f32` bit pattern to `man_bits`
-    /// mantissa bits (ties to even: the kept last bit is the code's last bit; a carry moves to
-    /// the next binade), then saturate at `max`. Tested equal to [`Self::round_by_search`].
-    fn round_magnitude(&self, a: f32) -> f32 {
-        match self.kind {
-            Kind::Int { .. } => a.round_ties_even(),
+    /// The constants of [`Self::round`], for loops over many values.
+    pub fn rounder(&self) -> Rounder {
+        let step = match self.kind {
+            Kind::Int { .. } => RoundStep::Int,
             Kind::Float { man_bits, .. } => {
                 let e_min = 1 - self.bias();
-                if a < pow2_f32(e_min) {
-                    let step = pow2_f32(e_min - man_bits as i32);
-                    (a / step).round_ties_even() * step
-                } else {
-                    let shift = 23 - man_bits;
-                    let bits = a.to_bits();
-                    let lsb = (bits >> shift) & 1;
-                    let rounded = (bits + (1 << (shift - 1)) - 1 + lsb) & !((1u32 << shift) - 1);
-                    f32::from_bits(rounded).min(self.max())
+                RoundStep::Float {
+                    min_normal: pow2_f32(e_min),
+                    subnormal_step: pow2_f32(e_min - man_bits as i32),
+                    shift: 23 - man_bits,
                 }
             }
-        }
+        };
+        Rounder { signed: self.signed, max: self.max(), step }
     }
 
     /// [`Self::round`] by binary search over the grid: the definition the fast path is checked
@@ -269,7 +259,63 @@ impl Format {
     }
 }
 
+/// [`Format::round`] with its constants precomputed.
+///
+/// `0 <= a < max` is rounded with a few integer operations: integers and the subnormal range
+/// have a fixed step, so round `a / step`; in the normal range round the `f32` bit pattern to
+/// `man_bits` mantissa bits (ties to even: the kept last bit is the code's last bit; a carry
+/// moves to the next binade), then saturate at `max`. Tested equal to
+/// [`Format::round_by_search`] on every format.
+#[derive(Debug, Clone, Copy)]
+pub struct Rounder {
+    signed: bool,
+    max: f32,
+    step: RoundStep,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RoundStep {
+    Int,
+    Float { min_normal: f32, subnormal_step: f32, shift: u32 },
+}
+
+impl Rounder {
+    #[inline(always)]
+    pub fn round(&self, x: f32) -> f32 {
+        let (negative, a) =
+            if self.signed { (x < 0.0, x.abs()) } else { (false, if x > 0.0 { x } else { 0.0 }) };
+        let r = if a >= self.max {
+            self.max
+        } else {
+            match self.step {
+                RoundStep::Int => round_small(a),
+                RoundStep::Float { min_normal, subnormal_step, shift } => {
+                    if a < min_normal {
+                        round_small(a / subnormal_step) * subnormal_step
+                    } else {
+                        let bits = a.to_bits();
+                        let lsb = (bits >> shift) & 1;
+                        let rounded = (bits + (1 << (shift - 1)) - 1 + lsb) & !((1u32 << shift) - 1);
+                        f32::from_bits(rounded).min(self.max)
+                    }
+                }
+            }
+        };
+        if negative { -r } else { r }
+    }
+}
+
+/// Round to nearest integer, ties to even, for `0 <= y < 2^23`: adding 2^23 leaves no fraction
+/// bits, so the addition itself rounds (ties to even), and subtracting it back is exact.
+/// Inline arithmetic where `round_ties_even` is a libm call.
+#[inline]
+fn round_small(y: f32) -> f32 {
+    const MAGIC: f32 = 8_388_608.0;
+    (y + MAGIC) - MAGIC
+}
+
 /// `2^e` as an `f32`, for `e` in the normal range.
+#[inline]
 fn pow2_f32(e: i32) -> f32 {
     f32::from_bits(((e + 127) as u32) << 23)
 }

@@ -76,7 +76,35 @@ impl ActQuant {
 }
 
 /// Shared sink for the input statistics of one layer during calibration.
-pub type Observer = std::sync::Arc<std::sync::Mutex<super::calib::ActStats>>;
+pub type Observer = std::sync::Arc<std::sync::Mutex<SlotStats>>;
+
+/// Calibration statistics of one layer input: over all timesteps, and per timestep slot (slot
+/// `t * slots / timesteps`, as [`ActQuant::slot`]) when there are several slots.
+#[derive(Debug, Clone)]
+pub struct SlotStats {
+    pub all: super::calib::ActStats,
+    pub slots: Vec<super::calib::ActStats>,
+    pub timesteps: usize,
+}
+
+impl SlotStats {
+    pub fn new(slots: usize, timesteps: usize, capacity: usize, seed: u64) -> Self {
+        let per_slot = if slots > 1 {
+            (0..slots).map(|k| super::calib::ActStats::new(capacity, seed ^ ((k as u64 + 1) << 40))).collect()
+        } else {
+            Vec::new()
+        };
+        Self { all: super::calib::ActStats::new(capacity, seed), slots: per_slot, timesteps }
+    }
+
+    pub fn observe(&mut self, values: &[f32], timestep: Option<usize>) {
+        self.all.observe(values);
+        let n = self.slots.len();
+        if let (Some(t), true) = (timestep, n > 1) {
+            self.slots[(t.min(self.timesteps - 1) * n) / self.timesteps].observe(values);
+        }
+    }
+}
 
 /// The quantizers of one layer; either may be absent (e.g. weight-only quantization).
 #[derive(Module, Debug)]
@@ -103,7 +131,7 @@ impl LayerQuant {
     pub fn input<const D: usize>(&self, x: Tensor<D>, ctx: &StepCtx) -> Tensor<D> {
         if let Some(obs) = &self.observer {
             let values = crate::train::params::host_values(x.clone());
-            obs.lock().expect("observer lock").observe(&values);
+            obs.lock().expect("observer lock").observe(&values, ctx.timestep);
         }
         match &self.act {
             Some(q) => q.forward(x, ctx),

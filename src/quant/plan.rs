@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::calib::{ActStats, CalibConfig, Granularity, Objective, search_clipping, search_fp_formats};
 use super::format::Format;
-use super::layer::{ActQuant, LayerQuant, Observer, WeightQuant};
+use super::layer::{ActQuant, LayerQuant, Observer, SlotStats, WeightQuant};
 use super::mixup::{MixupConfig, SignClass, choose_activation_format};
 use crate::error::{Error, Result};
 use crate::models::Denoiser;
@@ -148,6 +148,11 @@ pub struct SiteReport {
     pub act_error: Option<f64>,
     pub act_min: Option<f32>,
     pub act_max: Option<f32>,
+    /// With several timestep slots: each slot's own calibrated scale (and zero point).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act_slot_scales: Option<Vec<f32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act_slot_zero_points: Option<Vec<f32>>,
 }
 
 /// Post-training calibration of `model` in place. `run` must push calibration inputs through
@@ -169,7 +174,12 @@ pub fn calibrate(
     for (i, mut site) in model.quant_sites().into_iter().enumerate() {
         let plan = quant.resolve(&site.path)?;
         let observer = (plan.act != FormatChoice::None).then(|| {
-            let stats = ActStats::new(calib.sample_size, seed.wrapping_add(i as u64));
+            let stats = SlotStats::new(
+                quant.act_timestep_slots,
+                timesteps,
+                calib.sample_size,
+                seed.wrapping_add(i as u64),
+            );
             std::sync::Arc::new(std::sync::Mutex::new(stats))
         });
         *site.layer.quant_mut() = observer.clone().map(|o| LayerQuant {
@@ -210,7 +220,8 @@ pub fn calibrate(
         let act = match (&plan.act, observer) {
             (FormatChoice::None, _) | (_, None) => None,
             (choice, Some(obs)) => {
-                let stats = obs.lock().expect("observer lock").clone();
+                let slot_stats = obs.lock().expect("observer lock").clone();
+                let stats = slot_stats.all.clone();
                 if stats.count == 0 {
                     return Err(Error::runtime(format!(
                         "calibration never reached layer `{}`: the calibration run must call the model",
@@ -245,11 +256,32 @@ pub fn calibrate(
                 report.act_error = Some(error);
                 report.act_min = Some(stats.min);
                 report.act_max = Some(stats.max);
+                // One scale (and zero point) per timestep slot: the format is the one chosen on
+                // all timesteps, the clipping is searched again on each slot's own inputs (a slot
+                // the calibration never reached keeps the overall values).
+                let format = Format::parse(&spec)?;
                 let slots = quant.act_timestep_slots;
-                let scales = Tensor::<1>::from_data(TensorData::new(vec![scale; slots], [slots]), &device);
-                let zeros =
-                    zero.map(|z| Tensor::<1>::from_data(TensorData::new(vec![z; slots], [slots]), &device));
-                Some(ActQuant::new(Format::parse(&spec)?, scales, zeros, timesteps))
+                let (mut scales, mut zeros) = (vec![scale; slots], zero.map(|z| vec![z; slots]));
+                for (k, s) in slot_stats.slots.iter().enumerate().filter(|(_, s)| s.count > 0) {
+                    let r = search_clipping(
+                        &format,
+                        s.sample(),
+                        &[s.sample().len()],
+                        &CalibConfig { granularity: Granularity::PerTensor, ..calib.clone() },
+                        &Objective::TensorMse,
+                    )?;
+                    scales[k] = r.scales[0];
+                    if let (Some(z), Some(rz)) = (zeros.as_mut(), r.zero_points.as_ref()) {
+                        z[k] = rz[0];
+                    }
+                }
+                if slots > 1 {
+                    report.act_slot_scales = Some(scales.clone());
+                    report.act_slot_zero_points = zeros.clone();
+                }
+                let scales = Tensor::<1>::from_data(TensorData::new(scales, [slots]), &device);
+                let zeros = zeros.map(|z| Tensor::<1>::from_data(TensorData::new(z, [slots]), &device));
+                Some(ActQuant::new(format, scales, zeros, timesteps))
             }
         };
         *site.layer.quant_mut() = (weight.is_some() || act.is_some()).then_some(LayerQuant {
@@ -336,6 +368,32 @@ mod tests {
         let q = model.forward(x, t, y, &StepCtx::at(300));
         let diff = (q.clone() - fp).abs().max().into_scalar::<f32>();
         assert!(diff > 1e-4 && q.abs().max().into_scalar::<f32>().is_finite(), "{diff}");
+    }
+
+    #[test]
+    fn timestep_slots_get_their_own_calibrated_scales() {
+        let device = Device::flex();
+        let mut model = tiny_unet(&device);
+        let (x, _, y) = batch(&device);
+        let quant = QuantConfig { act_timestep_slots: 2, ..Default::default() };
+        let calib =
+            CalibConfig { clip_grid: 10, zero_point_grid: 3, sample_size: 2048, ..Default::default() };
+        // Slot 0 sees small inputs, slot 1 inputs ten times larger.
+        let reports = calibrate(&mut model, &quant, &calib, &MixupConfig::default(), 1000, 0, |m| {
+            for (t, gain) in [(100usize, 0.1f32), (900, 1.0)] {
+                let tt = Tensor::from_floats([t as f32, t as f32], &device);
+                m.forward(x.clone() * gain, tt, y.clone(), &StepCtx::at(t));
+            }
+            Ok(())
+        })
+        .unwrap();
+        let conv_in = reports.iter().find(|r| r.path == "conv_in").unwrap();
+        let scales = conv_in.act_slot_scales.as_ref().expect("per-slot scales");
+        assert!(scales[1] > 5.0 * scales[0], "{scales:?}");
+        // The layer carries them, selected by the timestep.
+        let site = model.quant_sites().into_iter().find(|s| s.path == "conv_in").unwrap();
+        let act = site.layer.quant().unwrap().act.as_ref().unwrap();
+        assert_eq!(crate::train::params::host_values(act.scale.val()), *scales);
     }
 
     #[test]

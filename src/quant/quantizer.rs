@@ -24,8 +24,9 @@ pub fn grid_round<const D: usize>(v: Tensor<D>, format: &Format) -> Tensor<D> {
     if device == Device::flex() {
         let dims = v.dims();
         let mut values = v.into_data().try_into_vec::<f32>().expect("f32 tensor");
+        let rounder = format.rounder();
         for x in &mut values {
-            *x = format.round(*x);
+            *x = rounder.round(*x);
         }
         return Tensor::from_data(TensorData::new(values, dims), &device);
     }
@@ -161,19 +162,15 @@ fn fake_quantize_host<const D: usize>(
     let mut values = x.clone().into_data().try_into_vec::<f32>().ok()?;
     let block = values.len() / blocks.max(1);
     let (lo, hi) = (format.min(), format.max());
+    let rounder = format.rounder();
+    // `+ 0.0` turns a rounded -0 into +0, as `v + (r - v)` does in the tensor code.
     for (b, chunk) in values.chunks_mut(block.max(1)).enumerate() {
-        let (s, z) = (s[b], z.as_ref().map(|z| z[b]));
-        for v in chunk {
-            let shifted = match z {
-                Some(z) => *v - z,
-                None => *v,
-            };
-            // `+ 0.0` turns a rounded -0 into +0, as `v + (r - v)` does in the tensor code.
-            let r = (format.round((shifted / s).clamp(lo, hi)) + 0.0) * s;
-            *v = match z {
-                Some(z) => r + z,
-                None => r,
-            };
+        let s = s[b];
+        match z.as_ref().map(|z| z[b]) {
+            Some(z) => chunk
+                .iter_mut()
+                .for_each(|v| *v = (rounder.round(((*v - z) / s).clamp(lo, hi)) + 0.0) * s + z),
+            None => chunk.iter_mut().for_each(|v| *v = (rounder.round((*v / s).clamp(lo, hi)) + 0.0) * s),
         }
     }
     Some(Tensor::from_data(TensorData::new(values, dims), &device))
