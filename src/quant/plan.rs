@@ -9,7 +9,7 @@
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::calib::{ActStats, CalibConfig, Granularity, Objective, search_clipping, search_fp_formats};
+use super::calib::{CalibConfig, Granularity, Objective, search_clipping, search_fp_formats};
 use super::format::Format;
 use super::layer::{ActQuant, LayerQuant, Observer, SlotStats, WeightQuant};
 use super::mixup::{MixupConfig, SignClass, choose_activation_format};
