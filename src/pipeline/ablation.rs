@@ -232,13 +232,20 @@ pub fn run(
             };
             tracing::info!("{} seed {seed}: evaluating on {} samples", row.id, cfg.eval.samples);
             let (eval, images) = scorer.generate_and_score(&cfg, &model);
+            let cache = teacher_cache(out, seed, cfg.eval.samples);
             let psnr_vs_teacher = if row.stage == Stage::Teacher {
+                write_images(&cache, &images)?;
                 teacher_images = Some(images);
                 None
             } else {
-                let t = match teacher_images.take() {
+                let t = match teacher_images.take().or_else(|| read_images(&cache, images.len())) {
                     Some(t) => t,
-                    None => scorer.generate_and_score(&cfg, &teacher).1,
+                    None => {
+                        tracing::info!("{} seed {seed}: sampling the teacher for PSNR", row.id);
+                        let t = scorer.generate_and_score(&cfg, &teacher).1;
+                        write_images(&cache, &t)?;
+                        t
+                    }
                 };
                 let p = psnr(&images, &t);
                 teacher_images = Some(t);
@@ -262,6 +269,25 @@ pub fn run(
     let table = aggregate(base, base_overrides, out)?;
     crate::train::atomic_write(&out.join("results.json"), &serde_json::to_vec_pretty(&table).expect("json"))?;
     Ok(table)
+}
+
+/// The teacher's samples of a seed (raw little-endian `f32`), shared by the rows' PSNR.
+fn teacher_cache(out: &Path, seed: u64, samples: usize) -> PathBuf {
+    out.join("runs").join("teacher").join(format!("seed{seed}-n{samples}.f32"))
+}
+
+fn write_images(path: &Path, images: &[f32]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| crate::error::io_err(dir, e))?;
+    }
+    let bytes: Vec<u8> = images.iter().flat_map(|v| v.to_le_bytes()).collect();
+    crate::train::atomic_write(path, &bytes)
+}
+
+fn read_images(path: &Path, n: usize) -> Option<Vec<f32>> {
+    let bytes = std::fs::read(path).ok()?;
+    (bytes.len() == n * 4)
+        .then(|| bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
 /// Every finished result under `<out>/results/`, as table rows in the paper's order.
