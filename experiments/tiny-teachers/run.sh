@@ -15,8 +15,14 @@ cp runs/mnist_classifier/classifier.safetensors checkpoints/mnist_classifier.saf
 $msfp pretrain --config configs/tiny_unet_mnist.toml --resume auto > runs/pretrain_unet.log 2>&1 &
 $msfp pretrain --config configs/tiny_dit_mnist.toml --resume auto > runs/pretrain_dit.log 2>&1 &
 wait
-cp runs/tiny_unet_mnist/model.safetensors checkpoints/tiny_unet_mnist.safetensors
 cp runs/tiny_dit_mnist/model.safetensors checkpoints/tiny_dit_mnist.safetensors
+
+# UNet stage 2: warm start from stage 1's EMA weights for 3,000 more steps (LR 1e-3, EMA 0.999).
+cp runs/tiny_unet_mnist/model.safetensors runs/tiny_unet_stage1.safetensors
+$msfp pretrain --config configs/tiny_unet_mnist.toml --resume auto \
+  --set run.out_dir='"runs/tiny_unet_stage2"' --set train.init_weights='"runs/tiny_unet_stage1.safetensors"' \
+  --set train.steps=3000 --set train.lr=1e-3 --set train.warmup_steps=50 --set train.ema_decay=0.999
+cp runs/tiny_unet_stage2/model.safetensors checkpoints/tiny_unet_mnist.safetensors
 
 for m in unet dit; do
   $msfp eval --config configs/tiny_${m}_mnist.toml \
