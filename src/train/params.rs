@@ -56,6 +56,8 @@ impl PathTracker {
 struct Collector {
     tracker: PathTracker,
     out: NamedTensors,
+    /// Only parameters that require gradients.
+    trainable_only: bool,
 }
 
 impl ModuleVisitor for Collector {
@@ -66,13 +68,16 @@ impl ModuleVisitor for Collector {
         self.tracker.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out.insert(self.tracker.path(), HostTensor::from_tensor(&param.val()));
+        let value = param.val();
+        if !self.trainable_only || value.is_require_grad() {
+            self.out.insert(self.tracker.path(), HostTensor::from_tensor(&value));
+        }
     }
 }
 
 /// Every float parameter of `module`, by path.
 pub fn collect<M: Module>(module: &M) -> NamedTensors {
-    let mut c = Collector { tracker: PathTracker::default(), out: BTreeMap::new() };
+    let mut c = Collector { tracker: PathTracker::default(), out: BTreeMap::new(), trainable_only: false };
     module.visit(&mut c);
     c.out
 }
@@ -186,26 +191,9 @@ pub fn set_trainable<M: Module>(module: M, trainable: impl Fn(&str) -> bool) -> 
 
 /// The parameters that require gradients, by path.
 pub fn collect_trainable<M: Module>(module: &M) -> NamedTensors {
-    struct V {
-        tracker: PathTracker,
-        out: NamedTensors,
-    }
-    impl ModuleVisitor for V {
-        fn enter_module(&mut self, name: &str, container: &str) {
-            self.tracker.enter(name, container);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.tracker.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if param.val().is_require_grad() {
-                self.out.insert(self.tracker.path(), HostTensor::from_tensor(&param.val()));
-            }
-        }
-    }
-    let mut v = V { tracker: PathTracker::default(), out: BTreeMap::new() };
-    module.visit(&mut v);
-    v.out
+    let mut c = Collector { tracker: PathTracker::default(), out: BTreeMap::new(), trainable_only: true };
+    module.visit(&mut c);
+    c.out
 }
 
 /// Loads `tensors` into the parameters they name, leaving the others as they are; every tensor
