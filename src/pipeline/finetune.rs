@@ -163,7 +163,6 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
     let out_dir = cfg.run.out_dir.clone();
     let schedule = NoiseSchedule::new(&cfg.diffusion);
     let ptq = load_student(cfg, &plan, &out_dir.join(PTQ_FILE), &device)?;
-    let packed_path = packed;
 
     tracing::info!("evaluating teacher, PTQ student and fine-tuned student on {} samples", cfg.eval.samples);
     let scorer = Scorer::new(cfg, &device)?;
@@ -202,7 +201,7 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
         router_usage,
         weight_formats: count(|s| &s.weight_format),
         act_formats: count(|s| &s.act_format),
-        sizes: file_sizes(&teacher, &packed_path)?,
+        sizes: file_sizes(&teacher, &packed)?,
         seconds: started.elapsed().as_secs_f64(),
     };
     crate::train::atomic_write(
@@ -225,11 +224,7 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
     let fingerprint = fingerprint(cfg);
     let teacher = super::sample::load_model(cfg, None, &device)?;
 
-    let resume_dir = match &resume {
-        Resume::No => None,
-        Resume::Auto => checkpoint::latest(&out_dir)?,
-        Resume::Dir(d) => Some(d.clone()),
-    };
+    let resume_dir = resume.dir(&out_dir)?;
     let mut optim = AdamW::new(cfg.train.weight_decay, cfg.train.grad_clip);
     let mut start = 0;
     let (mut model, plan) = match &resume_dir {
@@ -263,7 +258,7 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
     let mut last_loss = f64::NAN;
     for step in start..cfg.train.steps {
         let (iteration, position) = (step / steps_per_trajectory, step % steps_per_trajectory);
-        let traj = match trajectory.take() {
+        let mut traj = match trajectory.take() {
             Some(t) if t.iteration == iteration => t,
             _ => {
                 // A new trajectory, or the one a resumed run was in the middle of: replay the
@@ -275,7 +270,6 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
                 t
             }
         };
-        let mut traj = traj;
         let sampler_step = sampler.steps[position];
         let x_t = traj.x.clone();
         let labels = traj.labels.clone();

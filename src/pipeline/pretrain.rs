@@ -35,6 +35,15 @@ pub enum Resume {
 }
 
 impl Resume {
+    /// The checkpoint directory to resume from, if any (`Auto` with no checkpoint yet: none).
+    pub fn dir(&self, out_dir: &Path) -> Result<Option<PathBuf>> {
+        Ok(match self {
+            Resume::No => None,
+            Resume::Auto => checkpoint::latest(out_dir)?,
+            Resume::Dir(d) => Some(d.clone()),
+        })
+    }
+
     pub fn parse(arg: Option<&str>) -> Self {
         match arg {
             None => Resume::No,
@@ -139,11 +148,7 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
     let mut cursor = DataCursor::default();
     let mut start = 0;
 
-    let resume_dir = match &resume {
-        Resume::No => None,
-        Resume::Auto => checkpoint::latest(&out_dir)?,
-        Resume::Dir(d) => Some(d.clone()),
-    };
+    let resume_dir = resume.dir(&out_dir)?;
     if let Some(dir) = &resume_dir {
         let ckpt = checkpoint::load(dir)?;
         checkpoint::check_compatible(&ckpt, &job, &fingerprint)?;
