@@ -442,6 +442,11 @@ fn train_resumes_bit_exactly_and_exports_a_packed_model_that_samples_identically
     let rows: Vec<&str> = table.as_array().unwrap().iter().map(|r| r["row"].as_str().unwrap()).collect();
     assert_eq!(rows, ["teacher", "msfp_ptq"]);
     assert!(table[1]["psnr_vs_teacher"].as_f64().unwrap() > 0.0 && table[0]["psnr_vs_teacher"].is_null());
+    let command = table[1]["command"].as_str().unwrap();
+    assert!(
+        command.starts_with("msfp ablation --config") && command.ends_with("--rows msfp_ptq --seeds 0"),
+        "{command}"
+    );
     let kept = abl.join("results/msfp_ptq-seed0.json");
     let before = std::fs::metadata(&kept).unwrap().modified().unwrap();
     let o = msfp(&args);

@@ -147,6 +147,8 @@ pub struct TableRow {
     pub seeds: Vec<u64>,
     pub samples: usize,
     pub fid_real_heldout: f64,
+    /// The command that produces (and, finished seeds skipped, completes) this row.
+    pub command: String,
 }
 
 fn result_path(out: &Path, row: &str, seed: u64) -> PathBuf {
@@ -271,6 +273,23 @@ pub fn run(
     Ok(table)
 }
 
+/// `msfp ablation` restricted to one row and its finished seeds, with the base overrides.
+fn row_command(
+    base: &Path,
+    base_overrides: &[String],
+    out: &Path,
+    row: &str,
+    results: &[RunResult],
+) -> String {
+    let seeds: Vec<String> = results.iter().map(|r| r.seed.to_string()).collect();
+    let mut cmd = format!("msfp ablation --config {} --out {}", base.display(), out.display());
+    for o in base_overrides {
+        cmd.push_str(&format!(" --set '{o}'"));
+    }
+    cmd.push_str(&format!(" --rows {row} --seeds {}", seeds.join(",")));
+    cmd
+}
+
 /// The teacher's samples of a seed (raw little-endian `f32`), shared by the rows' PSNR.
 fn teacher_cache(out: &Path, seed: u64, samples: usize) -> PathBuf {
     out.join("runs").join("teacher").join(format!("seed{seed}-n{samples}.f32"))
@@ -337,6 +356,7 @@ pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path) -> Result<V
             seeds: results.iter().map(|r| r.seed).collect(),
             samples: results[0].samples,
             fid_real_heldout,
+            command: row_command(base, base_overrides, out, row.id, &results),
         });
     }
     Ok(table)
