@@ -321,6 +321,8 @@ fn tiny_student(dir: &Path, out: &Path) -> PathBuf {
 weight = "fp4"
 act = "fp4"
 act_timestep_slots = 2
+weight_group_size = 8
+attention_matmuls = true
 
 [calib]
 clip_grid = 8
@@ -419,6 +421,7 @@ fn train_resumes_bit_exactly_and_exports_a_packed_model_that_samples_identically
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(table.contains("AAL") && table.contains("NAL") && table.contains("(unsigned)"), "{table}");
     assert!(table.contains("k=2 r=2 merged (2 weight sets)"), "{table}");
+    assert!(table.contains("g8") && table.contains(".attn.attn.probs_in"), "{table}");
     let o = msfp(&["inspect", p, "--json"]);
     let layers: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(layers.as_array().unwrap().len(), plan.sites.len());
@@ -456,6 +459,17 @@ fn train_resumes_bit_exactly_and_exports_a_packed_model_that_samples_identically
         before,
         "a finished result is not redone"
     );
+    // A result of another teacher is stale: left out of the table and measured again.
+    let teacher = table[1]["teacher"].as_str().unwrap().to_string();
+    assert_eq!(teacher.len(), 16, "{table}");
+    let mut stale: serde_json::Value = serde_json::from_slice(&read(&kept)).unwrap();
+    assert_eq!(stale["teacher"], teacher.as_str());
+    stale["teacher"] = "0123456789abcdef".into();
+    std::fs::write(&kept, serde_json::to_vec(&stale).unwrap()).unwrap();
+    let o = msfp(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let redone: serde_json::Value = serde_json::from_slice(&read(&kept)).unwrap();
+    assert_eq!(redone["teacher"], teacher.as_str(), "the stale result is measured again");
     assert_fails(
         &msfp(&["ablation", "--config", ca, "--out", abl.to_str().unwrap(), "--rows", "nope"]),
         2,

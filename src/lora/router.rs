@@ -118,7 +118,7 @@ mod tests {
         let r = Router::new(RouterKind::Range, 4, 0, 1000, &mut SeededRng::new(0), &device);
         let picks: Vec<usize> = [0, 249, 250, 999, 5000].iter().map(|&t| r.choice(t, &device)).collect();
         assert_eq!(picks, [0, 0, 1, 3, 3]);
-        assert_eq!(r.route(600, &device).into_data().to_vec::<f32>().unwrap(), [0.0, 0.0, 1.0, 0.0]);
+        assert_eq!(r.route(600, &device).into_data().try_into_vec::<f32>().unwrap(), [0.0, 0.0, 1.0, 0.0]);
     }
 
     #[test]
@@ -130,7 +130,7 @@ mod tests {
         }
         let route = r.route(500, &device);
         assert_eq!(
-            route.clone().into_data().to_vec::<f32>().unwrap(),
+            route.clone().into_data().try_into_vec::<f32>().unwrap(),
             [0.0, 1.0, 0.0],
             "value is exactly one-hot"
         );

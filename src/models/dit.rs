@@ -140,8 +140,7 @@ impl TinyDit {
         out.push(QuantSite::linear("t_embed_2", &mut self.t_embed_2, true));
         for (i, b) in self.blocks.iter_mut().enumerate() {
             out.push(QuantSite::linear(format!("blocks.{i}.ada_ln"), &mut b.ada_ln, true));
-            out.push(QuantSite::linear(format!("blocks.{i}.attn.qkv"), &mut b.attn.qkv, false));
-            out.push(QuantSite::linear(format!("blocks.{i}.attn.proj"), &mut b.attn.proj, false));
+            b.attn.sites(&format!("blocks.{i}.attn"), &mut out);
             out.push(QuantSite::linear(format!("blocks.{i}.mlp.fc1"), &mut b.mlp.fc1, false));
             out.push(QuantSite::linear(format!("blocks.{i}.mlp.fc2"), &mut b.mlp.fc2, true));
         }

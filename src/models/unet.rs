@@ -251,8 +251,7 @@ impl ResBlock {
 
 impl AttnBlock {
     fn sites<'a>(&'a mut self, p: &str, out: &mut Vec<QuantSite<'a>>) {
-        out.push(QuantSite::linear(format!("{p}.attn.qkv"), &mut self.attn.qkv, false));
-        out.push(QuantSite::linear(format!("{p}.attn.proj"), &mut self.attn.proj, false));
+        self.attn.sites(&format!("{p}.attn"), out);
     }
 }
 

@@ -5,11 +5,15 @@
 //! noise; its result is written to `<out>/results/<row>-seed<k>.json` as soon as it is known and
 //! skipped when the command runs again, so the table can be built over several sessions.
 //! `<out>/results.json` aggregates every finished result (mean and std over seeds).
+//!
+//! Each result names its teacher by the digest of the weights file; a result of another teacher
+//! is stale: it is left out of the table and its (row, seed) runs again from scratch.
 
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::eval::{Scorer, psnr, sampler_label};
 use super::finetune::{calibrate_student, fit, trajectory_sampler};
@@ -131,6 +135,9 @@ pub struct RunResult {
     pub sampler: String,
     pub seconds: f64,
     pub command: String,
+    /// [`teacher_digest`] of the teacher this result was measured on (empty: unknown, stale).
+    #[serde(default)]
+    pub teacher: String,
 }
 
 /// One row of the table, over its finished seeds.
@@ -149,6 +156,38 @@ pub struct TableRow {
     pub fid_real_heldout: f64,
     /// The command that produces (and, finished seeds skipped, completes) this row.
     pub command: String,
+    /// [`teacher_digest`] of the teacher every seed of this row was measured on.
+    pub teacher: String,
+}
+
+/// First 16 hex digits of the SHA-256 of the teacher's weights file.
+pub fn teacher_digest(cfg: &Config) -> Result<String> {
+    let path = cfg.model.weights.as_deref().ok_or_else(|| {
+        Error::usage("the ablation's config has no model.weights: set the teacher's weights file")
+    })?;
+    let bytes = std::fs::read(path).map_err(|e| crate::error::io_err(path, e))?;
+    let digest = Sha256::digest(&bytes);
+    Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+/// A finished result of the current teacher, if `path` holds one.
+fn read_result(path: &Path, teacher: &str) -> Result<Option<RunResult>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| crate::error::io_err(path, e))?;
+    let r: RunResult = serde_json::from_str(&text).map_err(|e| {
+        Error::runtime(format!("{}: {e}; delete it to rerun that (row, seed)", path.display()))
+    })?;
+    if r.teacher != teacher {
+        tracing::warn!(
+            "{}: measured on teacher `{}`, not the current `{teacher}`; stale, left out",
+            path.display(),
+            r.teacher
+        );
+        return Ok(None);
+    }
+    Ok(Some(r))
 }
 
 fn result_path(out: &Path, row: &str, seed: u64) -> PathBuf {
@@ -201,6 +240,7 @@ pub fn run(
     };
     std::fs::create_dir_all(out.join("results")).map_err(|e| crate::error::io_err(out, e))?;
     // Validate every config before spending time on any run.
+    let teacher_id = teacher_digest(&Config::load(base, base_overrides)?)?;
     for row in &selected {
         for &seed in seeds {
             row_config(base, base_overrides, row, seed, out)
@@ -211,9 +251,16 @@ pub fn run(
         let mut teacher_images: Option<Vec<f32>> = None;
         for row in &selected {
             let path = result_path(out, row.id, seed);
-            if path.exists() {
+            if read_result(&path, &teacher_id)?.is_some() {
                 tracing::info!("{} seed {seed}: done ({}), skipped", row.id, path.display());
                 continue;
+            }
+            if path.exists() {
+                // A fine-tuning run of another teacher must not be resumed.
+                let run_dir = out.join("runs").join(row.id).join(format!("seed{seed}"));
+                if run_dir.exists() {
+                    std::fs::remove_dir_all(&run_dir).map_err(|e| crate::error::io_err(&run_dir, e))?;
+                }
             }
             let started = std::time::Instant::now();
             let cfg = row_config(base, base_overrides, row, seed, out)?;
@@ -234,7 +281,7 @@ pub fn run(
             };
             tracing::info!("{} seed {seed}: evaluating on {} samples", row.id, cfg.eval.samples);
             let (eval, images) = scorer.generate_and_score(&cfg, &model);
-            let cache = teacher_cache(out, seed, cfg.eval.samples);
+            let cache = teacher_cache(out, seed, cfg.eval.samples, &teacher_id);
             let psnr_vs_teacher = if row.stage == Stage::Teacher {
                 write_images(&cache, &images)?;
                 teacher_images = Some(images);
@@ -263,6 +310,7 @@ pub fn run(
                 sampler: sampler_label(&cfg),
                 seconds: started.elapsed().as_secs_f64(),
                 command: command.to_string(),
+                teacher: teacher_id.clone(),
             };
             tracing::info!("{} seed {seed}: FID {:.2}, accuracy {:.3}", row.id, result.fid, result.accuracy);
             crate::train::atomic_write(&path, &serde_json::to_vec_pretty(&result).expect("json"))?;
@@ -291,8 +339,8 @@ fn row_command(
 }
 
 /// The teacher's samples of a seed (raw little-endian `f32`), shared by the rows' PSNR.
-fn teacher_cache(out: &Path, seed: u64, samples: usize) -> PathBuf {
-    out.join("runs").join("teacher").join(format!("seed{seed}-n{samples}.f32"))
+fn teacher_cache(out: &Path, seed: u64, samples: usize, teacher: &str) -> PathBuf {
+    out.join("runs").join("teacher").join(format!("{teacher}-seed{seed}-n{samples}.f32"))
 }
 
 fn write_images(path: &Path, images: &[f32]) -> Result<()> {
@@ -312,8 +360,9 @@ fn read_images(path: &Path, n: usize) -> Option<Vec<f32>> {
 /// Every finished result under `<out>/results/`, as table rows in the paper's order.
 pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path) -> Result<Vec<TableRow>> {
     let mut table = Vec::new();
+    let cfg = Config::load(base, base_overrides)?;
+    let teacher = teacher_digest(&cfg)?;
     let fid_real_heldout = {
-        let cfg = Config::load(base, base_overrides)?;
         let device = crate::device::make_device(&cfg.run.device)?;
         Scorer::new(&cfg, &device)?.fid_real_heldout
     };
@@ -327,11 +376,7 @@ pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path) -> Result<V
             if !name.starts_with(&format!("{}-seed", row.id)) {
                 continue;
             }
-            let text = std::fs::read_to_string(&p).map_err(|e| crate::error::io_err(&p, e))?;
-            let r: RunResult = serde_json::from_str(&text).map_err(|e| {
-                Error::runtime(format!("{}: {e}; delete it to rerun that (row, seed)", p.display()))
-            })?;
-            results.push(r);
+            results.extend(read_result(&p, &teacher)?);
         }
         if results.is_empty() {
             continue;
@@ -357,6 +402,7 @@ pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path) -> Result<V
             samples: results[0].samples,
             fid_real_heldout,
             command: row_command(base, base_overrides, out, row.id, &results),
+            teacher: teacher.clone(),
         });
     }
     Ok(table)

@@ -3,7 +3,8 @@
 //! # Layout (`model.packed.safetensors`)
 //! A packed-tensor file (layout of [`crate::quant::pack`]) holding:
 //! - `<layer>.weight`: for every weight-quantized layer, the weight actually used, packed as
-//!   codes of its format with one `f32` scale per output channel. Shape `[sets, out, fan_in]`
+//!   codes of its format with one `f32` scale per output channel (or per group of
+//!   `weight_group_size` fan-in elements: scale shape `[sets, out, groups]`). Shape `[sets, out, fan_in]`
 //!   (`fan_in = in * kh * kw` for a conv): with the `merged` TALoRA placement one set per
 //!   adapter, `Q(W0 + B_k A_k)`; otherwise one set, `Q(W0)`.
 //! - plain `f32` tensors (the `dense` list of the `msfp.packed` metadata) named by module path:
@@ -70,10 +71,17 @@ pub fn export(student: &Denoiser, plan: &StudentPlan, cfg: &Config, path: &Path)
         let dims = site.layer.weight_dims();
         let (rows, fan_in) = (dims[0], dims[1..].iter().product::<usize>());
         let set_scales: Vec<f32> = (0..sets).flat_map(|_| scales.iter().copied()).collect();
+        let groups = scales.len() / rows;
         let p = &site.path;
-        let t =
-            PackedTensor::pack(&values, &[sets, rows, fan_in], &format, &set_scales, &[sets, rows, 1], None)
-                .map_err(|e| e.context(format!("exporting `{p}.weight`")))?;
+        let t = PackedTensor::pack(
+            &values,
+            &[sets, rows, fan_in],
+            &format,
+            &set_scales,
+            &[sets, rows, groups],
+            None,
+        )
+        .map_err(|e| e.context(format!("exporting `{p}.weight`")))?;
         packed.insert(format!("{p}.weight"), t);
         dense.remove(&format!("{p}.weight"));
         dense.remove(&format!("{p}.quant.weight.scale"));
@@ -142,7 +150,7 @@ pub fn load_packed_model(path: &Path, device: &Device) -> Result<Denoiser> {
         let values = Tensor::<3>::from_data(TensorData::new(t.unpack(), [sets, rows, fan_in]), device);
         let merged = site.layer.lora().is_some_and(|l| l.placement == Placement::Merged);
         if merged {
-            *site.layer.lora_mut() = None;
+            site.layer.set_lora(None);
         }
         let q = site.layer.quant_mut().as_mut().expect("quantized layer");
         q.weight = None;
@@ -182,8 +190,9 @@ mod tests {
         cfg
     }
 
-    /// A student with every layer at e2m1 weights and ue2m2 (+ zero point) inputs, two adapters
-    /// with non-zero updates, and the given placement and router.
+    /// A student with every layer at e2m1 weights and ue2m2 (+ zero point) inputs (the attention
+    /// matmul inputs included), two adapters with non-zero updates, and the given placement and
+    /// router.
     fn student(placement: Placement, router: RouterKind, device: &Device) -> (Denoiser, StudentPlan, Config) {
         let cfg = tiny_cfg();
         let mut model = Denoiser::new(&cfg.model, &mut SeededRng::new(1), device);
@@ -191,8 +200,10 @@ mod tests {
             .quant_sites()
             .into_iter()
             .map(|s| SiteReport {
+                weight_format: s.layer.has_weight().then(|| "e2m1".into()),
+                // Grouped weight scales where the fan-in allows, per channel elsewhere.
+                weight_group_size: (s.layer.has_weight() && s.path.contains("res.conv")).then_some(4),
                 path: s.path,
-                weight_format: Some("e2m1".into()),
                 act_format: Some("ue2m2".into()),
                 act_zero_point: Some(-0.2),
                 ..Default::default()
@@ -246,6 +257,9 @@ mod tests {
             let sets = file.packed["down.0.res.conv1.weight"].shape[0];
             assert_eq!(sets, if placement == Placement::Merged { 2 } else { 1 });
             assert_eq!(file.dense.contains_key("down.0.res.conv1.lora.a"), placement == Placement::Branch);
+            assert_eq!(file.dense["down.1.attn.attn.probs_in.quant.act.scale"].data.len(), 2);
+            let conv2 = &file.packed["down.0.res.conv2.weight"];
+            assert_eq!(conv2.scale_shape, [sets, 8, 8 * 9 / 4], "grouped scales");
         }
     }
 }

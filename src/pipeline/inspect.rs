@@ -49,7 +49,10 @@ pub fn inspect(path: &Path) -> Result<Vec<LayerInfo>> {
             let dense = |k: &str| m.file.dense.get(&format!("{p}.quant.act.{k}")).map(|t| t.data.clone());
             LayerInfo {
                 path: p.clone(),
-                weight: describe(&s.weight_format),
+                weight: match s.weight_group_size {
+                    Some(g) => format!("{} g{g}", describe(&s.weight_format)),
+                    None => describe(&s.weight_format),
+                },
                 act: describe(&s.act_format),
                 class: s.act_class.clone(),
                 weight_scale,

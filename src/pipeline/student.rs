@@ -76,26 +76,43 @@ pub fn group_of(path: &str) -> Option<Group> {
 /// Gives `model` the quantizers of `plan` (placeholder scales: a checkpoint or calibration
 /// sets them) and the adapters and router of `plan.lora`.
 pub fn build(model: &mut Denoiser, plan: &StudentPlan, seed: u64) -> Result<()> {
-    let sites = model.quant_sites();
-    if sites.len() != plan.sites.len() {
-        return Err(Error::runtime(format!(
-            "the student plan has {} layers but the model has {}: was it written for another model config?",
-            plan.sites.len(),
-            sites.len()
-        )));
-    }
-    for (mut site, report) in sites.into_iter().zip(&plan.sites) {
-        if site.path != report.path {
-            return Err(Error::runtime(format!(
-                "the student plan names layer `{}` where the model has `{}`",
-                report.path, site.path
-            )));
-        }
+    let mut reports: std::collections::HashMap<&str, &SiteReport> =
+        plan.sites.iter().map(|r| (r.path.as_str(), r)).collect();
+    for mut site in model.quant_sites() {
+        // Plans written before attention matmul inputs were sites simply leave them unquantized.
+        let Some(report) = reports.remove(site.path.as_str()) else {
+            if site.layer.has_weight() {
+                return Err(Error::runtime(format!(
+                    "the student plan has no entry for layer `{}`: was it written for another model config?",
+                    site.path
+                )));
+            }
+            continue;
+        };
         let device = site.layer.device();
         let weight = match &report.weight_format {
+            Some(_) if !site.layer.has_weight() => {
+                return Err(Error::runtime(format!(
+                    "the student plan gives `{}` a weight format, but it is a matmul input without a weight",
+                    site.path
+                )));
+            }
             Some(spec) => {
-                let rows = site.layer.weight_dims()[0];
-                Some(WeightQuant::new(Format::parse(spec)?, Tensor::ones([rows], &device)))
+                let dims = site.layer.weight_dims();
+                let format = Format::parse(spec)?;
+                match report.weight_group_size {
+                    None => Some(WeightQuant::new(format, Tensor::ones([dims[0]], &device))),
+                    Some(g) => {
+                        let numel: usize = dims.iter().product();
+                        if g == 0 || !(numel / dims[0]).is_multiple_of(g) {
+                            return Err(Error::runtime(format!(
+                                "the student plan groups `{}` by {g}, which does not divide its fan-in",
+                                site.path
+                            )));
+                        }
+                        Some(WeightQuant::grouped(format, Tensor::ones([numel / g], &device), g))
+                    }
+                }
             }
             None => None,
         };
@@ -113,6 +130,11 @@ pub fn build(model: &mut Denoiser, plan: &StudentPlan, seed: u64) -> Result<()> 
             observer: None,
             weight_sets: None,
         });
+    }
+    if let Some(path) = reports.keys().min() {
+        return Err(Error::runtime(format!(
+            "the student plan names layer `{path}`, which the model does not have: was it written for another model config?"
+        )));
     }
     attach_adapters(model, &plan.lora, plan.timesteps, seed);
     Ok(())
@@ -132,7 +154,7 @@ pub fn attach_adapters(model: &mut Denoiser, lora: &LoraConfig, timesteps: usize
         let dims = site.layer.weight_dims();
         let fan_in = dims[1..].iter().product();
         let dev = site.layer.device();
-        *site.layer.lora_mut() = Some(Talora::new(
+        site.layer.set_lora(Some(Talora::new(
             lora.adapters,
             lora.rank,
             dims[0],
@@ -141,7 +163,7 @@ pub fn attach_adapters(model: &mut Denoiser, lora: &LoraConfig, timesteps: usize
             lora.alpha,
             &mut rng,
             &dev,
-        ));
+        )));
         device = Some(dev);
     }
     if let (true, Some(device)) = (lora.adapters > 1, device) {

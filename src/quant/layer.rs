@@ -1,5 +1,6 @@
 //! Quantization state carried by a layer (`nn::Linear`, `nn::Conv2d`): a weight quantizer with
-//! one learnable scale per output channel and an input-activation quantizer with a learnable
+//! one learnable scale per output channel (or per group of G consecutive fan-in elements, the
+//! NVFP4 / MX block shape) and an input-activation quantizer with a learnable
 //! scale (and, for unsigned formats, zero point) per timestep slot. A layer without this state
 //! runs exactly the full-precision code path, so one model definition is teacher and student.
 
@@ -10,25 +11,39 @@ use super::format::Format;
 use super::quantizer::fake_quantize;
 use crate::nn::StepCtx;
 
-/// Fake-quantizes a weight `[C_out, ...]` per output channel.
+/// Fake-quantizes a weight `[C_out, ...]` per output channel, or per group of `group_size`
+/// consecutive elements of each channel's flattened fan-in (`in * kh * kw` for a conv).
 #[derive(Module, Debug)]
 pub struct WeightQuant {
     #[module(skip)]
     pub format: Format,
-    /// `[C_out]`.
+    /// `[C_out]`, or `[C_out * fan_in / group_size]` (channel-major).
     pub scale: Param<Tensor<1>>,
+    /// 0: one scale per output channel.
+    pub group_size: usize,
 }
 
 impl WeightQuant {
+    /// One scale per output channel.
     pub fn new(format: Format, scale: Tensor<1>) -> Self {
-        Self { format, scale: Param::from_tensor(scale) }
+        Self { format, scale: Param::from_tensor(scale), group_size: 0 }
+    }
+
+    /// One scale per `group_size` consecutive fan-in elements (`group_size` > 0 divides fan-in).
+    pub fn grouped(format: Format, scale: Tensor<1>, group_size: usize) -> Self {
+        Self { format, scale: Param::from_tensor(scale), group_size }
     }
 
     pub fn forward<const D: usize>(&self, w: Tensor<D>) -> Tensor<D> {
         let dims = w.dims();
-        let mut shape = [1; D];
-        shape[0] = dims[0];
-        fake_quantize(w, &self.format, self.scale.val().reshape(shape), None)
+        if self.group_size == 0 {
+            let mut shape = [1; D];
+            shape[0] = dims[0];
+            return fake_quantize(w, &self.format, self.scale.val().reshape(shape), None);
+        }
+        let blocks = dims.iter().product::<usize>() / self.group_size;
+        let groups = w.reshape([blocks, self.group_size]);
+        fake_quantize(groups, &self.format, self.scale.val().reshape([blocks, 1]), None).reshape(dims)
     }
 }
 
@@ -212,6 +227,24 @@ mod tests {
             let expect = xq.matmul(wq.transpose()) + layer.bias.as_ref().unwrap().val().reshape([1, 4]);
             assert!(max_abs_diff(out.clone(), expect) < 1e-5, "t = {t}");
             assert!(max_abs_diff(out, fp.clone()) > 1e-3, "quantization changes the output");
+        }
+    }
+
+    #[test]
+    fn grouped_weight_scales_quantize_each_block_of_the_fan_in_on_its_own() {
+        let f = Format::parse("e2m1").unwrap();
+        // A conv weight [2, 2, 2, 2]: fan-in 8, groups of 4 -> 4 scales, channel-major.
+        for device in [Device::flex(), Device::flex().autodiff()] {
+            let w = input([2, 2, 2, 2], &device);
+            let scales = [0.1f32, 0.4, 0.2, 0.05];
+            let q = WeightQuant::grouped(f.clone(), Tensor::from_floats(scales, &device), 4);
+            let got = crate::train::params::host_values(q.forward(w.clone()));
+            let values = crate::train::params::host_values(w);
+            for (i, (&x, &g)) in values.iter().zip(&got).enumerate() {
+                let s = scales[i / 4];
+                let want = f.round((x / s).clamp(f.min(), f.max())) * s;
+                assert_eq!(g, want, "element {i}");
+            }
         }
     }
 

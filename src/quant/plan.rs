@@ -55,6 +55,8 @@ pub struct LayerOverride {
     pub pattern: String,
     pub weight: Option<String>,
     pub act: Option<String>,
+    /// Weight scale group size of matching layers (0: per output channel).
+    pub weight_group_size: Option<usize>,
     /// Leave matching layers in full precision.
     #[serde(default)]
     pub skip: bool,
@@ -63,19 +65,33 @@ pub struct LayerOverride {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuantConfig {
-    /// Weight format of every layer (per output channel): a spec, `fp4`/`fp6`/`fp8`, or `none`.
+    /// Weight format of every layer: a spec, `fp4`/`fp6`/`fp8`, or `none`.
     pub weight: String,
+    /// One weight scale per this many consecutive fan-in elements (16: NVFP4-shaped blocks,
+    /// 32: MX); 0 is one scale per output channel. A layer whose fan-in it does not divide keeps
+    /// per-channel scales.
+    pub weight_group_size: usize,
     /// Input-activation format of every layer (per tensor): a spec, `fp4`/`fp6`/`fp8`, or `none`.
     pub act: String,
     /// Activation scales (and zero points) per layer, one per equal range of timesteps.
     pub act_timestep_slots: usize,
+    /// Also quantize the four inputs of every attention's two matmuls (`q_in`, `k_in` of
+    /// `Q K^T`; `probs_in`, `v_in` of `P V`), at `act` and the overrides matching their paths.
+    pub attention_matmuls: bool,
     /// Overrides, later entries winning.
     pub layers: Vec<LayerOverride>,
 }
 
 impl Default for QuantConfig {
     fn default() -> Self {
-        Self { weight: "fp4".into(), act: "fp4".into(), act_timestep_slots: 1, layers: Vec::new() }
+        Self {
+            weight: "fp4".into(),
+            act: "fp4".into(),
+            weight_group_size: 0,
+            act_timestep_slots: 1,
+            attention_matmuls: false,
+            layers: Vec::new(),
+        }
     }
 }
 
@@ -84,6 +100,7 @@ impl Default for QuantConfig {
 pub struct LayerPlan {
     pub weight: FormatChoice,
     pub act: FormatChoice,
+    pub weight_group_size: usize,
 }
 
 impl QuantConfig {
@@ -112,6 +129,7 @@ impl QuantConfig {
     /// The formats of the layer at `path` (after overrides).
     pub fn resolve(&self, path: &str) -> Result<LayerPlan> {
         let (mut weight, mut act) = (self.weight.clone(), self.act.clone());
+        let mut weight_group_size = self.weight_group_size;
         for o in &self.layers {
             let pattern = glob::Pattern::new(&o.pattern)
                 .map_err(|e| Error::usage(format!("pattern {}: {e}", o.pattern)))?;
@@ -127,10 +145,14 @@ impl QuantConfig {
             if let Some(a) = &o.act {
                 act = a.clone();
             }
+            if let Some(g) = o.weight_group_size {
+                weight_group_size = g;
+            }
         }
         Ok(LayerPlan {
             weight: FormatChoice::parse(&weight, "quant.weight")?,
             act: FormatChoice::parse(&act, "quant.act")?,
+            weight_group_size,
         })
     }
 }
@@ -140,6 +162,9 @@ impl QuantConfig {
 pub struct SiteReport {
     pub path: String,
     pub weight_format: Option<String>,
+    /// Weight scales per group of this many fan-in elements; `None`: per output channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_group_size: Option<usize>,
     pub weight_error: Option<f64>,
     pub act_format: Option<String>,
     pub act_class: Option<String>,
@@ -172,7 +197,13 @@ pub fn calibrate(
     mixup.validate("mixup")?;
     let mut plans: Vec<(LayerPlan, Option<Observer>)> = Vec::new();
     for (i, mut site) in model.quant_sites().into_iter().enumerate() {
-        let plan = quant.resolve(&site.path)?;
+        let mut plan = quant.resolve(&site.path)?;
+        if !site.layer.has_weight() {
+            plan.weight = FormatChoice::None;
+            if !quant.attention_matmuls {
+                plan.act = FormatChoice::None;
+            }
+        }
         let observer = (plan.act != FormatChoice::None).then(|| {
             let stats = SlotStats::new(
                 quant.act_timestep_slots,
@@ -194,6 +225,9 @@ pub fn calibrate(
 
     let mut reports = Vec::new();
     for (mut site, (plan, observer)) in model.quant_sites().into_iter().zip(plans) {
+        if !site.layer.has_weight() && plan.act == FormatChoice::None {
+            continue; // an attention matmul input left in full precision: not part of the plan
+        }
         let mut report = SiteReport { path: site.path.clone(), ..Default::default() };
         let device = site.layer.device();
         let weight = match &plan.weight {
@@ -201,9 +235,22 @@ pub fn calibrate(
             choice => {
                 let w = site.layer.weight_host();
                 let rows = w.shape[0];
-                let mat = [rows, w.data.len() / rows];
+                let fan_in = w.data.len() / rows;
+                let mat = [rows, fan_in];
                 let w = w.data;
-                let cfg = CalibConfig { granularity: Granularity::PerChannel, ..calib.clone() };
+                let g = plan.weight_group_size;
+                let grouped = g > 0 && fan_in.is_multiple_of(g);
+                if g > 0 && !grouped {
+                    tracing::warn!(
+                        "`{}`: weight group size {g} does not divide its fan-in {fan_in}; per-channel scales",
+                        site.path
+                    );
+                }
+                let cfg = CalibConfig {
+                    granularity: if grouped { Granularity::PerGroup } else { Granularity::PerChannel },
+                    group_size: if grouped { g } else { calib.group_size },
+                    ..calib.clone()
+                };
                 let best = match choice {
                     FormatChoice::Fixed(f) => search_clipping(f, &w, &mat, &cfg, &Objective::TensorMse)?,
                     FormatChoice::SearchFp(bits) => {
@@ -213,8 +260,15 @@ pub fn calibrate(
                 };
                 report.weight_format = Some(best.spec.clone());
                 report.weight_error = Some(best.error);
-                let scale = Tensor::<1>::from_data(TensorData::new(best.scales.clone(), [rows]), &device);
-                Some(WeightQuant::new(Format::parse(&best.spec)?, scale))
+                let n = best.scales.len();
+                let scale = Tensor::<1>::from_data(TensorData::new(best.scales.clone(), [n]), &device);
+                let format = Format::parse(&best.spec)?;
+                if grouped {
+                    report.weight_group_size = Some(g);
+                    Some(WeightQuant::grouped(format, scale, g))
+                } else {
+                    Some(WeightQuant::new(format, scale))
+                }
             }
         };
         let act = match (&plan.act, observer) {
@@ -330,7 +384,7 @@ mod tests {
                     pattern: "conv_in".into(),
                     weight: Some("e4m3".into()),
                     act: Some("e4m3".into()),
-                    skip: false,
+                    ..Default::default()
                 },
                 LayerOverride { pattern: "time_embed_*".into(), skip: true, ..Default::default() },
             ],
@@ -365,9 +419,79 @@ mod tests {
                 .len()
                 == 4)
         );
+        assert!(!reports.iter().any(|r| is_matmul_input(&r.path)), "matmul inputs stay off by default");
         let q = model.forward(x, t, y, &StepCtx::at(300));
         let diff = (q.clone() - fp).abs().max().into_scalar::<f32>();
         assert!(diff > 1e-4 && q.abs().max().into_scalar::<f32>().is_finite(), "{diff}");
+    }
+
+    #[test]
+    fn grouped_weight_scales_lower_the_weight_error() {
+        let device = Device::flex();
+        let (x, t, y) = batch(&device);
+        let calib = CalibConfig { clip_grid: 10, zero_point_grid: 3, sample_size: 1024, ..Default::default() };
+        let mut errors = Vec::new();
+        for weight_group_size in [0, 8] {
+            let mut model = tiny_unet(&device);
+            let quant = QuantConfig { weight_group_size, ..Default::default() };
+            let reports = calibrate(&mut model, &quant, &calib, &MixupConfig::default(), 1000, 0, |m| {
+                m.forward(x.clone(), t.clone(), y.clone(), &StepCtx::at(300));
+                Ok(())
+            })
+            .unwrap();
+            let find = |p: &str| reports.iter().find(|r| r.path == p).unwrap().clone();
+            if weight_group_size > 0 {
+                // conv_in's fan-in is 9: per channel; a 3x3 conv of 8 channels: 72 / 8 groups.
+                assert_eq!(find("conv_in").weight_group_size, None);
+                assert_eq!(find("down.0.res.conv1").weight_group_size, Some(8));
+                let site = model.quant_sites().into_iter().find(|s| s.path == "down.0.res.conv1").unwrap();
+                assert_eq!(site.layer.quant().unwrap().weight.as_ref().unwrap().scale.dims(), [8 * 72 / 8]);
+                let out = model.forward(x.clone(), t.clone(), y.clone(), &StepCtx::at(300));
+                assert!(out.abs().max().into_scalar::<f32>().is_finite());
+            }
+            errors.push(reports.iter().filter_map(|r| r.weight_error).sum::<f64>());
+        }
+        assert!(errors[1] < errors[0], "per-group {} vs per-channel {}", errors[1], errors[0]);
+    }
+
+    fn is_matmul_input(path: &str) -> bool {
+        [".q_in", ".k_in", ".probs_in", ".v_in"].iter().any(|s| path.ends_with(s))
+    }
+
+    #[test]
+    fn attention_matmul_inputs_are_calibrated_when_asked() {
+        let device = Device::flex();
+        let (x, t, y) = batch(&device);
+        let calib =
+            CalibConfig { clip_grid: 10, zero_point_grid: 5, sample_size: 4096, ..Default::default() };
+        let mut outputs = Vec::new();
+        for attention_matmuls in [false, true] {
+            let mut model = tiny_unet(&device);
+            let quant = QuantConfig { attention_matmuls, ..Default::default() };
+            let reports = calibrate(&mut model, &quant, &calib, &MixupConfig::default(), 1000, 0, |m| {
+                m.forward(x.clone(), t.clone(), y.clone(), &StepCtx::at(300));
+                Ok(())
+            })
+            .unwrap();
+            let inputs: Vec<&SiteReport> = reports.iter().filter(|r| is_matmul_input(&r.path)).collect();
+            if attention_matmuls {
+                let paths: Vec<&str> = inputs.iter().map(|r| r.path.as_str()).collect();
+                assert!(paths.contains(&"mid_attn.attn.q_in") && paths.contains(&"mid_attn.attn.v_in"), "{paths:?}");
+                assert!(inputs.iter().all(|r| r.weight_format.is_none() && r.act_format.is_some()));
+                // Softmax probabilities are one-sided: unsigned FP; queries are signed.
+                let probs = inputs.iter().find(|r| r.path == "mid_attn.attn.probs_in").unwrap();
+                assert_eq!(probs.act_class.as_deref(), Some("AAL"));
+                assert!(probs.act_format.as_deref().unwrap().starts_with("ue"), "{probs:?}");
+                assert!(probs.act_min.unwrap() >= 0.0 && probs.act_max.unwrap() <= 1.0);
+                let q = inputs.iter().find(|r| r.path == "mid_attn.attn.q_in").unwrap();
+                assert!(q.act_format.as_deref().unwrap().starts_with('e'), "{q:?}");
+            } else {
+                assert!(inputs.is_empty());
+            }
+            outputs.push(model.forward(x.clone(), t.clone(), y.clone(), &StepCtx::at(300)));
+        }
+        let diff = (outputs[1].clone() - outputs[0].clone()).abs().max().into_scalar::<f32>();
+        assert!(diff > 1e-5, "quantizing the matmul inputs changes the output ({diff})");
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Quantization sites: every layer of a model that can carry quantizers, with its module path
 //! (the same path its parameters have in checkpoints) and whether its input comes straight out of
-//! a SiLU/GELU (the structural half of MSFP's anomalous-activation rule).
+//! a SiLU/GELU/softmax (the structural half of MSFP's anomalous-activation rule). Besides the
+//! weight layers, the four inputs of each attention's matmuls are sites without a weight.
 
 use burn::tensor::Device;
 
+use crate::nn::attention::MatmulInput;
 use crate::nn::{Conv2d, Linear};
 use crate::quant::layer::LayerQuant;
 use crate::train::params::HostTensor;
@@ -12,27 +14,40 @@ use crate::train::params::HostTensor;
 pub enum LayerMut<'a> {
     Linear(&'a mut Linear),
     Conv2d(&'a mut Conv2d),
+    /// An attention matmul input (activation only), with the device of its attention.
+    Matmul(&'a mut MatmulInput, Device),
 }
+
+const NO_WEIGHT: &str = "an attention matmul input has no weight: callers check `has_weight` first";
 
 impl LayerMut<'_> {
     pub fn quant_mut(&mut self) -> &mut Option<LayerQuant> {
         match self {
             LayerMut::Linear(l) => &mut l.quant,
             LayerMut::Conv2d(c) => &mut c.quant,
+            LayerMut::Matmul(m, _) => &mut m.quant,
         }
+    }
+
+    /// Whether the site has a weight (a Linear or Conv2d) rather than only an input.
+    pub fn has_weight(&self) -> bool {
+        !matches!(self, LayerMut::Matmul(..))
     }
 
     pub fn quant(&self) -> Option<&LayerQuant> {
         match self {
             LayerMut::Linear(l) => l.quant.as_ref(),
             LayerMut::Conv2d(c) => c.quant.as_ref(),
+            LayerMut::Matmul(m, _) => m.quant.as_ref(),
         }
     }
 
-    pub fn lora_mut(&mut self) -> &mut Option<crate::lora::Talora> {
+    /// Gives a weight layer its adapters (or takes them away).
+    pub fn set_lora(&mut self, lora: Option<crate::lora::Talora>) {
         match self {
-            LayerMut::Linear(l) => &mut l.lora,
-            LayerMut::Conv2d(c) => &mut c.lora,
+            LayerMut::Linear(l) => l.lora = lora,
+            LayerMut::Conv2d(c) => c.lora = lora,
+            LayerMut::Matmul(..) => panic!("{NO_WEIGHT}"),
         }
     }
 
@@ -40,6 +55,7 @@ impl LayerMut<'_> {
         match self {
             LayerMut::Linear(l) => l.lora.as_ref(),
             LayerMut::Conv2d(c) => c.lora.as_ref(),
+            LayerMut::Matmul(..) => None,
         }
     }
 
@@ -48,6 +64,7 @@ impl LayerMut<'_> {
         match self {
             LayerMut::Linear(l) => l.weight.dims().to_vec(),
             LayerMut::Conv2d(c) => c.weight.dims().to_vec(),
+            LayerMut::Matmul(..) => panic!("{NO_WEIGHT}"),
         }
     }
 
@@ -66,6 +83,7 @@ impl LayerMut<'_> {
                 c.lora.as_ref(),
                 ctx,
             )),
+            LayerMut::Matmul(..) => panic!("{NO_WEIGHT}"),
         }
     }
 
@@ -74,6 +92,7 @@ impl LayerMut<'_> {
         match self {
             LayerMut::Linear(l) => HostTensor::from_tensor(&l.weight.val()),
             LayerMut::Conv2d(c) => HostTensor::from_tensor(&c.weight.val()),
+            LayerMut::Matmul(..) => panic!("{NO_WEIGHT}"),
         }
     }
 
@@ -82,6 +101,7 @@ impl LayerMut<'_> {
         match self {
             LayerMut::Linear(l) => l.weight.val().device(),
             LayerMut::Conv2d(c) => c.weight.val().device(),
+            LayerMut::Matmul(_, device) => device.clone(),
         }
     }
 }
@@ -89,7 +109,8 @@ impl LayerMut<'_> {
 pub struct QuantSite<'a> {
     pub path: String,
     pub layer: LayerMut<'a>,
-    /// The input is the output of a SiLU or GELU (asymmetric: its minimum is about -0.28 / -0.17).
+    /// The input is the output of a SiLU or GELU (asymmetric: its minimum is about -0.28 / -0.17)
+    /// or of a softmax (in [0, 1]).
     pub after_activation: bool,
 }
 
@@ -100,5 +121,14 @@ impl<'a> QuantSite<'a> {
 
     pub fn conv(path: impl Into<String>, c: &'a mut Conv2d, after_activation: bool) -> Self {
         Self { path: path.into(), layer: LayerMut::Conv2d(c), after_activation }
+    }
+
+    pub fn matmul(
+        path: impl Into<String>,
+        m: &'a mut MatmulInput,
+        after_activation: bool,
+        device: &Device,
+    ) -> Self {
+        Self { path: path.into(), layer: LayerMut::Matmul(m, device.clone()), after_activation }
     }
 }
