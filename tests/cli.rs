@@ -450,6 +450,8 @@ fn train_resumes_bit_exactly_and_exports_a_packed_model_that_samples_identically
         command.starts_with("msfp ablation --config") && command.ends_with("--rows msfp_ptq --seeds 0"),
         "{command}"
     );
+    let md = String::from_utf8(read(&abl.join("results.md"))).unwrap();
+    assert!(md.contains("| `teacher` | 32/32 |") && md.contains("| `msfp_ptq` | 4/4 |"), "{md}");
     let kept = abl.join("results/msfp_ptq-seed0.json");
     let before = std::fs::metadata(&kept).unwrap().modified().unwrap();
     let o = msfp(&args);

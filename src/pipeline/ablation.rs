@@ -4,7 +4,8 @@
 //! (`<out>/runs/<row>/seed<k>/`, resumable), evaluated on `eval.samples` samples from the seed's
 //! noise; its result is written to `<out>/results/<row>-seed<k>.json` as soon as it is known and
 //! skipped when the command runs again, so the table can be built over several sessions.
-//! `<out>/results.json` aggregates every finished result (mean and std over seeds).
+//! `<out>/results.json` aggregates every finished result (mean and std over seeds), and
+//! `<out>/results.md` renders it as the Markdown table the experiment's README quotes.
 //!
 //! Each result names its teacher by the digest of the weights file; a result of another teacher
 //! is stale: it is left out of the table and its (row, seed) runs again from scratch.
@@ -318,7 +319,43 @@ pub fn run(
     }
     let table = aggregate(base, base_overrides, out)?;
     crate::train::atomic_write(&out.join("results.json"), &serde_json::to_vec_pretty(&table).expect("json"))?;
+    crate::train::atomic_write(&out.join("results.md"), markdown(&table).as_bytes())?;
     Ok(table)
+}
+
+/// The table as Markdown: FID relative to the teacher's where the teacher row is there.
+pub fn markdown(table: &[TableRow]) -> String {
+    let teacher_fid = table.iter().find(|r| r.row == "teacher").map(|r| r.fid_mean);
+    let mut out = String::from(
+        "| row | W/A bits | FID (mean ± std) | vs teacher | accuracy | PSNR vs teacher | seeds | samples |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for r in table {
+        let relative = match teacher_fid {
+            Some(t) if r.row != "teacher" && t > 0.0 => format!("{:+.1}%", 100.0 * (r.fid_mean / t - 1.0)),
+            _ => "-".into(),
+        };
+        let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
+        out.push_str(&format!(
+            "| `{}` | {}/{} | {:.1} ± {:.1} | {relative} | {:.3} | {} | {} | {} |\n",
+            r.row,
+            r.w_bits,
+            r.a_bits,
+            r.fid_mean,
+            r.fid_std,
+            r.accuracy,
+            r.psnr_vs_teacher.map_or("-".into(), |p| format!("{p:.2} dB")),
+            seeds.join(", "),
+            r.samples
+        ));
+    }
+    if let Some(r) = table.first() {
+        out.push_str(&format!(
+            "\nFID of {} real training digits against the held-out digits (the floor): {:.1}. Teacher `{}`.\n",
+            r.samples, r.fid_real_heldout, r.teacher
+        ));
+    }
+    out
 }
 
 /// `msfp ablation` restricted to one row and its finished seeds, with the base overrides.
