@@ -8,8 +8,8 @@
 //!
 //! Environment: `MSFP_BENCH_ELEMENTS` (default 4096 * 4096; the shape is [r, n / r] with
 //! r = isqrt(n)), `RAYON_NUM_THREADS` (the thread count handed to torch too; default: all
-//! cores), `MSFP_BENCH_PYTHON` (default `python3`), `MSFP_BENCH_VARIANTS=1` (also time the
-//! prototype `fake_quantize_inner_round`).
+//! cores), `MSFP_BENCH_PYTHON` (default `python3`). The plain tensor-op version of the quantizer
+//! (`fake_quantize_ops`, what the GPU backends run) is timed beside the fused flex operation.
 
 use std::path::Path;
 use std::process::Command;
@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use criterion::{Criterion, SamplingMode};
-use msfp::quant::{Format, fake_quantize, grid_round};
+use msfp::quant::{Format, fake_quantize, fake_quantize_ops};
 
 const DEFAULT_ELEMENTS: usize = 4096 * 4096;
 const GROUP: &str = "quantizer";
@@ -81,21 +81,12 @@ fn fwd_bwd(x0: &Tensor<2>, s0: &Tensor<2>, format: &Format) -> (Tensor<2>, Tenso
     (q.inner(), dx, ds)
 }
 
-/// Prototype of a cheaper [`fake_quantize`] (same math, bit-identical results): the
-/// non-differentiable `grid_round` runs on the inner flex tensor, outside autodiff, where flex's
-/// one-pass `clamp`/`clamp_max` replace autodiff's default compare + mask_fill pairs and no
-/// graph bookkeeping is done. Timed only with `MSFP_BENCH_VARIANTS=1`.
-fn fake_quantize_inner_round(x: Tensor<2>, format: &Format, scale: Tensor<2>) -> Tensor<2> {
-    let v = (x / scale.clone()).clamp(format.min(), format.max());
-    let v_const = v.clone().inner();
-    let offset = grid_round(v_const.clone(), format) - v_const;
-    (v + Tensor::from_inner(offset)) * scale
-}
-
-fn fwd_bwd_inner_round(x0: &Tensor<2>, s0: &Tensor<2>, format: &Format) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+/// The same forward + backward through the plain tensor-op quantizer (the version every
+/// backend runs; on flex autodiff `fake_quantize` uses the fused operation instead).
+fn fwd_bwd_ops(x0: &Tensor<2>, s0: &Tensor<2>, format: &Format) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
     let x = Tensor::from_inner(x0.clone()).require_grad();
     let s = Tensor::from_inner(s0.clone()).require_grad();
-    let q = fake_quantize_inner_round(x.clone(), format, s.clone());
+    let q = fake_quantize_ops(x.clone(), format, s.clone(), None);
     let grads = q.clone().sum().backward();
     let dx = x.grad(&grads).expect("gradient for x");
     let ds = s.grad(&grads).expect("gradient for s");
@@ -184,17 +175,15 @@ fn main() {
     // Cross-check against torch on the same input (outside the timing).
     let (q, dx, ds) = fwd_bwd(&x0, &s0, &format);
     let checksums = checksums_of(q, dx, ds);
-    let variants = std::env::var("MSFP_BENCH_VARIANTS").is_ok_and(|v| v == "1");
-    let variant_checksums = variants.then(|| {
-        let (q, dx, ds) = fwd_bwd_inner_round(&x0, &s0, &format);
+    let ops_checksums = {
+        let (q, dx, ds) = fwd_bwd_ops(&x0, &s0, &format);
         checksums_of(q, dx, ds)
-    });
+    };
 
     let alloc_stats = serde_json::json!({
         "fake_quant_fwd_bwd": allocations(elements, || fwd_bwd(&x0, &s0, &format)),
         "copy": allocations(elements, || x0.clone() * 1.0),
-        "inner_round_fwd_bwd": variants
-            .then(|| allocations(elements, || fwd_bwd_inner_round(&x0, &s0, &format))),
+        "tensor_ops_fwd_bwd": allocations(elements, || fwd_bwd_ops(&x0, &s0, &format)),
     });
 
     let started = SystemTime::now();
@@ -213,16 +202,14 @@ fn main() {
             fake_quantize(x, &format, s, None)
         })
     });
-    // Inference (no autodiff): the one-pass host path on flex.
+    // Inference (no autodiff): the fused operation's forward on flex.
     g.bench_function("fake_quant_inference", |b| {
         b.iter(|| fake_quantize(x0.clone(), &format, s0.clone(), None))
     });
     // x0 stays alive, so its storage is shared and `* 1.0` cannot run in place: flex (eager)
     // allocates a new tensor and writes every element, one read and one write of the tensor.
     g.bench_function("copy", |b| b.iter(|| x0.clone() * 1.0));
-    if variants {
-        g.bench_function("inner_round_fwd_bwd", |b| b.iter(|| fwd_bwd_inner_round(&x0, &s0, &format)));
-    }
+    g.bench_function("tensor_ops_fwd_bwd", |b| b.iter(|| fwd_bwd_ops(&x0, &s0, &format)));
     g.finish();
     c.final_summary();
 
@@ -255,25 +242,26 @@ fn main() {
         })
     });
 
-    let variant = variant_checksums.map(|sums| {
-        let t = median_ns("inner_round_fwd_bwd", started).map(|v| v / 1e9);
+    let tensor_ops = {
+        let t = median_ns("tensor_ops_fwd_bwd", started).map(|v| v / 1e9);
+        let get = |c: &serde_json::Value, k: &str| c[k].as_f64().unwrap_or(f64::NAN);
+        let identical =
+            ["q", "q_weighted", "q_abs", "dx"].iter().all(|k| get(&ops_checksums, k) == get(&checksums, k));
         serde_json::json!({
-            "what": "prototype: grid_round on the inner flex tensor (benches/quantizer.rs \
-                     fake_quantize_inner_round), same math",
+            "what": "the same quantizer as plain tensor ops under autodiff (quantizer::fake_quantize_ops, \
+                     what wgpu/cuda run); fake_quantize on flex autodiff is the fused op (quant/fused.rs)",
             "fwd_bwd_median_s": t,
             "ratio_vs_copy": t.zip(copy).map(|(a, b)| a / b),
             "ratio_vs_torch": t.zip(torch_median).map(|(a, b)| a / b),
-            "speedup_vs_fake_quantize": ours.zip(t).map(|(a, b)| a / b),
-            "identical_to_fake_quantize": sums == checksums,
+            "fused_speedup": t.zip(ours).map(|(a, b)| a / b),
+            "q_and_dx_identical_to_fused": identical,
+            "checksums": ops_checksums,
         })
-    });
+    };
 
     let mut command = String::new();
     if elements != DEFAULT_ELEMENTS {
         command.push_str(&format!("MSFP_BENCH_ELEMENTS={elements} "));
-    }
-    if variants {
-        command.push_str("MSFP_BENCH_VARIANTS=1 ");
     }
     if let Some(t) = &threads_env {
         command.push_str(&format!("RAYON_NUM_THREADS={t} "));
@@ -283,7 +271,8 @@ fn main() {
     let out = serde_json::json!({
         "command": command,
         "what": "e2m1 fake quantization, per-output-channel scale, forward + backward \
-                 (gradients for x and the scale), flex CPU backend with autodiff",
+                 (gradients for x and the scale), flex CPU backend with autodiff: the fused \
+                 operation (one host pass each way) that fake_quantize uses there",
         "elements": elements,
         "shape": [rows, cols],
         "format": "e2m1",
@@ -302,7 +291,7 @@ fn main() {
         "torch": torch,
         "allocations_per_call": alloc_stats,
         "cross_check": cross_check,
-        "variant_inner_round": variant,
+        "tensor_ops": tensor_ops,
         "loadavg_at_start": loadavg_at_start,
     });
     std::fs::create_dir_all(OUT_DIR).unwrap();

@@ -280,27 +280,26 @@ enum RoundStep {
 }
 
 impl Rounder {
+    /// Branch-free (selects only), so that loops over it vectorise.
     #[inline(always)]
     pub fn round(&self, x: f32) -> f32 {
         let (negative, a) =
             if self.signed { (x < 0.0, x.abs()) } else { (false, if x > 0.0 { x } else { 0.0 }) };
-        let r = if a >= self.max {
-            self.max
-        } else {
-            match self.step {
-                RoundStep::Int => round_small(a),
-                RoundStep::Float { min_normal, subnormal_step, shift } => {
-                    if a < min_normal {
-                        round_small(a / subnormal_step) * subnormal_step
-                    } else {
-                        let bits = a.to_bits();
-                        let lsb = (bits >> shift) & 1;
-                        let rounded = (bits + (1 << (shift - 1)) - 1 + lsb) & !((1u32 << shift) - 1);
-                        f32::from_bits(rounded).min(self.max)
-                    }
-                }
+        // Beyond `max` (and for inf / NaN) the unbounded rounding is >= max or NaN; `min` gives
+        // `max` for both.
+        let r = match self.step {
+            RoundStep::Int => round_small(a.min(self.max)),
+            RoundStep::Float { min_normal, subnormal_step, shift } => {
+                let subnormal = round_small(a / subnormal_step) * subnormal_step;
+                let bits = a.to_bits();
+                let lsb = (bits >> shift) & 1;
+                let rounded =
+                    bits.wrapping_add((1 << (shift - 1)) - 1 + lsb) & !((1u32 << shift) - 1);
+                let normal = f32::from_bits(rounded);
+                if a < min_normal { subnormal } else { normal }
             }
-        };
+        }
+        .min(self.max);
         if negative { -r } else { r }
     }
 }

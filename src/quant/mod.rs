@@ -7,6 +7,7 @@
 pub mod calib;
 pub mod cli;
 pub mod format;
+pub mod fused;
 pub mod layer;
 pub mod mixup;
 pub mod pack;
@@ -15,7 +16,7 @@ pub mod quantizer;
 pub mod site;
 
 pub use format::{Encoding, Format, Kind, Rounder};
-pub use quantizer::{fake_quantize, fake_quantize_grouped, grid_round, grid_round_ste};
+pub use quantizer::{fake_quantize, fake_quantize_grouped, fake_quantize_ops, grid_round, grid_round_ste};
 
 /// Reference vectors written by tools/gen_fp_vectors.py from ml_dtypes.
 #[cfg(test)]

@@ -112,9 +112,19 @@ pub fn fake_quantize<const D: usize>(
     scale: Tensor<D>,
     zero_point: Option<Tensor<D>>,
 ) -> Tensor<D> {
-    if let Some(q) = fake_quantize_host(&x, format, &scale, zero_point.as_ref()) {
+    if let Some(q) = super::fused::fake_quantize_fused(&x, format, &scale, zero_point.as_ref()) {
         return q;
     }
+    fake_quantize_ops(x, format, scale, zero_point)
+}
+
+/// The quantizer as plain tensor ops (every backend; autodiff records each op).
+pub fn fake_quantize_ops<const D: usize>(
+    x: Tensor<D>,
+    format: &Format,
+    scale: Tensor<D>,
+    zero_point: Option<Tensor<D>>,
+) -> Tensor<D> {
     let shifted = match &zero_point {
         Some(z) => x - z.clone(),
         None => x,
@@ -125,55 +135,6 @@ pub fn fake_quantize<const D: usize>(
         Some(z) => q + z,
         None => q,
     }
-}
-
-/// Inference fast path on the CPU: without autodiff, and with a scale per tensor or per
-/// leading-dimension block, the whole quantizer is one pass over host memory, computed with
-/// the same `f32` operations in the same order as the tensor code (`r = round(clamp((x - z) /
-/// s))`, then `r * s + z`), so the values are identical. `None` where it does not apply.
-fn fake_quantize_host<const D: usize>(
-    x: &Tensor<D>,
-    format: &Format,
-    scale: &Tensor<D>,
-    zero_point: Option<&Tensor<D>>,
-) -> Option<Tensor<D>> {
-    let device = x.device();
-    if device != Device::flex()
-        || x.is_autodiff()
-        || scale.is_autodiff()
-        || zero_point.is_some_and(|z| z.is_autodiff())
-    {
-        return None;
-    }
-    let dims = x.dims();
-    let blocks = scale.dims()[0];
-    let leading_only = scale.dims().iter().skip(1).all(|&d| d == 1);
-    if !leading_only
-        || !(blocks == 1 || blocks == dims[0])
-        || zero_point.is_some_and(|z| z.dims() != scale.dims())
-    {
-        return None;
-    }
-    let s = scale.clone().into_data().try_into_vec::<f32>().ok()?;
-    let z = match zero_point {
-        Some(z) => Some(z.clone().into_data().try_into_vec::<f32>().ok()?),
-        None => None,
-    };
-    let mut values = x.clone().into_data().try_into_vec::<f32>().ok()?;
-    let block = values.len() / blocks.max(1);
-    let (lo, hi) = (format.min(), format.max());
-    let rounder = format.rounder();
-    // `+ 0.0` turns a rounded -0 into +0, as `v + (r - v)` does in the tensor code.
-    for (b, chunk) in values.chunks_mut(block.max(1)).enumerate() {
-        let s = s[b];
-        match z.as_ref().map(|z| z[b]) {
-            Some(z) => chunk
-                .iter_mut()
-                .for_each(|v| *v = (rounder.round(((*v - z) / s).clamp(lo, hi)) + 0.0) * s + z),
-            None => chunk.iter_mut().for_each(|v| *v = (rounder.round((*v / s).clamp(lo, hi)) + 0.0) * s),
-        }
-    }
-    Some(Tensor::from_data(TensorData::new(values, dims), &device))
 }
 
 /// Views `x` as `[numel / group, group]`: each row is `group` consecutive elements along the
@@ -361,10 +322,12 @@ mod tests {
 
     #[test]
     fn fake_quantize_forward_matches_scalar_formula() {
-        // Inner flex tensors take the one-pass host path, autodiff ones the tensor code: both
-        // must give the same bits.
+        // On flex (plain and autodiff) `fake_quantize` is the fused operation; the tensor-op
+        // version (what the GPU backends run) must give the same bits.
         let mut by_path: Vec<Vec<u32>> = Vec::new();
-        for device in [Device::flex(), Device::flex().autodiff()] {
+        let paths: [(Device, bool); 3] =
+            [(Device::flex(), true), (Device::flex().autodiff(), true), (Device::flex().autodiff(), false)];
+        for (device, fused) in paths {
             let mut bits = Vec::new();
             for (spec, s, z) in [
                 ("e2m1", 0.37f32, 0.0f32),
@@ -381,7 +344,11 @@ mod tests {
                 let x = tensor(&xs, &device).reshape([40, 100]);
                 let scale = Tensor::<2>::full([1, 1], s, &device);
                 let zero = (z != 0.0).then(|| Tensor::<2>::full([1, 1], z, &device));
-                let got = values(fake_quantize(x.clone(), &format, scale, zero));
+                let got = if fused {
+                    values(fake_quantize(x.clone(), &format, scale, zero))
+                } else {
+                    values(fake_quantize_ops(x.clone(), &format, scale, zero))
+                };
                 bits.extend(got.iter().map(|g| g.to_bits()));
                 for (x, g) in xs.iter().zip(got) {
                     let want = scalar_fake_quant(&format, *x, s, z);
@@ -394,7 +361,7 @@ mod tests {
             }
             by_path.push(bits);
         }
-        assert!(by_path[0] == by_path[1], "host and tensor paths differ");
+        assert!(by_path[0] == by_path[1] && by_path[1] == by_path[2], "fused and tensor-op versions differ");
     }
 
     #[test]
