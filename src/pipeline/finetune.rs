@@ -429,7 +429,7 @@ pub fn usage(router: &crate::lora::Router, sampler: &Sampler, device: &Device) -
 fn router_plot(path: &Path, router: &crate::lora::Router, sampler: &Sampler, device: &Device) -> Result<()> {
     let points: Vec<(f64, f64)> =
         sampler.steps.iter().rev().map(|s| (s.t as f64, router.choice(s.t, device) as f64)).collect();
-    let img = crate::report::plot::line_plot(&[(points, [200, 60, 40])], false);
+    let img = crate::report::plot::line_plot(&[(points, [200, 60, 40])], false, "timestep", "adapter");
     crate::report::grid::save_png(path, &image::DynamicImage::ImageRgb8(img))
 }
 
