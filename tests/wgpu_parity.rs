@@ -1,4 +1,4 @@
-//! The GPU code path against the CPU: the tiny UNet and DiT (full precision, and a W4A4 layer)
+//! The GPU code path against the CPU: the tiny UNet and DiT (full precision, perturbed weights)
 //! on `wgpu-cpu` (Mesa lavapipe, the wgpu backend on a machine without a GPU) give the same
 //! output as on flex within 1e-4. Built only with `--features wgpu`.
 #![cfg(feature = "wgpu")]
@@ -34,7 +34,7 @@ fn forward(kind: ModelKind, device: &Device) -> Vec<f32> {
         Tensor::<4>::from_data(TensorData::new(SeededRng::new(4).normals(2 * 1024), [2, 1, 32, 32]), device);
     let t = Tensor::<1>::from_floats([250.0, 750.0], device);
     let y = Tensor::<1, Int>::from_ints([1, 10], device);
-    model.forward(x, t, y, &StepCtx::default()).into_data().to_vec::<f32>().expect("f32")
+    model.forward(x, t, y, &StepCtx::default()).into_data().try_into_vec::<f32>().expect("f32")
 }
 
 #[test]
