@@ -293,8 +293,7 @@ impl Rounder {
                 let subnormal = round_small(a / subnormal_step) * subnormal_step;
                 let bits = a.to_bits();
                 let lsb = (bits >> shift) & 1;
-                let rounded =
-                    bits.wrapping_add((1 << (shift - 1)) - 1 + lsb) & !((1u32 << shift) - 1);
+                let rounded = bits.wrapping_add((1 << (shift - 1)) - 1 + lsb) & !((1u32 << shift) - 1);
                 let normal = f32::from_bits(rounded);
                 if a < min_normal { subnormal } else { normal }
             }

@@ -14,11 +14,11 @@
 //! `x: [n, ..]`), which covers every quantizer a layer carries; other shapes use the tensor
 //! version.
 
+use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::autodiff::Autodiff;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, backend_extension};
@@ -106,7 +106,12 @@ fn backward_flex(
 }
 
 impl FusedQuantBackend for Flex {
-    fn fused_fake_quant(x: FlexTensor, scale: FlexTensor, zero_point: FlexTensor, format: Format) -> FlexTensor {
+    fn fused_fake_quant(
+        x: FlexTensor,
+        scale: FlexTensor,
+        zero_point: FlexTensor,
+        format: Format,
+    ) -> FlexTensor {
         forward_flex(&x, &scale, &zero_point, &format)
     }
 }
@@ -151,12 +156,9 @@ impl<C: CheckpointStrategy> FusedQuantBackend for Autodiff<Flex, C> {
                 let out = forward_flex(&x, &s, &z, &format);
                 prep.finish((x, s, z), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(forward_flex(
-                x.primitive(),
-                scale.primitive(),
-                zero_point.primitive(),
-                &format,
-            )),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(forward_flex(x.primitive(), scale.primitive(), zero_point.primitive(), &format))
+            }
         }
     }
 }
@@ -176,7 +178,9 @@ pub fn fake_quantize_fused<const D: usize>(
     let dims = x.dims();
     let blocks = scale.dims()[0];
     let leading_only = scale.dims().iter().skip(1).all(|&d| d == 1);
-    if !leading_only || !(blocks == 1 || blocks == dims[0]) || zero_point.is_some_and(|z| z.dims() != scale.dims())
+    if !leading_only
+        || !(blocks == 1 || blocks == dims[0])
+        || zero_point.is_some_and(|z| z.dims() != scale.dims())
     {
         return None;
     }
@@ -212,8 +216,10 @@ mod tests {
             let z0: Vec<f32> = (0..4).map(|_| -0.5 * rng.uniform()).collect();
             let g0 = rng.normals(4 * 3 * 8);
             let run = |fused: bool| {
-                let x = Tensor::<3>::from_data(TensorData::new(x0.clone(), [4, 3, 8]), &device).require_grad();
-                let s = Tensor::<3>::from_data(TensorData::new(s0.clone(), [4, 1, 1]), &device).require_grad();
+                let x =
+                    Tensor::<3>::from_data(TensorData::new(x0.clone(), [4, 3, 8]), &device).require_grad();
+                let s =
+                    Tensor::<3>::from_data(TensorData::new(s0.clone(), [4, 1, 1]), &device).require_grad();
                 let z = zero.then(|| {
                     Tensor::<3>::from_data(TensorData::new(z0.clone(), [4, 1, 1]), &device).require_grad()
                 });
@@ -225,7 +231,12 @@ mod tests {
                 let g = Tensor::<3>::from_data(TensorData::new(g0.clone(), [4, 3, 8]), &device);
                 let grads = (q.clone() * g).sum().backward();
                 let dz = z.map(|z| host_values(z.grad(&grads).unwrap()));
-                (host_values(q), host_values(x.grad(&grads).unwrap()), host_values(s.grad(&grads).unwrap()), dz)
+                (
+                    host_values(q),
+                    host_values(x.grad(&grads).unwrap()),
+                    host_values(s.grad(&grads).unwrap()),
+                    dz,
+                )
             };
             let (fq, fdx, fds, fdz) = run(true);
             let (tq, tdx, tds, tdz) = run(false);

@@ -429,7 +429,8 @@ mod tests {
     fn grouped_weight_scales_lower_the_weight_error() {
         let device = Device::flex();
         let (x, t, y) = batch(&device);
-        let calib = CalibConfig { clip_grid: 10, zero_point_grid: 3, sample_size: 1024, ..Default::default() };
+        let calib =
+            CalibConfig { clip_grid: 10, zero_point_grid: 3, sample_size: 1024, ..Default::default() };
         let mut errors = Vec::new();
         for weight_group_size in [0, 8] {
             let mut model = tiny_unet(&device);
@@ -476,7 +477,10 @@ mod tests {
             let inputs: Vec<&SiteReport> = reports.iter().filter(|r| is_matmul_input(&r.path)).collect();
             if attention_matmuls {
                 let paths: Vec<&str> = inputs.iter().map(|r| r.path.as_str()).collect();
-                assert!(paths.contains(&"mid_attn.attn.q_in") && paths.contains(&"mid_attn.attn.v_in"), "{paths:?}");
+                assert!(
+                    paths.contains(&"mid_attn.attn.q_in") && paths.contains(&"mid_attn.attn.v_in"),
+                    "{paths:?}"
+                );
                 assert!(inputs.iter().all(|r| r.weight_format.is_none() && r.act_format.is_some()));
                 // Softmax probabilities are one-sided: unsigned FP; queries are signed.
                 let probs = inputs.iter().find(|r| r.path == "mid_attn.attn.probs_in").unwrap();

@@ -167,7 +167,9 @@ mod tests {
     use super::*;
 
     fn dark_pixels(img: &RgbImage, xs: std::ops::Range<u32>, ys: std::ops::Range<u32>) -> usize {
-        xs.flat_map(|x| ys.clone().map(move |y| (x, y))).filter(|&(x, y)| img.get_pixel(x, y)[0] < 100).count()
+        xs.flat_map(|x| ys.clone().map(move |y| (x, y)))
+            .filter(|&(x, y)| img.get_pixel(x, y)[0] < 100)
+            .count()
     }
 
     #[test]
