@@ -195,6 +195,11 @@ fn result_path(out: &Path, row: &str, seed: u64) -> PathBuf {
     out.join("results").join(format!("{row}-seed{seed}.json"))
 }
 
+/// The run directory of one (row, seed).
+fn run_dir(out: &Path, row: &str, seed: u64) -> PathBuf {
+    out.join("runs").join(row).join(format!("seed{seed}"))
+}
+
 /// The config of one (row, seed): the base, the row's overrides, the seed (fine-tuning and
 /// evaluation noise), and a run directory of its own.
 pub fn row_config(
@@ -206,8 +211,8 @@ pub fn row_config(
 ) -> Result<Config> {
     let mut overrides: Vec<String> = base_overrides.to_vec();
     overrides.extend(row.overrides.iter().map(|s| s.to_string()));
-    let run_dir = out.join("runs").join(row.id).join(format!("seed{seed}"));
-    overrides.push(format!("run.out_dir={}", toml_string(&run_dir.display().to_string())));
+    let dir = run_dir(out, row.id, seed);
+    overrides.push(format!("run.out_dir={}", toml_string(&dir.display().to_string())));
     overrides.push(format!("run.seed={seed}"));
     let mut cfg = Config::load(base, &overrides)?;
     cfg.eval.seed = cfg.eval.seed.wrapping_add(seed);
@@ -258,9 +263,9 @@ pub fn run(
             }
             if path.exists() {
                 // A fine-tuning run of another teacher must not be resumed.
-                let run_dir = out.join("runs").join(row.id).join(format!("seed{seed}"));
-                if run_dir.exists() {
-                    std::fs::remove_dir_all(&run_dir).map_err(|e| crate::error::io_err(&run_dir, e))?;
+                let dir = run_dir(out, row.id, seed);
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir).map_err(|e| crate::error::io_err(&dir, e))?;
                 }
             }
             let started = std::time::Instant::now();
@@ -317,7 +322,7 @@ pub fn run(
             crate::train::atomic_write(&path, &serde_json::to_vec_pretty(&result).expect("json"))?;
         }
     }
-    let table = aggregate(base, base_overrides, out)?;
+    let table = aggregate(base, base_overrides, out, &teacher_id)?;
     crate::train::atomic_write(&out.join("results.json"), &serde_json::to_vec_pretty(&table).expect("json"))?;
     crate::train::atomic_write(&out.join("results.md"), markdown(&table).as_bytes())?;
     Ok(table)
@@ -394,11 +399,10 @@ fn read_images(path: &Path, n: usize) -> Option<Vec<f32>> {
         .then(|| bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
-/// Every finished result under `<out>/results/`, as table rows in the paper's order.
-pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path) -> Result<Vec<TableRow>> {
+/// Every finished result of `teacher` under `<out>/results/`, as table rows in the paper's order.
+pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path, teacher: &str) -> Result<Vec<TableRow>> {
     let mut table = Vec::new();
     let cfg = Config::load(base, base_overrides)?;
-    let teacher = teacher_digest(&cfg)?;
     let fid_real_heldout = {
         let device = crate::device::make_device(&cfg.run.device)?;
         Scorer::new(&cfg, &device)?.fid_real_heldout
@@ -413,7 +417,7 @@ pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path) -> Result<V
             if !name.starts_with(&format!("{}-seed", row.id)) {
                 continue;
             }
-            results.extend(read_result(&p, &teacher)?);
+            results.extend(read_result(&p, teacher)?);
         }
         if results.is_empty() {
             continue;
@@ -439,7 +443,7 @@ pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path) -> Result<V
             samples: results[0].samples,
             fid_real_heldout,
             command: row_command(base, base_overrides, out, row.id, &results),
-            teacher: teacher.clone(),
+            teacher: teacher.to_string(),
         });
     }
     Ok(table)

@@ -55,16 +55,33 @@ fn block_len(x: &FlexTensor, scale: &FlexTensor) -> usize {
     n / scale.layout().num_elements().max(1)
 }
 
+/// The format's grid as the forward and the backward both round on it.
+struct Grid {
+    lo: f32,
+    hi: f32,
+    rounder: super::format::Rounder,
+}
+
+impl Grid {
+    fn new(format: &Format) -> Self {
+        Self { lo: format.min(), hi: format.max(), rounder: format.rounder() }
+    }
+
+    /// `round(clamp(u))`; `+ 0.0` turns a rounded -0 into +0, as the tensor version does.
+    #[inline(always)]
+    fn code(&self, u: f32) -> f32 {
+        self.rounder.round(u.clamp(self.lo, self.hi)) + 0.0
+    }
+}
+
 fn forward_flex(x: &FlexTensor, scale: &FlexTensor, zero: &FlexTensor, format: &Format) -> FlexTensor {
     let (xs, s, z) = (values(x), values(scale), values(zero));
     let block = block_len(x, scale).max(1);
-    let (lo, hi) = (format.min(), format.max());
-    let rounder = format.rounder();
+    let grid = Grid::new(format);
     let mut out = vec![0.0f32; xs.len()];
     for ((o, xb), (&s, &z)) in out.chunks_mut(block).zip(xs.chunks(block)).zip(s.iter().zip(z.iter())) {
         for (o, &v) in o.iter_mut().zip(xb) {
-            // `+ 0.0` turns a rounded -0 into +0, as the tensor version does.
-            *o = (rounder.round(((v - z) / s).clamp(lo, hi)) + 0.0) * s + z;
+            *o = grid.code((v - z) / s) * s + z;
         }
     }
     tensor_like(out, x)
@@ -80,8 +97,7 @@ fn backward_flex(
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
     let (g, xs, s, z) = (values(grad), values(x), values(scale), values(zero));
     let block = block_len(x, scale).max(1);
-    let (lo, hi) = (format.min(), format.max());
-    let rounder = format.rounder();
+    let grid = Grid::new(format);
     let mut dx = vec![0.0f32; xs.len()];
     let mut ds = vec![0.0f32; s.len()];
     let mut dz = vec![0.0f32; z.len()];
@@ -90,8 +106,8 @@ fn backward_flex(
         let (mut sum_s, mut sum_z) = (0.0f32, 0.0f32);
         for ((d, &v), &g) in dxb.iter_mut().zip(xb).zip(gb) {
             let u = (v - z) / s;
-            let r = rounder.round(u.clamp(lo, hi)) + 0.0;
-            if (lo..=hi).contains(&u) {
+            let r = grid.code(u);
+            if (grid.lo..=grid.hi).contains(&u) {
                 *d = g;
                 sum_s += g * (r - u);
             } else {
