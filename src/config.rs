@@ -481,12 +481,17 @@ const NON_MATH_KEYS: &[&str] = &[
 ];
 
 /// Keys whose values differ between two fingerprints, formatted `key: old -> new`.
+///
+/// A key that one side lacks counts as its default value there, so a checkpoint written before
+/// a config key existed still resumes when the key keeps its default.
 pub fn fingerprint_diff(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
+    let defaults = Config::default().flattened();
+    let value = |map: &BTreeMap<String, String>, k: &String| map.get(k).or_else(|| defaults.get(k)).cloned();
     let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
     keys.sort();
     keys.dedup();
     keys.into_iter()
-        .filter(|k| saved.get(*k) != now.get(*k))
+        .filter(|k| value(saved, k) != value(now, k))
         .map(|k| {
             let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(absent)".into());
             format!("{k}: {} -> {}", show(saved.get(k)), show(now.get(k)))
@@ -609,5 +614,16 @@ mod tests {
         let d = fingerprint_diff(&a.fingerprint(), &c.fingerprint());
         assert_eq!(d.len(), 1);
         assert!(d[0].starts_with("train.lr"), "{d:?}");
+    }
+
+    #[test]
+    fn fingerprint_keys_added_later_match_at_their_default() {
+        let now = Config::parse("", "t", &[]).unwrap().fingerprint();
+        let mut old = now.clone();
+        old.remove("quant.weight_group_size");
+        assert!(fingerprint_diff(&old, &now).is_empty());
+        let changed = Config::parse("", "t", &["quant.weight_group_size=16".into()]).unwrap();
+        let d = fingerprint_diff(&old, &changed.fingerprint());
+        assert_eq!(d, vec!["quant.weight_group_size: (absent) -> 16".to_string()]);
     }
 }
