@@ -278,7 +278,11 @@ fn main() {
         "format": "e2m1",
         "threads": threads,
         "backend": "flex (CPU), autodiff",
-        "profile": "dev (dependencies at opt-level 3)",
+        "profile": if cfg!(debug_assertions) {
+            "dev (opt-level 3; our crate keeps debug assertions)"
+        } else {
+            "bench (release)"
+        },
         "fake_quant_fwd_bwd_median_s": ours,
         "fake_quant_fwd_median_s": fwd,
         "copy_median_s": copy,

@@ -112,10 +112,10 @@ pub fn fake_quantize<const D: usize>(
     scale: Tensor<D>,
     zero_point: Option<Tensor<D>>,
 ) -> Tensor<D> {
-    if let Some(q) = super::fused::fake_quantize_fused(&x, format, &scale, zero_point.as_ref()) {
-        return q;
+    match super::fused::fake_quantize_fused(x, format, &scale, zero_point.as_ref()) {
+        Ok(q) => q,
+        Err(x) => fake_quantize_ops(x, format, scale, zero_point),
     }
-    fake_quantize_ops(x, format, scale, zero_point)
 }
 
 /// The quantizer as plain tensor ops (every backend; autodiff records each op).
