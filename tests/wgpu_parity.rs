@@ -49,3 +49,62 @@ fn tiny_models_on_wgpu_cpu_match_flex() {
         assert!(diff < 1e-4, "{kind:?}: max |flex - wgpu-cpu| = {diff}");
     }
 }
+
+/// The fused quantizer's CubeCL kernels (`quant/fused_cube.rs`) against the flex version: the
+/// same values and the same STE / LSQ gradients, for FP, unsigned-FP-with-zero-point and integer
+/// grids, with per-row scales over several blocks.
+#[test]
+fn fused_quantizer_on_wgpu_cpu_matches_flex() {
+    use msfp::quant::Format;
+    use msfp::quant::fused::fake_quantize_fused;
+    use msfp::train::params::host_values;
+
+    let gpu = msfp::device::make_device("wgpu-cpu").expect("wgpu-cpu (mesa-vulkan-drivers)");
+    let (rows, cols) = (6, 50);
+    let mut rng = SeededRng::new(7);
+    let x0: Vec<f32> = rng.normals(rows * cols).iter().map(|v| v * 4.0).collect();
+    let g0 = rng.normals(rows * cols);
+    // Row 0 has scale 1 and zero point 0, so its inputs can sit exactly on the grid's midpoints.
+    let s0: Vec<f32> = (0..rows).map(|i| if i == 0 { 1.0 } else { 0.15 + 0.1 * i as f32 }).collect();
+    let z0: Vec<f32> = (0..rows).map(|i| -0.05 * i as f32).collect();
+    for (spec, zero) in [("e2m1", false), ("ue2m2", true), ("int4", false), ("e4m3", false), ("e3m0", false)]
+    {
+        let format = Format::parse(spec).unwrap();
+        // Exact ties (ties go to the even code) at the start of row 0.
+        let grid = format.values();
+        let mut x0 = x0.clone();
+        for (slot, pair) in x0[..cols].iter_mut().zip(grid.windows(2)) {
+            *slot = (pair[0] + pair[1]) / 2.0;
+        }
+        let run = |device: &Device| {
+            let t = |v: &[f32], shape: [usize; 2]| {
+                Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), device)
+            };
+            let x = t(&x0, [rows, cols]).require_grad();
+            let s = t(&s0, [rows, 1]).require_grad();
+            let z = zero.then(|| t(&z0, [rows, 1]).require_grad());
+            let q = fake_quantize_fused(x.clone(), &format, &s, z.as_ref())
+                .unwrap_or_else(|_| panic!("{spec}: the fused path applies on {device:?}"));
+            let grads = (q.clone() * t(&g0, [rows, cols])).sum().backward();
+            let dz = z.map(|z| host_values(z.grad(&grads).unwrap()));
+            (host_values(q), host_values(x.grad(&grads).unwrap()), host_values(s.grad(&grads).unwrap()), dz)
+        };
+        let (fq, fdx, fds, fdz) = run(&Device::flex().autodiff());
+        let (gq, gdx, gds, gdz) = run(&gpu.clone().autodiff());
+        let close = |a: &[f32], b: &[f32], tol: f32, what: &str| {
+            assert_eq!(a.len(), b.len());
+            for (i, (a, b)) in a.iter().zip(b).enumerate() {
+                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{spec} {what}[{i}]: wgpu {a} vs flex {b}");
+            }
+        };
+        close(&gq, &fq, 1e-6, "q");
+        close(&gdx, &fdx, 0.0, "dx");
+        close(&gds, &fds, 1e-5, "ds");
+        if let (Some(g), Some(f)) = (gdz, fdz) {
+            close(&g, &f, 1e-5, "dz");
+        }
+        if format.bits() == 4 {
+            assert!(fdx.iter().any(|&d| d == 0.0), "{spec}: some inputs are clipped");
+        }
+    }
+}

@@ -280,6 +280,17 @@ enum RoundStep {
 }
 
 impl Rounder {
+    /// `(min_normal, subnormal_step, shift)` of an FP grid, `None` for an integer grid: the
+    /// constants [`Self::round`] uses, for kernels that round the same way on other devices.
+    pub fn float_constants(&self) -> Option<(f32, f32, u32)> {
+        match self.step {
+            RoundStep::Int => None,
+            RoundStep::Float { min_normal, subnormal_step, shift } => {
+                Some((min_normal, subnormal_step, shift))
+            }
+        }
+    }
+
     /// Branch-free (selects only), so that loops over it vectorise.
     #[inline(always)]
     pub fn round(&self, x: f32) -> f32 {

@@ -12,7 +12,8 @@
 //!
 //! Scales (and zero points) are per tensor or per leading-dimension block (`[n, 1, ..]` against
 //! `x: [n, ..]`), which covers every quantizer a layer carries; other shapes use the tensor
-//! version.
+//! version. The GPU backends (wgpu, cuda) run the same operation as CubeCL kernels
+//! (`fused_cube.rs`) under the same autodiff backward.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -21,7 +22,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, Dispatch, Flex, backend_extension};
+use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, backend_extension};
 use std::borrow::Cow;
 use std::ops::Range;
 
@@ -30,7 +31,7 @@ use rayon::prelude::*;
 
 use super::format::Format;
 
-#[backend_extension(Autodiff, Flex)]
+#[backend_extension(Autodiff, Flex, Cube: cfg(any(feature = "wgpu", feature = "cuda")))]
 pub trait FusedQuantBackend: Backend {
     /// `q = round(clamp((x - z) / s)) * s + z` on the grid of `format`.
     fn fused_fake_quant(
@@ -263,6 +264,48 @@ fn backward_flex(
     (dx, tensor_like(ds, scale), tensor_like(dz, zero))
 }
 
+/// The quantizer's two passes on one backend's own tensors: flex here, the CubeCL backends in
+/// `fused_cube`. Scales (and zero points) are per tensor or per leading-dimension block.
+pub trait FusedQuantKernels: Backend {
+    /// `q`; `x` is taken by value so that a backend may reuse its memory.
+    fn fake_quant_forward(
+        x: FloatTensor<Self>,
+        scale: &FloatTensor<Self>,
+        zero: &FloatTensor<Self>,
+        format: &Format,
+    ) -> FloatTensor<Self>;
+
+    /// `(dx, ds, dz)` for the upstream gradient `grad` (STE for `x`, LSQ for scale and zero).
+    fn fake_quant_backward(
+        grad: FloatTensor<Self>,
+        x: &FloatTensor<Self>,
+        scale: &FloatTensor<Self>,
+        zero: &FloatTensor<Self>,
+        format: &Format,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+impl FusedQuantKernels for Flex {
+    fn fake_quant_forward(
+        x: FlexTensor,
+        scale: &FlexTensor,
+        zero: &FlexTensor,
+        format: &Format,
+    ) -> FlexTensor {
+        forward_flex(x, scale, zero, format)
+    }
+
+    fn fake_quant_backward(
+        grad: FlexTensor,
+        x: &FlexTensor,
+        scale: &FlexTensor,
+        zero: &FlexTensor,
+        format: &Format,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        backward_flex(grad, x, scale, zero, format)
+    }
+}
+
 impl FusedQuantBackend for Flex {
     fn fused_fake_quant(
         x: FlexTensor,
@@ -270,7 +313,19 @@ impl FusedQuantBackend for Flex {
         zero_point: FlexTensor,
         format: Format,
     ) -> FlexTensor {
-        forward_flex(x, &scale, &zero_point, &format)
+        Self::fake_quant_forward(x, &scale, &zero_point, &format)
+    }
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+impl FusedQuantBackend for burn_cubecl::CubeBackend {
+    fn fused_fake_quant(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        zero_point: FloatTensor<Self>,
+        format: Format,
+    ) -> FloatTensor<Self> {
+        Self::fake_quant_forward(x, &scale, &zero_point, &format)
     }
 }
 
@@ -279,27 +334,27 @@ struct FusedQuantBackward {
     format: Format,
 }
 
-impl Backward<Flex, 3> for FusedQuantBackward {
-    type State = (FlexTensor, FlexTensor, FlexTensor);
+impl<B: FusedQuantKernels> Backward<B, 3> for FusedQuantBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_s, node_z] = ops.parents;
-        let grad = grads.consume::<Flex>(&ops.node);
+        let grad = grads.consume::<B>(&ops.node);
         let (x, scale, zero) = ops.state;
-        let (dx, ds, dz) = backward_flex(grad, &x, &scale, &zero, &self.format);
+        let (dx, ds, dz) = B::fake_quant_backward(grad, &x, &scale, &zero, &self.format);
         if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, dx);
+            grads.register::<B>(node.id, dx);
         }
         if let Some(node) = node_s {
-            grads.register::<Flex>(node.id, ds);
+            grads.register::<B>(node.id, ds);
         }
         if let Some(node) = node_z {
-            grads.register::<Flex>(node.id, dz);
+            grads.register::<B>(node.id, dz);
         }
     }
 }
 
-impl<C: CheckpointStrategy> FusedQuantBackend for Autodiff<Flex, C> {
+impl<B: FusedQuantKernels, C: CheckpointStrategy> FusedQuantBackend for Autodiff<B, C> {
     fn fused_fake_quant(
         x: FloatTensor<Self>,
         scale: FloatTensor<Self>,
@@ -311,16 +366,27 @@ impl<C: CheckpointStrategy> FusedQuantBackend for Autodiff<Flex, C> {
             OpsKind::Tracked(prep) => {
                 let (x, s, z) =
                     (x.primitive().clone(), scale.primitive().clone(), zero_point.primitive().clone());
-                let out = forward_flex(x.clone(), &s, &z, &format);
+                let out = B::fake_quant_forward(x.clone(), &s, &z, &format);
                 prep.finish((x, s, z), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(forward_flex(
+            OpsKind::UnTracked(prep) => prep.finish(B::fake_quant_forward(
                 x.into_primitive(),
                 scale.primitive(),
                 zero_point.primitive(),
                 &format,
             )),
         }
+    }
+}
+
+/// Whether `device` (with or without autodiff) runs on a backend with [`FusedQuantKernels`].
+fn has_fused_kernels(device: &Device) -> bool {
+    match device.clone().inner().as_dispatch() {
+        DispatchDevice::Flex(_) => true,
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        DispatchDevice::Cube(_) => true,
+        #[allow(unreachable_patterns)]
+        _ => false,
     }
 }
 
@@ -334,7 +400,7 @@ pub fn fake_quantize_fused<const D: usize>(
     zero_point: Option<&Tensor<D>>,
 ) -> Result<Tensor<D>, Tensor<D>> {
     let device = x.device();
-    if device != Device::flex() && device != Device::flex().autodiff() {
+    if !has_fused_kernels(&device) {
         return Err(x);
     }
     let dims = x.dims();

@@ -8,6 +8,8 @@ pub mod calib;
 pub mod cli;
 pub mod format;
 pub mod fused;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod fused_cube;
 pub mod layer;
 pub mod mixup;
 pub mod pack;

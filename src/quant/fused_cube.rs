@@ -1,0 +1,312 @@
+//! The fused fake quantizer as CubeCL kernels, for the GPU backends (wgpu, cuda): the same two
+//! passes as the flex version in [`super::fused`], one thread per element.
+//!
+//! Forward: `q = round(clamp((x - z) / s)) * s + z`, one read of `x` and one write of `q`.
+//! Backward: one pass writes `dx` and the per-element LSQ terms of the scale and zero-point
+//! gradients; burn's own reduction sums those terms over each scale's block. The tensor-op
+//! version this replaces records about ten elementwise ops per forward and as many per backward.
+//!
+//! Rounding is the bit-pattern rounding of [`super::format::Rounder`], written out for the
+//! kernel, so every backend rounds on the grid in the same way.
+
+use burn::backend::ops::FloatTensorOps;
+use burn::tensor::Shape;
+use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise, prelude::*};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+
+use super::format::Format;
+use super::fused::FusedQuantKernels;
+
+/// The format's grid as the kernels round on it (host-computed constants).
+#[derive(Clone, Copy)]
+struct GridArgs {
+    lo: f32,
+    hi: f32,
+    max: f32,
+    /// 1 for signed grids (the sign is split off before rounding the magnitude).
+    signed: u32,
+    /// 1 for integer grids (a fixed step of 1), 0 for FP grids.
+    int_grid: u32,
+    min_normal: f32,
+    subnormal_step: f32,
+    /// Mantissa bits dropped from an `f32` (23 - man_bits), and the matching rounding constants.
+    shift: u32,
+    half_minus_one: u32,
+    keep_mask: u32,
+}
+
+impl GridArgs {
+    fn new(format: &Format) -> Self {
+        let float = format.rounder().float_constants();
+        // An integer grid never reads the FP constants; any valid shift keeps them well-defined.
+        let (min_normal, subnormal_step, shift) = float.unwrap_or((0.0, 1.0, 1));
+        Self {
+            lo: format.min(),
+            hi: format.max(),
+            max: format.max(),
+            signed: format.signed() as u32,
+            int_grid: float.is_none() as u32,
+            min_normal,
+            subnormal_step,
+            shift,
+            half_minus_one: (1u32 << (shift - 1)) - 1,
+            keep_mask: !((1u32 << shift) - 1),
+        }
+    }
+}
+
+/// Round to the nearest integer, ties to even, for `0 <= y < 2^23`. Written with `floor` and
+/// the parity of the integer part: shader compilers fold flex's `(y + 2^23) - 2^23` into `y`.
+#[cube]
+fn round_small(y: f32) -> f32 {
+    let t = f32::floor(y);
+    let frac = y - t;
+    let odd = u32::cast_from(t) & 1u32;
+    let mut r = t;
+    if frac > 0.5f32 || (frac == 0.5f32 && odd == 1u32) {
+        r = t + 1.0f32;
+    }
+    r
+}
+
+/// `round(clamp(u))` on the grid, ties to even; `+ 0.0` turns -0 into +0 as on flex.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn grid_code(
+    u: f32,
+    lo: f32,
+    hi: f32,
+    max: f32,
+    signed: u32,
+    int_grid: u32,
+    min_normal: f32,
+    subnormal_step: f32,
+    shift: u32,
+    half_minus_one: u32,
+    keep_mask: u32,
+) -> f32 {
+    let v = f32::min(f32::max(u, lo), hi);
+    let negative = signed == 1u32 && v < 0.0f32;
+    let mut a = f32::max(v, 0.0f32);
+    if signed == 1u32 {
+        a = f32::abs(v);
+    }
+    let mut r = round_small(f32::min(a, max));
+    if int_grid == 0u32 {
+        if a < min_normal {
+            r = round_small(a / subnormal_step) * subnormal_step;
+        } else {
+            let bits = u32::reinterpret(a);
+            let lsb = (bits >> shift) & 1u32;
+            r = f32::reinterpret((bits + half_minus_one + lsb) & keep_mask);
+        }
+        r = f32::min(r, max);
+    }
+    if negative {
+        r = -r;
+    }
+    r + 0.0f32
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn fake_quant_forward_kernel(
+    x: &[f32],
+    scale: &[f32],
+    zero: &[f32],
+    out: &mut [f32],
+    block: usize,
+    lo: f32,
+    hi: f32,
+    max: f32,
+    signed: u32,
+    int_grid: u32,
+    min_normal: f32,
+    subnormal_step: f32,
+    shift: u32,
+    half_minus_one: u32,
+    keep_mask: u32,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let b = i / block;
+    let (s, z) = (scale[b], zero[b]);
+    let r = grid_code(
+        (x[i] - z) / s,
+        lo,
+        hi,
+        max,
+        signed,
+        int_grid,
+        min_normal,
+        subnormal_step,
+        shift,
+        half_minus_one,
+        keep_mask,
+    );
+    out[i] = r * s + z;
+}
+
+/// `dx = g * in`, and the terms `g * (r - in * u)` (scale) and `g * (1 - in)` (zero point) that
+/// the caller sums over each block.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn fake_quant_backward_kernel(
+    g: &[f32],
+    x: &[f32],
+    scale: &[f32],
+    zero: &[f32],
+    dx: &mut [f32],
+    ds_terms: &mut [f32],
+    dz_terms: &mut [f32],
+    block: usize,
+    lo: f32,
+    hi: f32,
+    max: f32,
+    signed: u32,
+    int_grid: u32,
+    min_normal: f32,
+    subnormal_step: f32,
+    shift: u32,
+    half_minus_one: u32,
+    keep_mask: u32,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= dx.len() {
+        terminate!();
+    }
+    let b = i / block;
+    let u = (x[i] - zero[b]) / scale[b];
+    let r = grid_code(
+        u,
+        lo,
+        hi,
+        max,
+        signed,
+        int_grid,
+        min_normal,
+        subnormal_step,
+        shift,
+        half_minus_one,
+        keep_mask,
+    );
+    let gi = g[i];
+    if u >= lo && u <= hi {
+        dx[i] = gi;
+        ds_terms[i] = gi * (r - u);
+        dz_terms[i] = 0.0f32;
+    } else {
+        dx[i] = 0.0f32;
+        ds_terms[i] = gi * r;
+        dz_terms[i] = gi;
+    }
+}
+
+fn contiguous(t: CubeTensor) -> CubeTensor {
+    if t.is_contiguous_buffer() { t } else { into_contiguous(t) }
+}
+
+fn empty_like(t: &CubeTensor) -> CubeTensor {
+    empty_device_contiguous_dtype(t.client.clone(), t.device.clone(), t.meta.shape().clone(), t.dtype)
+}
+
+/// Elements of `x` per scale block (scales are per tensor or per leading-dimension block).
+fn block_len(x: &CubeTensor, scale: &CubeTensor) -> usize {
+    let n = x.meta.num_elements();
+    (n / scale.meta.num_elements().max(1)).max(1)
+}
+
+fn launch_dims(t: &CubeTensor) -> (CubeCount, CubeDim) {
+    let n = t.meta.num_elements();
+    let cube_dim = CubeDim::new(&t.client, n);
+    (calculate_cube_count_elemwise(&t.client, n, cube_dim), cube_dim)
+}
+
+/// Sums `terms` (shaped like `x`) over each block into a tensor shaped like `like`.
+fn block_sums(terms: CubeTensor, blocks: usize, like: &CubeTensor) -> CubeTensor {
+    let n = terms.meta.num_elements();
+    let grouped = CubeBackend::float_reshape(terms, Shape::new([blocks, n / blocks]));
+    let sums = CubeBackend::float_sum_dim(grouped, 1);
+    CubeBackend::float_reshape(sums, like.meta.shape().clone())
+}
+
+impl FusedQuantKernels for CubeBackend {
+    fn fake_quant_forward(
+        x: CubeTensor,
+        scale: &CubeTensor,
+        zero: &CubeTensor,
+        format: &Format,
+    ) -> CubeTensor {
+        let (x, s, z) = (contiguous(x), contiguous(scale.clone()), contiguous(zero.clone()));
+        let a = GridArgs::new(format);
+        let out = empty_like(&x);
+        let (count, dim) = launch_dims(&x);
+        let block = block_len(&x, &s);
+        fake_quant_forward_kernel::launch(
+            &x.client.clone(),
+            count,
+            dim,
+            x.into_buffer_arg(),
+            s.into_buffer_arg(),
+            z.into_buffer_arg(),
+            out.clone().into_buffer_arg(),
+            block,
+            a.lo,
+            a.hi,
+            a.max,
+            a.signed,
+            a.int_grid,
+            a.min_normal,
+            a.subnormal_step,
+            a.shift,
+            a.half_minus_one,
+            a.keep_mask,
+        );
+        out
+    }
+
+    fn fake_quant_backward(
+        grad: CubeTensor,
+        x: &CubeTensor,
+        scale: &CubeTensor,
+        zero: &CubeTensor,
+        format: &Format,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let (g, x) = (contiguous(grad), contiguous(x.clone()));
+        let (s, z) = (contiguous(scale.clone()), contiguous(zero.clone()));
+        let a = GridArgs::new(format);
+        let (dx, ds_terms, dz_terms) = (empty_like(&x), empty_like(&x), empty_like(&x));
+        let (count, dim) = launch_dims(&x);
+        let block = block_len(&x, &s);
+        let blocks = s.meta.num_elements();
+        fake_quant_backward_kernel::launch(
+            &x.client.clone(),
+            count,
+            dim,
+            g.into_buffer_arg(),
+            x.into_buffer_arg(),
+            s.into_buffer_arg(),
+            z.into_buffer_arg(),
+            dx.clone().into_buffer_arg(),
+            ds_terms.clone().into_buffer_arg(),
+            dz_terms.clone().into_buffer_arg(),
+            block,
+            a.lo,
+            a.hi,
+            a.max,
+            a.signed,
+            a.int_grid,
+            a.min_normal,
+            a.subnormal_step,
+            a.shift,
+            a.half_minus_one,
+            a.keep_mask,
+        );
+        (dx, block_sums(ds_terms, blocks, scale), block_sums(dz_terms, blocks, zero))
+    }
+}
