@@ -21,7 +21,7 @@ use super::format::Format;
 use super::fused::FusedQuantKernels;
 
 /// The format's grid as the kernels round on it (host-computed constants).
-#[derive(Clone, Copy)]
+#[derive(CubeLaunch, CubeType, Clone, Copy)]
 struct GridArgs {
     lo: f32,
     hi: f32,
@@ -39,22 +39,22 @@ struct GridArgs {
 }
 
 impl GridArgs {
-    fn new(format: &Format) -> Self {
+    fn launch(format: &Format) -> GridArgsLaunch {
         let float = format.rounder().float_constants();
         // An integer grid never reads the FP constants; any valid shift keeps them well-defined.
         let (min_normal, subnormal_step, shift) = float.unwrap_or((0.0, 1.0, 1));
-        Self {
-            lo: format.min(),
-            hi: format.max(),
-            max: format.max(),
-            signed: format.signed() as u32,
-            int_grid: float.is_none() as u32,
+        GridArgsLaunch::new(
+            format.min(),
+            format.max(),
+            format.max(),
+            format.signed() as u32,
+            float.is_none() as u32,
             min_normal,
             subnormal_step,
             shift,
-            half_minus_one: (1u32 << (shift - 1)) - 1,
-            keep_mask: !((1u32 << shift) - 1),
-        }
+            (1u32 << (shift - 1)) - 1,
+            !((1u32 << shift) - 1),
+        )
     }
 }
 
@@ -74,36 +74,23 @@ fn round_small(y: f32) -> f32 {
 
 /// `round(clamp(u))` on the grid, ties to even; `+ 0.0` turns -0 into +0 as on flex.
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn grid_code(
-    u: f32,
-    lo: f32,
-    hi: f32,
-    max: f32,
-    signed: u32,
-    int_grid: u32,
-    min_normal: f32,
-    subnormal_step: f32,
-    shift: u32,
-    half_minus_one: u32,
-    keep_mask: u32,
-) -> f32 {
-    let v = f32::min(f32::max(u, lo), hi);
-    let negative = signed == 1u32 && v < 0.0f32;
+fn grid_code(u: f32, grid: &GridArgs) -> f32 {
+    let v = f32::min(f32::max(u, grid.lo), grid.hi);
+    let negative = grid.signed == 1u32 && v < 0.0f32;
     let mut a = f32::max(v, 0.0f32);
-    if signed == 1u32 {
+    if grid.signed == 1u32 {
         a = f32::abs(v);
     }
-    let mut r = round_small(f32::min(a, max));
-    if int_grid == 0u32 {
-        if a < min_normal {
-            r = round_small(a / subnormal_step) * subnormal_step;
+    let mut r = round_small(f32::min(a, grid.max));
+    if grid.int_grid == 0u32 {
+        if a < grid.min_normal {
+            r = round_small(a / grid.subnormal_step) * grid.subnormal_step;
         } else {
             let bits = u32::reinterpret(a);
-            let lsb = (bits >> shift) & 1u32;
-            r = f32::reinterpret((bits + half_minus_one + lsb) & keep_mask);
+            let lsb = (bits >> grid.shift) & 1u32;
+            r = f32::reinterpret((bits + grid.half_minus_one + lsb) & grid.keep_mask);
         }
-        r = f32::min(r, max);
+        r = f32::min(r, grid.max);
     }
     if negative {
         r = -r;
@@ -112,23 +99,13 @@ fn grid_code(
 }
 
 #[cube(launch)]
-#[allow(clippy::too_many_arguments)]
 fn fake_quant_forward_kernel(
     x: &[f32],
     scale: &[f32],
     zero: &[f32],
     out: &mut [f32],
     block: usize,
-    lo: f32,
-    hi: f32,
-    max: f32,
-    signed: u32,
-    int_grid: u32,
-    min_normal: f32,
-    subnormal_step: f32,
-    shift: u32,
-    half_minus_one: u32,
-    keep_mask: u32,
+    grid: &GridArgs,
 ) {
     let i = ABSOLUTE_POS;
     if i >= out.len() {
@@ -136,26 +113,13 @@ fn fake_quant_forward_kernel(
     }
     let b = i / block;
     let (s, z) = (scale[b], zero[b]);
-    let r = grid_code(
-        (x[i] - z) / s,
-        lo,
-        hi,
-        max,
-        signed,
-        int_grid,
-        min_normal,
-        subnormal_step,
-        shift,
-        half_minus_one,
-        keep_mask,
-    );
+    let r = grid_code((x[i] - z) / s, grid);
     out[i] = r * s + z;
 }
 
 /// `dx = g * in`, and the terms `g * (r - in * u)` (scale) and `g * (1 - in)` (zero point) that
 /// the caller sums over each block.
 #[cube(launch)]
-#[allow(clippy::too_many_arguments)]
 fn fake_quant_backward_kernel(
     g: &[f32],
     x: &[f32],
@@ -165,16 +129,7 @@ fn fake_quant_backward_kernel(
     ds_terms: &mut [f32],
     dz_terms: &mut [f32],
     block: usize,
-    lo: f32,
-    hi: f32,
-    max: f32,
-    signed: u32,
-    int_grid: u32,
-    min_normal: f32,
-    subnormal_step: f32,
-    shift: u32,
-    half_minus_one: u32,
-    keep_mask: u32,
+    grid: &GridArgs,
 ) {
     let i = ABSOLUTE_POS;
     if i >= dx.len() {
@@ -182,21 +137,9 @@ fn fake_quant_backward_kernel(
     }
     let b = i / block;
     let u = (x[i] - zero[b]) / scale[b];
-    let r = grid_code(
-        u,
-        lo,
-        hi,
-        max,
-        signed,
-        int_grid,
-        min_normal,
-        subnormal_step,
-        shift,
-        half_minus_one,
-        keep_mask,
-    );
+    let r = grid_code(u, grid);
     let gi = g[i];
-    if u >= lo && u <= hi {
+    if u >= grid.lo && u <= grid.hi {
         dx[i] = gi;
         ds_terms[i] = gi * (r - u);
         dz_terms[i] = 0.0f32;
@@ -243,7 +186,6 @@ impl FusedQuantKernels for CubeBackend {
         format: &Format,
     ) -> CubeTensor {
         let (x, s, z) = (contiguous(x), contiguous(scale.clone()), contiguous(zero.clone()));
-        let a = GridArgs::new(format);
         let out = empty_like(&x);
         let (count, dim) = launch_dims(&x);
         let block = block_len(&x, &s);
@@ -256,16 +198,7 @@ impl FusedQuantKernels for CubeBackend {
             z.into_buffer_arg(),
             out.clone().into_buffer_arg(),
             block,
-            a.lo,
-            a.hi,
-            a.max,
-            a.signed,
-            a.int_grid,
-            a.min_normal,
-            a.subnormal_step,
-            a.shift,
-            a.half_minus_one,
-            a.keep_mask,
+            GridArgs::launch(format),
         );
         out
     }
@@ -279,7 +212,6 @@ impl FusedQuantKernels for CubeBackend {
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
         let (g, x) = (contiguous(grad), contiguous(x.clone()));
         let (s, z) = (contiguous(scale.clone()), contiguous(zero.clone()));
-        let a = GridArgs::new(format);
         let (dx, ds_terms, dz_terms) = (empty_like(&x), empty_like(&x), empty_like(&x));
         let (count, dim) = launch_dims(&x);
         let block = block_len(&x, &s);
@@ -296,16 +228,7 @@ impl FusedQuantKernels for CubeBackend {
             ds_terms.clone().into_buffer_arg(),
             dz_terms.clone().into_buffer_arg(),
             block,
-            a.lo,
-            a.hi,
-            a.max,
-            a.signed,
-            a.int_grid,
-            a.min_normal,
-            a.subnormal_step,
-            a.shift,
-            a.half_minus_one,
-            a.keep_mask,
+            GridArgs::launch(format),
         );
         (dx, block_sums(ds_terms, blocks, scale), block_sums(dz_terms, blocks, zero))
     }
