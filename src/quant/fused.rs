@@ -390,8 +390,8 @@ fn has_fused_kernels(device: &Device) -> bool {
     }
 }
 
-/// The fused quantizer where it applies (flex, with or without autodiff; scales per tensor or
-/// per leading block); elsewhere `Err(x)` hands `x` back. `x` is taken by value so that an
+/// The fused quantizer where it applies (flex or a CubeCL device, with or without autodiff;
+/// scales per tensor or per leading block); elsewhere `Err(x)` hands `x` back. `x` is taken by value so that an
 /// inference input nobody else holds is quantized in its own memory.
 pub fn fake_quantize_fused<const D: usize>(
     x: Tensor<D>,
