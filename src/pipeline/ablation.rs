@@ -152,6 +152,9 @@ pub struct TableRow {
     pub fid_std: f64,
     pub accuracy: f64,
     pub psnr_vs_teacher: Option<f64>,
+    /// `fid_mean` relative to the teacher's FID over the same seeds (`0.1` = 10% higher);
+    /// `None` for the teacher, or while the teacher lacks one of this row's seeds.
+    pub fid_vs_teacher: Option<f64>,
     pub seeds: Vec<u64>,
     pub samples: usize,
     pub fid_real_heldout: f64,
@@ -330,16 +333,12 @@ pub fn run(
 
 /// The table as Markdown: FID relative to the teacher's where the teacher row is there.
 pub fn markdown(table: &[TableRow]) -> String {
-    let teacher_fid = table.iter().find(|r| r.row == "teacher").map(|r| r.fid_mean);
     let mut out = String::from(
         "| row | W/A bits | FID (mean ± std) | vs teacher | accuracy | PSNR vs teacher | seeds | samples |\n\
          |---|---|---|---|---|---|---|---|\n",
     );
     for r in table {
-        let relative = match teacher_fid {
-            Some(t) if r.row != "teacher" && t > 0.0 => format!("{:+.1}%", 100.0 * (r.fid_mean / t - 1.0)),
-            _ => "-".into(),
-        };
+        let relative = r.fid_vs_teacher.map_or("-".into(), |v| format!("{:+.1}%", 100.0 * v));
         let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
         out.push_str(&format!(
             "| `{}` | {}/{} | {:.1} ± {:.1} | {relative} | {:.3} | {} | {} | {} |\n",
@@ -361,6 +360,23 @@ pub fn markdown(table: &[TableRow]) -> String {
         ));
     }
     out
+}
+
+/// Mean FID of `(seed, fid)` pairs relative to the teacher's mean FID on the same seeds; `None`
+/// while the teacher lacks one of them. (Seeds change the evaluation noise, and a teacher mean
+/// over other seeds moved a row's relative FID by several percent.)
+fn relative_to_teacher(fids: &[(u64, f64)], teacher: &[(u64, f64)]) -> Option<f64> {
+    if fids.is_empty() {
+        return None;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let same: Vec<f64> = fids
+        .iter()
+        .map(|(seed, _)| teacher.iter().find(|(s, _)| s == seed).map(|&(_, f)| f))
+        .collect::<Option<_>>()?;
+    let own: Vec<f64> = fids.iter().map(|&(_, f)| f).collect();
+    let t = mean(&same);
+    (t > 0.0).then(|| mean(&own) / t - 1.0)
 }
 
 /// `msfp ablation` restricted to one row and its finished seeds, with the base overrides.
@@ -407,6 +423,8 @@ pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path, teacher: &s
         let device = crate::device::make_device(&cfg.run.device)?;
         Scorer::new(&cfg, &device)?.fid_real_heldout
     };
+    // The teacher's FID per seed: each row is compared with the teacher on its own seeds.
+    let mut teacher_fid: Vec<(u64, f64)> = Vec::new();
     for row in ROWS {
         let mut results: Vec<RunResult> = Vec::new();
         let Ok(entries) = std::fs::read_dir(out.join("results")) else { continue };
@@ -430,6 +448,12 @@ pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path, teacher: &s
             .iter()
             .all(|r| r.psnr_vs_teacher.is_some())
             .then(|| mean(&|r| r.psnr_vs_teacher.unwrap_or(0.0)));
+        let fid_vs_teacher = if row.stage == Stage::Teacher {
+            teacher_fid = results.iter().map(|r| (r.seed, r.fid)).collect();
+            None
+        } else {
+            relative_to_teacher(&results.iter().map(|r| (r.seed, r.fid)).collect::<Vec<_>>(), &teacher_fid)
+        };
         table.push(TableRow {
             row: row.id.to_string(),
             what: row.what.to_string(),
@@ -439,6 +463,7 @@ pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path, teacher: &s
             fid_std,
             accuracy: mean(&|r| r.accuracy),
             psnr_vs_teacher: psnr,
+            fid_vs_teacher,
             seeds: results.iter().map(|r| r.seed).collect(),
             samples: results[0].samples,
             fid_real_heldout,
@@ -447,4 +472,42 @@ pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path, teacher: &s
         });
     }
     Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_compared_with_the_teacher_on_their_own_seeds() {
+        let teacher = [(0, 50.0), (1, 60.0)];
+        // Seed 0 only: against the teacher's seed 0 (50), not its two-seed mean (55).
+        assert!((relative_to_teacher(&[(0, 55.0)], &teacher).unwrap() - 0.1).abs() < 1e-12);
+        assert!((relative_to_teacher(&[(0, 44.0), (1, 66.0)], &teacher).unwrap()).abs() < 1e-12);
+        assert_eq!(relative_to_teacher(&[(2, 50.0)], &teacher), None, "the teacher lacks seed 2");
+        assert_eq!(relative_to_teacher(&[], &teacher), None);
+    }
+
+    #[test]
+    fn markdown_shows_the_relative_fid_of_each_row() {
+        let row = |id: &str, fid: f64, rel: Option<f64>| TableRow {
+            row: id.into(),
+            what: String::new(),
+            w_bits: 4,
+            a_bits: 4,
+            fid_mean: fid,
+            fid_std: 0.0,
+            accuracy: 0.99,
+            psnr_vs_teacher: rel.map(|_| 21.5),
+            fid_vs_teacher: rel,
+            seeds: vec![0],
+            samples: 2000,
+            fid_real_heldout: 6.9,
+            command: String::new(),
+            teacher: "abc".into(),
+        };
+        let md = markdown(&[row("teacher", 50.0, None), row("msfp_full", 55.0, Some(0.1))]);
+        assert!(md.contains("| `teacher` | 4/4 | 50.0 ± 0.0 | - |"), "{md}");
+        assert!(md.contains("| `msfp_full` | 4/4 | 55.0 ± 0.0 | +10.0% | 0.990 | 21.50 dB |"), "{md}");
+    }
 }
