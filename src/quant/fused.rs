@@ -204,66 +204,6 @@ mod dispatch {
     kernel!(backward, backward_avx2, (s: f32, z: f32, g: &mut [f32], xs: &[f32]) -> (f32, f32));
 }
 
-/// `q = round(clamp((x - z) / s)) * s + z`, in `x`'s own memory when nothing else holds it
-/// (inference), else into one new tensor; chunks run in parallel.
-fn forward_flex(mut x: FlexTensor, scale: &FlexTensor, zero: &FlexTensor, format: &Format) -> FlexTensor {
-    let (s, z) = (values(scale), values(zero));
-    let block = block_len(&x, scale);
-    let grid = Grid::new(format);
-    if let Some(xs) = values_mut(&mut x) {
-        xs.par_chunks_mut(CHUNK).enumerate().for_each(|(c, xc)| {
-            block_runs(c * CHUNK, xc.len(), block, |b, run| {
-                dispatch::quantize_in_place(&grid, s[b], z[b], &mut xc[run])
-            })
-        });
-        return x;
-    }
-    let xs = values(&x);
-    let mut out = vec![0.0f32; xs.len()];
-    out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).enumerate().for_each(|(c, (oc, xc))| {
-        block_runs(c * CHUNK, xc.len(), block, |b, run| {
-            dispatch::quantize(&grid, s[b], z[b], &xc[run.clone()], &mut oc[run])
-        })
-    });
-    tensor_like(out, &x)
-}
-
-/// `(dx, ds, dz)` for the upstream gradient `grad`; `dx` takes over `grad`'s memory when it can.
-/// Each chunk sums its part of every block it touches; the parts are added in chunk order.
-fn backward_flex(
-    grad: FlexTensor,
-    x: &FlexTensor,
-    scale: &FlexTensor,
-    zero: &FlexTensor,
-    format: &Format,
-) -> (FlexTensor, FlexTensor, FlexTensor) {
-    let (xs, s, z) = (values(x), values(scale), values(zero));
-    let block = block_len(x, scale);
-    let grid = Grid::new(format);
-    let mut dx = writable(grad);
-    let parts: Vec<Vec<(usize, f32, f32)>> = values_mut(&mut dx)
-        .expect("writable tensor")
-        .par_chunks_mut(CHUNK)
-        .zip(xs.par_chunks(CHUNK))
-        .enumerate()
-        .map(|(c, (gc, xc))| {
-            let mut sums = Vec::new();
-            block_runs(c * CHUNK, gc.len(), block, |b, run| {
-                let (ds, dz) = dispatch::backward(&grid, s[b], z[b], &mut gc[run.clone()], &xc[run]);
-                sums.push((b, ds, dz));
-            });
-            sums
-        })
-        .collect();
-    let mut ds = vec![0.0f32; s.len()];
-    let mut dz = vec![0.0f32; z.len()];
-    for (b, sum_s, sum_z) in parts.into_iter().flatten() {
-        ds[b] += sum_s;
-        dz[b] += sum_z;
-    }
-    (dx, tensor_like(ds, scale), tensor_like(dz, zero))
-}
-
 /// The quantizer's two passes on one backend's own tensors: flex here, the CubeCL backends in
 /// `fused_cube`. Scales (and zero points) are per tensor or per leading-dimension block.
 pub trait FusedQuantKernels: Backend {
@@ -285,16 +225,39 @@ pub trait FusedQuantKernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
+/// Flex: each pass is one loop over the tensor's own memory, in fixed chunks on rayon's pool.
 impl FusedQuantKernels for Flex {
+    /// `q = round(clamp((x - z) / s)) * s + z`, in `x`'s own memory when nothing else holds it
+    /// (inference), else into one new tensor; chunks run in parallel.
     fn fake_quant_forward(
-        x: FlexTensor,
+        mut x: FlexTensor,
         scale: &FlexTensor,
         zero: &FlexTensor,
         format: &Format,
     ) -> FlexTensor {
-        forward_flex(x, scale, zero, format)
+        let (s, z) = (values(scale), values(zero));
+        let block = block_len(&x, scale);
+        let grid = Grid::new(format);
+        if let Some(xs) = values_mut(&mut x) {
+            xs.par_chunks_mut(CHUNK).enumerate().for_each(|(c, xc)| {
+                block_runs(c * CHUNK, xc.len(), block, |b, run| {
+                    dispatch::quantize_in_place(&grid, s[b], z[b], &mut xc[run])
+                })
+            });
+            return x;
+        }
+        let xs = values(&x);
+        let mut out = vec![0.0f32; xs.len()];
+        out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).enumerate().for_each(|(c, (oc, xc))| {
+            block_runs(c * CHUNK, xc.len(), block, |b, run| {
+                dispatch::quantize(&grid, s[b], z[b], &xc[run.clone()], &mut oc[run])
+            })
+        });
+        tensor_like(out, &x)
     }
 
+    /// `(dx, ds, dz)` for the upstream gradient `grad`; `dx` takes over `grad`'s memory when it can.
+    /// Each chunk sums its part of every block it touches; the parts are added in chunk order.
     fn fake_quant_backward(
         grad: FlexTensor,
         x: &FlexTensor,
@@ -302,7 +265,31 @@ impl FusedQuantKernels for Flex {
         zero: &FlexTensor,
         format: &Format,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        backward_flex(grad, x, scale, zero, format)
+        let (xs, s, z) = (values(x), values(scale), values(zero));
+        let block = block_len(x, scale);
+        let grid = Grid::new(format);
+        let mut dx = writable(grad);
+        let parts: Vec<Vec<(usize, f32, f32)>> = values_mut(&mut dx)
+            .expect("writable tensor")
+            .par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .enumerate()
+            .map(|(c, (gc, xc))| {
+                let mut sums = Vec::new();
+                block_runs(c * CHUNK, gc.len(), block, |b, run| {
+                    let (ds, dz) = dispatch::backward(&grid, s[b], z[b], &mut gc[run.clone()], &xc[run]);
+                    sums.push((b, ds, dz));
+                });
+                sums
+            })
+            .collect();
+        let mut ds = vec![0.0f32; s.len()];
+        let mut dz = vec![0.0f32; z.len()];
+        for (b, sum_s, sum_z) in parts.into_iter().flatten() {
+            ds[b] += sum_s;
+            dz[b] += sum_z;
+        }
+        (dx, tensor_like(ds, scale), tensor_like(dz, zero))
     }
 }
 
