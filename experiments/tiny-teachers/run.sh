@@ -15,16 +15,20 @@ cp runs/mnist_classifier/classifier.safetensors checkpoints/mnist_classifier.saf
 $msfp pretrain --config configs/tiny_unet_mnist.toml --resume auto > runs/pretrain_unet.log 2>&1 &
 $msfp pretrain --config configs/tiny_dit_mnist.toml --resume auto > runs/pretrain_dit.log 2>&1 &
 wait
-# The DiT learns far more slowly than the UNet: a second stage of 5,000 steps, warm-started from
-# the first stage's EMA weights with the learning rate raised again (cosine from 1e-3).
+# The DiT learns far more slowly than the UNet: two more stages, each warm-started from the
+# previous stage's EMA weights with the learning rate raised again (cosine from 1e-3, then 5e-4).
 $msfp pretrain --config configs/tiny_dit_mnist.toml --resume auto \
   --set run.out_dir='"runs/tiny_dit_mnist_stage2"' \
   --set train.init_weights='"runs/tiny_dit_mnist/model.safetensors"' \
   --set train.steps=5000 --set train.warmup_steps=100 > runs/pretrain_dit_stage2.log 2>&1
+$msfp pretrain --config configs/tiny_dit_mnist.toml --resume auto \
+  --set run.out_dir='"runs/tiny_dit_mnist_stage3"' \
+  --set train.init_weights='"runs/tiny_dit_mnist_stage2/model.safetensors"' \
+  --set train.steps=4000 --set train.warmup_steps=100 --set train.lr=0.0005 > runs/pretrain_dit_stage3.log 2>&1
 cp runs/tiny_unet_mnist/model.safetensors checkpoints/tiny_unet_mnist.safetensors
-cp runs/tiny_dit_mnist_stage2/model.safetensors checkpoints/tiny_dit_mnist.safetensors
+cp runs/tiny_dit_mnist_stage3/model.safetensors checkpoints/tiny_dit_mnist.safetensors
 cp runs/tiny_unet_mnist/loss.png experiments/tiny-teachers/tiny_unet_loss.png
-cp runs/tiny_dit_mnist_stage2/loss.png experiments/tiny-teachers/tiny_dit_loss.png
+cp runs/tiny_dit_mnist_stage3/loss.png experiments/tiny-teachers/tiny_dit_loss.png
 
 for m in unet dit; do
   $msfp eval --config configs/tiny_${m}_mnist.toml \
