@@ -448,11 +448,12 @@ pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path, teacher: &s
             .iter()
             .all(|r| r.psnr_vs_teacher.is_some())
             .then(|| mean(&|r| r.psnr_vs_teacher.unwrap_or(0.0)));
+        let fids: Vec<(u64, f64)> = results.iter().map(|r| (r.seed, r.fid)).collect();
         let fid_vs_teacher = if row.stage == Stage::Teacher {
-            teacher_fid = results.iter().map(|r| (r.seed, r.fid)).collect();
+            teacher_fid = fids;
             None
         } else {
-            relative_to_teacher(&results.iter().map(|r| (r.seed, r.fid)).collect::<Vec<_>>(), &teacher_fid)
+            relative_to_teacher(&fids, &teacher_fid)
         };
         table.push(TableRow {
             row: row.id.to_string(),
