@@ -29,7 +29,7 @@ use std::ops::Range;
 use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::format::Format;
+use super::format::{Format, Round, Rounder};
 
 #[backend_extension(Autodiff, Flex, Cube: cfg(any(feature = "wgpu", feature = "cuda")))]
 pub trait FusedQuantBackend: Backend {
@@ -104,16 +104,33 @@ fn block_runs(start: usize, len: usize, block: usize, mut f: impl FnMut(usize, R
     }
 }
 
-/// The format's grid as the forward and the backward both round on it.
-struct Grid {
+/// The format's grid as the forward and the backward both round on it, with the rounding of
+/// one kind of format (`R`), so that the kernels' loops vectorise.
+struct Grid<R> {
     lo: f32,
     hi: f32,
-    rounder: super::format::Rounder,
+    rounder: R,
 }
 
-impl Grid {
-    fn new(format: &Format) -> Self {
-        Self { lo: format.min(), hi: format.max(), rounder: format.rounder() }
+/// Runs `$body` with `$grid` bound to `format`'s [`Grid`] of the concrete rounder type.
+macro_rules! with_grid {
+    ($format:expr, |$grid:ident| $body:expr) => {
+        match $format.rounder() {
+            Rounder::Int(r) => {
+                let $grid = Grid::new($format, r);
+                $body
+            }
+            Rounder::Float(r) => {
+                let $grid = Grid::new($format, r);
+                $body
+            }
+        }
+    };
+}
+
+impl<R: Round> Grid<R> {
+    fn new(format: &Format, rounder: R) -> Self {
+        Self { lo: format.min(), hi: format.max(), rounder }
     }
 
     /// `round(clamp(u))`; `+ 0.0` turns a rounded -0 into +0, as the tensor version does.
@@ -123,17 +140,26 @@ impl Grid {
     }
 }
 
-impl Grid {
+// The loops index instead of zipping iterators: measured on 16M elements, the iterator forms of
+// the two forwards did not vectorise (17 ms against 6.5 ms).
+#[allow(clippy::needless_range_loop)]
+impl<R: Round> Grid<R> {
     /// `q = round(clamp((x - z) / s)) * s + z` over one run of one scale block, in place.
     #[inline(always)]
     fn quantize_in_place(&self, s: f32, z: f32, xs: &mut [f32]) {
-        xs.iter_mut().for_each(|v| *v = self.code((*v - z) / s) * s + z);
+        for i in 0..xs.len() {
+            xs[i] = self.code((xs[i] - z) / s) * s + z;
+        }
     }
 
     /// The same into `out`.
     #[inline(always)]
     fn quantize(&self, s: f32, z: f32, xs: &[f32], out: &mut [f32]) {
-        out.iter_mut().zip(xs).for_each(|(o, &v)| *o = self.code((v - z) / s) * s + z);
+        let n = out.len().min(xs.len());
+        let (out, xs) = (&mut out[..n], &xs[..n]);
+        for i in 0..n {
+            out[i] = self.code((xs[i] - z) / s) * s + z;
+        }
     }
 
     /// The backward over one run of one scale block: overwrites `g` with `dx` and returns this
@@ -141,11 +167,14 @@ impl Grid {
     #[inline(always)]
     fn backward(&self, s: f32, z: f32, g: &mut [f32], xs: &[f32]) -> (f32, f32) {
         let (lo, hi) = (self.lo, self.hi);
-        // (dx, ds term, dz term) of one element.
+        // (dx, ds term, dz term) of one element, with selects, not branches (a quarter of a
+        // typical tensor is clipped, at random).
         let grads = |g: f32, v: f32| {
             let u = (v - z) / s;
             let r = self.code(u);
-            if (lo..=hi).contains(&u) { (g, g * (r - u), 0.0) } else { (0.0, g * r, g) }
+            let inside = (u >= lo) & (u <= hi);
+            let dx = if inside { g } else { 0.0 };
+            (dx, g * (r - if inside { u } else { 0.0 }), g - dx)
         };
         let (mut sum_s, mut sum_z) = ([0.0f32; LANES], [0.0f32; LANES]);
         let mut g_lanes = g.chunks_exact_mut(LANES);
@@ -171,7 +200,7 @@ impl Grid {
 /// The run kernels compiled for AVX2 (8 lanes instead of the x86-64 baseline's 4), chosen at
 /// run time where the CPU has it. The same bits either way: Rust never fuses `a * b + c`.
 mod dispatch {
-    use super::Grid;
+    use super::{Grid, Round};
 
     fn avx2() -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -184,11 +213,11 @@ mod dispatch {
         ($name:ident, $wide:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2")]
-            fn $wide(grid: &Grid, $($arg: $ty),*) -> $ret {
+            fn $wide<R: Round>(grid: &Grid<R>, $($arg: $ty),*) -> $ret {
                 grid.$name($($arg),*)
             }
 
-            pub(super) fn $name(grid: &Grid, $($arg: $ty),*) -> $ret {
+            pub(super) fn $name<R: Round>(grid: &Grid<R>, $($arg: $ty),*) -> $ret {
                 #[cfg(target_arch = "x86_64")]
                 if avx2() {
                     // SAFETY: the CPU supports AVX2 (checked above).
@@ -237,22 +266,22 @@ impl FusedQuantKernels for Flex {
     ) -> FlexTensor {
         let (s, z) = (values(scale), values(zero));
         let block = block_len(&x, scale);
-        let grid = Grid::new(format);
         if let Some(xs) = values_mut(&mut x) {
-            xs.par_chunks_mut(CHUNK).enumerate().for_each(|(c, xc)| {
+            with_grid!(format, |grid| xs.par_chunks_mut(CHUNK).enumerate().for_each(|(c, xc)| {
                 block_runs(c * CHUNK, xc.len(), block, |b, run| {
                     dispatch::quantize_in_place(&grid, s[b], z[b], &mut xc[run])
                 })
-            });
+            }));
             return x;
         }
         let xs = values(&x);
         let mut out = vec![0.0f32; xs.len()];
-        out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).enumerate().for_each(|(c, (oc, xc))| {
+        let chunks = out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).enumerate();
+        with_grid!(format, |grid| chunks.for_each(|(c, (oc, xc))| {
             block_runs(c * CHUNK, xc.len(), block, |b, run| {
                 dispatch::quantize(&grid, s[b], z[b], &xc[run.clone()], &mut oc[run])
             })
-        });
+        }));
         tensor_like(out, &x)
     }
 
@@ -267,12 +296,10 @@ impl FusedQuantKernels for Flex {
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let (xs, s, z) = (values(x), values(scale), values(zero));
         let block = block_len(x, scale);
-        let grid = Grid::new(format);
         let mut dx = writable(grad);
-        let parts: Vec<Vec<(usize, f32, f32)>> = values_mut(&mut dx)
-            .expect("writable tensor")
-            .par_chunks_mut(CHUNK)
-            .zip(xs.par_chunks(CHUNK))
+        let chunks =
+            values_mut(&mut dx).expect("writable tensor").par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK));
+        let parts: Vec<Vec<(usize, f32, f32)>> = with_grid!(format, |grid| chunks
             .enumerate()
             .map(|(c, (gc, xc))| {
                 let mut sums = Vec::new();
@@ -282,7 +309,7 @@ impl FusedQuantKernels for Flex {
                 });
                 sums
             })
-            .collect();
+            .collect());
         let mut ds = vec![0.0f32; s.len()];
         let mut dz = vec![0.0f32; z.len()];
         for (b, sum_s, sum_z) in parts.into_iter().flatten() {

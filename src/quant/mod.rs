@@ -17,7 +17,7 @@ pub mod plan;
 pub mod quantizer;
 pub mod site;
 
-pub use format::{Encoding, Format, Kind, Rounder};
+pub use format::{Encoding, FloatRounder, Format, IntRounder, Kind, Round, Rounder};
 pub use quantizer::{fake_quantize, fake_quantize_grouped, fake_quantize_ops, grid_round, grid_round_ste};
 
 /// Reference vectors written by tools/gen_fp_vectors.py from ml_dtypes.
