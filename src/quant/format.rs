@@ -264,7 +264,7 @@ impl Format {
 /// Rounding onto one format's grid with its constants precomputed: [`Format::round`] for many
 /// values. Kernels take the concrete [`IntRounder`] or [`FloatRounder`] as a type parameter, so
 /// that the kind is decided once per loop and the loop vectorises (a match on [`Rounder`] per
-/// element kept the backward kernel scalar: 4.7x slower).
+/// element kept the backward kernel scalar: 5x slower).
 pub trait Round: Copy + Send + Sync {
     /// Rounds to the nearest grid value, ties to the even code, saturating at the grid's ends;
     /// bit-identical to [`Format::round`].
