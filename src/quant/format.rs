@@ -309,6 +309,16 @@ impl Rounder {
     }
 }
 
+impl Rounder {
+    /// Rounds every value in place, with the kind chosen once for the whole slice.
+    pub fn round_slice(&self, values: &mut [f32]) {
+        match self {
+            Rounder::Int(r) => values.iter_mut().for_each(|x| *x = r.round(*x)),
+            Rounder::Float(r) => values.iter_mut().for_each(|x| *x = r.round(*x)),
+        }
+    }
+}
+
 impl Round for Rounder {
     #[inline(always)]
     fn round(&self, x: f32) -> f32 {

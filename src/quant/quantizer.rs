@@ -9,7 +9,7 @@ use std::f32::consts::LN_2;
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::format::{Format, Round, Rounder};
+use super::format::Format;
 use crate::error::{Error, Result};
 
 /// Rounds every element to the nearest value of `format`'s grid, ties to the even code,
@@ -24,10 +24,7 @@ pub fn grid_round<const D: usize>(v: Tensor<D>, format: &Format) -> Tensor<D> {
     if device == Device::flex() {
         let dims = v.dims();
         let mut values = v.into_data().try_into_vec::<f32>().expect("f32 tensor");
-        match format.rounder() {
-            Rounder::Int(r) => values.iter_mut().for_each(|x| *x = r.round(*x)),
-            Rounder::Float(r) => values.iter_mut().for_each(|x| *x = r.round(*x)),
-        }
+        format.rounder().round_slice(&mut values);
         return Tensor::from_data(TensorData::new(values, dims), &device);
     }
     grid_round_elementwise(v, format)
