@@ -63,14 +63,14 @@ fn wgpu_device(spec: &str) -> Result<Device> {
     )))
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "cuda-runtime")]
 fn cuda_device(spec: &str, index: usize) -> Result<Device> {
     let device = Device::cuda(index);
     probe(&device, spec)?;
     Ok(device)
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(feature = "cuda-runtime"))]
 fn cuda_device(spec: &str, _index: usize) -> Result<Device> {
     Err(Error::usage(format!(
         "device `{spec}` is not compiled into this binary: rebuild with `cargo build --release --features cuda`"
@@ -79,7 +79,7 @@ fn cuda_device(spec: &str, _index: usize) -> Result<Device> {
 
 /// Runs one tiny op on the device; a backend that cannot start (no driver, no adapter) panics
 /// inside burn, which is caught here and turned into one readable error.
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
+#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
 fn probe(device: &Device, spec: &str) -> Result<()> {
     let d = device.clone();
     let hook = std::panic::take_hook();

@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod diffusion;
+pub mod io;
 pub mod lora;
 pub mod loss;
 pub mod models;

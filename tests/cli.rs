@@ -101,7 +101,7 @@ fn config_errors_exit_2_and_name_the_problem() {
         2,
         &["/nonexistent/ckpt"],
     );
-    #[cfg(not(feature = "cuda"))]
+    #[cfg(not(feature = "cuda-runtime"))]
     assert_fails(&msfp(&["pretrain", "--config", c, "--set", "run.device=cuda"]), 2, &["--features cuda"]);
 }
 

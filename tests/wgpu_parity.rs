@@ -1,110 +1,23 @@
 //! The GPU code path against the CPU: the tiny UNet and DiT (full precision, perturbed weights)
 //! on `wgpu-cpu` (Mesa lavapipe, the wgpu backend on a machine without a GPU) give the same
-//! output as on flex within 1e-4. Built only with `--features wgpu`.
+//! output as on flex within 1e-4, and the fused quantizer's kernels the same values and
+//! gradients. Built only with `--features wgpu`.
 #![cfg(feature = "wgpu")]
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use msfp::config::{ModelConfig, ModelKind};
-use msfp::models::Denoiser;
-use msfp::nn::StepCtx;
-use msfp::rng::SeededRng;
+#[path = "common/gpu_parity.rs"]
+mod gpu_parity;
 
-fn forward(kind: ModelKind, device: &Device) -> Vec<f32> {
-    let mut cfg = ModelConfig { kind, ..Default::default() };
-    cfg.unet.base_channels = 8;
-    cfg.unet.channel_mult = vec![1, 2];
-    cfg.unet.attention_heads = 2;
-    cfg.unet.groups = 4;
-    cfg.dit.hidden = 32;
-    cfg.dit.depth = 2;
-    cfg.dit.heads = 2;
-    // Weights come from the host RNG, so both devices build the same model; a deterministic
-    // perturbation wakes up the DiT's zero-initialised (adaLN-Zero) layers.
-    let model = Denoiser::new(&cfg, &mut SeededRng::new(3), device);
-    let model = msfp::train::params::map_params(model, |_, t| {
-        let n = t.dims()[0];
-        let v: Vec<f32> = msfp::train::params::host_values(t.clone())
-            .iter()
-            .enumerate()
-            .map(|(i, x)| x + 0.02 * (i as f32 * 0.37).sin())
-            .collect();
-        Tensor::from_data(TensorData::new(v, [n]), &t.device())
-    });
-    let x =
-        Tensor::<4>::from_data(TensorData::new(SeededRng::new(4).normals(2 * 1024), [2, 1, 32, 32]), device);
-    let t = Tensor::<1>::from_floats([250.0, 750.0], device);
-    let y = Tensor::<1, Int>::from_ints([1, 10], device);
-    model.forward(x, t, y, &StepCtx::default()).into_data().try_into_vec::<f32>().expect("f32")
+fn lavapipe() -> burn::tensor::Device {
+    msfp::device::make_device("wgpu-cpu")
+        .unwrap_or_else(|e| panic!("wgpu-cpu is not available ({e}); install mesa-vulkan-drivers"))
 }
 
 #[test]
 fn tiny_models_on_wgpu_cpu_match_flex() {
-    let gpu = match msfp::device::make_device("wgpu-cpu") {
-        Ok(d) => d,
-        Err(e) => panic!("wgpu-cpu is not available ({e}); install mesa-vulkan-drivers"),
-    };
-    for kind in [ModelKind::TinyUnet, ModelKind::TinyDit] {
-        let (a, b) = (forward(kind, &Device::flex()), forward(kind, &gpu));
-        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-        assert!(diff < 1e-4, "{kind:?}: max |flex - wgpu-cpu| = {diff}");
-    }
+    gpu_parity::tiny_models_match_flex(&lavapipe(), "wgpu-cpu");
 }
 
-/// The fused quantizer's CubeCL kernels (`quant/fused_cube.rs`) against the flex version: the
-/// same values and the same STE / LSQ gradients, for FP, unsigned-FP-with-zero-point and integer
-/// grids, with per-row scales over several blocks.
 #[test]
 fn fused_quantizer_on_wgpu_cpu_matches_flex() {
-    use msfp::quant::Format;
-    use msfp::quant::fused::fake_quantize_fused;
-    use msfp::train::params::host_values;
-
-    let gpu = msfp::device::make_device("wgpu-cpu").expect("wgpu-cpu (mesa-vulkan-drivers)");
-    let (rows, cols) = (6, 50);
-    let mut rng = SeededRng::new(7);
-    let x0: Vec<f32> = rng.normals(rows * cols).iter().map(|v| v * 4.0).collect();
-    let g0 = rng.normals(rows * cols);
-    // Row 0 has scale 1 and zero point 0, so its inputs can sit exactly on the grid's midpoints.
-    let s0: Vec<f32> = (0..rows).map(|i| if i == 0 { 1.0 } else { 0.15 + 0.1 * i as f32 }).collect();
-    let z0: Vec<f32> = (0..rows).map(|i| -0.05 * i as f32).collect();
-    for (spec, zero) in [("e2m1", false), ("ue2m2", true), ("int4", false), ("e4m3", false), ("e3m0", false)]
-    {
-        let format = Format::parse(spec).unwrap();
-        // Exact ties (ties go to the even code) at the start of row 0.
-        let grid = format.values();
-        let mut x0 = x0.clone();
-        for (slot, pair) in x0[..cols].iter_mut().zip(grid.windows(2)) {
-            *slot = (pair[0] + pair[1]) / 2.0;
-        }
-        let run = |device: &Device| {
-            let t = |v: &[f32], shape: [usize; 2]| {
-                Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), device)
-            };
-            let x = t(&x0, [rows, cols]).require_grad();
-            let s = t(&s0, [rows, 1]).require_grad();
-            let z = zero.then(|| t(&z0, [rows, 1]).require_grad());
-            let q = fake_quantize_fused(x.clone(), &format, &s, z.as_ref())
-                .unwrap_or_else(|_| panic!("{spec}: the fused path applies on {device:?}"));
-            let grads = (q.clone() * t(&g0, [rows, cols])).sum().backward();
-            let dz = z.map(|z| host_values(z.grad(&grads).unwrap()));
-            (host_values(q), host_values(x.grad(&grads).unwrap()), host_values(s.grad(&grads).unwrap()), dz)
-        };
-        let (fq, fdx, fds, fdz) = run(&Device::flex().autodiff());
-        let (gq, gdx, gds, gdz) = run(&gpu.clone().autodiff());
-        let close = |a: &[f32], b: &[f32], tol: f32, what: &str| {
-            assert_eq!(a.len(), b.len());
-            for (i, (a, b)) in a.iter().zip(b).enumerate() {
-                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{spec} {what}[{i}]: wgpu {a} vs flex {b}");
-            }
-        };
-        close(&gq, &fq, 1e-6, "q");
-        close(&gdx, &fdx, 0.0, "dx");
-        close(&gds, &fds, 1e-5, "ds");
-        if let (Some(g), Some(f)) = (gdz, fdz) {
-            close(&g, &f, 1e-5, "dz");
-        }
-        if format.bits() == 4 {
-            assert!(fdx.iter().any(|&d| d == 0.0), "{spec}: some inputs are clipped");
-        }
-    }
+    gpu_parity::fused_quantizer_matches_flex(&lavapipe(), "wgpu-cpu");
 }

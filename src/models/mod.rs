@@ -1,7 +1,9 @@
 //! Model definitions. Every model is built from `crate::nn` layers.
 
 pub mod classifier;
+pub mod clip;
 pub mod dit;
+pub mod sd;
 pub mod unet;
 
 use burn::module::Module;

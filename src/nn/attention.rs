@@ -1,11 +1,13 @@
-//! Multi-head self-attention over tokens `[B, N, C]`, written out as its two matmuls
-//! (`Q K^T` and `P V`) so that their four inputs can carry activation quantizers.
+//! Multi-head attention over tokens `[B, N, C]`, written out as its two matmuls (`Q K^T` and
+//! `P V`) so that their four inputs can carry activation quantizers: [`SelfAttention`] with one
+//! fused `qkv` projection (the tiny models), [`Attention`] with separate projections and an
+//! optional context (diffusers' layout: SD's self- and cross-attention, the VAE's mid block).
 
 use burn::module::Module;
 use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 
-use super::{Linear, StepCtx};
+use super::{GroupNorm, Linear, StepCtx};
 use crate::quant::layer::LayerQuant;
 use crate::rng::SeededRng;
 
@@ -57,12 +59,11 @@ impl SelfAttention {
         let d = c / h;
         // [B, N, 3, H, D] -> [3, B, H, N, D]
         let qkv = self.qkv.forward(x, ctx).reshape([b, n, 3, h, d]).permute([2, 0, 3, 1, 4]);
-        let q = self.q_in.forward(qkv.clone().slice([0..1]).squeeze_dim::<4>(0), ctx);
-        let k = self.k_in.forward(qkv.clone().slice([1..2]).squeeze_dim::<4>(0), ctx);
-        let v = self.v_in.forward(qkv.slice([2..3]).squeeze_dim::<4>(0), ctx);
-        let scores = q.matmul(k.transpose()) / (d as f64).sqrt();
-        let probs = self.probs_in.forward(softmax(scores, 3), ctx);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, n, c]);
+        let q = qkv.clone().slice([0..1]).squeeze_dim::<4>(0);
+        let k = qkv.clone().slice([1..2]).squeeze_dim::<4>(0);
+        let v = qkv.slice([2..3]).squeeze_dim::<4>(0);
+        let inputs = [&self.q_in, &self.k_in, &self.probs_in, &self.v_in];
+        let out = attend(q, k, v, inputs, None, ctx).swap_dims(1, 2).reshape([b, n, c]);
         self.proj.forward(out, ctx)
     }
 
@@ -77,5 +78,120 @@ impl SelfAttention {
         out.push(QuantSite::matmul(format!("{prefix}.probs_in"), &mut self.probs_in, true, &device));
         out.push(QuantSite::matmul(format!("{prefix}.v_in"), &mut self.v_in, false, &device));
         out.push(QuantSite::linear(format!("{prefix}.proj"), &mut self.proj, false));
+    }
+}
+
+/// `softmax(Q K^T / sqrt(d)) V` over heads, `[B, H, N, D]` each; the four matmul inputs pass
+/// through their (optional) quantizers `[q, k, probs, v]`. `mask` is true where a query may
+/// not look (e.g. CLIP's causal mask), broadcast over batch and heads.
+pub fn attend(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    inputs: [&MatmulInput; 4],
+    mask: Option<Tensor<4, Bool>>,
+    ctx: &StepCtx,
+) -> Tensor<4> {
+    let d = q.dims()[3];
+    let [q_in, k_in, probs_in, v_in] = inputs;
+    let (q, k, v) = (q_in.forward(q, ctx), k_in.forward(k, ctx), v_in.forward(v, ctx));
+    let scores = q.matmul(k.transpose()) / (d as f64).sqrt();
+    let scores = match mask {
+        Some(m) => scores.mask_fill(m, f32::NEG_INFINITY),
+        None => scores,
+    };
+    let probs = probs_in.forward(softmax(scores, 3), ctx);
+    probs.matmul(v)
+}
+
+/// `[B, N, H * D] -> [B, H, N, D]`.
+fn split_heads(x: Tensor<3>, heads: usize) -> Tensor<4> {
+    let [b, n, c] = x.dims();
+    x.reshape([b, n, heads, c / heads]).swap_dims(1, 2)
+}
+
+/// Attention with separate `to_q`/`to_k`/`to_v` projections and `to_out.0`, as diffusers lays it
+/// out. Keys and values come from `context` when given (cross-attention on the text embedding),
+/// else from the input. With `group_norm` (the VAE's mid block) it works on feature maps.
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub group_norm: Option<GroupNorm>,
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    /// One layer (diffusers' `ModuleList[Linear, Dropout]`, so that the key is `to_out.0`).
+    pub to_out: Vec<Linear>,
+    pub heads: usize,
+    pub q_in: MatmulInput,
+    pub k_in: MatmulInput,
+    pub probs_in: MatmulInput,
+    pub v_in: MatmulInput,
+}
+
+impl Attention {
+    /// `heads` heads of width `head_dim`; keys/values from `context_dim` features (cross) or
+    /// from the query's own `query_dim`.
+    pub fn new(
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+        qkv_bias: bool,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Self {
+        let inner = heads * head_dim;
+        let kv_dim = context_dim.unwrap_or(query_dim);
+        Self {
+            group_norm: None,
+            to_q: Linear::new(query_dim, inner, qkv_bias, rng, device),
+            to_k: Linear::new(kv_dim, inner, qkv_bias, rng, device),
+            to_v: Linear::new(kv_dim, inner, qkv_bias, rng, device),
+            to_out: vec![Linear::new(inner, query_dim, true, rng, device)],
+            heads,
+            q_in: MatmulInput::default(),
+            k_in: MatmulInput::default(),
+            probs_in: MatmulInput::default(),
+            v_in: MatmulInput::default(),
+        }
+    }
+
+    /// Tokens `[B, N, C]`, optional context `[B, M, C_ctx]` -> `[B, N, C]`.
+    pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>, ctx: &StepCtx) -> Tensor<3> {
+        let [b, n, _] = x.dims();
+        let kv = context.unwrap_or_else(|| x.clone());
+        let q = split_heads(self.to_q.forward(x, ctx), self.heads);
+        let k = split_heads(self.to_k.forward(kv.clone(), ctx), self.heads);
+        let v = split_heads(self.to_v.forward(kv, ctx), self.heads);
+        let inputs = [&self.q_in, &self.k_in, &self.probs_in, &self.v_in];
+        let out = attend(q, k, v, inputs, None, ctx).swap_dims(1, 2);
+        let inner = out.dims()[2] * out.dims()[3];
+        self.to_out[0].forward(out.reshape([b, n, inner]), ctx)
+    }
+
+    /// Feature maps `[B, C, H, W]`: group norm, attention over the `H * W` positions, residual.
+    pub fn forward_spatial(&self, x: Tensor<4>, ctx: &StepCtx) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let normed = match &self.group_norm {
+            Some(norm) => norm.forward(x.clone()),
+            None => x.clone(),
+        };
+        let tokens = normed.reshape([b, c, h * w]).swap_dims(1, 2);
+        let out = self.forward(tokens, None, ctx).swap_dims(1, 2).reshape([b, c, h, w]);
+        x + out
+    }
+
+    /// The attention's quantization sites under `prefix`, in forward order.
+    pub fn sites<'a>(&'a mut self, prefix: &str, out: &mut Vec<crate::quant::site::QuantSite<'a>>) {
+        use crate::quant::site::QuantSite;
+        let device = self.to_q.weight.val().device();
+        out.push(QuantSite::linear(format!("{prefix}.to_q"), &mut self.to_q, false));
+        out.push(QuantSite::linear(format!("{prefix}.to_k"), &mut self.to_k, false));
+        out.push(QuantSite::linear(format!("{prefix}.to_v"), &mut self.to_v, false));
+        out.push(QuantSite::matmul(format!("{prefix}.q_in"), &mut self.q_in, false, &device));
+        out.push(QuantSite::matmul(format!("{prefix}.k_in"), &mut self.k_in, false, &device));
+        out.push(QuantSite::matmul(format!("{prefix}.probs_in"), &mut self.probs_in, true, &device));
+        out.push(QuantSite::matmul(format!("{prefix}.v_in"), &mut self.v_in, false, &device));
+        out.push(QuantSite::linear(format!("{prefix}.to_out.0"), &mut self.to_out[0], false));
     }
 }

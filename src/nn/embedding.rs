@@ -43,3 +43,22 @@ impl ClassEmbedding {
         self.weight.val().select(0, labels)
     }
 }
+
+/// A lookup table `[num, dim]` (token and position embeddings).
+#[derive(Module, Debug)]
+pub struct Embedding {
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Embedding {
+    pub fn new(num: usize, dim: usize, std: f32, rng: &mut SeededRng, device: &Device) -> Self {
+        Self { weight: init::normal(rng, [num, dim], std, device) }
+    }
+
+    /// Ids `[B, N]` -> `[B, N, dim]`.
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let [b, n] = ids.dims();
+        let dim = self.weight.dims()[1];
+        self.weight.val().select(0, ids.reshape([b * n])).reshape([b, n, dim])
+    }
+}

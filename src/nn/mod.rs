@@ -9,11 +9,11 @@ pub mod init;
 pub mod linear;
 pub mod norm;
 
-pub use attention::SelfAttention;
+pub use attention::{Attention, SelfAttention};
 pub use conv::Conv2d;
-pub use embedding::{ClassEmbedding, timestep_embedding};
+pub use embedding::{ClassEmbedding, Embedding, timestep_embedding};
 pub use linear::Linear;
-pub use norm::{GroupNorm, layer_norm};
+pub use norm::{GroupNorm, LayerNorm, layer_norm};
 
 /// The weight a layer computes with and, for the `branch` TALoRA placement, the full-precision
 /// low-rank update the layer applies to its unquantized input.

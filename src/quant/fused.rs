@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use super::format::{Format, Round, Rounder};
 
-#[backend_extension(Autodiff, Flex, Cube: cfg(any(feature = "wgpu", feature = "cuda")))]
+#[backend_extension(Autodiff, Flex, Cube: cfg(any(feature = "wgpu", feature = "cuda-runtime")))]
 pub trait FusedQuantBackend: Backend {
     /// `q = round(clamp((x - z) / s)) * s + z` on the grid of `format`.
     fn fused_fake_quant(
@@ -331,7 +331,7 @@ impl FusedQuantBackend for Flex {
     }
 }
 
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
+#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
 impl FusedQuantBackend for burn_cubecl::CubeBackend {
     fn fused_fake_quant(
         x: FloatTensor<Self>,
@@ -397,7 +397,7 @@ impl<B: FusedQuantKernels, C: CheckpointStrategy> FusedQuantBackend for Autodiff
 fn has_fused_kernels(device: &Device) -> bool {
     match device.clone().inner().as_dispatch() {
         DispatchDevice::Flex(_) => true,
-        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
         DispatchDevice::Cube(_) => true,
         #[allow(unreachable_patterns)]
         _ => false,

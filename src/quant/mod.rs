@@ -8,7 +8,7 @@ pub mod calib;
 pub mod cli;
 pub mod format;
 pub mod fused;
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
+#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
 mod fused_cube;
 pub mod layer;
 pub mod mixup;

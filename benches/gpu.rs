@@ -1,0 +1,172 @@
+//! The GPU check's measurements (`tools/gpu-check.sh` runs this binary on a GPU machine):
+//! 1. the fused fake quantizer (e2m1, per-row scales) forward + backward on 256M floats against
+//!    a plain copy of the same tensor on the same device: the fraction of copy bandwidth;
+//! 2. one QAT step of the quickstart's W4A4 student (tiny UNet, TALoRA, batch 2 x 4 as in
+//!    fine-tuning) on the device, timed the way `tools/bench/torch_tiny_qat.py` times PyTorch.
+//! With `--parity` it first runs the checks of `tests/cuda_parity.rs` (the same code), so one
+//! carried binary does the whole GPU check. Writes JSON to `$MSFP_BENCH_OUT` (default `experiments/bench-cuda/msfp.json`).
+//!
+//!     cargo bench --features cuda --bench gpu -- [--device cuda] [--elements 268435456]
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use msfp::nn::StepCtx;
+use msfp::quant::Format;
+use msfp::quant::fused::fake_quantize_fused;
+use msfp::rng::SeededRng;
+
+#[path = "../tests/common/gpu_parity.rs"]
+mod gpu_parity;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Median wall time of `f` over `runs` runs after `warmup`; `f` must wait for the device.
+fn median_ms(warmup: usize, runs: usize, mut f: impl FnMut()) -> (f64, Vec<f64>) {
+    for _ in 0..warmup {
+        f();
+    }
+    let mut ts: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    let all = ts.clone();
+    ts.sort_by(f64::total_cmp);
+    (ts[ts.len() / 2], all)
+}
+
+fn quantizer(device: &Device, elements: usize) -> serde_json::Value {
+    let cols = 4096;
+    let rows = elements / cols;
+    let x = Tensor::<2>::random([rows, cols], burn::tensor::Distribution::Normal(0.0, 2.0), device);
+    let scale = Tensor::<2>::from_data(
+        TensorData::new((0..rows).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect::<Vec<_>>(), [rows, 1]),
+        device,
+    );
+    let format = Format::parse("e2m1").unwrap();
+    // A copy: read every element once, write it once (what the quantizer's forward must do at least).
+    let (copy_ms, copy_all) = median_ms(3, 10, || {
+        let y = x.clone() * 1.0;
+        let _ = y.slice([0..1, 0..1]).into_scalar::<f32>();
+    });
+    let (fwd_ms, _) = median_ms(3, 10, || {
+        let q = fake_quantize_fused(x.clone(), &format, &scale, None).expect("fused path");
+        let _ = q.slice([0..1, 0..1]).into_scalar::<f32>();
+    });
+    let (fwdbwd_ms, fwdbwd_all) = median_ms(3, 10, || {
+        let xa = Tensor::<2>::from_inner(x.clone()).require_grad();
+        let sa = Tensor::<2>::from_inner(scale.clone()).require_grad();
+        let q = fake_quantize_fused(xa.clone(), &format, &sa, None).expect("fused path");
+        let grads = q.sum().backward();
+        let dx = xa.grad(&grads).unwrap();
+        let _ = dx.slice([0..1, 0..1]).into_scalar::<f32>();
+    });
+    let gib = (rows * cols * 4) as f64 / (1u64 << 30) as f64;
+    serde_json::json!({
+        "elements": rows * cols,
+        "format": "e2m1",
+        "copy_ms": copy_ms,
+        "copy_gib_per_s": 2.0 * gib / (copy_ms / 1e3),
+        "fused_forward_ms": fwd_ms,
+        "fused_fwd_bwd_ms": fwdbwd_ms,
+        "forward_fraction_of_copy_bandwidth": copy_ms / fwd_ms,
+        "ratio_fwd_bwd_vs_copy": fwdbwd_ms / copy_ms,
+        "copy_all_ms": copy_all,
+        "fwd_bwd_all_ms": fwdbwd_all,
+    })
+}
+
+fn qat_step(device_spec: &str, device: &Device) -> serde_json::Value {
+    let out = std::env::temp_dir().join("msfp-gpu-bench");
+    let overrides = vec![
+        format!("run.device=\"{device_spec}\""),
+        format!("run.out_dir=\"{}\"", out.display()),
+        "finetune.calib_samples=4".to_string(),
+    ];
+    let cfg = msfp::Config::load(Path::new("configs/quickstart.toml"), &overrides)
+        .expect("configs/quickstart.toml (run from the repository root)");
+    let ad = device.clone().autodiff();
+    let schedule = msfp::diffusion::NoiseSchedule::new(&cfg.diffusion);
+    let sampler = msfp::pipeline::finetune::trajectory_sampler(&cfg, &schedule);
+    let (mut model, plan) =
+        msfp::pipeline::finetune::calibrate_student(&cfg, &sampler, &ad).expect("calibration");
+    let mut optim = msfp::train::optim::AdamW::new(cfg.train.weight_decay, cfg.train.grad_clip);
+    let b = 2 * cfg.train.batch_size;
+    let mut rng = SeededRng::new(0);
+    let (x0, target0) = (rng.normals(b * 1024), rng.normals(b * 1024));
+    let mut step = || {
+        let x = Tensor::<4>::from_data(TensorData::new(x0.clone(), [b, 1, 32, 32]), &ad);
+        let target = Tensor::<4>::from_data(TensorData::new(target0.clone(), [b, 1, 32, 32]), &ad);
+        let y = Tensor::<1, Int>::from_data(
+            TensorData::new((0..b as i64).map(|i| i % 11).collect::<Vec<_>>(), [b]),
+            &ad,
+        );
+        let t = Tensor::<1>::full([b], 500.0, &ad);
+        let m = model.clone();
+        let loss = (m.forward(x, t, y, &StepCtx::at(500)) - target).square().mean();
+        let grads = loss.backward();
+        let (next, _) = optim.step_groups(m, &grads, |p| {
+            if msfp::pipeline::student::group_of(p).is_some() { 1e-4 } else { 0.0 }
+        });
+        model = next;
+        // Wait for the device: read one parameter value back.
+        let _ = msfp::train::params::collect_trainable(&model).len();
+    };
+    let (ms, all) = median_ms(3, 15, &mut step);
+    serde_json::json!({
+        "model": "tiny_unet W4A4 (configs/quickstart.toml student)",
+        "batch": b,
+        "quant_sites": plan.sites.len(),
+        "qat_step_ms": ms,
+        "all_ms": all,
+    })
+}
+
+fn main() {
+    let spec = arg("--device").unwrap_or_else(|| "cuda".into());
+    let elements: usize = arg("--elements").map(|v| v.parse().expect("--elements N")).unwrap_or(1 << 28);
+    let device = match msfp::device::make_device(&spec) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("gpu bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut parity = serde_json::Value::Null;
+    if std::env::args().any(|a| a == "--parity") {
+        gpu_parity::tiny_models_match_flex(&device, &spec);
+        eprintln!("parity: tiny UNet and DiT forward match flex within 1e-4");
+        gpu_parity::fused_quantizer_matches_flex(&device, &spec);
+        eprintln!("parity: fused quantizer values and gradients match flex");
+        let losses = gpu_parity::quickstart_qat_matches_flex(&spec);
+        eprintln!("parity: four quickstart QAT steps match flex: {losses:?}");
+        parity = serde_json::json!({ "tiny_forward": "ok", "fused_quantizer": "ok", "qat_losses_flex_vs_gpu": losses });
+    }
+    let quant = quantizer(&device, elements);
+    eprintln!("quantizer: {quant}");
+    let qat = qat_step(&spec, &device);
+    eprintln!("qat step: {qat}");
+    let out = serde_json::json!({
+        "command": format!("cargo bench --features cuda --bench gpu -- --device {spec} --elements {elements}"),
+        "device": spec,
+        "gpu": std::env::var("MSFP_GPU_NAME").unwrap_or_default(),
+        "parity": parity,
+        "quantizer": quant,
+        "qat_step": qat,
+    });
+    let path = std::env::var("MSFP_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("experiments/bench-cuda/msfp.json"));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("output folder");
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&out).unwrap()).expect("write results");
+    println!("{}", path.display());
+}

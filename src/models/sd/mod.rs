@@ -1,0 +1,157 @@
+//! Stable Diffusion v1.x (and CompVis LDM UNets, a config away): the UNet2DConditionModel, the
+//! AutoencoderKL first stage, their configs, and the loaders for the published file layouts.
+//! Parameter paths follow diffusers' key names, so a diffusers directory loads without renames
+//! (`keymap` holds the few exceptions and the CompVis single-file mapping).
+
+pub mod config;
+pub mod keymap;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use config::{Heads, UnetConfig, VaeConfig};
+pub use unet::SdUnet;
+pub use vae::AutoencoderKl;
+
+use std::path::Path;
+
+use burn::tensor::Device;
+
+use crate::error::{Error, Result};
+use crate::rng::SeededRng;
+use crate::train::params::{self, NamedTensors};
+
+/// The model parameter path of a diffusers UNet key: diffusers' GEGLU feed-forward is
+/// `ff.net.0.proj` / `ff.net.2` (a list with a dropout between), msfp's `ff.proj` / `ff.out`.
+pub fn unet_param_path(diffusers_key: &str) -> String {
+    diffusers_key.replace(".ff.net.0.proj.", ".ff.proj.").replace(".ff.net.2.", ".ff.out.")
+}
+
+/// Loads diffusers-named tensors into a module built from its config; a missing, unexpected or
+/// mis-shaped tensor is one usage error naming `origin`, the tensor and the expected shape.
+fn load_named<M: burn::module::Module>(module: M, tensors: NamedTensors, origin: &Path) -> Result<M> {
+    params::load_into(module, &tensors, origin).map_err(|e| Error::usage(e.message))
+}
+
+/// A UNet of `cfg` with the weights of `tensors` (diffusers key names).
+pub fn load_unet(cfg: &UnetConfig, tensors: NamedTensors, origin: &Path, device: &Device) -> Result<SdUnet> {
+    let renamed = tensors.into_iter().map(|(k, v)| (unet_param_path(&k), v)).collect();
+    load_named(SdUnet::new(cfg, &mut SeededRng::new(0), device), renamed, origin)
+}
+
+/// A VAE of `cfg` with the weights of `tensors` (diffusers key names).
+pub fn load_vae(
+    cfg: &VaeConfig,
+    tensors: NamedTensors,
+    origin: &Path,
+    device: &Device,
+) -> Result<AutoencoderKl> {
+    load_named(AutoencoderKl::new(cfg, &mut SeededRng::new(0), device), tensors, origin)
+}
+
+/// A CLIP text model of `cfg` with the weights of `tensors` (`text_model.*` keys).
+pub fn load_text_encoder(
+    cfg: &crate::models::clip::ClipTextConfig,
+    tensors: NamedTensors,
+    origin: &Path,
+    device: &Device,
+) -> Result<crate::models::clip::ClipTextModel> {
+    load_named(crate::models::clip::ClipTextModel::new(cfg, &mut SeededRng::new(0), device), tensors, origin)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use burn::tensor::{Int, Tensor, TensorData};
+
+    use super::*;
+    use crate::models::clip::ClipTextConfig;
+    use crate::train::params::{HostTensor, load_safetensors};
+
+    fn fixtures() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd/tiny")
+    }
+
+    fn tensor<const D: usize>(t: &HostTensor, device: &Device) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), device)
+    }
+
+    /// max |got - want| / max |want|.
+    fn rel_err<const D: usize>(got: Tensor<D>, want: &HostTensor) -> f32 {
+        assert_eq!(got.dims().to_vec(), want.shape, "output shape");
+        let got = params::host_values(got);
+        let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = got.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        diff / scale
+    }
+
+    fn component(name: &str, file: &str) -> (PathBuf, NamedTensors) {
+        let path = fixtures().join("diffusers").join(name).join(file);
+        let kind = match name {
+            "unet" => keymap::Component::Unet,
+            "vae" => keymap::Component::Vae,
+            _ => keymap::Component::TextEncoder,
+        };
+        (path.clone(), weights::load_diffusers_file(&path, kind).unwrap())
+    }
+
+    #[test]
+    fn unet_vae_and_clip_match_diffusers_on_the_tiny_fixture() {
+        let device = Device::flex();
+        let (reference, _) = load_safetensors(&fixtures().join("parity.safetensors")).unwrap();
+        let r = |k: &str| reference.get(k).unwrap_or_else(|| panic!("parity tensor {k}"));
+
+        let cfg = UnetConfig::from_diffusers_json(&fixtures().join("diffusers/unet/config.json")).unwrap();
+        let (path, w) = component("unet", "diffusion_pytorch_model.safetensors");
+        let unet = load_unet(&cfg, w, &path, &device).unwrap();
+        let eps = unet.forward(
+            tensor(r("unet.sample"), &device),
+            tensor(r("unet.timestep"), &device),
+            tensor(r("unet.encoder_hidden_states"), &device),
+            &crate::nn::StepCtx::default(),
+        );
+        let err = rel_err(eps, r("unet.out"));
+        assert!(err < 1e-4, "UNet eps: relative error {err}");
+
+        let cfg = VaeConfig::from_diffusers_json(&fixtures().join("diffusers/vae/config.json")).unwrap();
+        let (path, w) = component("vae", "diffusion_pytorch_model.safetensors");
+        let vae = load_vae(&cfg, w, &path, &device).unwrap();
+        let err = rel_err(vae.decode(tensor(r("vae.latent"), &device)), r("vae.decoded"));
+        assert!(err < 1e-4, "VAE decode: relative error {err}");
+        let (mean, logvar) = vae.encode(tensor(r("vae.image"), &device));
+        let (e_mean, e_logvar) =
+            (rel_err(mean, r("vae.posterior_mean")), rel_err(logvar, r("vae.posterior_logvar")));
+        assert!(e_mean < 1e-4 && e_logvar < 1e-4, "VAE encode: relative errors {e_mean} / {e_logvar}");
+
+        let cfg = ClipTextConfig::from_json(&fixtures().join("diffusers/text_encoder/config.json")).unwrap();
+        let (path, w) = component("text_encoder", "model.safetensors");
+        let clip = load_text_encoder(&cfg, w, &path, &device).unwrap();
+        let ids = r("clip.input_ids");
+        let ids = Tensor::<2, Int>::from_data(
+            TensorData::new(ids.data.iter().map(|&v| v as i64).collect::<Vec<_>>(), ids.shape.clone()),
+            &device,
+        );
+        let err = rel_err(clip.forward(ids), r("clip.last_hidden_state"));
+        assert!(err < 1e-4, "CLIP last hidden state: relative error {err}");
+    }
+
+    #[test]
+    fn a_missing_or_misshaped_tensor_is_a_usage_error_naming_it() {
+        let device = Device::flex();
+        let cfg = UnetConfig::from_diffusers_json(&fixtures().join("diffusers/unet/config.json")).unwrap();
+        let (path, mut w) = component("unet", "diffusion_pytorch_model.safetensors");
+        let t = w.get_mut("conv_in.weight").unwrap();
+        t.shape = vec![t.shape.iter().product()];
+        let err = load_unet(&cfg, w.clone(), &path, &device).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.message.contains("conv_in.weight") && err.message.contains("diffusion_pytorch_model"),
+            "{err}"
+        );
+        w.remove("conv_in.weight");
+        let err = load_unet(&cfg, w, &path, &device).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.message.contains("conv_in.weight"), "{err}");
+    }
+}

@@ -1,0 +1,47 @@
+//! CUDA against the CPU: the tiny UNet and DiT forward within 1e-4 of flex, the fused
+//! quantizer's CubeCL kernels with the same values (exact ties included) and STE / LSQ gradients,
+//! and four QAT steps of the quickstart with the same losses as on flex within 1e-4. Built only
+//! with `--features cuda` (or `cuda-llvm`); on a machine without a CUDA GPU each test prints why
+//! it skipped and passes. `MSFP_REQUIRE_CUDA=1` turns a skip into a failure (the GPU check
+//! script sets it, so a broken driver cannot pass as "no GPU").
+#![cfg(feature = "cuda-runtime")]
+
+use burn::tensor::Device;
+
+#[path = "common/gpu_parity.rs"]
+mod gpu_parity;
+
+fn cuda_or_skip(test: &str) -> Option<Device> {
+    match msfp::device::make_device("cuda") {
+        Ok(d) => Some(d),
+        Err(e) if std::env::var("MSFP_REQUIRE_CUDA").is_ok_and(|v| v == "1") => {
+            panic!("{test}: MSFP_REQUIRE_CUDA=1 but CUDA is not usable: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping {test}: no usable CUDA GPU here ({e})");
+            None
+        }
+    }
+}
+
+#[test]
+fn tiny_models_on_cuda_match_flex() {
+    if let Some(gpu) = cuda_or_skip("tiny_models_on_cuda_match_flex") {
+        gpu_parity::tiny_models_match_flex(&gpu, "cuda");
+    }
+}
+
+#[test]
+fn fused_quantizer_on_cuda_matches_flex() {
+    if let Some(gpu) = cuda_or_skip("fused_quantizer_on_cuda_matches_flex") {
+        gpu_parity::fused_quantizer_matches_flex(&gpu, "cuda");
+    }
+}
+
+#[test]
+fn quickstart_qat_steps_on_cuda_match_flex() {
+    if cuda_or_skip("quickstart_qat_steps_on_cuda_match_flex").is_none() {
+        return;
+    }
+    gpu_parity::quickstart_qat_matches_flex("cuda");
+}
