@@ -155,3 +155,56 @@ mod tests {
         assert!(err.message.contains("conv_in.weight"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod full_size {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::models::clip::{ClipTextConfig, ClipTextModel};
+
+    /// `name -> shape` of a committed SD1.4 key list (`name<TAB>d0,d1,...`).
+    fn published(file: &str) -> BTreeMap<String, Vec<usize>> {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd/sd14_keys").join(file);
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.ends_with("position_ids\t1,77"))
+            .map(|l| {
+                let (name, shape) = l.split_once('\t').unwrap();
+                (
+                    name.to_string(),
+                    shape.split(',').filter(|s| !s.is_empty()).map(|d| d.parse().unwrap()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn shapes<M: burn::module::Module>(m: &M) -> BTreeMap<String, Vec<usize>> {
+        let mut out = BTreeMap::new();
+        params::for_each_param(m, |path, _, dims| {
+            out.insert(path.to_string(), dims.to_vec());
+        });
+        out
+    }
+
+    /// The presets build exactly the published SD1.4 tensors (names and shapes), so the real
+    /// files load; the UNet has the published 859,520,964 parameters.
+    #[test]
+    fn sd14_presets_have_every_published_tensor_and_no_other() {
+        let device = Device::flex();
+        let rng = &mut SeededRng::new(0);
+        let unet = shapes(&SdUnet::new(&UnetConfig::sd14(), rng, &device));
+        let want: BTreeMap<_, _> =
+            published("diffusers_unet.txt").into_iter().map(|(k, v)| (unet_param_path(&k), v)).collect();
+        assert_eq!(unet, want);
+        assert_eq!(unet.values().map(|s| s.iter().product::<usize>()).sum::<usize>(), 859_520_964);
+        assert_eq!(
+            shapes(&AutoencoderKl::new(&VaeConfig::sd(), rng, &device)),
+            published("diffusers_vae.txt")
+        );
+        let clip = ClipTextModel::new(&ClipTextConfig::vit_l14(), rng, &device);
+        assert_eq!(shapes(&clip), published("diffusers_text_encoder.txt"));
+    }
+}
