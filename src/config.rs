@@ -99,6 +99,8 @@ impl Default for RunConfig {
 pub enum ModelKind {
     TinyUnet,
     TinyDit,
+    /// Stable Diffusion v1.x (`[model.sd]`): text-conditioned latent diffusion.
+    Sd,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -109,6 +111,7 @@ pub struct ModelConfig {
     pub weights: Option<PathBuf>,
     pub unet: UnetConfig,
     pub dit: DitConfig,
+    pub sd: SdConfig,
 }
 
 impl Default for ModelConfig {
@@ -118,6 +121,61 @@ impl Default for ModelConfig {
             weights: None,
             unet: UnetConfig::default(),
             dit: DitConfig::default(),
+            sd: SdConfig::default(),
+        }
+    }
+}
+
+/// Which published Stable Diffusion architecture `[model.sd]` builds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SdPreset {
+    Sd14,
+    Sd15,
+    /// A test-size SD (the layout of `tests/fixtures/sd/tiny/diffusers`): 3-level UNet of 8/16/16
+    /// channels, 2-level VAE, 3-layer CLIP with a 1,000-token vocabulary (token ids are folded
+    /// into it).
+    Tiny,
+}
+
+/// Which UNet weights of a CompVis checkpoint that holds both to use.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EmaSetting {
+    /// EMA weights when the file has them.
+    Auto,
+    Ema,
+    NonEma,
+}
+
+/// `[model.sd]`: Stable Diffusion v1.x. `model.weights` is the user's download: a diffusers
+/// directory or a CompVis single file (`sd-v1-4.ckpt`, `.safetensors`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SdConfig {
+    pub preset: SdPreset,
+    pub ema: EmaSetting,
+    /// Image side in pixels (SD1.x: 512); latents are `resolution / 8` for the SD VAE.
+    pub resolution: usize,
+    /// Prompts, one per line (`#` comments and blank lines skipped): the distillation
+    /// trajectories draw from them, evaluation and calibration cycle through them.
+    pub prompts: PathBuf,
+    /// The unconditional branch of classifier-free guidance (SD: the empty prompt).
+    pub negative_prompt: String,
+    /// Builds the architecture with random weights instead of loading `model.weights`: for
+    /// tests and benchmarks only (the samples are noise).
+    pub random_weights: bool,
+}
+
+impl Default for SdConfig {
+    fn default() -> Self {
+        Self {
+            preset: SdPreset::Sd14,
+            ema: EmaSetting::Auto,
+            resolution: 512,
+            prompts: "configs/prompts/sd_prompts.txt".into(),
+            negative_prompt: String::new(),
+            random_weights: false,
         }
     }
 }
@@ -375,6 +433,27 @@ impl Config {
         positive("eval.batch_size", self.eval.batch_size)?;
         positive("data.train_count", self.data.train_count)?;
         positive("data.heldout_count", self.data.heldout_count)?;
+        if self.model.kind == ModelKind::Sd {
+            let sd = &self.model.sd;
+            if self.model.weights.is_none() && !sd.random_weights {
+                usage!(
+                    "model.weights is not set: download Stable Diffusion v1.4 (the diffusers directory \
+                     CompVis/stable-diffusion-v1-4, or sd-v1-4.ckpt from CompVis/stable-diffusion-v-1-4-original, \
+                     both on huggingface.co; v1.5 works too) and set model.weights to its path \
+                     (model.sd.random_weights = true builds random weights, for tests only)"
+                );
+            }
+            if self.model.weights.is_some() && sd.random_weights {
+                usage!("model.sd.random_weights = true and model.weights are both set: choose one");
+            }
+            let multiple = crate::models::sd::latent_multiple(sd.preset);
+            if sd.resolution == 0 || sd.resolution % multiple != 0 {
+                usage!(
+                    "model.sd.resolution = {} is out of range: it must be a positive multiple of {multiple} for this preset",
+                    sd.resolution
+                );
+            }
+        }
         let u = &self.model.unet;
         positive("model.unet.base_channels", u.base_channels)?;
         positive("model.unet.res_blocks", u.res_blocks)?;

@@ -99,7 +99,7 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
-    /// Write a PNG grid of samples (one class per column).
+    /// Write a PNG grid of samples (one class or prompt per column).
     Sample {
         #[command(flatten)]
         config: ConfigArgs,
@@ -114,6 +114,10 @@ enum Command {
         /// Number of samples.
         #[arg(long, default_value_t = 100)]
         n: usize,
+        /// Text prompt (repeatable; text-conditioned models such as SD). Without it the
+        /// config's prompts file is cycled.
+        #[arg(long)]
+        prompt: Vec<String>,
     },
     /// FID, classifier accuracy and (with --compare) PSNR between two models' samples.
     Eval {
@@ -196,7 +200,7 @@ fn run(cli: Cli) -> Result<()> {
             let summary = pipeline::classifier::train_classifier(&cfg)?;
             println!("{}", serde_json::to_string_pretty(&summary).expect("json"));
         }
-        Command::Sample { config, weights, packed, out, n } => {
+        Command::Sample { config, weights, packed, out, n, prompt } => {
             let cfg = config.load()?;
             if n == 0 {
                 return Err(Error::usage("--n must be at least 1"));
@@ -206,11 +210,20 @@ fn run(cli: Cli) -> Result<()> {
                 Some(p) => pipeline::export::load_packed_model(&p, &device)?,
                 None => pipeline::sample::load_model(&cfg, weights.as_deref(), &device)?,
             };
-            pipeline::sample::write_grid(&model, &cfg, &out, n)?;
+            let mut family = pipeline::sample::load_family(&cfg, &device)?;
+            if !prompt.is_empty() {
+                family.set_prompts(prompt)?;
+            }
+            pipeline::sample::write_grid(&model, &family, &cfg, &out, n)?;
             println!("wrote {}", out.display());
         }
         Command::Eval { config, weights, compare, out, record, label } => {
             let cfg = config.load()?;
+            if cfg.model.kind == msfp::config::ModelKind::Sd {
+                return Err(Error::usage(
+                    "msfp eval scores the MNIST models (FID in the classifier's space); for SD, `msfp train` reports PSNR and SSIM against the teacher",
+                ));
+            }
             let device = msfp::device::make_device(&cfg.run.device)?;
             let model = pipeline::sample::load_model(&cfg, weights.as_deref(), &device)?;
             let other = compare

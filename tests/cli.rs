@@ -392,12 +392,13 @@ fn train_resumes_bit_exactly_and_exports_a_packed_model_that_samples_identically
         msfp::pipeline::finetune::load_student(&cfg, &plan, &a.join("student.safetensors"), &device).unwrap();
     let packed =
         msfp::pipeline::export::load_packed_model(&a.join("model.packed.safetensors"), &device).unwrap();
-    let (fake, _) = msfp::pipeline::sample::generate(&student, &cfg, 4, 7, &device);
-    let (real, _) = msfp::pipeline::sample::generate(&packed, &cfg, 4, 7, &device);
+    let family = msfp::pipeline::sample::load_family(&cfg, &device).unwrap();
+    let (fake, _) = msfp::pipeline::sample::generate(&student, &family, &cfg, 4, 7, &device);
+    let (real, _) = msfp::pipeline::sample::generate(&packed, &family, &cfg, 4, 7, &device);
     let differing = fake.iter().zip(&real).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
     assert_eq!(differing, 0, "packed and fake-quant samples differ in {differing} of {} values", fake.len());
     let teacher = msfp::pipeline::sample::load_model(&cfg, None, &device).unwrap();
-    let (fp, _) = msfp::pipeline::sample::generate(&teacher, &cfg, 4, 7, &device);
+    let (fp, _) = msfp::pipeline::sample::generate(&teacher, &family, &cfg, 4, 7, &device);
     assert!(fp != fake, "the student is quantized");
 
     // sample --packed, export and inspect through the CLI.
@@ -486,4 +487,119 @@ fn train_resumes_bit_exactly_and_exports_a_packed_model_that_samples_identically
     assert_fails(&msfp(&["inspect", plain.to_str().unwrap()]), 1, &["ptq.safetensors", "msfp.packed"]);
     assert_fails(&msfp(&["train", "--config", ca, "--set", "lora.adapters=0"]), 2, &["lora.adapters"]);
     assert_fails(&msfp(&["train", "--config", ca, "--set", "loss.kind=\"l1\""]), 2, &["loss", "l1"]);
+}
+
+/// The whole MSFP job on the test-size Stable Diffusion (`configs/msfp_sd_tiny.toml`: UNet, VAE
+/// and CLIP from diffusers at a tiny config): calibration, TALoRA + DFA along text-conditioned
+/// trajectories, PSNR/SSIM against the teacher, export; resume is bit-exact, the packed model
+/// samples exactly like the fake-quant student, and the CompVis single file gives the same
+/// teacher as the diffusers directory.
+#[test]
+fn sd_job_runs_end_to_end_on_the_tiny_sd() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = repo().join("configs/msfp_sd_tiny.toml");
+    let c = config.to_str().unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        let out_set = format!("run.out_dir={:?}", out.display().to_string());
+        let mut args = vec!["train", "--config", c, "--set", &out_set];
+        for e in extra {
+            args.extend(["--set", e]);
+        }
+        let o =
+            Command::new(BIN).args(&args).current_dir(repo()).env("RAYON_NUM_THREADS", "1").output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    run(&a, &[]);
+    run(&b, &["train.steps=3"]);
+    let o = Command::new(BIN)
+        .args([
+            "train",
+            "--config",
+            c,
+            "--set",
+            &format!("run.out_dir={:?}", b.display().to_string()),
+            "--resume",
+            "auto",
+        ])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["student.safetensors", "ptq.safetensors", "model.packed.safetensors"] {
+        assert!(read(&a.join(f)) == read(&b.join(f)), "{f} differs after resume");
+    }
+    let summary: serde_json::Value = serde_json::from_slice(&read(&a.join("summary.json"))).unwrap();
+    for stage in ["ptq", "finetuned"] {
+        let (p, s) = (
+            summary[stage]["psnr_vs_teacher"].as_f64().unwrap(),
+            summary[stage]["ssim_vs_teacher"].as_f64().unwrap(),
+        );
+        assert!(p.is_finite() && p > 0.0 && (-1.0..=1.0).contains(&s), "{stage}: {p} dB, SSIM {s}");
+    }
+    assert!(summary["fid_real_heldout"].is_null(), "no FID for SD");
+
+    // The packed model samples exactly like the fake-quant student (decoded images).
+    let mut cfg =
+        msfp::Config::load(&config, &[format!("run.out_dir={:?}", a.display().to_string())]).unwrap();
+    cfg.model.weights = Some(repo().join("tests/fixtures/sd/tiny/diffusers"));
+    cfg.model.sd.prompts = repo().join("configs/prompts/sd_prompts.txt");
+    let device = burn::tensor::Device::flex();
+    let family = msfp::pipeline::sample::load_family(&cfg, &device).unwrap();
+    let plan = msfp::pipeline::student::StudentPlan::load(&a.join("student_plan.json")).unwrap();
+    let student =
+        msfp::pipeline::finetune::load_student(&cfg, &plan, &a.join("student.safetensors"), &device).unwrap();
+    let packed =
+        msfp::pipeline::export::load_packed_model(&a.join("model.packed.safetensors"), &device).unwrap();
+    let (fake, _) = msfp::pipeline::sample::generate(&student, &family, &cfg, 2, 7, &device);
+    let (real, _) = msfp::pipeline::sample::generate(&packed, &family, &cfg, 2, 7, &device);
+    assert_eq!(fake.len(), 2 * 3 * 16 * 16, "decoded RGB images");
+    assert!(
+        fake.iter().zip(&real).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "packed and fake-quant samples differ"
+    );
+
+    // `msfp sample --prompt` from the diffusers directory and from the CompVis checkpoint
+    // (non-EMA weights) write the same image.
+    let sample = |weights: &str, out: &Path| {
+        let o = Command::new(BIN)
+            .args([
+                "sample",
+                "--config",
+                c,
+                "--prompt",
+                "a red fox",
+                "--n",
+                "2",
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .args(["--set", &format!("model.weights={weights:?}"), "--set", "model.sd.ema=\"non_ema\""])
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        read(out)
+    };
+    let from_dir = sample("tests/fixtures/sd/tiny/diffusers", &dir.path().join("dir.png"));
+    let from_ckpt = sample("tests/fixtures/sd/tiny/compvis/sd-tiny.ckpt", &dir.path().join("ckpt.png"));
+    assert!(from_dir == from_ckpt, "the CompVis checkpoint samples like the diffusers directory");
+}
+
+#[test]
+fn sd_config_fails_only_for_want_of_weights() {
+    let c = repo().join("configs/msfp_sd14.toml");
+    let c = c.to_str().unwrap();
+    assert_fails(&msfp(&["train", "--config", c]), 2, &["model.weights", "stable-diffusion-v1-4"]);
+    assert_fails(
+        &msfp(&["sample", "--config", c, "--set", "model.weights=\"/nonexistent/sd\""]),
+        2,
+        &["model.weights", "/nonexistent/sd", "not found"],
+    );
+    let tiny = repo().join("configs/msfp_sd_tiny.toml");
+    assert_fails(
+        &msfp(&["sample", "--config", tiny.to_str().unwrap(), "--set", "model.sd.resolution=20"]),
+        2,
+        &["model.sd.resolution"],
+    );
 }

@@ -7,11 +7,11 @@
 //!
 //! `gamma` is the "denoising factor" MSFP's DFA loss weights by, so each step exposes it.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use super::NoiseSchedule;
 use crate::config::{SamplerConfig, SamplerKind};
-use crate::models::Denoiser;
+use crate::models::{Cond, Denoiser};
 use crate::nn::StepCtx;
 use crate::rng::SeededRng;
 
@@ -107,65 +107,62 @@ impl Sampler {
         model: &Denoiser,
         x: Tensor<4>,
         t: usize,
-        labels: &Tensor<1, Int>,
-        null_label: usize,
+        cond: &Cond,
+        null: &Cond,
     ) -> Tensor<4> {
         let device = x.device();
         let [b, _, _, _] = x.dims();
         let tt = Tensor::<1>::full([b], t as f32, &device);
         if (self.guidance_scale - 1.0).abs() < 1e-12 {
-            return model.forward(x, tt, labels.clone(), &StepCtx::at(t));
+            return model.forward(x, tt, cond.clone(), &StepCtx::at(t));
         }
-        let (cond, uncond) = cond_uncond_eps(model, x, t, labels, null_label);
-        uncond.clone() + (cond - uncond) * self.guidance_scale
+        let (c, u) = cond_uncond_eps(model, x, t, cond, null);
+        u.clone() + (c - u) * self.guidance_scale
     }
 }
 
 /// The conditional and unconditional noise predictions at timestep `t`, from one forward pass
-/// over the doubled batch (labels, then null labels).
+/// over the doubled batch (conditions, then null conditions).
 pub fn cond_uncond_eps(
     model: &Denoiser,
     x: Tensor<4>,
     t: usize,
-    labels: &Tensor<1, Int>,
-    null_label: usize,
+    cond: &Cond,
+    null: &Cond,
 ) -> (Tensor<4>, Tensor<4>) {
     let device = x.device();
     let [b, _, _, _] = x.dims();
     let tt = Tensor::<1>::full([2 * b], t as f32, &device);
-    let null = Tensor::<1, Int>::full([b], null_label as i64, &device);
     let eps = model.forward(
         Tensor::cat(vec![x.clone(), x], 0),
         tt,
-        Tensor::cat(vec![labels.clone(), null], 0),
+        Cond::cat(vec![cond.clone(), null.clone()]),
         &StepCtx::at(t),
     );
     (eps.clone().slice([0..b]), eps.slice([b..2 * b]))
 }
 
-/// Generates images `[B, 1, 32, 32]` in [-1, 1] for the given labels. All noise (x_T and the
-/// per-step z) comes from `rng`, so the same rng state gives identical noise to any model.
+/// Runs the sampler from x_T to x_0 for a batch of conditions, on samples of `shape`
+/// (`[C, H, W]`); returns x_0 as the sampler left it (the family turns it into images). All
+/// noise (x_T and the per-step z) comes from `rng`, so the same rng state gives identical noise
+/// to any model.
 pub fn sample(
     model: &Denoiser,
     sampler: &Sampler,
-    labels: &[usize],
+    cond: &Cond,
+    null: &Cond,
+    shape: [usize; 3],
     rng: &mut SeededRng,
     device: &Device,
 ) -> Tensor<4> {
-    let b = labels.len();
-    let shape = [b, 1, 32, 32];
-    let n = b * 32 * 32;
-    let mut x = Tensor::<4>::from_data(TensorData::new(rng.normals(n), shape), device);
-    let y = Tensor::<1, Int>::from_data(
-        TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [b]),
-        device,
-    );
-    let null = model.null_label();
+    let b = cond.batch();
+    let [c, h, w] = shape;
+    let mut x = Tensor::<4>::from_data(TensorData::new(rng.normals(b * c * h * w), [b, c, h, w]), device);
     for step in &sampler.steps {
-        let eps = sampler.guided_eps(model, x.clone(), step.t, &y, null);
+        let eps = sampler.guided_eps(model, x.clone(), step.t, cond, null);
         x = sampler.advance(step, x, eps, rng);
     }
-    x.clamp(-1.0, 1.0)
+    x
 }
 
 #[cfg(test)]

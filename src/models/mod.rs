@@ -3,14 +3,17 @@
 pub mod classifier;
 pub mod clip;
 pub mod dit;
+pub mod family;
 pub mod sd;
 pub mod unet;
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Tensor};
 
 pub use classifier::Classifier;
 pub use dit::TinyDit;
+pub use family::{Cond, Family};
+pub use sd::SdUnet;
 pub use unet::TinyUnet;
 
 use crate::config::{ModelConfig, ModelKind};
@@ -20,18 +23,23 @@ use crate::rng::SeededRng;
 /// Number of classes of the tiny models (MNIST digits); label `NUM_CLASSES` is the null label.
 pub const NUM_CLASSES: usize = 10;
 
-/// A noise-prediction network `eps(x_t, t, y)`.
+/// A noise-prediction network `eps(x_t, t, c)`: the model families msfp quantizes. The pipeline
+/// stages see only this type, a [`Cond`] and a [`Family`]; a new family adds a variant here and
+/// its loader.
 #[derive(Module, Debug)]
 pub enum Denoiser {
     Unet(TinyUnet),
     Dit(TinyDit),
+    Sd(SdUnet),
 }
 
 impl Denoiser {
+    /// The architecture of `cfg` with seeded random weights (loading replaces them).
     pub fn new(cfg: &ModelConfig, rng: &mut SeededRng, device: &Device) -> Self {
         match cfg.kind {
             ModelKind::TinyUnet => Denoiser::Unet(TinyUnet::new(&cfg.unet, rng, device)),
             ModelKind::TinyDit => Denoiser::Dit(TinyDit::new(&cfg.dit, rng, device)),
+            ModelKind::Sd => Denoiser::Sd(SdUnet::new(&sd::SdArch::of(cfg.sd.preset).unet, rng, device)),
         }
     }
 
@@ -39,6 +47,7 @@ impl Denoiser {
         match self {
             Denoiser::Unet(_) => ModelKind::TinyUnet,
             Denoiser::Dit(_) => ModelKind::TinyDit,
+            Denoiser::Sd(_) => ModelKind::Sd,
         }
     }
 
@@ -47,6 +56,7 @@ impl Denoiser {
         match self {
             Denoiser::Unet(m) => m.quant_sites(),
             Denoiser::Dit(m) => m.quant_sites(),
+            Denoiser::Sd(m) => m.quant_sites(),
         }
     }
 
@@ -54,6 +64,7 @@ impl Denoiser {
         match self {
             Denoiser::Unet(m) => m.router.as_ref(),
             Denoiser::Dit(m) => m.router.as_ref(),
+            Denoiser::Sd(m) => m.router.as_ref(),
         }
     }
 
@@ -61,22 +72,18 @@ impl Denoiser {
         match self {
             Denoiser::Unet(m) => &mut m.router,
             Denoiser::Dit(m) => &mut m.router,
-        }
-    }
-
-    /// The label that means "no class" (classifier-free guidance).
-    pub fn null_label(&self) -> usize {
-        match self {
-            Denoiser::Unet(m) => m.class_embed.null_label(),
-            Denoiser::Dit(m) => m.class_embed.null_label(),
+            Denoiser::Sd(m) => &mut m.router,
         }
     }
 
     /// `ctx` carries the batch's shared timestep when there is one (sampling, distillation).
-    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>, ctx: &StepCtx) -> Tensor<4> {
-        match self {
-            Denoiser::Unet(m) => m.forward(x, t, y, ctx),
-            Denoiser::Dit(m) => m.forward(x, t, y, ctx),
+    /// Class-conditional models take [`Cond::Labels`], SD takes [`Cond::Tokens`].
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, c: impl Into<Cond>, ctx: &StepCtx) -> Tensor<4> {
+        match (self, c.into()) {
+            (Denoiser::Unet(m), Cond::Labels(y)) => m.forward(x, t, y, ctx),
+            (Denoiser::Dit(m), Cond::Labels(y)) => m.forward(x, t, y, ctx),
+            (Denoiser::Sd(m), Cond::Tokens(c)) => m.forward(x, t, c, ctx),
+            (model, c) => panic!("a {:?} model cannot take {} conditioning", model.kind(), c.kind()),
         }
     }
 }

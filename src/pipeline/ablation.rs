@@ -277,19 +277,21 @@ pub fn run(
             tracing::info!("{} seed {seed}: {}", row.id, row.what);
             let teacher = super::sample::load_model(&cfg, None, &device)?;
             let scorer = Scorer::new(&cfg, &device)?;
+            let family = super::sample::load_family(&cfg, &device)?;
             let model = match row.stage {
                 Stage::Teacher => teacher.clone(),
                 Stage::Ptq => {
                     let sampler = trajectory_sampler(&cfg, &NoiseSchedule::new(&cfg.diffusion));
                     let mut ptq_cfg = cfg.clone();
                     ptq_cfg.lora.rank = 0;
-                    let (student, _) = calibrate_student(&ptq_cfg, &sampler, &device.clone().autodiff())?;
+                    let (student, _) =
+                        calibrate_student(&ptq_cfg, &family, &sampler, &device.clone().autodiff())?;
                     student.valid()
                 }
                 Stage::Finetune => fit(&cfg, Resume::Auto)?.student,
             };
             tracing::info!("{} seed {seed}: evaluating on {} samples", row.id, cfg.eval.samples);
-            let (eval, images) = scorer.generate_and_score(&cfg, &model);
+            let (eval, images) = scorer.generate_and_score(&cfg, &family, &model);
             let cache = teacher_cache(out, seed, cfg.eval.samples, &teacher_id);
             let psnr_vs_teacher = if row.stage == Stage::Teacher {
                 write_images(&cache, &images)?;
@@ -300,7 +302,7 @@ pub fn run(
                     Some(t) => t,
                     None => {
                         tracing::info!("{} seed {seed}: sampling the teacher for PSNR", row.id);
-                        let t = scorer.generate_and_score(&cfg, &teacher).1;
+                        let t = scorer.generate_and_score(&cfg, &family, &teacher).1;
                         write_images(&cache, &t)?;
                         t
                     }

@@ -11,8 +11,8 @@ use super::classifier::{accuracy, features, load_classifier};
 use crate::config::Config;
 use crate::data::{Mnist, Split};
 use crate::error::Result;
-use crate::models::Denoiser;
 use crate::models::classifier::FEATURE_DIM;
+use crate::models::{Denoiser, Family};
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ModelEval {
@@ -66,6 +66,58 @@ pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
     10.0 * (4.0 / mse.max(1e-20)).log10()
 }
 
+/// Mean SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, over the
+/// window positions fully inside the image, as the reference MATLAB code) between two image
+/// sets `[n, C, H, W]` with values in [-1, 1] (data range 2), averaged over images and channels.
+pub fn ssim(a: &[f32], b: &[f32], shape: [usize; 3]) -> f64 {
+    let [c, h, w] = shape;
+    let plane = h * w;
+    let n = a.len() / (c * plane);
+    const RADIUS: usize = 5;
+    let k = 2 * RADIUS + 1;
+    if h < k || w < k {
+        return f64::NAN;
+    }
+    let g: Vec<f64> =
+        (0..k).map(|i| (-((i as f64 - RADIUS as f64).powi(2)) / (2.0 * 1.5 * 1.5)).exp()).collect();
+    let total: f64 = g.iter().sum();
+    let g: Vec<f64> = g.iter().map(|v| v / total).collect();
+    // Separable valid filtering of one plane.
+    let filter = |x: &[f64]| -> Vec<f64> {
+        let (oh, ow) = (h - k + 1, w - k + 1);
+        let mut rows = vec![0.0; h * ow];
+        for y in 0..h {
+            for xo in 0..ow {
+                rows[y * ow + xo] = (0..k).map(|i| g[i] * x[y * w + xo + i]).sum();
+            }
+        }
+        let mut out = vec![0.0; oh * ow];
+        for yo in 0..oh {
+            for xo in 0..ow {
+                out[yo * ow + xo] = (0..k).map(|i| g[i] * rows[(yo + i) * ow + xo]).sum();
+            }
+        }
+        out
+    };
+    let (c1, c2) = ((0.01f64 * 2.0).powi(2), (0.03f64 * 2.0).powi(2));
+    let mut sum = 0.0;
+    let mut count = 0usize;
+    for p in 0..n * c {
+        let x: Vec<f64> = a[p * plane..(p + 1) * plane].iter().map(|&v| v as f64).collect();
+        let y: Vec<f64> = b[p * plane..(p + 1) * plane].iter().map(|&v| v as f64).collect();
+        let prod = |u: &[f64], v: &[f64]| u.iter().zip(v).map(|(p, q)| p * q).collect::<Vec<_>>();
+        let (mx, my) = (filter(&x), filter(&y));
+        let (sxx, syy, sxy) = (filter(&prod(&x, &x)), filter(&prod(&y, &y)), filter(&prod(&x, &y)));
+        for i in 0..mx.len() {
+            let (vx, vy, cxy) = (sxx[i] - mx[i] * mx[i], syy[i] - my[i] * my[i], sxy[i] - mx[i] * my[i]);
+            sum += ((2.0 * mx[i] * my[i] + c1) * (2.0 * cxy + c2))
+                / ((mx[i] * mx[i] + my[i] * my[i] + c1) * (vx + vy + c2));
+            count += 1;
+        }
+    }
+    sum / count.max(1) as f64
+}
+
 /// Scores generated samples against the held-out digits in the classifier's feature space.
 pub struct Scorer {
     classifier: crate::models::Classifier,
@@ -97,9 +149,14 @@ impl Scorer {
     }
 
     /// Generates `eval.samples` images from the eval noise stream and scores them.
-    pub fn generate_and_score(&self, cfg: &Config, model: &Denoiser) -> (ModelEval, Vec<f32>) {
+    pub fn generate_and_score(
+        &self,
+        cfg: &Config,
+        family: &Family,
+        model: &Denoiser,
+    ) -> (ModelEval, Vec<f32>) {
         let (images, labels) =
-            super::sample::generate(model, cfg, cfg.eval.samples, cfg.eval.seed, &self.device);
+            super::sample::generate(model, family, cfg, cfg.eval.samples, cfg.eval.seed, &self.device);
         (self.score(&images, &labels), images)
     }
 }
@@ -112,10 +169,11 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<EvalReport> {
     let scorer = Scorer::new(cfg, device)?;
-    let (model_eval, images) = scorer.generate_and_score(cfg, model);
+    let family = crate::models::Family::tiny(device);
+    let (model_eval, images) = scorer.generate_and_score(cfg, &family, model);
     let (other_eval, psnr_db) = match other {
         Some(o) => {
-            let (e, other_images) = scorer.generate_and_score(cfg, o);
+            let (e, other_images) = scorer.generate_and_score(cfg, &family, o);
             (Some(e), Some(psnr(&images, &other_images)))
         }
         None => (None, None),
@@ -158,6 +216,25 @@ mod tests {
         let scaled: Vec<f32> = a.iter().map(|v| v * 2.0).collect();
         // Cov 4I vs I: tr = 4d + d - 2 * 2d = d.
         assert!((fid(&a, &scaled, d) - d as f64).abs() < 0.1);
+    }
+
+    #[test]
+    fn ssim_is_one_for_equal_images_and_falls_with_noise() {
+        let mut rng = crate::rng::SeededRng::new(4);
+        let shape = [3, 16, 16];
+        let a: Vec<f32> = rng.normals(2 * 3 * 256).iter().map(|v| (v * 0.3).clamp(-1.0, 1.0)).collect();
+        assert!((ssim(&a, &a, shape) - 1.0).abs() < 1e-12);
+        let noisy = |s: f32, rng: &mut crate::rng::SeededRng| -> Vec<f32> {
+            a.iter().zip(rng.normals(a.len())).map(|(x, n)| x + s * n).collect()
+        };
+        let (small, large) =
+            (ssim(&a, &noisy(0.05, &mut rng), shape), ssim(&a, &noisy(0.5, &mut rng), shape));
+        assert!(small < 1.0 && large < small && large > -1.0, "{small} {large}");
+        // Two flat images: only the luminance term is left, (2 x y + c1) / (x^2 + y^2 + c1) with
+        // c1 = (0.01 * 2)^2.
+        let (x, y) = (vec![0.5f32; 3 * 256], vec![0.3f32; 3 * 256]);
+        let want = (2.0 * 0.5 * 0.3 + 4e-4) / (0.25 + 0.09 + 4e-4);
+        assert!((ssim(&x, &y, shape) - want).abs() < 1e-6, "{} vs {want}", ssim(&x, &y, shape));
     }
 
     #[test]

@@ -12,17 +12,18 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::Serialize;
 
-use super::eval::{ModelEval, Scorer, psnr, sampler_label};
+use super::eval::{ModelEval, Scorer, psnr, sampler_label, ssim};
 use super::pretrain::Resume;
 use super::student::{self, Group, StudentPlan, group_of};
 use crate::config::{Config, SamplerConfig};
 use crate::diffusion::sampler::cond_uncond_eps;
 use crate::diffusion::{NoiseSchedule, Sampler, sample};
 use crate::error::{Error, Result};
-use crate::models::{Denoiser, NUM_CLASSES};
+use crate::models::family::Conditioner;
+use crate::models::{Cond, Denoiser, Family};
 use crate::nn::StepCtx;
 use crate::rng::SeededRng;
 use crate::train::checkpoint::{self, Checkpoint, DataCursor, TrainState};
@@ -67,25 +68,29 @@ pub fn trajectory_sampler(cfg: &Config, schedule: &NoiseSchedule) -> Sampler {
     Sampler::new(schedule, &sc)
 }
 
-/// One teacher trajectory: its labels and current x_t, advanced step by step.
+/// One teacher trajectory: its conditions (drawn classes or prompts) and current x_t, advanced
+/// step by step.
 struct Trajectory {
     iteration: usize,
     position: usize,
-    labels: Tensor<1, Int>,
+    cond: Cond,
+    null: Cond,
     x: Tensor<4>,
     rng: SeededRng,
 }
 
 impl Trajectory {
-    fn start(seed: u64, iteration: usize, batch: usize, device: &Device) -> Self {
+    fn start(family: &Family, seed: u64, iteration: usize, batch: usize, device: &Device) -> Self {
         let mut rng = SeededRng::derived(seed, STREAM_TRAJECTORY + iteration as u64);
-        let labels: Vec<i64> = (0..batch).map(|_| rng.below(NUM_CLASSES) as i64).collect();
-        let x = rng.normals(batch * 32 * 32);
+        let cond = family.draw(&mut rng, batch);
+        let [c, h, w] = family.sample_shape;
+        let x = rng.normals(batch * c * h * w);
         Self {
             iteration,
             position: 0,
-            labels: Tensor::from_data(TensorData::new(labels, [batch]), device),
-            x: Tensor::from_data(TensorData::new(x, [batch, 1, 32, 32]), device),
+            cond,
+            null: family.null(batch),
+            x: Tensor::from_data(TensorData::new(x, [batch, c, h, w]), device),
             rng,
         }
     }
@@ -94,8 +99,7 @@ impl Trajectory {
     /// with the guided prediction.
     fn teacher_step(&mut self, teacher: &Denoiser, sampler: &Sampler) -> (Tensor<4>, Tensor<4>) {
         let step = sampler.steps[self.position];
-        let (cond, uncond) =
-            cond_uncond_eps(teacher, self.x.clone(), step.t, &self.labels, teacher.null_label());
+        let (cond, uncond) = cond_uncond_eps(teacher, self.x.clone(), step.t, &self.cond, &self.null);
         let guided = uncond.clone() + (cond.clone() - uncond.clone()) * sampler.guidance_scale;
         self.x = sampler.advance(&step, self.x.clone(), guided, &mut self.rng);
         self.position += 1;
@@ -105,10 +109,13 @@ impl Trajectory {
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StageEval {
+    /// FID and accuracy in the classifier's feature space (class-conditional families).
     #[serde(flatten)]
-    pub eval: ModelEval,
+    pub eval: Option<ModelEval>,
     /// PSNR (dB) of this model's samples against the teacher's from identical noise.
     pub psnr_vs_teacher: Option<f64>,
+    /// Mean SSIM of this model's samples against the teacher's from identical noise.
+    pub ssim_vs_teacher: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,7 +132,7 @@ pub struct TrainSummary {
     pub resumed_from: Option<String>,
     pub samples: usize,
     pub sampler: String,
-    pub fid_real_heldout: f64,
+    pub fid_real_heldout: Option<f64>,
     pub teacher: StageEval,
     pub ptq: StageEval,
     pub finetuned: StageEval,
@@ -165,11 +172,30 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
     let ptq = load_student(cfg, &plan, &out_dir.join(PTQ_FILE), &device)?;
 
     tracing::info!("evaluating teacher, PTQ student and fine-tuned student on {} samples", cfg.eval.samples);
-    let scorer = Scorer::new(cfg, &device)?;
-    let (teacher_eval, teacher_images) = scorer.generate_and_score(cfg, &teacher);
-    let (ptq_eval, ptq_images) = scorer.generate_and_score(cfg, &ptq);
-    let (ft_eval, ft_images) = scorer.generate_and_score(cfg, &student);
-    write_comparison(&out_dir.join("samples.png"), &[&teacher_images, &ptq_images, &ft_images])?;
+    let family = super::sample::load_family(cfg, &device)?;
+    // FID and accuracy where the family has the classifier's feature space (the MNIST models);
+    // PSNR and SSIM against the teacher's samples from identical noise for every family.
+    let scorer = match family.conditioner {
+        Conditioner::Classes { .. } => Some(Scorer::new(cfg, &device)?),
+        Conditioner::Text { .. } => None,
+    };
+    let run = |m: &Denoiser| match &scorer {
+        Some(s) => {
+            let (e, images) = s.generate_and_score(cfg, &family, m);
+            (Some(e), images)
+        }
+        None => (None, super::sample::generate(m, &family, cfg, cfg.eval.samples, cfg.eval.seed, &device).0),
+    };
+    let (teacher_eval, teacher_images) = run(&teacher);
+    let (ptq_eval, ptq_images) = run(&ptq);
+    let (ft_eval, ft_images) = run(&student);
+    let shape = family.image_shape();
+    write_comparison(&out_dir.join("samples.png"), shape, &[&teacher_images, &ptq_images, &ft_images])?;
+    let versus = |images: &[f32]| StageEval {
+        eval: None,
+        psnr_vs_teacher: Some(psnr(images, &teacher_images)),
+        ssim_vs_teacher: Some(ssim(images, &teacher_images, shape)),
+    };
     let all = MetricsLog::read_all(&out_dir);
     crate::report::plot::loss_curve(&out_dir.join("loss.png"), &all)?;
     let eval_sampler = Sampler::new(&schedule, &cfg.sampler);
@@ -193,10 +219,10 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
         resumed_from: resumed_from.map(|d| d.display().to_string()),
         samples: cfg.eval.samples,
         sampler: sampler_label(cfg),
-        fid_real_heldout: scorer.fid_real_heldout,
-        teacher: StageEval { eval: teacher_eval, psnr_vs_teacher: None },
-        ptq: StageEval { eval: ptq_eval, psnr_vs_teacher: Some(psnr(&ptq_images, &teacher_images)) },
-        finetuned: StageEval { eval: ft_eval, psnr_vs_teacher: Some(psnr(&ft_images, &teacher_images)) },
+        fid_real_heldout: scorer.as_ref().map(|s| s.fid_real_heldout),
+        teacher: StageEval { eval: teacher_eval, psnr_vs_teacher: None, ssim_vs_teacher: None },
+        ptq: StageEval { eval: ptq_eval, ..versus(&ptq_images) },
+        finetuned: StageEval { eval: ft_eval, ..versus(&ft_images) },
         final_loss,
         router_usage,
         weight_formats: count(|s| &s.weight_format),
@@ -223,6 +249,7 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
     let job = job_name(cfg);
     let fingerprint = fingerprint(cfg);
     let teacher = super::sample::load_model(cfg, None, &device)?;
+    let family = super::sample::load_family(cfg, &device)?;
 
     let resume_dir = resume.dir(&out_dir)?;
     let mut optim = AdamW::new(cfg.train.weight_decay, cfg.train.grad_clip);
@@ -242,7 +269,7 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
             (model, plan)
         }
         None => {
-            let (model, plan) = calibrate_student(cfg, &sampler, &ad)?;
+            let (model, plan) = calibrate_student(cfg, &family, &sampler, &ad)?;
             plan.save(&out_dir.join(PLAN_FILE))?;
             let ptq = params::collect_trainable(&model);
             params::save_safetensors(&out_dir.join(PTQ_FILE), &ptq, &BTreeMap::new())?;
@@ -263,7 +290,8 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
             _ => {
                 // A new trajectory, or the one a resumed run was in the middle of: replay the
                 // teacher up to the current position.
-                let mut t = Trajectory::start(cfg.run.seed, iteration, cfg.train.batch_size, &device);
+                let mut t =
+                    Trajectory::start(&family, cfg.run.seed, iteration, cfg.train.batch_size, &device);
                 while t.position < position {
                     t.teacher_step(&teacher, &sampler);
                 }
@@ -272,19 +300,15 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
         };
         let sampler_step = sampler.steps[position];
         let x_t = traj.x.clone();
-        let labels = traj.labels.clone();
+        let c_in = Cond::cat(vec![traj.cond.clone(), traj.null.clone()]).from_inner();
         let (cond, uncond) = traj.teacher_step(&teacher, &sampler);
         trajectory = Some(traj);
 
         let b = cfg.train.batch_size;
         let target = Tensor::<4>::from_inner(Tensor::cat(vec![cond, uncond], 0));
         let x_in = Tensor::<4>::from_inner(Tensor::cat(vec![x_t.clone(), x_t], 0));
-        let y_in = Tensor::<1, Int>::from_inner(Tensor::cat(
-            vec![labels, Tensor::full([b], model.null_label() as i64, &device)],
-            0,
-        ));
         let t_in = Tensor::<1>::full([2 * b], sampler_step.t as f32, &ad);
-        let pred = model.forward(x_in, t_in, y_in, &StepCtx::at(sampler_step.t));
+        let pred = model.forward(x_in, t_in, c_in, &StepCtx::at(sampler_step.t));
         let loss = (pred - target).square().mean() * weights[position];
         let loss_value = loss.clone().into_scalar::<f32>() as f64;
         if !loss_value.is_finite() {
@@ -357,10 +381,15 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
 }
 
 /// The calibrated (PTQ) student with fresh adapters, ready to train.
-pub fn calibrate_student(cfg: &Config, sampler: &Sampler, ad: &Device) -> Result<(Denoiser, StudentPlan)> {
+pub fn calibrate_student(
+    cfg: &Config,
+    family: &Family,
+    sampler: &Sampler,
+    ad: &Device,
+) -> Result<(Denoiser, StudentPlan)> {
     let mut model = params::set_trainable(super::sample::load_model(cfg, None, ad)?, |_| false);
     let n = cfg.finetune.calib_samples;
-    let labels: Vec<usize> = (0..n).map(|i| i % NUM_CLASSES).collect();
+    let conditions: Vec<usize> = (0..n).map(|i| i % family.cycle_len()).collect();
     tracing::info!("calibrating on {n} teacher trajectories of {} steps", sampler.steps.len());
     let sites = crate::quant::plan::calibrate(
         &mut model,
@@ -371,8 +400,9 @@ pub fn calibrate_student(cfg: &Config, sampler: &Sampler, ad: &Device) -> Result
         cfg.run.seed,
         |m| {
             let mut rng = SeededRng::derived(cfg.run.seed, STREAM_CALIB);
-            for chunk in labels.chunks(cfg.train.batch_size) {
-                sample(m, sampler, chunk, &mut rng, ad);
+            for chunk in conditions.chunks(cfg.train.batch_size) {
+                let (cond, null) = (family.cond(chunk).from_inner(), family.null(chunk.len()).from_inner());
+                sample(m, sampler, &cond, &null, family.sample_shape, &mut rng, ad);
             }
             Ok(())
         },
@@ -433,13 +463,16 @@ fn router_plot(path: &Path, router: &crate::lora::Router, sampler: &Sampler, dev
     crate::report::grid::save_png(path, &image::DynamicImage::ImageRgb8(img))
 }
 
-/// Teacher | PTQ | fine-tuned grids of the first 50 samples, side by side.
-fn write_comparison(path: &Path, sets: &[&Vec<f32>]) -> Result<()> {
+/// Teacher | PTQ | fine-tuned grids of the first 50 samples (8 for large images), side by side.
+fn write_comparison(path: &Path, shape: [usize; 3], sets: &[&Vec<f32>]) -> Result<()> {
+    let [c, h, w] = shape;
+    let size = c * h * w;
+    let (most, cols) = if h * w <= 64 * 64 { (50, 10) } else { (8, 2) };
     let grids: Vec<_> = sets
         .iter()
         .map(|images| {
-            let n = (images.len() / 1024).min(50);
-            crate::report::grid::gray_grid(&images[..n * 1024], 32, NUM_CLASSES)
+            let n = (images.len() / size).min(most);
+            super::sample::image_grid(&images[..n * size], shape, cols.min(n.max(1)))
         })
         .collect();
     crate::report::grid::save_png(

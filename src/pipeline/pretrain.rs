@@ -129,6 +129,11 @@ pub fn diffusion_loss(
 }
 
 pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
+    if cfg.model.kind == crate::config::ModelKind::Sd {
+        usage!(
+            "msfp pretrain trains the tiny MNIST models; Stable Diffusion comes pretrained (model.weights)"
+        );
+    }
     let out_dir = cfg.run.out_dir.clone();
     std::fs::create_dir_all(&out_dir).map_err(|e| crate::error::io_err(&out_dir, e))?;
     let device = crate::device::make_device(&cfg.run.device)?.autodiff();
@@ -253,7 +258,8 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
     )?;
     crate::report::plot::loss_curve(&out_dir.join("loss.png"), &all)?;
     let sampling_model = params::load_into(model.valid(), &weights, &weights_path)?;
-    crate::pipeline::sample::write_grid(&sampling_model, cfg, &out_dir.join("samples.png"), 100)?;
+    let family = crate::models::Family::tiny(&sampling_model.devices()[0]);
+    crate::pipeline::sample::write_grid(&sampling_model, &family, cfg, &out_dir.join("samples.png"), 100)?;
     Ok(summary)
 }
 

@@ -10,6 +10,9 @@ pub mod vae;
 pub mod weights;
 
 pub use config::{Heads, UnetConfig, VaeConfig};
+
+use crate::config::{EmaSetting, ModelConfig, SdPreset};
+use crate::models::clip::{ClipTextConfig, ClipTextModel};
 pub use unet::SdUnet;
 pub use vae::AutoencoderKl;
 
@@ -20,6 +23,129 @@ use burn::tensor::Device;
 use crate::error::{Error, Result};
 use crate::rng::SeededRng;
 use crate::train::params::{self, NamedTensors};
+
+/// The three networks of a preset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SdArch {
+    pub unet: UnetConfig,
+    pub vae: VaeConfig,
+    pub text: ClipTextConfig,
+}
+
+impl SdArch {
+    pub fn of(preset: SdPreset) -> Self {
+        match preset {
+            SdPreset::Sd14 | SdPreset::Sd15 => {
+                Self { unet: UnetConfig::sd14(), vae: VaeConfig::sd(), text: ClipTextConfig::vit_l14() }
+            }
+            SdPreset::Tiny => Self {
+                unet: UnetConfig {
+                    block_out_channels: vec![8, 16, 16],
+                    cross_attention: vec![true, true, false],
+                    heads: Heads::Count(2),
+                    norm_num_groups: 4,
+                    cross_attention_dim: 32,
+                    sample_size: 8,
+                    ..UnetConfig::sd14()
+                },
+                vae: VaeConfig { block_out_channels: vec![8, 16], norm_num_groups: 4, ..VaeConfig::sd() },
+                text: ClipTextConfig {
+                    vocab_size: 1000,
+                    hidden_size: 32,
+                    intermediate_size: 37,
+                    num_hidden_layers: 3,
+                    num_attention_heads: 4,
+                    ..ClipTextConfig::vit_l14()
+                },
+            },
+        }
+    }
+
+    /// Pixels per latent position along a side (SD's VAE: 8).
+    pub fn vae_factor(&self) -> usize {
+        1 << (self.vae.block_out_channels.len() - 1)
+    }
+}
+
+/// Image sides must be multiples of this: the VAE's factor times the UNet's downsampling.
+pub fn latent_multiple(preset: SdPreset) -> usize {
+    let arch = SdArch::of(preset);
+    arch.vae_factor() << (arch.unet.block_out_channels.len() - 1)
+}
+
+/// RNG streams of `model.sd.random_weights` (one per network, so each can be built alone).
+const STREAM_UNET: u64 = 0;
+const STREAM_VAE: u64 = 1;
+const STREAM_TEXT: u64 = 2;
+
+/// The user's download named by `model.weights`, read whole (tensors by diffusers name), or
+/// `None` for `model.sd.random_weights`.
+fn read_weights(
+    cfg: &ModelConfig,
+    arch: &SdArch,
+) -> Result<Option<(weights::SdWeights, std::path::PathBuf)>> {
+    let path = match (&cfg.weights, cfg.sd.random_weights) {
+        (_, true) | (None, _) => return Ok(None),
+        (Some(path), false) => path,
+    };
+    if !path.exists() {
+        usage!(
+            "model.weights = {}: not found. Download Stable Diffusion v1.4 (the diffusers directory \
+             CompVis/stable-diffusion-v1-4, or sd-v1-4.ckpt from CompVis/stable-diffusion-v-1-4-original, \
+             both on huggingface.co) and point model.weights at it",
+            path.display()
+        );
+    }
+    check_diffusers_config(path, arch)?;
+    let ema = match cfg.sd.ema {
+        EmaSetting::Auto => weights::EmaChoice::Auto,
+        EmaSetting::Ema => weights::EmaChoice::Ema,
+        EmaSetting::NonEma => weights::EmaChoice::NonEma,
+    };
+    Ok(Some((weights::load_sd_weights(path, arch.unet.layers_per_block, ema)?, path.clone())))
+}
+
+/// The UNet of `[model.sd]`: from the user's weights, or seeded random ones.
+pub fn load_sd_unet(cfg: &ModelConfig, device: &Device) -> Result<SdUnet> {
+    let arch = SdArch::of(cfg.sd.preset);
+    match read_weights(cfg, &arch)? {
+        Some((w, path)) => load_unet(&arch.unet, w.unet, &path, device),
+        None => Ok(SdUnet::new(&arch.unet, &mut SeededRng::derived(0, STREAM_UNET), device)),
+    }
+}
+
+/// The text encoder and VAE of `[model.sd]` (they stay in full precision).
+pub fn load_sd_conditioning(cfg: &ModelConfig, device: &Device) -> Result<(ClipTextModel, AutoencoderKl)> {
+    let arch = SdArch::of(cfg.sd.preset);
+    match read_weights(cfg, &arch)? {
+        Some((w, path)) => Ok((
+            load_text_encoder(&arch.text, w.text_encoder, &path, device)?,
+            load_vae(&arch.vae, w.vae, &path, device)?,
+        )),
+        None => Ok((
+            ClipTextModel::new(&arch.text, &mut SeededRng::derived(0, STREAM_TEXT), device),
+            AutoencoderKl::new(&arch.vae, &mut SeededRng::derived(0, STREAM_VAE), device),
+        )),
+    }
+}
+
+/// A diffusers directory's `unet/config.json` must describe the preset's UNet: a v2.x or
+/// fine-tuned variant with another architecture is refused by name instead of failing on shapes.
+fn check_diffusers_config(path: &Path, arch: &SdArch) -> Result<()> {
+    let json = path.join("unet").join("config.json");
+    if !json.is_file() {
+        return Ok(());
+    }
+    let found = UnetConfig { sample_size: arch.unet.sample_size, ..UnetConfig::from_diffusers_json(&json)? };
+    if found != arch.unet {
+        usage!(
+            "{}: describes a UNet other than model.sd.preset's ({found:?} vs {:?}); set model.sd.preset to the model you downloaded",
+            json.display(),
+            arch.unet
+        );
+    }
+    Ok(())
+}
 
 /// The model parameter path of a diffusers UNet key: diffusers' GEGLU feed-forward is
 /// `ff.net.0.proj` / `ff.net.2` (a list with a dropout between), msfp's `ff.proj` / `ff.out`.

@@ -1,0 +1,193 @@
+//! Stable Diffusion v1.4 at full size (random weights: `model.sd.random_weights`), on flex: the
+//! teacher UNet's forward, the W4A4 student's forward and one QAT step (forward, backward, AdamW
+//! on the adapters and quantizer scales) at one latent size and batch 1, with the peak resident
+//! memory after each phase, the parameter count and the packed size against fp16. The student is
+//! the job's structure (`configs/msfp_sd14.toml`: signed FP4 e2m1 weights per output channel,
+//! unsigned ue2m2 + zero point inputs after SiLU/GELU/softmax and e2m1 elsewhere, conv_in and
+//! conv_out at e4m3, TALoRA 2 adapters of rank 16, branch placement) with plausible scales instead
+//! of calibrated ones: the cost does not depend on the values. Writes
+//! `experiments/bench-sd14-step/results.json` (or `$MSFP_BENCH_OUT`).
+//!
+//!     cargo bench --bench sd14_step -- [--latent 64] [--runs 2]
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+use msfp::lora::{LoraConfig, Placement, RouterKind};
+use msfp::models::Denoiser;
+use msfp::nn::StepCtx;
+use msfp::pipeline::student::{self, StudentPlan, group_of};
+use msfp::quant::plan::SiteReport;
+use msfp::rng::SeededRng;
+use msfp::train::params;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Peak resident set of this process so far (VmHWM), MiB.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Seconds of each of `runs` calls of `f`.
+fn time(runs: usize, mut f: impl FnMut()) -> Vec<f64> {
+    (0..runs)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+fn main() {
+    let latent: usize = arg("--latent").map(|v| v.parse().expect("--latent N")).unwrap_or(64);
+    let runs: usize = arg("--runs").map(|v| v.parse().expect("--runs N")).unwrap_or(2);
+    let cfg = msfp::Config::load(
+        Path::new("configs/msfp_sd14.toml"),
+        &["model.sd.random_weights=true".into(), format!("model.sd.resolution={}", latent * 8)],
+    )
+    .expect("configs/msfp_sd14.toml (run from the repository root)");
+    let device = Device::flex();
+    let t0 = Instant::now();
+    let teacher = msfp::pipeline::sample::load_model(&cfg, None, &device).expect("SD UNet");
+    let build_s = t0.elapsed().as_secs_f64();
+    let parameters = teacher.num_params();
+    let mut rng = SeededRng::new(1);
+    let x = Tensor::<4>::from_data(
+        TensorData::new(rng.normals(4 * latent * latent), [1, 4, latent, latent]),
+        &device,
+    );
+    let context = Tensor::<3>::from_data(TensorData::new(rng.normals(77 * 768), [1, 77, 768]), &device);
+    let t = Tensor::<1>::full([1], 500.0, &device);
+    let forward = |m: &Denoiser, x: Tensor<4>, t: Tensor<1>, c: Tensor<3>| {
+        m.forward(x, t, msfp::models::Cond::Tokens(c), &StepCtx::at(500))
+    };
+    let teacher_s = time(runs, || {
+        let _ = forward(&teacher, x.clone(), t.clone(), context.clone()).into_data();
+    });
+    let rss_teacher = peak_rss_mib();
+    eprintln!("teacher forward: {teacher_s:?} s, peak RSS {rss_teacher:.0} MiB");
+
+    // The student: the job's structure with plausible scales.
+    let ad = device.clone().autodiff();
+    let mut model = msfp::pipeline::sample::load_model(&cfg, None, &ad).expect("SD UNet");
+    let eight_bit = |p: &str| p == "conv_in" || p == "conv_out";
+    let sites: Vec<SiteReport> = model
+        .quant_sites()
+        .into_iter()
+        .filter(|s| s.layer.has_weight())
+        .map(|s| SiteReport {
+            weight_format: Some(if eight_bit(&s.path) { "e4m3" } else { "e2m1" }.into()),
+            act_format: Some(match (eight_bit(&s.path), s.after_activation) {
+                (true, _) => "e4m3".into(),
+                (false, true) => "ue2m2".into(),
+                (false, false) => "e2m1".into(),
+            }),
+            act_zero_point: s.after_activation.then_some(-0.28),
+            path: s.path,
+            ..Default::default()
+        })
+        .collect();
+    let lora = LoraConfig {
+        rank: 16,
+        adapters: 2,
+        router: RouterKind::Range,
+        placement: Placement::Branch,
+        ..cfg.lora.clone()
+    };
+    let plan = StudentPlan { sites, act_timestep_slots: 1, timesteps: 1000, lora };
+    student::build(&mut model, &plan, 0).expect("student");
+    let mut srng = SeededRng::new(5);
+    let model = params::map_params(model, |path, t| {
+        let n = t.dims()[0];
+        let v: Vec<f32> = if path.ends_with(".quant.weight.scale") {
+            (0..n).map(|_| 0.01 + 0.01 * srng.uniform()).collect()
+        } else if path.ends_with(".quant.act.scale") {
+            (0..n).map(|_| 0.5 + 0.5 * srng.uniform()).collect()
+        } else {
+            return t;
+        };
+        Tensor::from_data(TensorData::new(v, [n]), &t.device())
+    });
+    let mut model = params::set_trainable(model, |p| group_of(p).is_some());
+    let trainable: usize = params::collect_trainable(&model).values().map(|t| t.data.len()).sum();
+    let valid = model.valid();
+    let student_s = time(runs, || {
+        let _ = forward(&valid, x.clone(), t.clone(), context.clone()).into_data();
+    });
+    let rss_student = peak_rss_mib();
+    eprintln!("student forward: {student_s:?} s, peak RSS {rss_student:.0} MiB");
+
+    let mut optim = msfp::train::optim::AdamW::new(0.0, 1.0);
+    let target = Tensor::<4>::from_data(
+        TensorData::new(rng.normals(4 * latent * latent), [1, 4, latent, latent]),
+        &ad,
+    );
+    let qat_s = time(runs, || {
+        let m = model.clone();
+        let pred = forward(
+            &m,
+            Tensor::from_inner(x.clone()),
+            Tensor::from_inner(t.clone()),
+            Tensor::from_inner(context.clone()),
+        );
+        let grads = (pred - target.clone()).square().mean().backward();
+        model = optim.step_groups(m, &grads, |p| if group_of(p).is_some() { 1e-5 } else { 0.0 }).0;
+    });
+    let rss_qat = peak_rss_mib();
+    eprintln!("QAT step: {qat_s:?} s, peak RSS {rss_qat:.0} MiB");
+
+    let dir = tempfile_dir();
+    let packed = dir.join("sd14.packed.safetensors");
+    msfp::pipeline::export::export(&model.valid(), &plan, &cfg, &packed).expect("export");
+    let packed_bytes = std::fs::metadata(&packed).map(|m| m.len()).unwrap_or(0);
+    let _ = std::fs::remove_file(&packed);
+
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let out = serde_json::json!({
+        "command": format!("cargo bench --bench sd14_step -- --latent {latent} --runs {runs}"),
+        "backend": "flex (CPU)",
+        "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into()),
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "latent": [4, latent, latent],
+        "batch": 1,
+        "unet_parameters": parameters,
+        "student_trainable_parameters": trainable,
+        "build_unet_s": build_s,
+        "teacher_forward_s": median(&teacher_s),
+        "student_forward_s": median(&student_s),
+        "qat_step_s": median(&qat_s),
+        "all_runs_s": { "teacher_forward": teacher_s, "student_forward": student_s, "qat_step": qat_s },
+        "peak_rss_mib": { "after_teacher_forward": rss_teacher, "after_student_forward": rss_student, "after_qat_step": rss_qat },
+        "packed_bytes": packed_bytes,
+        "fp16_bytes": parameters as u64 * 2,
+        "packed_vs_fp16": packed_bytes as f64 / (parameters as f64 * 2.0),
+    });
+    let path = std::env::var("MSFP_BENCH_OUT").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(format!("experiments/bench-sd14-step/results-latent{latent}.json"))
+    });
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, serde_json::to_vec_pretty(&out).unwrap()).unwrap();
+    println!("{}", serde_json::to_string_pretty(&out).unwrap());
+}
+
+fn tempfile_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("msfp-sd14-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
