@@ -6,7 +6,7 @@
 //! With `--parity` it first runs the checks of `tests/cuda_parity.rs` (the same code), so one
 //! carried binary does the whole GPU check. Writes JSON to `$MSFP_BENCH_OUT` (default `experiments/bench-cuda/msfp.json`).
 //!
-//!     cargo bench --features cuda --bench gpu -- [--device cuda] [--elements 268435456]
+//!     cargo bench --profile dev --features cuda --bench gpu -- [--parity] [--device cuda] [--elements 268435456]
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -154,7 +154,7 @@ fn main() {
     let qat = qat_step(&spec, &device);
     eprintln!("qat step: {qat}");
     let out = serde_json::json!({
-        "command": format!("cargo bench --features cuda --bench gpu -- --device {spec} --elements {elements}"),
+        "command": format!("cargo bench --profile dev --features cuda --bench gpu -- --device {spec} --elements {elements}"),
         "device": spec,
         "gpu": std::env::var("MSFP_GPU_NAME").unwrap_or_default(),
         "parity": parity,

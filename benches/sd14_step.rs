@@ -8,7 +8,7 @@
 //! of calibrated ones: the cost does not depend on the values. Writes
 //! `experiments/bench-sd14-step/results.json` (or `$MSFP_BENCH_OUT`).
 //!
-//!     cargo bench --bench sd14_step -- [--latent 64] [--runs 2]
+//!     cargo bench --profile dev --bench sd14_step -- [--latent 64] [--runs 2]
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -160,7 +160,7 @@ fn main() {
         v[v.len() / 2]
     };
     let out = serde_json::json!({
-        "command": format!("cargo bench --bench sd14_step -- --latent {latent} --runs {runs}"),
+        "command": format!("cargo bench --profile dev --bench sd14_step -- --latent {latent} --runs {runs}"),
         "backend": "flex (CPU)",
         "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into()),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),

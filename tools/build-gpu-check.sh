@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 features="${FEATURES:-cuda}"
 tools/setup-cuda-build.sh
-exe=$(cargo bench --features "$features" --bench gpu --no-run --message-format=json 2>/dev/null \
+exe=$(cargo bench --profile dev --features "$features" --bench gpu --no-run --message-format=json 2>/dev/null \
   | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
 [ -x "$exe" ] || { echo "build-gpu-check: no bench executable built"; exit 1; }
 mkdir -p gpu-check
