@@ -66,7 +66,10 @@ fn wgpu_device(spec: &str) -> Result<Device> {
 #[cfg(feature = "cuda-runtime")]
 fn cuda_device(spec: &str, index: usize) -> Result<Device> {
     let device = Device::cuda(index);
-    probe(&device, spec)?;
+    // The backend reports a missing driver from a worker thread; say what it usually means.
+    probe(&device, spec).map_err(|e| {
+        Error::runtime(format!("{e} (no CUDA GPU, or no NVIDIA driver: libcuda.so.1 and libnvrtc must load)"))
+    })?;
     Ok(device)
 }
 

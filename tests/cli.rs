@@ -599,3 +599,27 @@ fn sd_config_fails_only_for_want_of_weights() {
         &["model.sd.resolution"],
     );
 }
+
+/// `tools/setup-cuda-build.sh` never touches a real LLVM bundle, and `--check` only reports.
+#[test]
+fn cuda_setup_script_leaves_a_real_bundle_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = repo().join("tools/setup-cuda-build.sh");
+    let run = |args: &[&str]| {
+        Command::new("bash").arg(&script).args(args).env("XDG_DATA_HOME", dir.path()).output().unwrap()
+    };
+    let o = run(&["--check"]);
+    assert_eq!(o.status.code(), Some(1), "nothing set up: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("not set up"));
+    let prefix = dir.path().join("tracel/tracel-llvm-23.1.0-4");
+    std::fs::create_dir_all(prefix.join("bin")).unwrap();
+    let real = "#!/bin/sh\necho 23.1.0\n";
+    std::fs::write(prefix.join("bin/llvm-config"), real).unwrap();
+    std::fs::write(prefix.join(".tracel-llvm-installed"), "").unwrap();
+    for _ in 0..2 {
+        let o = run(&[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("real LLVM bundle"));
+        assert_eq!(std::fs::read_to_string(prefix.join("bin/llvm-config")).unwrap(), real, "untouched");
+    }
+}

@@ -32,7 +32,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::format::Format;
+use rayon::prelude::*;
+
+use super::format::{Format, Round, Rounder};
 use crate::error::Result;
 use crate::rng::SeededRng;
 
@@ -295,12 +297,17 @@ fn block_params(format: &Format, lo: f32, hi: f32, ratio: f64, t: f64) -> (f32, 
 }
 
 /// Sum of squared errors of one block, giving up (returning something `>= bound`) as soon as
-/// the partial sum reaches `bound`.
-fn block_sse(format: &Format, block: &[f32], s: f32, z: Option<f32>, bound: f64) -> f64 {
+/// the partial sum reaches `bound`. Generic over the rounder's kind so the loop is monomorphic;
+/// the same arithmetic as [`quantize_value`].
+fn block_sse<R: Round>(r: R, block: &[f32], s: f32, z: Option<f32>, bound: f64) -> f64 {
     let mut sse = 0.0f64;
     for chunk in block.chunks(256) {
         for &x in chunk {
-            let d = (quantize_value(format, x, s, z) - x) as f64;
+            let q = match z {
+                Some(z) => r.round((x - z) / s) * s + z,
+                None => r.round(x / s) * s,
+            };
+            let d = (q - x) as f64;
             sse += d * d;
         }
         if sse >= bound {
@@ -308,6 +315,28 @@ fn block_sse(format: &Format, block: &[f32], s: f32, z: Option<f32>, bound: f64)
         }
     }
     sse
+}
+
+/// The best `(sse, scale, zero point, ratio)` of one block over the ratio and zero-point grids.
+fn best_for_block<R: Round>(
+    r: R,
+    format: &Format,
+    block: &[f32],
+    (lo, hi): (f32, f32),
+    ratios: &[f64],
+    fractions: &[f64],
+) -> (f64, f32, f32, f32) {
+    let mut best = (f64::INFINITY, 0.0, 0.0, 0.0);
+    for &t in fractions {
+        for &ratio in ratios {
+            let (s, z) = block_params(format, lo, hi, ratio, t);
+            let sse = block_sse(r, block, s, z, best.0);
+            if sse < best.0 {
+                best = (sse, s, z.unwrap_or(0.0), ratio as f32);
+            }
+        }
+    }
+    best
 }
 
 /// Clipping-ratio (and, for unsigned formats, zero-point) grid search for one format.
@@ -332,23 +361,21 @@ pub fn search_clipping(
     let mut chosen = vec![0.0f32; nblocks];
     let error = match objective {
         Objective::TensorMse => {
+            // Blocks are independent: searched in parallel, summed in block order (the same
+            // result as one after the other, whatever the thread count).
+            let rounder = format.rounder();
+            let best: Vec<(f64, f32, f32, f32)> = data
+                .par_chunks(block_len)
+                .zip(ranges.par_iter())
+                .map(|(block, &range)| match rounder {
+                    Rounder::Int(r) => best_for_block(r, format, block, range, &ratios, &fractions),
+                    Rounder::Float(r) => best_for_block(r, format, block, range, &ratios, &fractions),
+                })
+                .collect();
             let mut total = 0.0f64;
-            for (b, block) in data.chunks(block_len).enumerate() {
-                let (lo, hi) = ranges[b];
-                let mut best = f64::INFINITY;
-                for &t in &fractions {
-                    for &ratio in &ratios {
-                        let (s, z) = block_params(format, lo, hi, ratio, t);
-                        let sse = block_sse(format, block, s, z, best);
-                        if sse < best {
-                            best = sse;
-                            scales[b] = s;
-                            zeros[b] = z.unwrap_or(0.0);
-                            chosen[b] = ratio as f32;
-                        }
-                    }
-                }
-                total += best;
+            for (b, &(sse, s, z, ratio)) in best.iter().enumerate() {
+                (scales[b], zeros[b], chosen[b]) = (s, z, ratio);
+                total += sse;
             }
             total / data.len() as f64
         }
