@@ -326,11 +326,25 @@ pub struct SamplerConfig {
     /// Clip the predicted clean image to [-1, 1] at every step (and use the noise consistent
     /// with it), as pixel-space DDPM does; keeps an imperfect model's trajectory in range.
     pub clip_x0: bool,
+    /// Added to every sampling timestep (diffusers' `steps_offset`; SD1.x: 1, so DDIM 50 visits
+    /// t = 981, 961, ..., 1).
+    pub steps_offset: usize,
+    /// The last step goes to alpha-bar 1 (a clean image); `false` stops at alpha-bar of t = 0,
+    /// as SD1.x's scheduler (`set_alpha_to_one = false`).
+    pub set_alpha_to_one: bool,
 }
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        Self { kind: SamplerKind::Ddim, steps: 50, eta: 0.0, guidance_scale: 2.0, clip_x0: false }
+        Self {
+            kind: SamplerKind::Ddim,
+            steps: 50,
+            eta: 0.0,
+            guidance_scale: 2.0,
+            clip_x0: false,
+            steps_offset: 0,
+            set_alpha_to_one: true,
+        }
     }
 }
 
@@ -428,6 +442,13 @@ impl Config {
             )));
         }
         in_range("sampler.eta", s.eta, 0.0, 1.0)?;
+        if s.steps_offset >= d.timesteps / s.steps {
+            usage!(
+                "sampler.steps_offset = {} is out of range: it must be below the step stride diffusion.timesteps / sampler.steps = {}",
+                s.steps_offset,
+                d.timesteps / s.steps
+            );
+        }
         in_range("sampler.guidance_scale", s.guidance_scale, 0.0, 100.0)?;
         positive("eval.samples", self.eval.samples)?;
         positive("eval.batch_size", self.eval.batch_size)?;

@@ -46,16 +46,19 @@ impl Sampler {
         };
         let n = schedule.timesteps();
         let k = cfg.steps.min(n);
-        // "leading" spacing as in diffusers: t_i = i * (n / k), from the largest down.
+        // "leading" spacing as in diffusers: t_i = i * (n / k) + offset, from the largest down.
         let ratio = n / k;
-        let ts: Vec<usize> = (0..k).map(|i| i * ratio).rev().collect();
+        let ts: Vec<usize> = (0..k).map(|i| (i * ratio + cfg.steps_offset).min(n - 1)).rev().collect();
         let steps = ts
             .iter()
             .enumerate()
             .map(|(i, &t)| {
                 let t_prev = ts.get(i + 1).copied();
                 let a_t = schedule.alpha_bar(Some(t));
-                let a_prev = schedule.alpha_bar(t_prev);
+                let a_prev = match t_prev {
+                    None if !cfg.set_alpha_to_one => schedule.alpha_bar(Some(0)),
+                    _ => schedule.alpha_bar(t_prev),
+                };
                 let sigma =
                     eta * ((1.0 - a_prev) / (1.0 - a_t)).sqrt() * (1.0 - a_t / a_prev).max(0.0).sqrt();
                 let coef_x = (a_prev / a_t).sqrt();
@@ -175,6 +178,28 @@ mod tests {
     }
 
     #[test]
+    fn sd_timesteps_follow_diffusers_steps_offset_and_final_alpha() {
+        let cfg = crate::config::DiffusionConfig {
+            schedule: crate::config::BetaSchedule::ScaledLinear,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            ..Default::default()
+        };
+        let s = NoiseSchedule::new(&cfg);
+        let sampler = Sampler::new(
+            &s,
+            &SamplerConfig { steps: 50, steps_offset: 1, set_alpha_to_one: false, ..Default::default() },
+        );
+        let ts: Vec<usize> = sampler.steps.iter().map(|st| st.t).collect();
+        // diffusers' DDIMScheduler (steps_offset 1, "leading"): 981, 961, ..., 21, 1.
+        assert_eq!(ts, (0..50).rev().map(|i| i * 20 + 1).collect::<Vec<_>>());
+        // The last step stops at alpha-bar(0), not 1: x_prev keeps that much noise coefficient.
+        let last = sampler.steps.last().unwrap();
+        let (a, a0) = (s.alphas_cumprod[1], s.alphas_cumprod[0]);
+        assert!((last.coef_x - (a0 / a).sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
     fn ddim_gamma_matches_the_closed_form() {
         let s = schedule();
         let sampler = Sampler::new(
@@ -185,6 +210,7 @@ mod tests {
                 eta: 0.0,
                 guidance_scale: 1.0,
                 clip_x0: false,
+                ..Default::default()
             },
         );
         assert_eq!(sampler.steps.len(), 10);
@@ -208,6 +234,7 @@ mod tests {
                 eta: 0.0,
                 guidance_scale: 1.0,
                 clip_x0: false,
+                ..Default::default()
             },
         );
         for st in &sampler.steps[..19] {
@@ -237,6 +264,7 @@ mod tests {
                 eta: 0.0,
                 guidance_scale: 1.0,
                 clip_x0: false,
+                ..Default::default()
             },
         );
         let (x0, eps) = (0.3f64, -1.2f64);

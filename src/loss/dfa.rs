@@ -39,6 +39,7 @@ mod tests {
             eta: 0.0,
             guidance_scale: 1.0,
             clip_x0: false,
+            ..Default::default()
         };
         let sampler = Sampler::new(&schedule, &cfg);
         let w = dfa_weights(&sampler.gammas(), 1.0);
