@@ -598,6 +598,14 @@ fn sd_config_fails_only_for_want_of_weights() {
         2,
         &["model.sd.resolution"],
     );
+    // The diffusers directory's scheduler_config.json is the model's schedule.
+    let o = Command::new(BIN)
+        .args(["sample", "--config", tiny.to_str().unwrap(), "--set", "diffusion.beta_end=0.02", "--n", "1"])
+        .args(["--out", "/dev/null"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert_fails(&o, 2, &["scheduler_config.json", "beta_end", "diffusion.beta_end"]);
 }
 
 /// `tools/setup-cuda-build.sh` never touches a real LLVM bundle, and `--check` only reports.

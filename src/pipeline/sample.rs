@@ -51,6 +51,7 @@ pub fn load_family(cfg: &Config, device: &Device) -> Result<Family> {
     match cfg.model.kind {
         ModelKind::TinyUnet | ModelKind::TinyDit => Ok(Family::tiny(device)),
         ModelKind::Sd => {
+            crate::models::sd::check_scheduler(cfg)?;
             let (text_encoder, vae) = load_sd_conditioning(&cfg.model, device)?;
             Family::sd(cfg, text_encoder, vae, device)
         }

@@ -129,6 +129,58 @@ pub fn load_sd_conditioning(cfg: &ModelConfig, device: &Device) -> Result<(ClipT
     }
 }
 
+/// A diffusers directory's `scheduler/scheduler_config.json` is the model's own noise schedule:
+/// the job's `[diffusion]` and the sampler's offset must agree with it (an epsilon-predicting
+/// model with the betas it was trained with), else one usage error names both.
+pub fn check_scheduler(cfg: &crate::config::Config) -> Result<()> {
+    let Some(dir) = cfg.model.weights.as_ref().filter(|w| w.is_dir()) else {
+        return Ok(());
+    };
+    let path = dir.join("scheduler").join("scheduler_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::usage(format!("{}: not JSON ({e})", path.display())))?;
+    let (d, s) = (&cfg.diffusion, &cfg.sampler);
+    let schedule = serde_json::to_value(d.schedule).expect("json");
+    let checks: [(&str, &str, Option<serde_json::Value>, serde_json::Value); 6] = [
+        ("beta_schedule", "diffusion.schedule", json.get("beta_schedule").cloned(), schedule),
+        ("beta_start", "diffusion.beta_start", json.get("beta_start").cloned(), d.beta_start.into()),
+        ("beta_end", "diffusion.beta_end", json.get("beta_end").cloned(), d.beta_end.into()),
+        (
+            "num_train_timesteps",
+            "diffusion.timesteps",
+            json.get("num_train_timesteps").cloned(),
+            d.timesteps.into(),
+        ),
+        ("steps_offset", "sampler.steps_offset", json.get("steps_offset").cloned(), s.steps_offset.into()),
+        (
+            "prediction_type",
+            "(msfp predicts epsilon)",
+            json.get("prediction_type").cloned(),
+            "epsilon".into(),
+        ),
+    ];
+    for (key, ours, theirs, value) in checks {
+        let agree = match (&theirs, &value) {
+            (None, _) => true,
+            (Some(a), b) if a.is_number() && b.is_number() => {
+                (a.as_f64().unwrap_or(f64::NAN) - b.as_f64().unwrap_or(f64::NAN)).abs() < 1e-12
+            }
+            (Some(a), b) => a == b,
+        };
+        if !agree {
+            usage!(
+                "{}: the model's {key} is {} but {ours} is {value}; set it to the model's value",
+                path.display(),
+                theirs.unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A diffusers directory's `unet/config.json` must describe the preset's UNet: a v2.x or
 /// fine-tuned variant with another architecture is refused by name instead of failing on shapes.
 fn check_diffusers_config(path: &Path, arch: &SdArch) -> Result<()> {
