@@ -45,30 +45,20 @@ impl Cond {
         }
     }
 
-    /// Concatenates along the batch (e.g. conditional then unconditional).
+    /// Concatenates along the batch (e.g. conditional then unconditional); all parts of one kind.
     pub fn cat(parts: Vec<Cond>) -> Cond {
-        match parts.first() {
-            Some(Cond::Labels(_)) => Cond::Labels(Tensor::cat(
-                parts
-                    .into_iter()
-                    .map(|c| match c {
-                        Cond::Labels(l) => l,
-                        other => panic!("cannot concatenate label and {} conditions", other.kind()),
-                    })
-                    .collect(),
-                0,
-            )),
-            Some(Cond::Tokens(_)) => Cond::Tokens(Tensor::cat(
-                parts
-                    .into_iter()
-                    .map(|c| match c {
-                        Cond::Tokens(t) => t,
-                        other => panic!("cannot concatenate token and {} conditions", other.kind()),
-                    })
-                    .collect(),
-                0,
-            )),
-            None => panic!("no conditions to concatenate"),
+        let (mut labels, mut tokens) = (Vec::new(), Vec::new());
+        for part in parts {
+            match part {
+                Cond::Labels(l) => labels.push(l),
+                Cond::Tokens(t) => tokens.push(t),
+            }
+        }
+        match (labels.is_empty(), tokens.is_empty()) {
+            (false, true) => Cond::Labels(Tensor::cat(labels, 0)),
+            (true, false) => Cond::Tokens(Tensor::cat(tokens, 0)),
+            (true, true) => panic!("no conditions to concatenate"),
+            (false, false) => panic!("cannot concatenate label and token conditions"),
         }
     }
 
@@ -86,8 +76,8 @@ pub enum Conditioner {
     /// Labels `0..classes`; label `classes` is the null label.
     Classes { classes: usize },
     /// Prompts through CLIP's tokenizer and text transformer; the null condition is the
-    /// negative prompt's embedding (SD: the empty prompt).
-    Text { tokenizer: ClipTokenizer, encoder: ClipTextModel, prompts: Vec<String>, negative: String },
+    /// negative prompt's embedding `[1, M, D]` (SD: the empty prompt), encoded once.
+    Text { tokenizer: ClipTokenizer, encoder: ClipTextModel, prompts: Vec<String>, negative: Tensor<3> },
 }
 
 /// A model family at run time: conditioning, sample shape, and the way to images.
@@ -121,12 +111,14 @@ impl Family {
         let sd = &cfg.model.sd;
         let arch = SdArch::of(sd.preset);
         let side = sd.resolution / arch.vae_factor();
+        let tokenizer = ClipTokenizer::sd()?;
+        let negative = encode_texts(&tokenizer, &text_encoder, &[sd.negative_prompt.as_str()], device);
         Ok(Self {
             conditioner: Conditioner::Text {
-                tokenizer: ClipTokenizer::sd()?,
+                tokenizer,
                 encoder: text_encoder,
                 prompts: read_prompts(&sd.prompts)?,
-                negative: sd.negative_prompt.clone(),
+                negative,
             },
             sample_shape: [arch.unet.in_channels, side, side],
             first_stage: Some(vae),
@@ -182,7 +174,7 @@ impl Family {
             Conditioner::Classes { classes } => {
                 Cond::Labels(Tensor::full([n], *classes as i64, &self.device))
             }
-            Conditioner::Text { negative, .. } => self.encode(&vec![negative.as_str(); n]),
+            Conditioner::Text { negative, .. } => Cond::Tokens(negative.clone().repeat_dim(0, n)),
         }
     }
 
@@ -191,14 +183,7 @@ impl Family {
         let Conditioner::Text { tokenizer, encoder, .. } = &self.conditioner else {
             panic!("prompts given to a class-conditional model");
         };
-        let vocab = encoder.text_model.embeddings.token_embedding.weight.dims()[0] as i64;
-        let ids: Vec<i64> = texts
-            .iter()
-            // A test-size encoder has a smaller vocabulary: ids are folded into it.
-            .flat_map(|t| tokenizer.encode(t, MAX_LEN).into_iter().map(|id| id as i64 % vocab))
-            .collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [texts.len(), MAX_LEN]), &self.device);
-        Cond::Tokens(encoder.forward(ids))
+        Cond::Tokens(encode_texts(tokenizer, encoder, texts, &self.device))
     }
 
     /// What the sampler produced, as images in [-1, 1] `[B, C, H, W]`.
@@ -220,6 +205,22 @@ impl Family {
             }
         }
     }
+}
+
+/// CLIP's last hidden state `[n, MAX_LEN, D]` of `n` texts.
+fn encode_texts(
+    tokenizer: &ClipTokenizer,
+    encoder: &ClipTextModel,
+    texts: &[&str],
+    device: &Device,
+) -> Tensor<3> {
+    let vocab = encoder.text_model.embeddings.token_embedding.weight.dims()[0] as i64;
+    let ids: Vec<i64> = texts
+        .iter()
+        // A test-size encoder has a smaller vocabulary: ids are folded into it.
+        .flat_map(|t| tokenizer.encode(t, MAX_LEN).into_iter().map(|id| id as i64 % vocab))
+        .collect();
+    encoder.forward(Tensor::<2, Int>::from_data(TensorData::new(ids, [texts.len(), MAX_LEN]), device))
 }
 
 /// Prompts, one per line; blank lines and `#` comments skipped.
