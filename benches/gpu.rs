@@ -6,11 +6,17 @@
 //! With `--parity` it first runs the checks of `tests/cuda_parity.rs` (the same code), so one
 //! carried binary does the whole GPU check. Writes JSON to `$MSFP_BENCH_OUT` (default `experiments/bench-cuda/msfp.json`).
 //!
-//!     cargo bench --profile dev --features cuda --bench gpu -- [--parity] [--device cuda] [--elements 268435456]
+//! 3. with `--sd-latent N`, full-size SD1.4 (random weights): teacher forward, W4A4 student
+//!    forward and one QAT step at latent N, batch `--sd-batch` (2: conditional + unconditional),
+//!    timed the way `tools/bench/torch_sd14_qat.py` times PyTorch + diffusers (`--sd-only`: this
+//!    part alone).
+//!
+//!     cargo bench --profile dev --features cuda --bench gpu -- [--parity] [--device cuda] [--elements 268435456] [--sd-latent 64]
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use msfp::nn::StepCtx;
 use msfp::quant::Format;
@@ -19,6 +25,8 @@ use msfp::rng::SeededRng;
 
 #[path = "../tests/common/gpu_parity.rs"]
 mod gpu_parity;
+#[path = "common/sd14.rs"]
+mod sd14;
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -130,6 +138,84 @@ fn qat_step(device_spec: &str, device: &Device) -> serde_json::Value {
     })
 }
 
+/// GPU memory in use on the first GPU (nvidia-smi), MiB; None without nvidia-smi.
+fn gpu_memory_used_mib() -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
+}
+
+/// Full-size SD1.4 (random weights) at `latent`, batch `batch`: the teacher's forward, the W4A4
+/// student's forward and one QAT step, the way `tools/bench/torch_sd14_qat.py` times PyTorch +
+/// diffusers (median of `runs` after `warmup`).
+fn sd14_step(device: &Device, latent: usize, batch: usize, warmup: usize, runs: usize) -> serde_json::Value {
+    let cfg = sd14::config(latent);
+    let t0 = Instant::now();
+    let teacher = msfp::pipeline::sample::load_model(&cfg, None, device).expect("SD UNet");
+    let build_s = t0.elapsed().as_secs_f64();
+    let parameters = teacher.num_params();
+    let inputs = sd14::Inputs::new(batch, latent, device);
+    let (teacher_ms, teacher_all) = median_ms(warmup, runs, || {
+        let _ = inputs.forward(&teacher).slice([0..1, 0..1, 0..1, 0..1]).into_scalar::<f32>();
+    });
+    let gpu_teacher = gpu_memory_used_mib();
+    eprintln!("sd14 teacher forward: {teacher_ms:.1} ms ({teacher_all:?})");
+    drop(teacher);
+    let ad = device.clone().autodiff();
+    let (mut model, _plan, trainable) = sd14::student(&cfg, &ad);
+    let valid = model.valid();
+    let (student_ms, student_all) = median_ms(warmup, runs, || {
+        let _ = inputs.forward(&valid).slice([0..1, 0..1, 0..1, 0..1]).into_scalar::<f32>();
+    });
+    drop(valid);
+    eprintln!("sd14 student forward: {student_ms:.1} ms ({student_all:?})");
+    let ad_inputs = sd14::Inputs::new(batch, latent, &ad);
+    let mut optim = msfp::train::optim::AdamW::new(0.0, 1.0);
+    let (qat_ms, qat_all) = median_ms(1, 3, || {
+        model = sd14::qat_step(model.clone(), &ad_inputs, &mut optim);
+        // Wait for the device: read one trainable value back.
+        let first = msfp::train::params::collect_trainable(&model).into_values().next();
+        std::hint::black_box(first);
+    });
+    eprintln!("sd14 QAT step: {qat_ms:.1} ms ({qat_all:?})");
+    drop(model);
+    // Where a QAT step's time goes: the full-precision UNet's forward + backward, with gradients
+    // for its input only (what the frozen base layers need) and for every weight.
+    let grad_phase = |all_weights: bool| {
+        let m = msfp::pipeline::sample::load_model(&cfg, None, &ad).expect("SD UNet");
+        let m = msfp::train::params::set_trainable(m, |_| all_weights);
+        let (ms, all) = median_ms(1, 2, || {
+            let x = ad_inputs.x.clone().require_grad();
+            let cond = msfp::models::Cond::Tokens(ad_inputs.context.clone());
+            let pred = m.forward(x.clone(), ad_inputs.t.clone(), cond, &msfp::nn::StepCtx::at(500));
+            let grads = (pred - ad_inputs.target.clone()).square().mean().backward();
+            let _ =
+                x.grad(&grads).expect("input gradient").slice([0..1, 0..1, 0..1, 0..1]).into_scalar::<f32>();
+        });
+        eprintln!("sd14 fp32 forward+backward (weight gradients: {all_weights}): {ms:.1} ms ({all:?})");
+        ms
+    };
+    let fwd_bwd_input_ms = grad_phase(false);
+    let fwd_bwd_weights_ms = grad_phase(true);
+    serde_json::json!({
+        "model": "SD1.4 UNet, random weights, W4A4 student of configs/msfp_sd14.toml (benches/common/sd14.rs)",
+        "latent": [4, latent, latent],
+        "batch": batch,
+        "unet_parameters": parameters,
+        "student_trainable_parameters": trainable,
+        "build_unet_s": build_s,
+        "teacher_forward_ms": teacher_ms,
+        "student_forward_ms": student_ms,
+        "qat_step_ms": qat_ms,
+        "fp32_forward_backward_input_grad_ms": fwd_bwd_input_ms,
+        "fp32_forward_backward_weight_grads_ms": fwd_bwd_weights_ms,
+        "all_ms": { "teacher_forward": teacher_all, "student_forward": student_all, "qat_step": qat_all },
+        "gpu_memory_used_mib": { "after_teacher_forward": gpu_teacher, "after_qat_step": gpu_memory_used_mib() },
+    })
+}
+
 fn main() {
     let spec = arg("--device").unwrap_or_else(|| "cuda".into());
     let elements: usize = arg("--elements").map(|v| v.parse().expect("--elements N")).unwrap_or(1 << 28);
@@ -142,25 +228,63 @@ fn main() {
     };
     let mut parity = serde_json::Value::Null;
     if std::env::args().any(|a| a == "--parity") {
-        gpu_parity::tiny_models_match_flex(&device, &spec);
-        eprintln!("parity: tiny UNet and DiT forward match flex within 1e-4");
-        gpu_parity::fused_quantizer_matches_flex(&device, &spec);
-        eprintln!("parity: fused quantizer values and gradients match flex");
-        let losses = gpu_parity::quickstart_qat_matches_flex(&spec);
-        eprintln!("parity: four quickstart QAT steps match flex: {losses:?}");
-        parity = serde_json::json!({ "tiny_forward": "ok", "fused_quantizer": "ok", "qat_losses_flex_vs_gpu": losses });
+        // Each check on its own: a failure is recorded with its message and the rest still run.
+        let check = |what: &str, f: &dyn Fn() -> serde_json::Value| {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let v = r.unwrap_or_else(|e| {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                serde_json::json!({ "failed": msg })
+            });
+            eprintln!("parity {what}: {v}");
+            v
+        };
+        parity = serde_json::json!({
+            "tiny_forward_max_abs_diff": check("tiny forward", &|| {
+                serde_json::json!(gpu_parity::tiny_models_match_flex(&device, &spec))
+            }),
+            "fused_quantizer": check("fused quantizer", &|| {
+                gpu_parity::fused_quantizer_matches_flex(&device, &spec);
+                serde_json::json!("ok")
+            }),
+            "qat_losses_flex_vs_gpu": check("quickstart QAT", &|| {
+                serde_json::json!(gpu_parity::quickstart_qat_matches_flex(&spec))
+            }),
+            "tolerance": gpu_parity::forward_tolerance(&spec),
+        });
     }
-    let quant = quantizer(&device, elements);
-    eprintln!("quantizer: {quant}");
-    let qat = qat_step(&spec, &device);
-    eprintln!("qat step: {qat}");
+    let only_sd = std::env::args().any(|a| a == "--sd-only");
+    let (quant, qat) = if only_sd {
+        (serde_json::Value::Null, serde_json::Value::Null)
+    } else {
+        let quant = quantizer(&device, elements);
+        eprintln!("quantizer: {quant}");
+        let qat = qat_step(&spec, &device);
+        eprintln!("qat step: {qat}");
+        (quant, qat)
+    };
+    let sd = match arg("--sd-latent") {
+        Some(l) => {
+            let latent = l.parse().expect("--sd-latent N");
+            let batch = arg("--sd-batch").map(|v| v.parse().expect("--sd-batch N")).unwrap_or(2);
+            sd14_step(&device, latent, batch, 2, 5)
+        }
+        None => serde_json::Value::Null,
+    };
     let out = serde_json::json!({
-        "command": format!("cargo bench --profile dev --features cuda --bench gpu -- --device {spec} --elements {elements}"),
+        "command": format!(
+            "cargo bench --profile dev --features cuda --bench gpu -- {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
         "device": spec,
         "gpu": std::env::var("MSFP_GPU_NAME").unwrap_or_default(),
         "parity": parity,
         "quantizer": quant,
         "qat_step": qat,
+        "sd14": sd,
     });
     let path = std::env::var("MSFP_BENCH_OUT")
         .map(PathBuf::from)

@@ -13,18 +13,14 @@
 //! `--no-qat` measures the two forwards only (a QAT step's activations at latent 64 do not fit in
 //! 24 GB beside the teacher).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor, TensorData};
-use msfp::lora::{LoraConfig, Placement, RouterKind};
-use msfp::models::Denoiser;
-use msfp::nn::StepCtx;
-use msfp::pipeline::student::{self, StudentPlan, group_of};
-use msfp::quant::plan::SiteReport;
-use msfp::rng::SeededRng;
-use msfp::train::params;
+use burn::tensor::Device;
+
+#[path = "common/sd14.rs"]
+mod sd14;
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -57,97 +53,32 @@ fn main() {
     let latent: usize = arg("--latent").map(|v| v.parse().expect("--latent N")).unwrap_or(64);
     let runs: usize = arg("--runs").map(|v| v.parse().expect("--runs N")).unwrap_or(2);
     let qat = !std::env::args().any(|a| a == "--no-qat");
-    let cfg = msfp::Config::load(
-        Path::new("configs/msfp_sd14.toml"),
-        &["model.sd.random_weights=true".into(), format!("model.sd.resolution={}", latent * 8)],
-    )
-    .expect("configs/msfp_sd14.toml (run from the repository root)");
+    let cfg = sd14::config(latent);
     let device = Device::flex();
     let t0 = Instant::now();
     let teacher = msfp::pipeline::sample::load_model(&cfg, None, &device).expect("SD UNet");
     let build_s = t0.elapsed().as_secs_f64();
     let parameters = teacher.num_params();
-    let mut rng = SeededRng::new(1);
-    let x = Tensor::<4>::from_data(
-        TensorData::new(rng.normals(4 * latent * latent), [1, 4, latent, latent]),
-        &device,
-    );
-    let context = Tensor::<3>::from_data(TensorData::new(rng.normals(77 * 768), [1, 77, 768]), &device);
-    let t = Tensor::<1>::full([1], 500.0, &device);
-    let forward = |m: &Denoiser, x: Tensor<4>, t: Tensor<1>, c: Tensor<3>| {
-        m.forward(x, t, msfp::models::Cond::Tokens(c), &StepCtx::at(500))
-    };
+    let inputs = sd14::Inputs::new(1, latent, &device);
     let teacher_s = time(runs, || {
-        let _ = forward(&teacher, x.clone(), t.clone(), context.clone()).into_data();
+        let _ = inputs.forward(&teacher).into_data();
     });
     let rss_teacher = peak_rss_mib();
     eprintln!("teacher forward: {teacher_s:?} s, peak RSS {rss_teacher:.0} MiB");
 
-    // The student: the job's structure with plausible scales.
     let ad = device.clone().autodiff();
-    let mut model = msfp::pipeline::sample::load_model(&cfg, None, &ad).expect("SD UNet");
-    let eight_bit = |p: &str| p == "conv_in" || p == "conv_out";
-    let sites: Vec<SiteReport> = model
-        .quant_sites()
-        .into_iter()
-        .filter(|s| s.layer.has_weight())
-        .map(|s| SiteReport {
-            weight_format: Some(if eight_bit(&s.path) { "e4m3" } else { "e2m1" }.into()),
-            act_format: Some(match (eight_bit(&s.path), s.after_activation) {
-                (true, _) => "e4m3".into(),
-                (false, true) => "ue2m2".into(),
-                (false, false) => "e2m1".into(),
-            }),
-            act_zero_point: s.after_activation.then_some(-0.28),
-            path: s.path,
-            ..Default::default()
-        })
-        .collect();
-    let lora = LoraConfig {
-        rank: 16,
-        adapters: 2,
-        router: RouterKind::Range,
-        placement: Placement::Branch,
-        ..cfg.lora.clone()
-    };
-    let plan = StudentPlan { sites, act_timestep_slots: 1, timesteps: 1000, lora };
-    student::build(&mut model, &plan, 0).expect("student");
-    let mut srng = SeededRng::new(5);
-    let model = params::map_params(model, |path, t| {
-        let n = t.dims()[0];
-        let v: Vec<f32> = if path.ends_with(".quant.weight.scale") {
-            (0..n).map(|_| 0.01 + 0.01 * srng.uniform()).collect()
-        } else if path.ends_with(".quant.act.scale") {
-            (0..n).map(|_| 0.5 + 0.5 * srng.uniform()).collect()
-        } else {
-            return t;
-        };
-        Tensor::from_data(TensorData::new(v, [n]), &t.device())
-    });
-    let mut model = params::set_trainable(model, |p| group_of(p).is_some());
-    let trainable: usize = params::collect_trainable(&model).values().map(|t| t.data.len()).sum();
+    let (mut model, plan, trainable) = sd14::student(&cfg, &ad);
     let valid = model.valid();
     let student_s = time(runs, || {
-        let _ = forward(&valid, x.clone(), t.clone(), context.clone()).into_data();
+        let _ = inputs.forward(&valid).into_data();
     });
     let rss_student = peak_rss_mib();
     eprintln!("student forward: {student_s:?} s, peak RSS {rss_student:.0} MiB");
 
     let mut optim = msfp::train::optim::AdamW::new(0.0, 1.0);
-    let target = Tensor::<4>::from_data(
-        TensorData::new(rng.normals(4 * latent * latent), [1, 4, latent, latent]),
-        &ad,
-    );
+    let ad_inputs = sd14::Inputs::new(1, latent, &ad);
     let qat_s = time(if qat { runs } else { 0 }, || {
-        let m = model.clone();
-        let pred = forward(
-            &m,
-            Tensor::from_inner(x.clone()),
-            Tensor::from_inner(t.clone()),
-            Tensor::from_inner(context.clone()),
-        );
-        let grads = (pred - target.clone()).square().mean().backward();
-        model = optim.step_groups(m, &grads, |p| if group_of(p).is_some() { 1e-5 } else { 0.0 }).0;
+        model = sd14::qat_step(model.clone(), &ad_inputs, &mut optim);
     });
     let rss_qat = peak_rss_mib();
     eprintln!("QAT step: {qat_s:?} s, peak RSS {rss_qat:.0} MiB");

@@ -1,6 +1,7 @@
-//! CUDA against the CPU: the tiny UNet and DiT forward within 1e-4 of flex, the fused
+//! CUDA against the CPU: the tiny UNet and DiT forward close to flex (TF32 tolerance: see
+//! `gpu_parity::forward_tolerance`), the fused
 //! quantizer's CubeCL kernels with the same values (exact ties included) and STE / LSQ gradients,
-//! and four QAT steps of the quickstart with the same losses as on flex within 1e-4. Built only
+//! and four QAT steps of the quickstart with the same losses as on flex. Built only
 //! with `--features cuda` (or `cuda-llvm`); on a machine without a CUDA GPU each test prints why
 //! it skipped and passes. `MSFP_REQUIRE_CUDA=1` turns a skip into a failure (the GPU check
 //! script sets it, so a broken driver cannot pass as "no GPU").

@@ -500,6 +500,42 @@ mod tests {
         }
     }
 
+    /// A transposed view (attention quantizes K^T) is quantized at its logical positions, with
+    /// per-tensor and per-leading-row scales: the GPU kernels once read such views in memory order.
+    #[test]
+    fn fused_quantizer_on_a_transposed_view_matches_the_tensor_version() {
+        let device = Device::flex().autodiff();
+        let format = Format::parse("e2m1").unwrap();
+        let x0 = SeededRng::new(8).normals(6 * 5);
+        for blocks in [1, 5] {
+            let s0: Vec<f32> = (0..blocks).map(|i| 0.3 + 0.1 * i as f32).collect();
+            let run = |fused: bool| {
+                let x = Tensor::<2>::from_data(TensorData::new(x0.clone(), [6, 5]), &device).require_grad();
+                let s =
+                    Tensor::<2>::from_data(TensorData::new(s0.clone(), [blocks, 1]), &device).require_grad();
+                let xt = x.clone().transpose();
+                let q = if fused {
+                    fake_quantize_fused(xt, &format, &s, None)
+                        .unwrap_or_else(|_| panic!("fused path applies"))
+                } else {
+                    fake_quantize_ops(xt, &format, s.clone(), None)
+                };
+                let w = Tensor::<2>::from_data(
+                    TensorData::new((0..30).map(|i| i as f32).collect::<Vec<_>>(), [5, 6]),
+                    &device,
+                );
+                let grads = (q.clone() * w).sum().backward();
+                (host_values(q), host_values(x.grad(&grads).unwrap()), host_values(s.grad(&grads).unwrap()))
+            };
+            let (fused, ops) = (run(true), run(false));
+            assert_eq!(fused.0, ops.0, "values, {blocks} blocks");
+            // The tensor version's gradients pass through x / s * s: equal up to f32 rounding.
+            for (a, b) in fused.1.iter().zip(&ops.1).chain(fused.2.iter().zip(&ops.2)) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "gradients, {blocks} blocks: {a} vs {b}");
+            }
+        }
+    }
+
     /// Tensors of several parallel chunks, with scale blocks that straddle chunk boundaries
     /// (rows of 40,000) and many blocks per chunk (rows of 7): the same values and gradients as
     /// the tensor version, for training (autodiff) and in-place inference.

@@ -37,13 +37,28 @@ pub fn tiny_forward(kind: ModelKind, device: &Device) -> Vec<f32> {
     model.forward(x, t, y, &StepCtx::default()).into_data().try_into_vec::<f32>().expect("f32")
 }
 
-/// Both tiny models give the same output on `gpu` as on flex within 1e-4.
-pub fn tiny_models_match_flex(gpu: &Device, name: &str) {
-    for kind in [ModelKind::TinyUnet, ModelKind::TinyDit] {
-        let (a, b) = (tiny_forward(kind, &Device::flex()), tiny_forward(kind, gpu));
-        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-        assert!(diff < 1e-4, "{kind:?}: max |flex - {name}| = {diff}");
-    }
+/// What a backend's f32 convolutions and matmuls may differ from flex by, relative to the
+/// output's scale: wgpu computes them in f32 (1e-4); CUDA's tuned matmuls run f32 on TF32 tensor
+/// cores (10-bit mantissa, as PyTorch's cuDNN convolutions do by default), measured at 7.3e-4 on
+/// the tiny UNet on an H200.
+pub fn forward_tolerance(name: &str) -> f32 {
+    if name.starts_with("cuda") { 5e-3 } else { 1e-4 }
+}
+
+/// Both tiny models give the same output on `gpu` as on flex within [`forward_tolerance`] of
+/// max(1, max |output|); the largest differences found.
+pub fn tiny_models_match_flex(gpu: &Device, name: &str) -> Vec<f32> {
+    let tol = forward_tolerance(name);
+    [ModelKind::TinyUnet, ModelKind::TinyDit]
+        .into_iter()
+        .map(|kind| {
+            let (a, b) = (tiny_forward(kind, &Device::flex()), tiny_forward(kind, gpu));
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            let scale = a.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+            assert!(diff <= tol * scale, "{kind:?}: max |flex - {name}| = {diff} (output scale {scale})");
+            diff
+        })
+        .collect()
 }
 
 /// The fused quantizer's CubeCL kernels (`quant/fused_cube.rs`) against the flex version: the
@@ -100,6 +115,15 @@ pub fn fused_quantizer_matches_flex(gpu: &Device, name: &str) {
             assert!(fdx.iter().any(|&d| d == 0.0), "{spec}: some inputs are clipped");
         }
     }
+    // A transposed view (attention quantizes K^T): the same values at the same logical positions.
+    let transposed = |device: &Device| {
+        let x = Tensor::<2>::from_data(TensorData::new(x0.clone(), [rows, cols]), device).transpose();
+        let s = Tensor::<2>::from_data(TensorData::new(vec![0.3f32], [1, 1]), device);
+        let q = fake_quantize_fused(x, &Format::parse("e2m1").unwrap(), &s, None)
+            .unwrap_or_else(|_| panic!("the fused path applies on {device:?}"));
+        host_values(q)
+    };
+    assert_eq!(transposed(gpu), transposed(&Device::flex()), "e2m1 on a transposed view: {name} vs flex");
 }
 
 /// Calibration and four fine-tuning steps of `configs/quickstart.toml` (relative to the working
@@ -119,7 +143,8 @@ pub fn quickstart_losses(device: &str, out: &std::path::Path) -> Vec<f64> {
     msfp::train::metrics::MetricsLog::read_all(out).iter().map(|m| m.loss).collect()
 }
 
-/// Four QAT steps of the quickstart on `gpu_spec` give the losses they give on flex within 1e-4.
+/// Four QAT steps of the quickstart on `gpu_spec` give the losses they give on flex within
+/// [`forward_tolerance`] (relative).
 pub fn quickstart_qat_matches_flex(gpu_spec: &str) -> Vec<(f64, f64)> {
     let dir = std::env::temp_dir().join(format!("msfp-qat-parity-{}", std::process::id()));
     let flex = quickstart_losses("flex", &dir.join("flex"));
@@ -127,8 +152,9 @@ pub fn quickstart_qat_matches_flex(gpu_spec: &str) -> Vec<(f64, f64)> {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(flex.len(), 4, "four logged steps on flex");
     assert_eq!(gpu.len(), 4, "four logged steps on {gpu_spec}");
+    let tol = forward_tolerance(gpu_spec) as f64;
     for (i, (f, g)) in flex.iter().zip(&gpu).enumerate() {
-        assert!((f - g).abs() <= 1e-4 * (1.0 + f.abs()), "step {}: {gpu_spec} loss {g} vs flex {f}", i + 1);
+        assert!((f - g).abs() <= tol * (1.0 + f.abs()), "step {}: {gpu_spec} loss {g} vs flex {f}", i + 1);
     }
     flex.into_iter().zip(gpu).collect()
 }

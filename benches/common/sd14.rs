@@ -1,0 +1,116 @@
+//! The full-size SD1.4 UNet (random weights) and its W4A4 student as the benches measure them
+//! (`sd14_step` on flex, `gpu --sd-latent` on CUDA): the job's structure
+//! (`configs/msfp_sd14.toml`: signed FP4 e2m1 weights per output channel, unsigned ue2m2 + zero
+//! point inputs after SiLU/GELU/softmax and e2m1 elsewhere, conv_in and conv_out at e4m3, TALoRA
+//! 2 adapters of rank 16, branch placement) with plausible scales instead of calibrated ones:
+//! the cost does not depend on the values. `tools/bench/torch_sd14_qat.py` builds the same
+//! student in PyTorch + diffusers.
+
+#![allow(dead_code)] // each bench uses part of it
+
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use msfp::lora::{LoraConfig, Placement, RouterKind};
+use msfp::models::{Cond, Denoiser};
+use msfp::nn::StepCtx;
+use msfp::pipeline::student::{self, StudentPlan, group_of};
+use msfp::quant::plan::SiteReport;
+use msfp::rng::SeededRng;
+use msfp::train::optim::AdamW;
+use msfp::train::params;
+
+/// `configs/msfp_sd14.toml` with random weights at `latent` (the image is 8x larger).
+pub fn config(latent: usize) -> msfp::Config {
+    msfp::Config::load(
+        Path::new("configs/msfp_sd14.toml"),
+        &["model.sd.random_weights=true".into(), format!("model.sd.resolution={}", latent * 8)],
+    )
+    .expect("configs/msfp_sd14.toml (run from the repository root)")
+}
+
+/// The UNet's inputs at t = 500: latents, timesteps, a random 77 x 768 text context, and a
+/// target for the QAT loss.
+pub struct Inputs {
+    pub x: Tensor<4>,
+    pub t: Tensor<1>,
+    pub context: Tensor<3>,
+    pub target: Tensor<4>,
+}
+
+impl Inputs {
+    /// Seeded: the same values on every device.
+    pub fn new(batch: usize, latent: usize, device: &Device) -> Self {
+        let mut rng = SeededRng::new(1);
+        let n = batch * 4 * latent * latent;
+        let shape = [batch, 4, latent, latent];
+        Self {
+            x: Tensor::from_data(TensorData::new(rng.normals(n), shape), device),
+            t: Tensor::full([batch], 500.0, device),
+            context: Tensor::from_data(
+                TensorData::new(rng.normals(batch * 77 * 768), [batch, 77, 768]),
+                device,
+            ),
+            target: Tensor::from_data(TensorData::new(rng.normals(n), shape), device),
+        }
+    }
+
+    /// The model's noise prediction.
+    pub fn forward(&self, m: &Denoiser) -> Tensor<4> {
+        m.forward(self.x.clone(), self.t.clone(), Cond::Tokens(self.context.clone()), &StepCtx::at(500))
+    }
+}
+
+/// The W4A4 student on `device` (an autodiff device) with its adapters and quantizer scales
+/// trainable; also the plan (for export) and the number of trainable parameters.
+pub fn student(cfg: &msfp::Config, device: &Device) -> (Denoiser, StudentPlan, usize) {
+    let mut model = msfp::pipeline::sample::load_model(cfg, None, device).expect("SD UNet");
+    let eight_bit = |p: &str| p == "conv_in" || p == "conv_out";
+    let sites: Vec<SiteReport> = model
+        .quant_sites()
+        .into_iter()
+        .filter(|s| s.layer.has_weight())
+        .map(|s| SiteReport {
+            weight_format: Some(if eight_bit(&s.path) { "e4m3" } else { "e2m1" }.into()),
+            act_format: Some(match (eight_bit(&s.path), s.after_activation) {
+                (true, _) => "e4m3".into(),
+                (false, true) => "ue2m2".into(),
+                (false, false) => "e2m1".into(),
+            }),
+            act_zero_point: s.after_activation.then_some(-0.28),
+            path: s.path,
+            ..Default::default()
+        })
+        .collect();
+    let lora = LoraConfig {
+        rank: 16,
+        adapters: 2,
+        router: RouterKind::Range,
+        placement: Placement::Branch,
+        ..cfg.lora.clone()
+    };
+    let plan = StudentPlan { sites, act_timestep_slots: 1, timesteps: 1000, lora };
+    student::build(&mut model, &plan, 0).expect("student");
+    let mut srng = SeededRng::new(5);
+    let model = params::map_params(model, |path, t| {
+        let n = t.dims()[0];
+        let v: Vec<f32> = if path.ends_with(".quant.weight.scale") {
+            (0..n).map(|_| 0.01 + 0.01 * srng.uniform()).collect()
+        } else if path.ends_with(".quant.act.scale") {
+            (0..n).map(|_| 0.5 + 0.5 * srng.uniform()).collect()
+        } else {
+            return t;
+        };
+        Tensor::from_data(TensorData::new(v, [n]), &t.device())
+    });
+    let model = params::set_trainable(model, |p| group_of(p).is_some());
+    let trainable = params::collect_trainable(&model).values().map(|t| t.data.len()).sum();
+    (model, plan, trainable)
+}
+
+/// One QAT step: forward, MSE against the target, backward, AdamW on the student's groups.
+pub fn qat_step(model: Denoiser, inputs: &Inputs, optim: &mut AdamW) -> Denoiser {
+    let pred = inputs.forward(&model);
+    let grads = (pred - inputs.target.clone()).square().mean().backward();
+    optim.step_groups(model, &grads, |p| if group_of(p).is_some() { 1e-5 } else { 0.0 }).0
+}
