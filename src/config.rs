@@ -60,6 +60,10 @@ pub struct FinetuneConfig {
     pub act_scale_lr: f64,
     /// Images whose teacher trajectories feed the calibration (PTQ initialisation).
     pub calib_samples: usize,
+    /// Samples per forward/backward pass of a fine-tuning step (0: the whole conditional +
+    /// unconditional batch in one pass). The passes' gradients are summed, so the update is the
+    /// same up to float summation order, with the activation memory of one pass.
+    pub micro_batch: usize,
 }
 
 impl Default for FinetuneConfig {
@@ -71,6 +75,7 @@ impl Default for FinetuneConfig {
             weight_scale_lr: 1e-4,
             act_scale_lr: 1e-4,
             calib_samples: 32,
+            micro_batch: 0,
         }
     }
 }

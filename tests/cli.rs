@@ -522,6 +522,25 @@ fn sd_job_runs_end_to_end_on_the_tiny_sd() {
     for f in ["student.safetensors", "ptq.safetensors", "model.packed.safetensors"] {
         assert!(read(&a.join(f)) == read(&b.join(f)), "{f} differs after resume");
     }
+    // One sample per pass (the conditional and the unconditional half apart): the same training
+    // up to float summation order.
+    let m = dir.path().join("m");
+    run(&m, &[constant, "finetune.micro_batch=1"], false);
+    let load = |d: &Path, f: &str| msfp::train::params::load_safetensors(&d.join(f)).unwrap().0;
+    let (whole, micro, ptq) =
+        (load(&a, "student.safetensors"), load(&m, "student.safetensors"), load(&a, "ptq.safetensors"));
+    assert_eq!(load(&m, "ptq.safetensors"), ptq, "micro-batching leaves calibration alone");
+    let (mut moved, mut off) = (0.0f32, 0.0f32);
+    for (k, w) in &whole {
+        for ((x, y), p) in w.data.iter().zip(&micro[k].data).zip(&ptq[k].data) {
+            moved = moved.max((x - p).abs());
+            off = off.max((x - y).abs());
+        }
+    }
+    assert!(
+        moved > 0.0 && off <= 1e-3 * moved,
+        "micro-batched training strays {off} (training moved {moved})"
+    );
     let summary: serde_json::Value = serde_json::from_slice(&read(&a.join("summary.json"))).unwrap();
     for stage in ["ptq", "finetuned"] {
         let (p, s) = (

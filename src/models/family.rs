@@ -62,6 +62,14 @@ impl Cond {
         }
     }
 
+    /// Batch elements `start..start + len`.
+    pub fn narrow(&self, start: usize, len: usize) -> Cond {
+        match self {
+            Cond::Labels(l) => Cond::Labels(l.clone().narrow(0, start, len)),
+            Cond::Tokens(t) => Cond::Tokens(t.clone().narrow(0, start, len)),
+        }
+    }
+
     /// The same values as a tensor of the autodiff device wrapping theirs.
     pub fn from_inner(self) -> Cond {
         match self {

@@ -304,13 +304,11 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
         let (cond, uncond) = traj.teacher_step(&teacher, &sampler);
         trajectory = Some(traj);
 
-        let b = cfg.train.batch_size;
         let target = Tensor::<4>::from_inner(Tensor::cat(vec![cond, uncond], 0));
         let x_in = Tensor::<4>::from_inner(Tensor::cat(vec![x_t.clone(), x_t], 0));
-        let t_in = Tensor::<1>::full([2 * b], sampler_step.t as f32, &ad);
-        let pred = model.forward(x_in, t_in, c_in, &StepCtx::at(sampler_step.t));
-        let loss = (pred - target).square().mean() * weights[position];
-        let loss_value = loss.clone().into_scalar::<f32>() as f64;
+        let batch = Batch { x: x_in, t: sampler_step.t, cond: c_in, target };
+        let (loss_value, grads) =
+            distill_grads(&model, &batch, weights[position], cfg.finetune.micro_batch, &ad);
         if !loss_value.is_finite() {
             return Err(Error::runtime(format!(
                 "loss became {loss_value} at step {} (t = {}); lower train.lr (now {}) or the finetune.*_lr rates",
@@ -319,10 +317,9 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
                 cfg.train.lr
             )));
         }
-        let grads = loss.backward();
         let factor = learning_rate(&cfg.train, step) / cfg.train.lr;
         let ft = &cfg.finetune;
-        let (updated, grad_norm) = optim.step_groups(model, &grads, |path| {
+        let (updated, grad_norm) = optim.step_flat(model, grads, |path| {
             factor
                 * match group_of(path) {
                     Some(Group::Adapter) => cfg.train.lr,
@@ -415,6 +412,58 @@ pub fn calibrate_student(
     };
     student::attach_adapters(&mut model, &plan.lora, plan.timesteps, cfg.run.seed);
     Ok((params::set_trainable(model, |p| group_of(p).is_some()), plan))
+}
+
+/// One distillation batch: the student's inputs (conditional then unconditional halves) and
+/// the teacher's noise predictions as targets.
+struct Batch {
+    x: Tensor<4>,
+    t: usize,
+    cond: Cond,
+    target: Tensor<4>,
+}
+
+/// The weighted MSE of the student against the teacher on `batch`, and its gradients by
+/// parameter path. With `micro_batch` > 0 the batch runs in passes of that many samples whose
+/// gradients are summed (each pass's loss is its share of the whole batch's mean), so only one
+/// pass's activations are alive at a time; 0 runs it in one pass.
+fn distill_grads(
+    model: &Denoiser,
+    batch: &Batch,
+    weight: f64,
+    micro_batch: usize,
+    ad: &Device,
+) -> (f64, BTreeMap<String, Tensor<1>>) {
+    let n = batch.x.dims()[0];
+    let run = |start: usize, len: usize| {
+        let whole = len == n;
+        let x = if whole { batch.x.clone() } else { batch.x.clone().narrow(0, start, len) };
+        let target = if whole { batch.target.clone() } else { batch.target.clone().narrow(0, start, len) };
+        let cond = if whole { batch.cond.clone() } else { batch.cond.narrow(start, len) };
+        let t = Tensor::<1>::full([len], batch.t as f32, ad);
+        let pred = model.forward(x, t, cond, &StepCtx::at(batch.t));
+        let loss = if whole {
+            (pred - target).square().mean() * weight
+        } else {
+            (pred - target).square().sum() * (weight / batch.target.shape().num_elements() as f64)
+        };
+        let value = loss.clone().into_scalar::<f32>() as f64;
+        (value, params::collect_grads(model, &loss.backward()))
+    };
+    let chunk = if micro_batch == 0 { n } else { micro_batch.min(n) };
+    let mut total = (0.0, BTreeMap::new());
+    for start in (0..n).step_by(chunk) {
+        let (value, grads) = run(start, chunk.min(n - start));
+        total.0 += value;
+        for (path, g) in grads {
+            let sum = match total.1.remove(&path) {
+                Some(acc) => acc + g,
+                None => g,
+            };
+            total.1.insert(path, sum);
+        }
+    }
+    total
 }
 
 /// A student of `plan` with the trainable tensors of `path` (e.g. `ptq.safetensors`), for

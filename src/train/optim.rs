@@ -53,7 +53,18 @@ impl AdamW {
         grads: &Gradients,
         lr_of: impl Fn(&str) -> f64,
     ) -> (M, f64) {
-        let mut flat_grads = collect_grads(&module, grads);
+        let flat = collect_grads(&module, grads);
+        self.step_flat(module, flat, lr_of)
+    }
+
+    /// [`Self::step_groups`] with the gradients already flattened by path (e.g. summed over
+    /// micro-batches).
+    pub fn step_flat<M: Module>(
+        &mut self,
+        module: M,
+        mut flat_grads: BTreeMap<String, Tensor<1>>,
+        lr_of: impl Fn(&str) -> f64,
+    ) -> (M, f64) {
         let sq = flat_grads.values().map(|g| g.clone().square().sum()).reduce(|a, b| a + b);
         let norm = sq.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt());
         let clip =
