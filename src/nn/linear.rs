@@ -6,6 +6,7 @@ use burn::tensor::{Device, Tensor};
 
 use super::{StepCtx, init};
 use crate::lora::Talora;
+use crate::quant::hadamard::{Hadamard, HadamardSpec};
 use crate::quant::layer::LayerQuant;
 use crate::rng::SeededRng;
 
@@ -18,6 +19,9 @@ pub struct Linear {
     pub quant: Option<LayerQuant>,
     /// TALoRA adapters (fine-tuning); `None` without.
     pub lora: Option<Talora>,
+    /// HQ-DiT's rotation of the input (its transpose folded into `weight`); `None` without.
+    #[module(skip)]
+    pub hadamard: Option<Hadamard>,
 }
 
 impl Linear {
@@ -29,6 +33,7 @@ impl Linear {
             bias: bias.then(|| init::uniform(rng, [d_out], bound, device)),
             quant: None,
             lora: None,
+            hadamard: None,
         }
     }
 
@@ -39,6 +44,7 @@ impl Linear {
             bias: Some(init::constant([d_out], 0.0, device)),
             quant: None,
             lora: None,
+            hadamard: None,
         }
     }
 
@@ -50,8 +56,20 @@ impl Linear {
         self.weight.dims()[1]
     }
 
+    /// Rotates the layer's input by `spec` from now on and folds the rotation's transpose into
+    /// the weight, so the full-precision output stays the same.
+    pub fn set_hadamard(&mut self, spec: HadamardSpec) {
+        let h = Hadamard::new(spec, self.d_in());
+        self.weight = self.weight.clone().map(|w| h.rotate(w));
+        self.hadamard = Some(h);
+    }
+
     pub fn forward<const D: usize>(&self, x: Tensor<D>, ctx: &StepCtx) -> Tensor<D> {
         use burn::tensor::module::linear;
+        let x = match &self.hadamard {
+            Some(h) => h.rotate(x),
+            None => x,
+        };
         let (w, branch) =
             super::layer_weight(self.weight.val(), self.quant.as_ref(), self.lora.as_ref(), ctx);
         let low_rank = branch.map(|d| linear(x.clone(), d.transpose(), None));

@@ -230,6 +230,84 @@ mod tests {
         (model, plan, cfg)
     }
 
+    /// A tiny DiT whose attention and MLP inputs are rotated (HQ-DiT): `student::build` folds
+    /// the rotations from the plan, and the packed model samples exactly like the fake-quant one.
+    #[test]
+    fn packed_model_keeps_hadamard_rotations() {
+        use crate::quant::hadamard::HadamardSpec;
+        let device = Device::flex();
+        let mut cfg = Config::default();
+        cfg.model.kind = crate::config::ModelKind::TinyDit;
+        (cfg.model.dit.hidden, cfg.model.dit.depth, cfg.model.dit.heads) = (32, 2, 2);
+        let mut model = Denoiser::new(&cfg.model, &mut SeededRng::new(1), &device);
+        let reference = Denoiser::new(&cfg.model, &mut SeededRng::new(1), &device);
+        let rotated =
+            |p: &str| ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"].iter().any(|k| p.ends_with(k));
+        let sites: Vec<SiteReport> = model
+            .quant_sites()
+            .into_iter()
+            .filter(|s| s.layer.has_weight())
+            .map(|s| SiteReport {
+                hadamard: rotated(&s.path)
+                    .then(|| HadamardSpec::for_width(s.layer.weight_dims()[1], 7).unwrap()),
+                weight_format: Some("e2m1".into()),
+                act_format: Some("e2m1".into()),
+                path: s.path,
+                ..Default::default()
+            })
+            .collect();
+        assert_eq!(sites.iter().filter(|s| s.hadamard.is_some()).count(), 8);
+        let lora = LoraConfig { rank: 2, adapters: 1, placement: Placement::Branch, ..Default::default() };
+        let plan = StudentPlan { sites, act_timestep_slots: 1, timesteps: 1000, lora };
+        student::build(&mut model, &plan, 0).unwrap();
+        // The folded weight is the rotated teacher weight.
+        let w = |m: &mut Denoiser| {
+            let mut sites = m.quant_sites();
+            let s = sites.iter_mut().find(|s| s.path == "blocks.0.mlp.fc1").unwrap();
+            s.layer.weight_host().data
+        };
+        let mut reference = reference;
+        assert_ne!(w(&mut model), w(&mut reference), "fc1's weight is folded");
+        let model = params::map_params(model, |path, t| {
+            let n = t.dims()[0];
+            if path.ends_with(".quant.weight.scale") {
+                return Tensor::from_data(TensorData::new(vec![0.05f32; n], [n]), &t.device());
+            }
+            if path.ends_with(".quant.act.scale") {
+                return Tensor::from_data(TensorData::new(vec![0.3f32; n], [n]), &t.device());
+            }
+            t
+        });
+        let dir = tempfile::tempdir().unwrap();
+        export_and_compare(&model, &plan, &cfg, &dir.path().join("dit.safetensors"), &[400]);
+    }
+
+    /// Exports `model`, loads the packed file back and checks that it gives the fake-quant
+    /// student's outputs bit for bit at each of `timesteps`.
+    fn export_and_compare(
+        model: &Denoiser,
+        plan: &StudentPlan,
+        cfg: &Config,
+        path: &Path,
+        timesteps: &[usize],
+    ) {
+        let device = Device::flex();
+        export(model, plan, cfg, path).unwrap();
+        let packed = load_packed_model(path, &device).unwrap();
+        let x = Tensor::<4>::from_data(
+            TensorData::new(SeededRng::new(9).normals(2 * 1024), [2, 1, 32, 32]),
+            &device,
+        );
+        let y = Tensor::<1, Int>::from_ints([3, 10], &device);
+        for &t in timesteps {
+            let tt = Tensor::<1>::full([2], t as f32, &device);
+            let ctx = StepCtx::at(t);
+            let fake = model.forward(x.clone(), tt.clone(), y.clone(), &ctx).into_data();
+            let real = packed.forward(x.clone(), tt, y.clone(), &ctx).into_data();
+            assert_eq!(fake, real, "t = {t}");
+        }
+    }
+
     #[test]
     fn packed_model_reproduces_the_fake_quant_student_for_both_placements() {
         let device = Device::flex();
@@ -239,20 +317,7 @@ mod tests {
         {
             let (model, plan, cfg) = student(placement, router, &device);
             let path = dir.path().join(format!("{placement:?}.safetensors"));
-            export(&model, &plan, &cfg, &path).unwrap();
-            let packed = load_packed_model(&path, &device).unwrap();
-            let x = Tensor::<4>::from_data(
-                TensorData::new(SeededRng::new(9).normals(2 * 1024), [2, 1, 32, 32]),
-                &device,
-            );
-            let y = Tensor::<1, Int>::from_ints([3, 10], &device);
-            for t in [10usize, 600, 990] {
-                let tt = Tensor::<1>::full([2], t as f32, &device);
-                let ctx = StepCtx::at(t);
-                let fake = model.forward(x.clone(), tt.clone(), y.clone(), &ctx).into_data();
-                let real = packed.forward(x.clone(), tt, y.clone(), &ctx).into_data();
-                assert_eq!(fake, real, "{placement:?} t = {t}");
-            }
+            export_and_compare(&model, &plan, &cfg, &path, &[10, 600, 990]);
             let file = load_packed_file(&path).unwrap();
             let sets = file.packed["down.0.res.conv1.weight"].shape[0];
             assert_eq!(sets, if placement == Placement::Merged { 2 } else { 1 });

@@ -89,6 +89,11 @@ pub fn build(model: &mut Denoiser, plan: &StudentPlan, seed: u64) -> Result<()> 
             }
             continue;
         };
+        if let Some(spec) = report.hadamard {
+            site.layer
+                .set_hadamard(spec)
+                .map_err(|e| Error::runtime(format!("the student plan rotates `{}`: {e}", site.path)))?;
+        }
         let device = site.layer.device();
         let weight = match &report.weight_format {
             Some(_) if !site.layer.has_weight() => {

@@ -10,6 +10,7 @@ pub mod format;
 pub mod fused;
 #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
 mod fused_cube;
+pub mod hadamard;
 pub mod layer;
 pub mod mixup;
 pub mod pack;

@@ -80,6 +80,9 @@ pub struct QuantConfig {
     pub attention_matmuls: bool,
     /// Overrides, later entries winning.
     pub layers: Vec<LayerOverride>,
+    /// Globs of linear layers whose input HQ-DiT's randomized Hadamard transform rotates (the
+    /// transpose folded into the weight), e.g. `["blocks.*.attn.qkv", "blocks.*.mlp.fc2"]`.
+    pub hadamard: Vec<String>,
 }
 
 impl Default for QuantConfig {
@@ -91,6 +94,7 @@ impl Default for QuantConfig {
             act_timestep_slots: 1,
             attention_matmuls: false,
             layers: Vec::new(),
+            hadamard: Vec::new(),
         }
     }
 }
@@ -111,6 +115,10 @@ impl QuantConfig {
             return Err(Error::usage(format!(
                 "{section}.act_timestep_slots = 0 is out of range: it must be at least 1"
             )));
+        }
+        for (i, g) in self.hadamard.iter().enumerate() {
+            glob::Pattern::new(g)
+                .map_err(|e| Error::usage(format!("{section}.hadamard[{i}] = \"{g}\": {e}")))?;
         }
         for (i, o) in self.layers.iter().enumerate() {
             let key = format!("{section}.layers[{i}]");
@@ -178,6 +186,9 @@ pub struct SiteReport {
     pub act_slot_scales: Option<Vec<f32>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act_slot_zero_points: Option<Vec<f32>>,
+    /// HQ-DiT's input rotation, folded into the weight before its quantizer was calibrated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hadamard: Option<super::hadamard::HadamardSpec>,
 }
 
 /// Post-training calibration of `model` in place. `run` must push calibration inputs through
@@ -196,7 +207,25 @@ pub fn calibrate(
     calib.validate("calib")?;
     mixup.validate("mixup")?;
     let mut plans: Vec<(LayerPlan, Option<Observer>)> = Vec::new();
+    let rotate: Vec<glob::Pattern> =
+        quant.hadamard.iter().filter_map(|g| glob::Pattern::new(g).ok()).collect();
     for (i, mut site) in model.quant_sites().into_iter().enumerate() {
+        if rotate.iter().any(|g| g.matches(&site.path)) {
+            let refuse = |what: &str| {
+                Error::usage(format!(
+                    "quant.hadamard matches `{}`, {what}: the transform applies to linear layers",
+                    site.path
+                ))
+            };
+            let width = match &site.layer {
+                super::site::LayerMut::Linear(l) => l.d_in(),
+                super::site::LayerMut::Conv2d(_) => return Err(refuse("a convolution")),
+                super::site::LayerMut::Matmul(..) => return Err(refuse("an attention matmul input")),
+            };
+            let spec = super::hadamard::HadamardSpec::for_width(width, seed ^ (0x4844_0000 + i as u64))
+                .ok_or_else(|| refuse(&format!("whose input width {width} is odd")))?;
+            site.layer.set_hadamard(spec)?;
+        }
         let mut plan = quant.resolve(&site.path)?;
         if !site.layer.has_weight() {
             plan.weight = FormatChoice::None;
@@ -228,7 +257,8 @@ pub fn calibrate(
         if !site.layer.has_weight() && plan.act == FormatChoice::None {
             continue; // an attention matmul input left in full precision: not part of the plan
         }
-        let mut report = SiteReport { path: site.path.clone(), ..Default::default() };
+        let mut report =
+            SiteReport { path: site.path.clone(), hadamard: site.layer.hadamard(), ..Default::default() };
         let device = site.layer.device();
         let weight = match &plan.weight {
             FormatChoice::None => None,
@@ -282,7 +312,8 @@ pub fn calibrate(
                         site.path
                     )));
                 }
-                let class = mixup.classify(&stats, site.after_activation);
+                // A rotated input mixes every feature of its block: no longer one-signed.
+                let class = mixup.classify(&stats, site.after_activation && report.hadamard.is_none());
                 let (spec, scale, zero, error) = match choice {
                     FormatChoice::Fixed(f) => {
                         let r = search_clipping(
@@ -423,6 +454,45 @@ mod tests {
         let q = model.forward(x, t, y, &StepCtx::at(300));
         let diff = (q.clone() - fp).abs().max().into_scalar::<f32>();
         assert!(diff > 1e-4 && q.abs().max().into_scalar::<f32>().is_finite(), "{diff}");
+    }
+
+    /// `quant.hadamard` rotates the matching linear layers before calibration (recorded in their
+    /// reports; full precision unchanged) and refuses a convolution with a usage error.
+    #[test]
+    fn hadamard_globs_rotate_linear_layers_and_refuse_convolutions() {
+        let device = Device::flex();
+        let (x, t, y) = batch(&device);
+        let run = |hadamard: Vec<&str>| {
+            let mut model = tiny_unet(&device);
+            let quant = QuantConfig {
+                hadamard: hadamard.into_iter().map(String::from).collect(),
+                ..Default::default()
+            };
+            let calib =
+                CalibConfig { clip_grid: 5, zero_point_grid: 3, sample_size: 512, ..Default::default() };
+            let mut fp = None;
+            let reports = calibrate(&mut model, &quant, &calib, &MixupConfig::default(), 1000, 0, |m| {
+                fp = Some(m.forward(x.clone(), t.clone(), y.clone(), &StepCtx::at(300)));
+                Ok(())
+            });
+            reports.map(|r| (r, crate::train::params::host_values(fp.unwrap())))
+        };
+        let (plain, fp_plain) = run(vec![]).unwrap();
+        let (rotated, fp_rotated) = run(vec!["*.attn.qkv", "*.attn.proj", "time_embed_2"]).unwrap();
+        let specs: Vec<&str> =
+            rotated.iter().filter(|r| r.hadamard.is_some()).map(|r| r.path.as_str()).collect();
+        assert_eq!(specs.len(), 9, "four attentions' qkv and proj, and time_embed_2: {specs:?}");
+        assert!(specs.iter().all(|p| p.ends_with(".qkv") || p.ends_with(".proj") || *p == "time_embed_2"));
+        assert!(plain.iter().all(|r| r.hadamard.is_none()));
+        let te2 = rotated.iter().find(|r| r.path == "time_embed_2").unwrap();
+        assert_eq!(te2.act_class.as_deref(), Some("NAL"), "a rotated SiLU output is not one-signed");
+        // Calibration observed the rotated model, whose full-precision output is the same.
+        for (a, b) in fp_plain.iter().zip(&fp_rotated) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+        let err = run(vec!["conv_in"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("conv_in") && err.to_string().contains("linear"), "{err}");
     }
 
     #[test]

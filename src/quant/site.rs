@@ -96,6 +96,27 @@ impl LayerMut<'_> {
         }
     }
 
+    /// Rotates the layer's input (HQ-DiT) with the weight folded; only linear layers take one.
+    pub fn set_hadamard(&mut self, spec: crate::quant::hadamard::HadamardSpec) -> crate::error::Result<()> {
+        match self {
+            LayerMut::Linear(l) => {
+                l.set_hadamard(spec);
+                Ok(())
+            }
+            _ => Err(crate::error::Error::usage(
+                "the Hadamard transform applies to linear layers only (not convolutions or attention matmul inputs)",
+            )),
+        }
+    }
+
+    /// The input rotation of the layer, if any.
+    pub fn hadamard(&self) -> Option<crate::quant::hadamard::HadamardSpec> {
+        match self {
+            LayerMut::Linear(l) => l.hadamard.as_ref().map(|h| h.spec),
+            _ => None,
+        }
+    }
+
     /// The device the layer's parameters live on.
     pub fn device(&self) -> Device {
         match self {
