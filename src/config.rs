@@ -60,6 +60,9 @@ pub struct FinetuneConfig {
     pub act_scale_lr: f64,
     /// Images whose teacher trajectories feed the calibration (PTQ initialisation).
     pub calib_samples: usize,
+    /// `false`: post-training quantization only (HQ-DiT): calibrate, export and evaluate the PTQ
+    /// student; no fine-tuning steps.
+    pub enabled: bool,
     /// Samples per forward/backward pass of a fine-tuning step (0: the whole conditional +
     /// unconditional batch in one pass). The passes' gradients are summed, so the update is the
     /// same up to float summation order, with the activation memory of one pass.
@@ -75,6 +78,7 @@ impl Default for FinetuneConfig {
             weight_scale_lr: 1e-4,
             act_scale_lr: 1e-4,
             calib_samples: 32,
+            enabled: true,
             micro_batch: 0,
         }
     }
@@ -389,18 +393,16 @@ impl Config {
         let mut table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| Error::usage(format!("{origin}: {}", one_line(&e.to_string()))))?;
+        // The file alone first, so that its own errors name it (with a line number), not the
+        // first `--set`.
+        if let Err(e) = toml::from_str::<Config>(text) {
+            return Err(Error::usage(format!("{origin}: {}", one_line(&e.to_string()))));
+        }
         for spec in overrides {
             apply_override(&mut table, spec)?;
         }
-        let config: Config = Config::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
-            // Re-run on the text for line numbers when the error comes from the file itself.
-            let located = if overrides.is_empty() {
-                toml::from_str::<Config>(text).err().map(|e| one_line(&e.to_string()))
-            } else {
-                None
-            };
-            Error::usage(format!("{origin}: {}", located.unwrap_or_else(|| one_line(&e.to_string()))))
-        })?;
+        let config: Config = Config::deserialize(toml::Value::Table(table.clone()))
+            .map_err(|e| Error::usage(format!("{origin}: {}", one_line(&e.to_string()))))?;
         config.validate().map_err(|e| e.context(origin))?;
         Ok(config)
     }
@@ -674,6 +676,10 @@ mod tests {
         assert!(err.message.contains("stepz"), "{err}");
         assert!(err.message.contains("t.toml"), "{err}");
         assert!(err.message.contains("line 2"), "{err}");
+        // With overrides too, the file's own mistake names the file, not the first override.
+        let err = Config::parse("[train]\nstepz = 3\n", "t.toml", &["eval.samples=4".into()]).unwrap_err();
+        assert!(err.message.starts_with("t.toml") && err.message.contains("stepz"), "{err}");
+        assert!(!err.message.contains("--set"), "{err}");
     }
 
     #[test]

@@ -650,3 +650,61 @@ fn cuda_setup_script_leaves_a_real_bundle_alone() {
         assert_eq!(std::fs::read_to_string(prefix.join("bin/llvm-config")).unwrap(), real, "untouched");
     }
 }
+
+/// `configs/hqdit_tiny_dit.toml` runs post-training only: the plan rotates the 24 attention and
+/// MLP inputs, the summary has no fine-tuned stage, `inspect` shows the rotations and the packed
+/// model samples.
+#[test]
+fn hqdit_tiny_dit_runs_post_training_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hq");
+    let c = repo().join("configs/hqdit_tiny_dit.toml");
+    let c = c.to_str().unwrap();
+    let small =
+        ["eval.samples=4", "finetune.calib_samples=2", "sampler.steps=4", "finetune.trajectory_steps=4"];
+    let mut args = vec!["train".to_string(), "--config".into(), c.into()];
+    for s in
+        small.iter().map(|s| s.to_string()).chain([format!("run.out_dir={:?}", out.display().to_string())])
+    {
+        args.extend(["--set".into(), s]);
+    }
+    let o = Command::new(BIN).args(&args).current_dir(repo()).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_slice(&read(&out.join("summary.json"))).unwrap();
+    assert!(summary["finetuned"].is_null() && summary["steps"] == 0, "no fine-tuning");
+    assert!(summary["ptq"]["psnr_vs_teacher"].as_f64().unwrap() > 0.0);
+    let plan = msfp::pipeline::student::StudentPlan::load(&out.join("student_plan.json")).unwrap();
+    let rotated: Vec<&str> =
+        plan.sites.iter().filter(|s| s.hadamard.is_some()).map(|s| s.path.as_str()).collect();
+    assert_eq!(rotated.len(), 24, "{rotated:?}");
+    assert!(
+        plan.sites.iter().all(|s| s.act_format.as_deref().is_none_or(|f| !f.starts_with('u'))),
+        "signed only"
+    );
+    assert!(
+        !out.join("checkpoints").exists()
+            || std::fs::read_dir(out.join("checkpoints")).unwrap().next().is_none()
+    );
+    let packed = out.join("model.packed.safetensors");
+    let o = msfp(&["inspect", packed.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success()
+            && table
+                .lines()
+                .filter(|l| l
+                    .split_whitespace()
+                    .any(|w| w.starts_with('H') && w[1..].parse::<usize>().is_ok()))
+                .count()
+                == 24,
+        "{table}"
+    );
+    let png = dir.path().join("s.png");
+    let o = Command::new(BIN)
+        .args(["sample", "--config", c, "--packed", packed.to_str().unwrap(), "--set", "sampler.steps=2"])
+        .args(["--n", "2", "--out", png.to_str().unwrap()])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(o.status.success() && png.exists(), "{}", stderr(&o));
+}

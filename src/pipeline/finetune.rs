@@ -135,7 +135,8 @@ pub struct TrainSummary {
     pub fid_real_heldout: Option<f64>,
     pub teacher: StageEval,
     pub ptq: StageEval,
-    pub finetuned: StageEval,
+    /// `None` with `finetune.enabled = false`.
+    pub finetuned: Option<StageEval>,
     pub final_loss: f64,
     /// For each adapter, how many of the sampler's steps the final router sends to it.
     pub router_usage: Vec<usize>,
@@ -171,7 +172,12 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
     let schedule = NoiseSchedule::new(&cfg.diffusion);
     let ptq = load_student(cfg, &plan, &out_dir.join(PTQ_FILE), &device)?;
 
-    tracing::info!("evaluating teacher, PTQ student and fine-tuned student on {} samples", cfg.eval.samples);
+    let finetuned = cfg.finetune.enabled;
+    tracing::info!(
+        "evaluating teacher, PTQ student{} on {} samples",
+        if finetuned { " and fine-tuned student" } else { "" },
+        cfg.eval.samples
+    );
     let family = super::sample::load_family(cfg, &device)?;
     // FID and accuracy where the family has the classifier's feature space (the MNIST models);
     // PSNR and SSIM against the teacher's samples from identical noise for every family.
@@ -188,16 +194,20 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
     };
     let (teacher_eval, teacher_images) = run(&teacher);
     let (ptq_eval, ptq_images) = run(&ptq);
-    let (ft_eval, ft_images) = run(&student);
+    let ft = finetuned.then(|| run(&student));
     let shape = family.image_shape();
-    write_comparison(&out_dir.join("samples.png"), shape, &[&teacher_images, &ptq_images, &ft_images])?;
+    let mut rows = vec![&teacher_images, &ptq_images];
+    rows.extend(ft.as_ref().map(|(_, images)| images));
+    write_comparison(&out_dir.join("samples.png"), shape, &rows)?;
     let versus = |images: &[f32]| StageEval {
         eval: None,
         psnr_vs_teacher: Some(psnr(images, &teacher_images)),
         ssim_vs_teacher: Some(ssim(images, &teacher_images, shape)),
     };
     let all = MetricsLog::read_all(&out_dir);
-    crate::report::plot::loss_curve(&out_dir.join("loss.png"), &all)?;
+    if finetuned {
+        crate::report::plot::loss_curve(&out_dir.join("loss.png"), &all)?;
+    }
     let eval_sampler = Sampler::new(&schedule, &cfg.sampler);
     let router_usage = match student.router() {
         Some(r) => {
@@ -215,14 +225,14 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
     };
     let summary = TrainSummary {
         job: job_name(cfg),
-        steps: cfg.train.steps,
+        steps: if finetuned { cfg.train.steps } else { 0 },
         resumed_from: resumed_from.map(|d| d.display().to_string()),
         samples: cfg.eval.samples,
         sampler: sampler_label(cfg),
         fid_real_heldout: scorer.as_ref().map(|s| s.fid_real_heldout),
         teacher: StageEval { eval: teacher_eval, psnr_vs_teacher: None, ssim_vs_teacher: None },
         ptq: StageEval { eval: ptq_eval, ..versus(&ptq_images) },
-        finetuned: StageEval { eval: ft_eval, ..versus(&ft_images) },
+        finetuned: ft.map(|(eval, images)| StageEval { eval, ..versus(&images) }),
         final_loss,
         router_usage,
         weight_formats: count(|s| &s.weight_format),
@@ -280,10 +290,12 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
     let steps_per_trajectory = sampler.steps.len();
     let weights = cfg.loss.step_weights(&sampler.gammas());
     let metrics = MetricsLog::open(&out_dir, start)?;
-    let progress = Progress::new(&job, start, cfg.train.steps);
+    // Post-training only: the calibrated student is the result.
+    let steps = if cfg.finetune.enabled { cfg.train.steps } else { 0 };
+    let progress = Progress::new(&job, start, steps);
     let mut trajectory: Option<Trajectory> = None;
     let mut last_loss = f64::NAN;
-    for step in start..cfg.train.steps {
+    for step in start..steps {
         let (iteration, position) = (step / steps_per_trajectory, step % steps_per_trajectory);
         let mut traj = match trajectory.take() {
             Some(t) if t.iteration == iteration => t,
@@ -332,7 +344,7 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
         model = updated;
         last_loss = loss_value;
         let done = step + 1;
-        let log = done % cfg.train.log_every == 0 || done == cfg.train.steps;
+        let log = done % cfg.train.log_every == 0 || done == steps;
         if log {
             metrics.append(&StepMetrics {
                 step: done,
@@ -349,7 +361,7 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
             }
         }
         progress.update(done, &format!("loss {loss_value:.5}"), log);
-        if done % cfg.train.checkpoint_every == 0 || done == cfg.train.steps {
+        if done % cfg.train.checkpoint_every == 0 || done == steps {
             let ckpt = Checkpoint {
                 dir: PathBuf::new(),
                 state: TrainState {

@@ -53,7 +53,11 @@ pub fn inspect(path: &Path) -> Result<Vec<LayerInfo>> {
                     Some(g) => format!("{} g{g}", describe(&s.weight_format)),
                     None => describe(&s.weight_format),
                 },
-                act: describe(&s.act_format),
+                // `H128`: the input is rotated by HQ-DiT's Hadamard transform in blocks of 128.
+                act: match s.hadamard {
+                    Some(h) => format!("{} H{}", describe(&s.act_format), h.block),
+                    None => describe(&s.act_format),
+                },
                 class: s.act_class.clone(),
                 weight_scale,
                 act_scale: dense("scale").unwrap_or_default(),
@@ -76,7 +80,7 @@ pub fn inspect(path: &Path) -> Result<Vec<LayerInfo>> {
 /// A fixed-width table, one layer per line.
 pub fn render(layers: &[LayerInfo]) -> String {
     let mut out = format!(
-        "{:<28} {:<18} {:<18} {:<5} {:<32} {:<24} {}\n",
+        "{:<28} {:<18} {:<20} {:<5} {:<32} {:<24} {}\n",
         "layer", "weight", "act", "class", "weight scale min/mean/max", "act scale (zero point)", "adapters"
     );
     for l in layers {
@@ -88,7 +92,7 @@ pub fn render(layers: &[LayerInfo]) -> String {
             _ => "-".into(),
         };
         out.push_str(&format!(
-            "{:<28} {:<18} {:<18} {:<5} {:<32} {:<24} {}\n",
+            "{:<28} {:<18} {:<20} {:<5} {:<32} {:<24} {}\n",
             l.path,
             l.weight,
             l.act,
