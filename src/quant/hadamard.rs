@@ -7,10 +7,21 @@
 //! over its whole block and the quantizer sees a flatter distribution. `W R^T` is folded into
 //! the weight once (offline: each row `w` becomes `R w`); `R x` is applied online by the layer.
 //!
-//! The online rotation is the fast Walsh-Hadamard transform, `log2(block)` butterfly stages of
-//! tensor ops: O(n log n), differentiable, and the same code on every backend.
+//! The online rotation is the fast Walsh-Hadamard transform, O(n log n): on flex one fused
+//! in-place pass per row (rows are independent, so the result does not depend on the thread
+//! count) with its transpose as the backward; elsewhere `log2(block)` butterfly stages of tensor
+//! ops, bit-identical to it.
 
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, backend_extension};
 use burn::tensor::{Tensor, TensorData};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::rng::SeededRng;
@@ -60,19 +71,123 @@ impl Hadamard {
 
     /// `R x` along the last dimension of `x`.
     pub fn rotate<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let dims = x.dims();
-        let width = dims[D - 1];
+        let width = x.dims()[D - 1];
         assert_eq!(
             width,
             self.width(),
             "Hadamard rotation of width {} on inputs of width {width}",
             self.width()
         );
+        if matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_)) {
+            let out = <Dispatch as HadamardBackend>::hadamard_rotate(
+                x.into_dispatch(),
+                self.signs.clone(),
+                self.spec.block,
+                false,
+            );
+            return Tensor::from_dispatch(out);
+        }
+        self.rotate_ops(x)
+    }
+
+    /// [`Self::rotate`] as tensor ops (every backend; autodiff records each op).
+    pub fn rotate_ops<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dims = x.dims();
+        let width = dims[D - 1];
         let signs = Tensor::<1>::from_data(TensorData::new(self.signs.clone(), [width]), &x.device());
         let x = x * signs.reshape(broadcast_shape::<D>(width));
         let rows: usize = dims[..D - 1].iter().product();
         let y = fwht(x.reshape([rows, width]), self.spec.block);
         y.reshape(dims)
+    }
+}
+
+#[backend_extension(Autodiff, Flex)]
+pub trait HadamardBackend: Backend {
+    /// `H (signs * x)` over the last dimension in normalized blocks of `block`, or with
+    /// `transpose` its transpose `signs * (H x)`.
+    fn hadamard_rotate(
+        x: FloatTensor<Self>,
+        signs: Vec<f32>,
+        block: usize,
+        transpose: bool,
+    ) -> FloatTensor<Self>;
+}
+
+/// In place: the normalized Walsh-Hadamard transform of each `block`-wide slice of `row`, with
+/// the signs before it (or after it, for the transpose). The same butterflies in the same order
+/// as [`fwht`], so the bits agree.
+fn rotate_row(row: &mut [f32], signs: &[f32], block: usize, transpose: bool) {
+    if !transpose {
+        row.iter_mut().zip(signs).for_each(|(v, s)| *v *= s);
+    }
+    let norm = (1.0 / (block as f64).sqrt()) as f32;
+    for b in row.chunks_exact_mut(block) {
+        let mut h = 1;
+        while h < block {
+            for group in b.chunks_exact_mut(2 * h) {
+                let (lo, hi) = group.split_at_mut(h);
+                for (a, c) in lo.iter_mut().zip(hi.iter_mut()) {
+                    let (x, y) = (*a, *c);
+                    *a = x + y;
+                    *c = x - y;
+                }
+            }
+            h *= 2;
+        }
+        b.iter_mut().for_each(|v| *v *= norm);
+    }
+    if transpose {
+        row.iter_mut().zip(signs).for_each(|(v, s)| *v *= s);
+    }
+}
+
+impl HadamardBackend for Flex {
+    fn hadamard_rotate(x: FlexTensor, signs: Vec<f32>, block: usize, transpose: bool) -> FlexTensor {
+        let shape = x.layout().shape().clone();
+        let width = signs.len();
+        let mut values = match x.as_slice::<f32>() {
+            Some(v) => v.to_vec(),
+            None => x.to_contiguous().as_slice::<f32>().expect("f32 tensor").to_vec(),
+        };
+        values.par_chunks_mut(width * 16).for_each(|rows| {
+            for row in rows.chunks_exact_mut(width) {
+                rotate_row(row, &signs, block, transpose);
+            }
+        });
+        FlexTensor::from_data(TensorData::new(values, shape))
+    }
+}
+
+#[derive(Debug)]
+struct HadamardBackward {
+    signs: Vec<f32>,
+    block: usize,
+    transpose: bool,
+}
+
+impl<B: HadamardBackend> Backward<B, 1> for HadamardBackward {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node {
+            // The rotation is orthogonal: its gradient is its transpose.
+            grads.register::<B>(node.id, B::hadamard_rotate(grad, self.signs, self.block, !self.transpose));
+        }
+    }
+}
+
+impl<B: HadamardBackend, C: CheckpointStrategy> HadamardBackend for Autodiff<B, C> {
+    fn hadamard_rotate(
+        x: FloatTensor<Self>,
+        signs: Vec<f32>,
+        block: usize,
+        transpose: bool,
+    ) -> FloatTensor<Self> {
+        let out = B::hadamard_rotate(x.primitive().clone(), signs.clone(), block, transpose);
+        HadamardBackward { signs, block, transpose }.prepare::<C>([x.node()]).compute_bound().stateless(out)
     }
 }
 
@@ -269,6 +384,31 @@ mod tests {
             fwht(q, width) * Tensor::<2>::from_data(TensorData::new(r.signs.clone(), [1, width]), &device);
         let rotated = mse(host(back));
         assert!(rotated * 3.0 < direct, "rotated {rotated} vs direct {direct}");
+    }
+
+    /// The fused flex rotation against the tensor-op version: the same bits forward (also on a
+    /// transposed view), the same gradient (its transpose) within rounding.
+    #[test]
+    fn fused_rotation_matches_the_tensor_version() {
+        let device = Device::flex().autodiff();
+        let r = Hadamard::new(HadamardSpec::for_width(48, 9).unwrap(), 48);
+        let x0 = SeededRng::new(3).normals(2 * 5 * 48);
+        let g0 = SeededRng::new(4).normals(2 * 5 * 48);
+        let run = |fused: bool| {
+            let x = Tensor::<3>::from_data(TensorData::new(x0.clone(), [2, 5, 48]), &device).require_grad();
+            let y = if fused { r.rotate(x.clone()) } else { r.rotate_ops(x.clone()) };
+            let g = Tensor::<3>::from_data(TensorData::new(g0.clone(), [2, 5, 48]), &device);
+            let grads = (y.clone() * g).sum().backward();
+            (host(y), host(x.grad(&grads).unwrap()))
+        };
+        let ((fy, fdx), (ty, tdx)) = (run(true), run(false));
+        assert_eq!(fy, ty, "forward bits");
+        for (a, b) in fdx.iter().zip(&tdx) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        let flex = Device::flex();
+        let view = Tensor::<2>::from_data(TensorData::new(x0[..48 * 4].to_vec(), [48, 4]), &flex).transpose();
+        assert_eq!(host(r.rotate(view.clone())), host(r.rotate_ops(view)), "a transposed view");
     }
 
     #[test]
