@@ -27,28 +27,10 @@ use msfp::rng::SeededRng;
 mod gpu_parity;
 #[path = "common/sd14.rs"]
 mod sd14;
+#[path = "common/timing.rs"]
+mod timing;
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
-
-/// Median wall time of `f` over `runs` runs after `warmup`; `f` must wait for the device.
-fn median_ms(warmup: usize, runs: usize, mut f: impl FnMut()) -> (f64, Vec<f64>) {
-    for _ in 0..warmup {
-        f();
-    }
-    let mut ts: Vec<f64> = (0..runs)
-        .map(|_| {
-            let t0 = Instant::now();
-            f();
-            t0.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    let all = ts.clone();
-    ts.sort_by(f64::total_cmp);
-    (ts[ts.len() / 2], all)
-}
+use timing::{arg, median_ms};
 
 fn quantizer(device: &Device, elements: usize) -> serde_json::Value {
     let cols = 4096;

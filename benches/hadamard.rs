@@ -7,32 +7,17 @@
 //!     cargo bench --profile dev --bench hadamard -- [--runs 20]
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use msfp::quant::hadamard::{Hadamard, HadamardSpec};
 use msfp::rng::SeededRng;
 
-fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut ts: Vec<f64> = (0..runs)
-        .map(|_| {
-            let t0 = Instant::now();
-            f();
-            t0.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    ts.sort_by(f64::total_cmp);
-    ts[ts.len() / 2]
-}
+#[path = "common/timing.rs"]
+mod timing;
+use timing::{arg, median_ms};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let runs = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .map_or(20, |v| v.parse().expect("--runs N"));
+    let runs: usize = arg("--runs").map_or(20, |v| v.parse().expect("--runs N"));
     let device = Device::flex();
     let tokens = 2 * 256;
     let mut rng = SeededRng::new(0);
@@ -43,13 +28,13 @@ fn main() {
         let w = Tensor::<2>::from_data(TensorData::new(rng.normals(d_out * d_in), [d_out, d_in]), &device);
         let spec = HadamardSpec::for_width(d_in, 1).expect("even width");
         let h = Hadamard::new(spec, d_in);
-        let matmul_ms = median_ms(runs, || {
+        let (matmul_ms, _) = median_ms(1, runs, || {
             let _ = burn::tensor::module::linear(x.clone(), w.clone().transpose(), None).into_data();
         });
-        let rotate_ms = median_ms(runs, || {
+        let (rotate_ms, _) = median_ms(1, runs, || {
             let _ = h.rotate(x.clone()).into_data();
         });
-        let copy_ms = median_ms(runs, || {
+        let (copy_ms, _) = median_ms(1, runs, || {
             let _ = (x.clone() * 1.0).into_data();
         });
         eprintln!("{layer}: matmul {matmul_ms:.3} ms, rotation {rotate_ms:.3} ms, copy {copy_ms:.3} ms");

@@ -21,11 +21,9 @@ use burn::tensor::Device;
 
 #[path = "common/sd14.rs"]
 mod sd14;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
+#[path = "common/timing.rs"]
+mod timing;
+use timing::arg;
 
 /// Peak resident set of this process so far (VmHWM), MiB.
 fn peak_rss_mib() -> f64 {

@@ -1,0 +1,29 @@
+//! Argument and timing helpers shared by the benches that time by hand (no criterion).
+
+#![allow(dead_code)] // each bench uses part of it
+
+use std::time::Instant;
+
+/// The value after `name` on the command line.
+pub fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Median wall time (ms) of `f` over `runs` runs after `warmup`, and every run's; on a GPU `f`
+/// must wait for the device.
+pub fn median_ms(warmup: usize, runs: usize, mut f: impl FnMut()) -> (f64, Vec<f64>) {
+    for _ in 0..warmup {
+        f();
+    }
+    let mut ts: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    let all = ts.clone();
+    ts.sort_by(f64::total_cmp);
+    (ts[ts.len() / 2], all)
+}
