@@ -23,18 +23,7 @@ use burn::tensor::Device;
 mod sd14;
 #[path = "common/timing.rs"]
 mod timing;
-use timing::arg;
-
-/// Peak resident set of this process so far (VmHWM), MiB.
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
+use timing::{arg, peak_rss_mib};
 
 /// Seconds of each of `runs` calls of `f`.
 fn time(runs: usize, mut f: impl FnMut()) -> Vec<f64> {

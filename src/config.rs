@@ -218,11 +218,57 @@ pub struct DitConfig {
     pub depth: usize,
     pub heads: usize,
     pub mlp_ratio: usize,
+    /// Input channels: 1 for MNIST pixels, 4 for SD-VAE latents (DiT-XL/2).
+    pub in_channels: usize,
+    /// Input side: 32 pixels for MNIST, 32 latents for DiT-XL/2 at 256 px (64 at 512 px).
+    pub input_size: usize,
+    /// Class labels; the null label of classifier-free guidance is one more.
+    pub num_classes: usize,
+    /// DiT's learned variance: twice `in_channels` out, of which the first half is eps.
+    pub learn_sigma: bool,
+    /// The MLP's GELU with the tanh approximation (DiT's) instead of the exact erf form.
+    pub gelu_tanh: bool,
 }
 
 impl Default for DitConfig {
     fn default() -> Self {
-        Self { patch_size: 4, hidden: 128, depth: 6, heads: 4, mlp_ratio: 4 }
+        Self {
+            patch_size: 4,
+            hidden: 128,
+            depth: 6,
+            heads: 4,
+            mlp_ratio: 4,
+            in_channels: 1,
+            input_size: 32,
+            num_classes: 10,
+            learn_sigma: false,
+            gelu_tanh: false,
+        }
+    }
+}
+
+impl DitConfig {
+    /// facebookresearch/DiT's class-conditional ImageNet models on SD-VAE latents (8x down,
+    /// 4 channels): `DiT-XL/2`, `DiT-B/2`, `DiT-S/2` at `image` = 256 or 512 pixels.
+    pub fn published(name: &str, image: usize) -> Option<Self> {
+        let (hidden, depth, heads) = match name {
+            "DiT-XL/2" => (1152, 28, 16),
+            "DiT-B/2" => (768, 12, 12),
+            "DiT-S/2" => (384, 12, 6),
+            _ => return None,
+        };
+        Some(Self {
+            patch_size: 2,
+            hidden,
+            depth,
+            heads,
+            mlp_ratio: 4,
+            in_channels: 4,
+            input_size: image / 8,
+            num_classes: 1000,
+            learn_sigma: true,
+            gelu_tanh: true,
+        })
     }
 }
 
@@ -513,10 +559,13 @@ impl Config {
         positive("model.dit.depth", dt.depth)?;
         positive("model.dit.heads", dt.heads)?;
         positive("model.dit.mlp_ratio", dt.mlp_ratio)?;
-        if dt.patch_size == 0 || 32 % dt.patch_size != 0 {
+        positive("model.dit.in_channels", dt.in_channels)?;
+        positive("model.dit.num_classes", dt.num_classes)?;
+        if dt.patch_size == 0 || dt.input_size == 0 || dt.input_size % dt.patch_size != 0 {
             usage!(
-                "model.dit.patch_size = {} is out of range: it must divide 32 (1, 2, 4, 8, 16)",
-                dt.patch_size
+                "model.dit.patch_size = {} is out of range: it must divide model.dit.input_size ({})",
+                dt.patch_size,
+                dt.input_size
             );
         }
         if dt.hidden == 0 || dt.hidden % dt.heads != 0 || (dt.hidden / dt.heads) % 2 != 0 {

@@ -27,3 +27,14 @@ pub fn median_ms(warmup: usize, runs: usize, mut f: impl FnMut()) -> (f64, Vec<f
     ts.sort_by(f64::total_cmp);
     (ts[ts.len() / 2], all)
 }
+
+/// Peak resident set of this process so far (VmHWM), MiB.
+pub fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}

@@ -1,5 +1,6 @@
-//! Tiny DiT (Peebles & Xie): patchify, fixed 2-D sin-cos position embedding, adaLN-Zero
-//! transformer blocks conditioned on timestep + class, linear decoder back to patches.
+//! DiT (Peebles & Xie): patchify, fixed 2-D sin-cos position embedding, adaLN-Zero transformer
+//! blocks conditioned on timestep + class, linear decoder back to patches. The shipped MNIST DiT
+//! and facebookresearch's DiT-XL/2 are this code at two configs ([`DitConfig::published`]).
 
 use burn::module::Module;
 use burn::tensor::activation::{gelu, silu};
@@ -11,8 +12,13 @@ use crate::nn::{ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, layer_no
 use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
 
-const IMAGE: usize = 32;
 const FREQ_DIM: usize = 256;
+
+/// GELU's tanh approximation, `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
+fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * (2.0 / std::f64::consts::PI).sqrt();
+    x * (inner.tanh() + 1.0) * 0.5
+}
 
 #[derive(Module, Debug)]
 pub struct Mlp {
@@ -31,6 +37,7 @@ pub struct DitBlock {
     pub mlp: Mlp,
     /// SiLU -> Linear(hidden, 6 * hidden), zero-initialised (adaLN-Zero).
     pub ada_ln: Linear,
+    pub gelu_tanh: bool,
 }
 
 impl DitBlock {
@@ -41,7 +48,8 @@ impl DitBlock {
         let h = self.attn.forward(modulate(layer_norm(x.clone(), 1e-6), shift_msa, scale_msa), ctx);
         let x = x + gate_msa.unsqueeze_dim::<3>(1) * h;
         let h = modulate(layer_norm(x.clone(), 1e-6), shift_mlp, scale_mlp);
-        let h = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(h, ctx)), ctx);
+        let h = self.mlp.fc1.forward(h, ctx);
+        let h = self.mlp.fc2.forward(if self.gelu_tanh { gelu_tanh(h) } else { gelu(h) }, ctx);
         x + gate_mlp.unsqueeze_dim::<3>(1) * h
     }
 }
@@ -57,6 +65,9 @@ pub struct TinyDit {
     pub final_linear: Linear,
     pub patch_size: usize,
     pub hidden: usize,
+    pub in_channels: usize,
+    pub input_size: usize,
+    pub learn_sigma: bool,
     /// TALoRA router of a fine-tuned student; it sets each step's adapter route.
     pub router: Option<Router>,
 }
@@ -73,29 +84,35 @@ impl TinyDit {
                     fc2: Linear::new(cfg.mlp_ratio * h, h, true, rng, device),
                 },
                 ada_ln: Linear::zeros(h, 6 * h, device),
+                gelu_tanh: cfg.gelu_tanh,
             })
             .collect();
+        let out_channels = cfg.in_channels * if cfg.learn_sigma { 2 } else { 1 };
         Self {
-            patch_embed: Conv2d::new(1, h, p, p, 0, rng, device),
+            patch_embed: Conv2d::new(cfg.in_channels, h, p, p, 0, rng, device),
             t_embed_1: Linear::new(FREQ_DIM, h, true, rng, device),
             t_embed_2: Linear::new(h, h, true, rng, device),
-            class_embed: ClassEmbedding::new(10, h, rng, device),
+            class_embed: ClassEmbedding::new(cfg.num_classes, h, rng, device),
             blocks,
             final_ada_ln: Linear::zeros(h, 2 * h, device),
-            final_linear: Linear::zeros(h, p * p, device),
+            final_linear: Linear::zeros(h, p * p * out_channels, device),
             patch_size: p,
             hidden: h,
+            in_channels: cfg.in_channels,
+            input_size: cfg.input_size,
+            learn_sigma: cfg.learn_sigma,
             router: None,
         }
     }
 
+    /// All output channels: eps, then (with `learn_sigma`) the variance half.
     pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>, ctx: &StepCtx) -> Tensor<4> {
         let device = x.device();
         let routed = self.router.as_ref().map(|r| r.routed(ctx, &device));
         let ctx = routed.as_ref().unwrap_or(ctx);
         let [b, _, _, _] = x.dims();
         let p = self.patch_size;
-        let g = IMAGE / p;
+        let g = self.input_size / p;
         let n = g * g;
         let tokens = self.patch_embed.forward(x, ctx).reshape([b, self.hidden, n]).swap_dims(1, 2);
         let mut x = tokens + pos_embed_2d(self.hidden, g, &device).unsqueeze::<3>();
@@ -109,8 +126,21 @@ impl TinyDit {
         let [shift, scale]: [Tensor<2>; 2] =
             self.final_ada_ln.forward(silu(c), ctx).chunk(2, 1).try_into().expect("two chunks");
         let x = self.final_linear.forward(modulate(layer_norm(x, 1e-6), shift, scale), ctx);
-        // [B, N, p*p] -> [B, 1, 32, 32]
-        x.reshape([b, g, g, p, p]).permute([0, 1, 3, 2, 4]).reshape([b, 1, IMAGE, IMAGE])
+        // [B, N, p*p*C] -> [B, C, g*p, g*p] (DiT's unpatchify: nhwpqc -> nchpwq)
+        let c = self.out_channels();
+        x.reshape([b, g, g, p, p, c]).permute([0, 5, 1, 3, 2, 4]).reshape([b, c, g * p, g * p])
+    }
+}
+
+impl TinyDit {
+    pub fn out_channels(&self) -> usize {
+        self.in_channels * if self.learn_sigma { 2 } else { 1 }
+    }
+
+    /// The noise prediction: the eps half of the output.
+    pub fn eps(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>, ctx: &StepCtx) -> Tensor<4> {
+        let out = self.forward(x, t, y, ctx);
+        if self.learn_sigma { out.narrow(1, 0, self.in_channels) } else { out }
     }
 }
 
@@ -147,5 +177,45 @@ impl TinyDit {
         out.push(QuantSite::linear("final_ada_ln", &mut self.final_ada_ln, true));
         out.push(QuantSite::linear("final_linear", &mut self.final_linear, false));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// DiT-XL/2's shape at a small width: latents in, eps and the variance half out, 1000
+    /// classes plus the null label, the tanh GELU.
+    #[test]
+    fn published_dit_shapes_at_a_small_width() {
+        let device = Device::flex();
+        let mut cfg = DitConfig::published("DiT-XL/2", 64).unwrap();
+        assert_eq!((cfg.in_channels, cfg.input_size, cfg.patch_size, cfg.num_classes), (4, 8, 2, 1000));
+        (cfg.hidden, cfg.depth, cfg.heads) = (32, 1, 2);
+        let m = TinyDit::new(&cfg, &mut SeededRng::new(0), &device);
+        assert_eq!(m.class_embed.null_label(), 1000);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(SeededRng::new(1).normals(2 * 4 * 64), [2, 4, 8, 8]),
+            &device,
+        );
+        let t = Tensor::<1>::from_floats([10.0, 900.0], &device);
+        let y = Tensor::<1, Int>::from_ints([3, 1000], &device);
+        assert_eq!(m.forward(x.clone(), t.clone(), y.clone(), &StepCtx::default()).dims(), [2, 8, 8, 8]);
+        assert_eq!(m.eps(x, t, y, &StepCtx::default()).dims(), [2, 4, 8, 8]);
+        assert!(DitConfig::published("DiT-XL/3", 256).is_none());
+    }
+
+    #[test]
+    fn tanh_gelu_is_the_approximation() {
+        let device = Device::flex();
+        let xs: Vec<f32> = (-40..=40).map(|i| i as f32 * 0.1).collect();
+        let x = Tensor::<1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &device);
+        let approx = crate::train::params::host_values(gelu_tanh(x.clone()));
+        let exact = crate::train::params::host_values(gelu(x));
+        for ((a, e), v) in approx.iter().zip(&exact).zip(&xs) {
+            let want =
+                0.5 * v * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh());
+            assert!((a - want).abs() < 1e-5 && (a - e).abs() < 2e-3, "x = {v}: {a} vs {want} / exact {e}");
+        }
     }
 }

@@ -81,7 +81,7 @@ impl Denoiser {
     pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, c: impl Into<Cond>, ctx: &StepCtx) -> Tensor<4> {
         match (self, c.into()) {
             (Denoiser::Unet(m), Cond::Labels(y)) => m.forward(x, t, y, ctx),
-            (Denoiser::Dit(m), Cond::Labels(y)) => m.forward(x, t, y, ctx),
+            (Denoiser::Dit(m), Cond::Labels(y)) => m.eps(x, t, y, ctx),
             (Denoiser::Sd(m), Cond::Tokens(c)) => m.forward(x, t, c, ctx),
             (model, c) => panic!("a {:?} model cannot take {} conditioning", model.kind(), c.kind()),
         }
