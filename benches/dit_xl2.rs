@@ -22,8 +22,9 @@ use msfp::pipeline::student::{self, StudentPlan};
 use msfp::quant::hadamard::HadamardSpec;
 use msfp::quant::plan::SiteReport;
 use msfp::rng::SeededRng;
-use msfp::train::params;
 
+#[path = "common/scales.rs"]
+mod scales;
 #[path = "common/timing.rs"]
 mod timing;
 use timing::{arg, median_ms, peak_rss_mib};
@@ -53,18 +54,7 @@ fn student(cfg: &ModelConfig, hadamard: bool, device: &Device) -> (Denoiser, Stu
     let lora = LoraConfig { rank: 0, ..Default::default() };
     let plan = StudentPlan { sites, act_timestep_slots: 1, timesteps: 1000, lora };
     student::build(&mut model, &plan, 0).expect("student");
-    let mut rng = SeededRng::new(5);
-    let model = params::map_params(model, |path, t| {
-        let n = t.dims()[0];
-        let v: Vec<f32> = if path.ends_with(".quant.weight.scale") {
-            (0..n).map(|_| 0.005 + 0.005 * rng.uniform()).collect()
-        } else if path.ends_with(".quant.act.scale") {
-            (0..n).map(|_| 0.5 + 0.5 * rng.uniform()).collect()
-        } else {
-            return t;
-        };
-        Tensor::from_data(TensorData::new(v, [n]), &t.device())
-    });
+    let model = scales::plausible(model, 0.005);
     (model, plan)
 }
 

@@ -20,6 +20,9 @@ use msfp::rng::SeededRng;
 use msfp::train::optim::AdamW;
 use msfp::train::params;
 
+#[path = "scales.rs"]
+mod scales;
+
 /// `configs/msfp_sd14.toml` with random weights at `latent` (the image is 8x larger).
 pub fn config(latent: usize) -> msfp::Config {
     msfp::Config::load(
@@ -91,18 +94,7 @@ pub fn student(cfg: &msfp::Config, device: &Device) -> (Denoiser, StudentPlan, u
     };
     let plan = StudentPlan { sites, act_timestep_slots: 1, timesteps: 1000, lora };
     student::build(&mut model, &plan, 0).expect("student");
-    let mut srng = SeededRng::new(5);
-    let model = params::map_params(model, |path, t| {
-        let n = t.dims()[0];
-        let v: Vec<f32> = if path.ends_with(".quant.weight.scale") {
-            (0..n).map(|_| 0.01 + 0.01 * srng.uniform()).collect()
-        } else if path.ends_with(".quant.act.scale") {
-            (0..n).map(|_| 0.5 + 0.5 * srng.uniform()).collect()
-        } else {
-            return t;
-        };
-        Tensor::from_data(TensorData::new(v, [n]), &t.device())
-    });
+    let model = scales::plausible(model, 0.01);
     let model = params::set_trainable(model, |p| group_of(p).is_some());
     let trainable = params::collect_trainable(&model).values().map(|t| t.data.len()).sum();
     (model, plan, trainable)
