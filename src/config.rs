@@ -228,6 +228,9 @@ pub struct DitConfig {
     pub learn_sigma: bool,
     /// The MLP's GELU with the tanh approximation (DiT's) instead of the exact erf form.
     pub gelu_tanh: bool,
+    /// Timestep frequencies `exp(-ln(1e4) i / (128 - freq_shift))`: 0 is DiT's own (and the tiny
+    /// DiT's), 1 is diffusers' `DiTTransformer2DModel` (its `downscale_freq_shift = 1`).
+    pub freq_shift: usize,
 }
 
 impl Default for DitConfig {
@@ -243,6 +246,7 @@ impl Default for DitConfig {
             num_classes: 10,
             learn_sigma: false,
             gelu_tanh: false,
+            freq_shift: 0,
         }
     }
 }
@@ -268,6 +272,7 @@ impl DitConfig {
             num_classes: 1000,
             learn_sigma: true,
             gelu_tanh: true,
+            freq_shift: 0,
         })
     }
 }
@@ -561,6 +566,12 @@ impl Config {
         positive("model.dit.mlp_ratio", dt.mlp_ratio)?;
         positive("model.dit.in_channels", dt.in_channels)?;
         positive("model.dit.num_classes", dt.num_classes)?;
+        if dt.freq_shift > 1 {
+            usage!(
+                "model.dit.freq_shift = {} is out of range: 0 (DiT's own) or 1 (diffusers')",
+                dt.freq_shift
+            );
+        }
         if dt.patch_size == 0 || dt.input_size == 0 || dt.input_size % dt.patch_size != 0 {
             usage!(
                 "model.dit.patch_size = {} is out of range: it must divide model.dit.input_size ({})",

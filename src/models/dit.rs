@@ -8,7 +8,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::DitConfig;
 use crate::lora::Router;
-use crate::nn::{ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, layer_norm, timestep_embedding};
+use crate::nn::{
+    ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, layer_norm, timestep_embedding_shifted,
+};
 use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
 
@@ -68,6 +70,7 @@ pub struct TinyDit {
     pub in_channels: usize,
     pub input_size: usize,
     pub learn_sigma: bool,
+    pub freq_shift: usize,
     /// TALoRA router of a fine-tuned student; it sets each step's adapter route.
     pub router: Option<Router>,
 }
@@ -101,6 +104,7 @@ impl TinyDit {
             in_channels: cfg.in_channels,
             input_size: cfg.input_size,
             learn_sigma: cfg.learn_sigma,
+            freq_shift: cfg.freq_shift,
             router: None,
         }
     }
@@ -117,7 +121,7 @@ impl TinyDit {
         let tokens = self.patch_embed.forward(x, ctx).reshape([b, self.hidden, n]).swap_dims(1, 2);
         let mut x = tokens + pos_embed_2d(self.hidden, g, &device).unsqueeze::<3>();
 
-        let temb = timestep_embedding(t, FREQ_DIM);
+        let temb = timestep_embedding_shifted(t, FREQ_DIM, self.freq_shift);
         let c = self.t_embed_2.forward(silu(self.t_embed_1.forward(temb, ctx)), ctx)
             + self.class_embed.forward(y);
         for block in &self.blocks {

@@ -3,6 +3,7 @@
 pub mod classifier;
 pub mod clip;
 pub mod dit;
+pub mod dit_weights;
 pub mod family;
 pub mod sd;
 pub mod unet;

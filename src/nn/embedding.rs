@@ -9,9 +9,16 @@ use crate::rng::SeededRng;
 /// Sinusoidal embedding of (possibly fractional) timesteps, `[B] -> [B, dim]`, laid out
 /// `[cos | sin]` with frequencies `10000^(-i/half)` as in ADM/DiT.
 pub fn timestep_embedding(t: Tensor<1>, dim: usize) -> Tensor<2> {
+    timestep_embedding_shifted(t, dim, 0)
+}
+
+/// [`timestep_embedding`] with frequencies `exp(-ln(1e4) i / (dim / 2 - shift))` (diffusers'
+/// `downscale_freq_shift`).
+pub fn timestep_embedding_shifted(t: Tensor<1>, dim: usize, shift: usize) -> Tensor<2> {
     let half = dim / 2;
+    let denom = half - shift;
     let device = t.device();
-    let freqs: Vec<f32> = (0..half).map(|i| (-(10000f32.ln()) * i as f32 / half as f32).exp()).collect();
+    let freqs: Vec<f32> = (0..half).map(|i| (-(10000f32.ln()) * i as f32 / denom as f32).exp()).collect();
     let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &device).unsqueeze::<2>();
     let args = t.unsqueeze_dim::<2>(1) * freqs;
     Tensor::cat(vec![args.clone().cos(), args.sin()], 1)

@@ -11,7 +11,7 @@ pub mod norm;
 
 pub use attention::{Attention, SelfAttention};
 pub use conv::Conv2d;
-pub use embedding::{ClassEmbedding, Embedding, timestep_embedding};
+pub use embedding::{ClassEmbedding, Embedding, timestep_embedding, timestep_embedding_shifted};
 pub use linear::Linear;
 pub use norm::{GroupNorm, LayerNorm, layer_norm};
 

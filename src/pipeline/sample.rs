@@ -14,7 +14,8 @@ use crate::rng::SeededRng;
 use crate::train::params;
 
 /// Builds the model of `cfg` and loads weights from `weights` (or `model.weights`). For SD, the
-/// UNet of the user's download (or of `model.sd.random_weights`).
+/// UNet of the user's download (or of `model.sd.random_weights`); a DiT loads msfp's own
+/// safetensors or a published checkpoint (facebookresearch `.pt`, diffusers directory).
 pub fn load_model(cfg: &Config, weights: Option<&Path>, device: &Device) -> Result<Denoiser> {
     if cfg.model.kind == ModelKind::Sd {
         let mut model = cfg.model.clone();
@@ -27,6 +28,9 @@ pub fn load_model(cfg: &Config, weights: Option<&Path>, device: &Device) -> Resu
     let path = weights.or(cfg.model.weights.as_deref()).ok_or_else(|| {
         Error::usage("no weights given: pass --weights FILE or set model.weights in the config")
     })?;
+    if cfg.model.kind == ModelKind::TinyDit && crate::models::dit_weights::is_published(path) {
+        return Ok(Denoiser::Dit(crate::models::dit_weights::load_published(&cfg.model.dit, path, device)?));
+    }
     load_weights_into(Denoiser::new(&cfg.model, &mut SeededRng::new(0), device), path, cfg)
 }
 
