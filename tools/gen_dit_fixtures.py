@@ -12,7 +12,11 @@ with inputs and reference outputs, for msfp's DiT loader and parity tests. Offli
 
 Every block's copy of the timestep/class embedders is block 0's, as in a converted checkpoint.
 
-Usage: python tools/gen_dit_fixtures.py [--out tests/fixtures/dit/tiny]
+With --keys it writes instead tests/fixtures/dit/xl2_keys/{diffusers,facebook}.txt: the names and
+shapes (`name<TAB>d0,d1,...`, sorted) of every tensor of DiT-XL/2 at 256 px in both layouts,
+built on the meta device (no weights), the facebookresearch names by the same mapping.
+
+Usage: python tools/gen_dit_fixtures.py [--out tests/fixtures/dit/tiny] [--keys]
 """
 import argparse
 from pathlib import Path
@@ -53,10 +57,31 @@ def facebook_state_dict(sd, depth, hidden, grid):
     return {k: v.contiguous().clone() for k, v in fb.items()}
 
 
+def write_keys(out):
+    """DiT-XL/2 (256 px) tensor names and shapes in both layouts, from the meta device."""
+    cfg = dict(CONFIG, num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=32)
+    with torch.device("meta"):
+        model = DiTTransformer2DModel(**cfg)
+    sd = model.state_dict()
+    hidden, grid = 16 * 72, 32 // 2
+    meta = {k: torch.empty(v.shape) for k, v in sd.items()}
+    fb = facebook_state_dict(meta, 28, hidden, grid)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, d in (("diffusers.txt", sd), ("facebook.txt", fb)):
+        lines = [f"{k}\t{','.join(str(x) for x in v.shape)}" for k, v in sorted(d.items())]
+        (out / name).write_text("\n".join(lines) + "\n")
+        print(name, len(lines), "tensors,", sum(v.numel() for v in d.values()), "values")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tests/fixtures/dit/tiny")
-    out = Path(ap.parse_args().out)
+    ap.add_argument("--keys", action="store_true")
+    args = ap.parse_args()
+    if args.keys:
+        write_keys(Path("tests/fixtures/dit/xl2_keys"))
+        return
+    out = Path(args.out)
     torch.manual_seed(0)
     model = DiTTransformer2DModel(**CONFIG).eval()
     sd = model.state_dict()

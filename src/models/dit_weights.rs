@@ -291,4 +291,42 @@ mod tests {
         let ours = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("checkpoints/tiny_dit_mnist.safetensors");
         assert!(!is_published(&ours), "msfp's own safetensors");
     }
+
+    /// `name -> shape` of a committed DiT-XL/2 key list, as tensors without values.
+    fn key_list(file: &str) -> NamedTensors {
+        let text = std::fs::read_to_string(fixtures().join("../xl2_keys").join(file)).unwrap();
+        text.lines()
+            .map(|l| {
+                let (name, shape) = l.split_once('\t').unwrap();
+                let shape = shape.split(',').map(|d| d.parse().unwrap()).collect();
+                (name.to_string(), HostTensor { shape, data: Vec::new() })
+            })
+            .collect()
+    }
+
+    /// Every tensor of the real DiT-XL/2 files (facebookresearch's 292, diffusers' 538) maps onto
+    /// exactly the parameters `DitConfig::published("DiT-XL/2", 256)` builds, with their shapes;
+    /// the model has the published 675,129,632 values less the fixed position embedding.
+    #[test]
+    fn full_size_xl2_keys_map_onto_the_model() {
+        let cfg = DitConfig::published("DiT-XL/2", 256).unwrap();
+        let model = TinyDit::new(&cfg, &mut SeededRng::new(0), &Device::flex());
+        let mut ours = std::collections::BTreeMap::new();
+        params::for_each_param(&model, |path, _, dims| {
+            ours.insert(path.to_string(), dims.to_vec());
+        });
+        let origin = Path::new("xl2_keys");
+        let facebook = key_list("facebook.txt");
+        let total: usize = facebook.values().map(|t| t.shape.iter().product::<usize>()).sum();
+        assert_eq!(total, 675_129_632);
+        let shapes = |t: NamedTensors| {
+            t.into_iter().map(|(k, v)| (k, v.shape)).collect::<std::collections::BTreeMap<_, _>>()
+        };
+        assert_eq!(shapes(from_facebook(facebook, 256, 1152, origin).unwrap()), ours);
+        assert_eq!(shapes(from_diffusers(&key_list("diffusers.txt"), 28, origin).unwrap()), ours);
+        assert_eq!(
+            ours.values().map(|s| s.iter().product::<usize>()).sum::<usize>(),
+            675_129_632 - 256 * 1152
+        );
+    }
 }
