@@ -107,6 +107,8 @@ impl Default for RunConfig {
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
     TinyUnet,
+    /// The DiT code: the tiny MNIST DiT or, with `[model.dit]` set so, DiT-XL/2 as published.
+    #[serde(alias = "dit")]
     TinyDit,
     /// Stable Diffusion v1.x (`[model.sd]`): text-conditioned latent diffusion.
     Sd,
@@ -231,6 +233,9 @@ pub struct DitConfig {
     /// Timestep frequencies `exp(-ln(1e4) i / (128 - freq_shift))`: 0 is DiT's own (and the tiny
     /// DiT's), 1 is diffusers' `DiTTransformer2DModel` (its `downscale_freq_shift = 1`).
     pub freq_shift: usize,
+    /// The SD AutoencoderKL that decodes a latent DiT's samples (`stabilityai/sd-vae-ft-ema` or
+    /// `-mse`, a diffusers folder); required when `in_channels` is 4.
+    pub vae: Option<PathBuf>,
 }
 
 impl Default for DitConfig {
@@ -247,6 +252,7 @@ impl Default for DitConfig {
             learn_sigma: false,
             gelu_tanh: false,
             freq_shift: 0,
+            vae: None,
         }
     }
 }
@@ -273,6 +279,7 @@ impl DitConfig {
             learn_sigma: true,
             gelu_tanh: true,
             freq_shift: 0,
+            vae: None,
         })
     }
 }
@@ -512,6 +519,22 @@ impl Config {
         positive("eval.batch_size", self.eval.batch_size)?;
         positive("data.train_count", self.data.train_count)?;
         positive("data.heldout_count", self.data.heldout_count)?;
+        let dt = &self.model.dit;
+        if self.model.kind == ModelKind::TinyDit && dt.in_channels == 4 {
+            if self.model.weights.is_none() {
+                usage!(
+                    "model.weights is not set: download facebookresearch's DiT-XL-2-256x256.pt \
+                     (https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt; CC-BY-NC) or the diffusers \
+                     directory facebook/DiT-XL-2-256 on huggingface.co, and set model.weights to its path"
+                );
+            }
+            if dt.vae.is_none() {
+                usage!(
+                    "model.dit.vae is not set: a latent DiT's samples are decoded by the SD VAE; download \
+                     stabilityai/sd-vae-ft-ema (or -mse) from huggingface.co and set model.dit.vae to its folder"
+                );
+            }
+        }
         if self.model.kind == ModelKind::Sd {
             let sd = &self.model.sd;
             if self.model.weights.is_none() && !sd.random_weights {
@@ -641,6 +664,7 @@ const NON_MATH_KEYS: &[&str] = &[
     "run.out_dir",
     "run.device",
     "model.weights",
+    "model.dit.vae",
     "train.steps",
     "train.checkpoint_every",
     "train.keep_checkpoints",

@@ -80,6 +80,29 @@ pub fn load_published(cfg: &DitConfig, path: &Path, device: &Device) -> Result<T
     params::load_into(model, &tensors, &origin).map_err(|e| Error::usage(e.message))
 }
 
+/// The SD AutoencoderKL of a diffusers VAE folder (`stabilityai/sd-vae-ft-ema` or `-mse`: the
+/// weights at its top level, or in `vae/` of a pipeline), which decodes DiT-XL/2's latents.
+pub fn load_sd_vae(path: &Path, device: &Device) -> Result<crate::models::sd::vae::AutoencoderKl> {
+    use crate::models::sd::weights::{DIFFUSERS_MODEL_FILES, load_diffusers_file};
+    let dir = if path.join("vae").is_dir() { path.join("vae") } else { path.to_path_buf() };
+    let file = DIFFUSERS_MODEL_FILES.iter().map(|n| dir.join(n)).find(|p| p.is_file()).ok_or_else(|| {
+        Error::usage(format!(
+            "model.dit.vae = {}: no diffusion_pytorch_model[.fp16].safetensors there; download \
+             stabilityai/sd-vae-ft-ema from huggingface.co and point model.dit.vae at its folder",
+            path.display()
+        ))
+    })?;
+    let tensors = load_diffusers_file(&file, crate::models::sd::keymap::Component::Vae)?;
+    // The folder's own config.json when it has one (the published VAEs: SD's), else SD's.
+    let json = dir.join("config.json");
+    let cfg = if json.is_file() {
+        crate::models::sd::config::VaeConfig::from_diffusers_json(&json)?
+    } else {
+        crate::models::sd::config::VaeConfig::sd()
+    };
+    crate::models::sd::load_vae(&cfg, tensors, &file, device)
+}
+
 fn read_all(path: &Path) -> Result<NamedTensors> {
     let ckpt = Checkpoint::open(path)?;
     ckpt.tensors().iter().map(|info| Ok((info.name.clone(), ckpt.read_f32(&info.name)?))).collect()

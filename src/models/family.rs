@@ -109,6 +109,25 @@ impl Family {
         }
     }
 
+    /// A DiT of `cfg`: its class labels and sample shape; a latent DiT's samples are decoded by
+    /// `vae` (DiT-XL/2: the SD AutoencoderKL, sd-vae-ft-ema/mse).
+    pub fn dit(cfg: &crate::config::DitConfig, vae: Option<AutoencoderKl>, device: &Device) -> Self {
+        Self {
+            conditioner: Conditioner::Classes { classes: cfg.num_classes },
+            sample_shape: [cfg.in_channels, cfg.input_size, cfg.input_size],
+            first_stage: vae,
+            device: device.clone(),
+        }
+    }
+
+    /// Whether the MNIST classifier's feature space scores this family (FID, accuracy): the
+    /// tiny models' ten digits as 1 x 32 x 32 pixels.
+    pub fn is_mnist(&self) -> bool {
+        matches!(self.conditioner, Conditioner::Classes { classes: NUM_CLASSES })
+            && self.sample_shape == [1, 32, 32]
+            && self.first_stage.is_none()
+    }
+
     /// SD: prompts from `model.sd.prompts`, the given text encoder and VAE.
     pub fn sd(
         cfg: &Config,

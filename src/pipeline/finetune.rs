@@ -22,7 +22,6 @@ use crate::config::{Config, SamplerConfig};
 use crate::diffusion::sampler::cond_uncond_eps;
 use crate::diffusion::{NoiseSchedule, Sampler, sample};
 use crate::error::{Error, Result};
-use crate::models::family::Conditioner;
 use crate::models::{Cond, Denoiser, Family};
 use crate::nn::StepCtx;
 use crate::rng::SeededRng;
@@ -181,10 +180,7 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
     let family = super::sample::load_family(cfg, &device)?;
     // FID and accuracy where the family has the classifier's feature space (the MNIST models);
     // PSNR and SSIM against the teacher's samples from identical noise for every family.
-    let scorer = match family.conditioner {
-        Conditioner::Classes { .. } => Some(Scorer::new(cfg, &device)?),
-        Conditioner::Text { .. } => None,
-    };
+    let scorer = if family.is_mnist() { Some(Scorer::new(cfg, &device)?) } else { None };
     let run = |m: &Denoiser| match &scorer {
         Some(s) => {
             let (e, images) = s.generate_and_score(cfg, &family, m);

@@ -53,7 +53,20 @@ pub fn load_weights_into(model: Denoiser, path: &Path, cfg: &Config) -> Result<D
 /// download (or random ones with `model.sd.random_weights`).
 pub fn load_family(cfg: &Config, device: &Device) -> Result<Family> {
     match cfg.model.kind {
-        ModelKind::TinyUnet | ModelKind::TinyDit => Ok(Family::tiny(device)),
+        ModelKind::TinyUnet => Ok(Family::tiny(device)),
+        ModelKind::TinyDit => {
+            let dit = &cfg.model.dit;
+            let vae = match &dit.vae {
+                Some(path) => Some(crate::models::dit_weights::load_sd_vae(path, device)?),
+                None if dit.in_channels == 1 => None,
+                None => {
+                    return Err(Error::usage(
+                        "model.dit.vae is not set: a latent DiT's samples are decoded by the SD VAE (stabilityai/sd-vae-ft-ema)",
+                    ));
+                }
+            };
+            Ok(Family::dit(dit, vae, device))
+        }
         ModelKind::Sd => {
             crate::models::sd::check_scheduler(cfg)?;
             let (text_encoder, vae) = load_sd_conditioning(&cfg.model, device)?;
