@@ -70,7 +70,10 @@ enum Command {
         /// Directory of the experiment (results/, results.json, runs/).
         #[arg(long)]
         out: PathBuf,
-        /// Rows to run (default: all), e.g. `teacher,msfp_ptq`.
+        /// Which ablation: MSFP's rows or HQ-DiT's (base `configs/hqdit_tiny_dit.toml`).
+        #[arg(long, value_enum, default_value = "msfp")]
+        table: pipeline::ablation::Table,
+        /// Rows to run (default: all of the table), e.g. `teacher,msfp_ptq`.
         #[arg(long, value_delimiter = ',')]
         rows: Vec<String>,
         #[arg(long, value_delimiter = ',', default_value = "0,1")]
@@ -170,8 +173,9 @@ fn run(cli: Cli) -> Result<()> {
             let out = pipeline::finetune::train(&cfg, pipeline::pretrain::Resume::parse(resume.as_deref()))?;
             println!("{}", serde_json::to_string_pretty(&out.summary).expect("json"));
         }
-        Command::Ablation { config, out, rows, seeds } => {
+        Command::Ablation { config, out, table, rows, seeds } => {
             let table = pipeline::ablation::run(
+                table,
                 &config.config,
                 &config.overrides(),
                 &rows,

@@ -44,7 +44,25 @@ pub struct Row {
     pub overrides: &'static [&'static str],
 }
 
-/// The paper's ablation, in the order of its table.
+/// Which paper's ablation: MSFP's (on `configs/quickstart.toml`-like bases) or HQ-DiT's (on
+/// `configs/hqdit_tiny_dit.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Table {
+    #[default]
+    Msfp,
+    Hqdit,
+}
+
+impl Table {
+    pub fn rows(self) -> &'static [Row] {
+        match self {
+            Table::Msfp => ROWS,
+            Table::Hqdit => HQDIT_ROWS,
+        }
+    }
+}
+
+/// MSFP's ablation, in the order of its table.
 pub const ROWS: &[Row] = &[
     Row {
         id: "teacher",
@@ -121,6 +139,90 @@ pub const ROWS: &[Row] = &[
         a_bits: 8,
         stage: Stage::Finetune,
         overrides: &["quant.weight=\"fp8\"", "quant.act=\"fp8\""],
+    },
+];
+
+/// HQ-DiT's ablation on a post-training base (`configs/hqdit_tiny_dit.toml`): each row adds one
+/// of its pieces. "No clipping" is `calib.clip_grid = 1` (the range's maximum).
+pub const HQDIT_ROWS: &[Row] = &[
+    Row {
+        id: "teacher",
+        what: "FP32 teacher",
+        w_bits: 32,
+        a_bits: 32,
+        stage: Stage::Teacher,
+        overrides: &[],
+    },
+    Row {
+        id: "int4_ptq",
+        what: "W4A4 INT4, no clipping search, no rotation",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Ptq,
+        overrides: &[
+            "quant.weight=\"int4\"",
+            "quant.act=\"int4\"",
+            "quant.layers=[{pattern=\"patch_embed\",weight=\"int8\",act=\"int8\"},{pattern=\"final_linear\",weight=\"int8\",act=\"int8\"}]",
+            "quant.hadamard=[]",
+            "calib.clip_grid=1",
+        ],
+    },
+    Row {
+        id: "e2m1_ptq",
+        what: "W4A4 FP4 E2M1 everywhere, no clipping search, no rotation",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Ptq,
+        overrides: &["quant.weight=\"e2m1\"", "quant.act=\"e2m1\"", "quant.hadamard=[]", "calib.clip_grid=1"],
+    },
+    Row {
+        id: "fp4_format_ptq",
+        what: "+ per-layer FP4 format (E3M0 / E2M1 / E1M2)",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Ptq,
+        overrides: &["quant.hadamard=[]", "calib.clip_grid=1"],
+    },
+    Row {
+        id: "fp4_format_clip_ptq",
+        what: "+ clipping search",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Ptq,
+        overrides: &["quant.hadamard=[]"],
+    },
+    Row {
+        id: "hqdit_ptq",
+        what: "+ Hadamard on attention and MLP inputs: HQ-DiT",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Ptq,
+        overrides: &[],
+    },
+    Row {
+        id: "hqdit_msfp_ft",
+        what: "HQ-DiT + MSFP fine-tuning (TALoRA 4 x rank 4, DFA, 100 steps)",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Finetune,
+        overrides: &[
+            "finetune.enabled=true",
+            "lora.rank=4",
+            "lora.adapters=4",
+            "lora.router=\"range\"",
+            "train.steps=100",
+            "train.batch_size=4",
+            "train.warmup_steps=10",
+            "train.checkpoint_every=25",
+        ],
+    },
+    Row {
+        id: "w4a8_hqdit",
+        what: "HQ-DiT with 8-bit FP activations",
+        w_bits: 4,
+        a_bits: 8,
+        stage: Stage::Ptq,
+        overrides: &["quant.act=\"fp8\""],
     },
 ];
 
@@ -228,6 +330,7 @@ fn toml_string(s: &str) -> String {
 
 /// Runs every (row, seed) that has no result yet, then rewrites `<out>/results.json`.
 pub fn run(
+    table: Table,
     base: &Path,
     base_overrides: &[String],
     rows: &[String],
@@ -235,13 +338,14 @@ pub fn run(
     out: &Path,
     command: &str,
 ) -> Result<Vec<TableRow>> {
+    let all = table.rows();
     let selected: Vec<&Row> = if rows.is_empty() {
-        ROWS.iter().collect()
+        all.iter().collect()
     } else {
         rows.iter()
             .map(|r| {
-                ROWS.iter().find(|row| row.id == r).ok_or_else(|| {
-                    let ids: Vec<&str> = ROWS.iter().map(|r| r.id).collect();
+                all.iter().find(|row| row.id == r).ok_or_else(|| {
+                    let ids: Vec<&str> = all.iter().map(|r| r.id).collect();
                     Error::usage(format!("--rows: unknown row `{r}`; the rows are {}", ids.join(", ")))
                 })
             })
@@ -327,10 +431,10 @@ pub fn run(
             crate::train::atomic_write(&path, &serde_json::to_vec_pretty(&result).expect("json"))?;
         }
     }
-    let table = aggregate(base, base_overrides, out, &teacher_id)?;
-    crate::train::atomic_write(&out.join("results.json"), &serde_json::to_vec_pretty(&table).expect("json"))?;
-    crate::train::atomic_write(&out.join("results.md"), markdown(&table).as_bytes())?;
-    Ok(table)
+    let rows = aggregate(table, base, base_overrides, out, &teacher_id)?;
+    crate::train::atomic_write(&out.join("results.json"), &serde_json::to_vec_pretty(&rows).expect("json"))?;
+    crate::train::atomic_write(&out.join("results.md"), markdown(&rows).as_bytes())?;
+    Ok(rows)
 }
 
 /// The table as Markdown: FID relative to the teacher's where the teacher row is there.
@@ -418,7 +522,13 @@ fn read_images(path: &Path, n: usize) -> Option<Vec<f32>> {
 }
 
 /// Every finished result of `teacher` under `<out>/results/`, as table rows in the paper's order.
-pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path, teacher: &str) -> Result<Vec<TableRow>> {
+pub fn aggregate(
+    which: Table,
+    base: &Path,
+    base_overrides: &[String],
+    out: &Path,
+    teacher: &str,
+) -> Result<Vec<TableRow>> {
     let mut table = Vec::new();
     let cfg = Config::load(base, base_overrides)?;
     let fid_real_heldout = {
@@ -427,7 +537,7 @@ pub fn aggregate(base: &Path, base_overrides: &[String], out: &Path, teacher: &s
     };
     // The teacher's FID per seed: each row is compared with the teacher on its own seeds.
     let mut teacher_fid: Vec<(u64, f64)> = Vec::new();
-    for row in ROWS {
+    for row in which.rows() {
         let mut results: Vec<RunResult> = Vec::new();
         let Ok(entries) = std::fs::read_dir(out.join("results")) else { continue };
         let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
@@ -512,5 +622,38 @@ mod tests {
         let md = markdown(&[row("teacher", 50.0, None), row("msfp_full", 55.0, Some(0.1))]);
         assert!(md.contains("| `teacher` | 4/4 | 50.0 ± 0.0 | - |"), "{md}");
         assert!(md.contains("| `msfp_full` | 4/4 | 55.0 ± 0.0 | +10.0% | 0.990 | 21.50 dB |"), "{md}");
+    }
+
+    /// Every HQ-DiT row is a valid config on `configs/hqdit_tiny_dit.toml` and adds what it says.
+    #[test]
+    fn hqdit_rows_build_valid_configs_one_piece_at_a_time() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/hqdit_tiny_dit.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |id: &str| {
+            let row = Table::Hqdit.rows().iter().find(|r| r.id == id).unwrap();
+            row_config(&base, &[], row, 1, dir.path()).unwrap()
+        };
+        for row in Table::Hqdit.rows() {
+            row_config(&base, &[], row, 0, dir.path()).unwrap_or_else(|e| panic!("{}: {e}", row.id));
+        }
+        let ids: std::collections::BTreeSet<&str> = Table::Hqdit.rows().iter().map(|r| r.id).collect();
+        assert_eq!(ids.len(), Table::Hqdit.rows().len(), "unique row ids");
+        let (e2m1, format, clip, hq, ft) = (
+            cfg("e2m1_ptq"),
+            cfg("fp4_format_ptq"),
+            cfg("fp4_format_clip_ptq"),
+            cfg("hqdit_ptq"),
+            cfg("hqdit_msfp_ft"),
+        );
+        assert_eq!((e2m1.quant.weight.as_str(), e2m1.calib.clip_grid), ("e2m1", 1));
+        assert_eq!((format.quant.weight.as_str(), format.calib.clip_grid), ("fp4", 1));
+        assert!(
+            format.quant.hadamard.is_empty() && clip.quant.hadamard.is_empty() && clip.calib.clip_grid > 1
+        );
+        assert_eq!(hq.quant.hadamard.len(), 4);
+        assert!(
+            !hq.finetune.enabled && ft.finetune.enabled && ft.lora.rank == 4 && ft.quant.hadamard.len() == 4
+        );
+        assert_eq!(cfg("w4a8_hqdit").quant.act, "fp8");
     }
 }
