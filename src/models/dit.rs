@@ -57,7 +57,7 @@ impl DitBlock {
 }
 
 #[derive(Module, Debug)]
-pub struct TinyDit {
+pub struct Dit {
     pub patch_embed: Conv2d,
     pub t_embed_1: Linear,
     pub t_embed_2: Linear,
@@ -75,7 +75,7 @@ pub struct TinyDit {
     pub router: Option<Router>,
 }
 
-impl TinyDit {
+impl Dit {
     pub fn new(cfg: &DitConfig, rng: &mut SeededRng, device: &Device) -> Self {
         let h = cfg.hidden;
         let p = cfg.patch_size;
@@ -136,7 +136,7 @@ impl TinyDit {
     }
 }
 
-impl TinyDit {
+impl Dit {
     pub fn out_channels(&self) -> usize {
         self.in_channels * if self.learn_sigma { 2 } else { 1 }
     }
@@ -165,7 +165,7 @@ pub fn pos_embed_2d(dim: usize, grid: usize, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(values, [grid * grid, dim]), device)
 }
 
-impl TinyDit {
+impl Dit {
     /// Every quantizable layer, in forward order.
     pub fn quant_sites(&mut self) -> Vec<QuantSite<'_>> {
         let mut out = Vec::new();
@@ -196,7 +196,7 @@ mod tests {
         let mut cfg = DitConfig::published("DiT-XL/2", 64).unwrap();
         assert_eq!((cfg.in_channels, cfg.input_size, cfg.patch_size, cfg.num_classes), (4, 8, 2, 1000));
         (cfg.hidden, cfg.depth, cfg.heads) = (32, 1, 2);
-        let m = TinyDit::new(&cfg, &mut SeededRng::new(0), &device);
+        let m = Dit::new(&cfg, &mut SeededRng::new(0), &device);
         assert_eq!(m.class_embed.null_label(), 1000);
         let x = Tensor::<4>::from_data(
             TensorData::new(SeededRng::new(1).normals(2 * 4 * 64), [2, 4, 8, 8]),

@@ -1,4 +1,4 @@
-//! DiT weights as published, in either layout, mapped onto [`TinyDit`]'s parameter names:
+//! DiT weights as published, in either layout, mapped onto [`Dit`]'s parameter names:
 //!
 //! - facebookresearch/DiT's `DiT-XL-2-256x256.pt`: a plain pickled state dict (read without
 //!   executing pickle code; a `.safetensors` with the same names works too): `x_embedder.proj`,
@@ -15,7 +15,7 @@ use std::path::Path;
 
 use burn::tensor::Device;
 
-use super::dit::TinyDit;
+use super::dit::Dit;
 use crate::config::DitConfig;
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
@@ -38,7 +38,7 @@ pub fn is_published(path: &Path) -> bool {
 }
 
 /// A DiT of `cfg` with the published weights at `path`.
-pub fn load_published(cfg: &DitConfig, path: &Path, device: &Device) -> Result<TinyDit> {
+pub fn load_published(cfg: &DitConfig, path: &Path, device: &Device) -> Result<Dit> {
     let (tensors, origin) = if path.is_dir() {
         let dir =
             if path.join("transformer").is_dir() { path.join("transformer") } else { path.to_path_buf() };
@@ -76,7 +76,7 @@ pub fn load_published(cfg: &DitConfig, path: &Path, device: &Device) -> Result<T
             path.display()
         )));
     };
-    let model = TinyDit::new(cfg, &mut SeededRng::new(0), device);
+    let model = Dit::new(cfg, &mut SeededRng::new(0), device);
     params::load_into(model, &tensors, &origin).map_err(|e| Error::usage(e.message))
 }
 
@@ -251,7 +251,7 @@ mod tests {
     }
 
     /// Our full output (eps and variance halves) on the fixture's inputs against `reference`.
-    fn assert_matches(model: &TinyDit, reference: &str) {
+    fn assert_matches(model: &Dit, reference: &str) {
         let device = Device::flex();
         let (io, _) = load_safetensors(&fixtures().join("io.safetensors")).unwrap();
         let t = |k: &str| TensorData::new(io[k].data.clone(), io[k].shape.clone());
@@ -333,7 +333,7 @@ mod tests {
     #[test]
     fn full_size_xl2_keys_map_onto_the_model() {
         let cfg = DitConfig::published("DiT-XL/2", 256).unwrap();
-        let model = TinyDit::new(&cfg, &mut SeededRng::new(0), &Device::flex());
+        let model = Dit::new(&cfg, &mut SeededRng::new(0), &Device::flex());
         let mut ours = std::collections::BTreeMap::new();
         params::for_each_param(&model, |path, _, dims| {
             ours.insert(path.to_string(), dims.to_vec());

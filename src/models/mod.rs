@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 pub use classifier::Classifier;
-pub use dit::TinyDit;
+pub use dit::Dit;
 pub use family::{Cond, Family};
 pub use sd::SdUnet;
 pub use unet::TinyUnet;
@@ -30,7 +30,7 @@ pub const NUM_CLASSES: usize = 10;
 #[derive(Module, Debug)]
 pub enum Denoiser {
     Unet(TinyUnet),
-    Dit(TinyDit),
+    Dit(Dit),
     Sd(SdUnet),
 }
 
@@ -39,7 +39,7 @@ impl Denoiser {
     pub fn new(cfg: &ModelConfig, rng: &mut SeededRng, device: &Device) -> Self {
         match cfg.kind {
             ModelKind::TinyUnet => Denoiser::Unet(TinyUnet::new(&cfg.unet, rng, device)),
-            ModelKind::TinyDit => Denoiser::Dit(TinyDit::new(&cfg.dit, rng, device)),
+            ModelKind::TinyDit => Denoiser::Dit(Dit::new(&cfg.dit, rng, device)),
             ModelKind::Sd => Denoiser::Sd(SdUnet::new(&sd::SdArch::of(cfg.sd.preset).unet, rng, device)),
         }
     }
