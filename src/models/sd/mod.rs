@@ -83,6 +83,7 @@ const STREAM_TEXT: u64 = 2;
 fn read_weights(
     cfg: &ModelConfig,
     arch: &SdArch,
+    parts: weights::Parts,
 ) -> Result<Option<(weights::SdWeights, std::path::PathBuf)>> {
     let path = match (&cfg.weights, cfg.sd.random_weights) {
         (_, true) | (None, _) => return Ok(None),
@@ -102,13 +103,13 @@ fn read_weights(
         EmaSetting::Ema => weights::EmaChoice::Ema,
         EmaSetting::NonEma => weights::EmaChoice::NonEma,
     };
-    Ok(Some((weights::load_sd_weights(path, arch.unet.layers_per_block, ema)?, path.clone())))
+    Ok(Some((weights::load_sd_parts(path, arch.unet.layers_per_block, ema, parts)?, path.clone())))
 }
 
 /// The UNet of `[model.sd]`: from the user's weights, or seeded random ones.
 pub fn load_sd_unet(cfg: &ModelConfig, device: &Device) -> Result<SdUnet> {
     let arch = SdArch::of(cfg.sd.preset);
-    match read_weights(cfg, &arch)? {
+    match read_weights(cfg, &arch, weights::Parts::UNET)? {
         Some((w, path)) => load_unet(&arch.unet, w.unet, &path, device),
         None => Ok(SdUnet::new(&arch.unet, &mut SeededRng::derived(0, STREAM_UNET), device)),
     }
@@ -117,7 +118,7 @@ pub fn load_sd_unet(cfg: &ModelConfig, device: &Device) -> Result<SdUnet> {
 /// The text encoder and VAE of `[model.sd]` (they stay in full precision).
 pub fn load_sd_conditioning(cfg: &ModelConfig, device: &Device) -> Result<(ClipTextModel, AutoencoderKl)> {
     let arch = SdArch::of(cfg.sd.preset);
-    match read_weights(cfg, &arch)? {
+    match read_weights(cfg, &arch, weights::Parts::CONDITIONING)? {
         Some((w, path)) => Ok((
             load_text_encoder(&arch.text, w.text_encoder, &path, device)?,
             load_vae(&arch.vae, w.vae, &path, device)?,

@@ -32,11 +32,43 @@ pub enum EmaChoice {
     NonEma,
 }
 
+/// Which networks to read: a job builds the UNet (teacher, student) and the conditioning (text
+/// encoder, VAE) separately, and reading a 4 GB checkpoint's other half each time would double
+/// the I/O. Unread parts are left empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts {
+    pub unet: bool,
+    pub conditioning: bool,
+}
+
+impl Parts {
+    pub const ALL: Parts = Parts { unet: true, conditioning: true };
+    pub const UNET: Parts = Parts { unet: true, conditioning: false };
+    pub const CONDITIONING: Parts = Parts { unet: false, conditioning: true };
+
+    fn wants(self, c: Component) -> bool {
+        match c {
+            Component::Unet => self.unet,
+            Component::Vae | Component::TextEncoder => self.conditioning,
+        }
+    }
+}
+
 /// Loads SD v1.x weights from `path`: a diffusers directory (`unet/`, `vae/`, `text_encoder/`)
 /// or a CompVis single file (`.ckpt` or `.safetensors`). `layers_per_block` is the UNet
 /// config's (SD: 2); the CompVis UNet map depends on it. A diffusers directory holds one set of
 /// UNet weights, so there only [`EmaChoice::Auto`] is accepted.
 pub fn load_sd_weights(path: &Path, layers_per_block: usize, ema: EmaChoice) -> Result<SdWeights> {
+    load_sd_parts(path, layers_per_block, ema, Parts::ALL)
+}
+
+/// [`load_sd_weights`] reading only `parts` (the file is still checked for all three networks).
+pub fn load_sd_parts(
+    path: &Path,
+    layers_per_block: usize,
+    ema: EmaChoice,
+    parts: Parts,
+) -> Result<SdWeights> {
     if path.is_dir() {
         if ema != EmaChoice::Auto {
             return Err(Error::usage(format!(
@@ -45,9 +77,9 @@ pub fn load_sd_weights(path: &Path, layers_per_block: usize, ema: EmaChoice) -> 
                 path.display()
             )));
         }
-        load_diffusers_dir(path)
+        load_diffusers_dir(path, parts)
     } else if path.exists() {
-        load_compvis_file(path, layers_per_block, ema)
+        load_compvis_file(path, layers_per_block, ema, parts)
     } else {
         Err(Error::usage(format!(
             "{}: not found; pass a diffusers directory (with unet/, vae/, text_encoder/) or a CompVis \
@@ -84,14 +116,17 @@ pub const DIFFUSERS_TEXT_ENCODER_FILES: &[&str] =
 /// and `text_encoder/` (`model[.fp16].safetensors`); fp32 files are preferred, fp16 ones read as
 /// f32. Old VAE attention names are renamed, the text encoder's names get their `text_model.`
 /// prefix if the file lacks it, and its integer `position_ids` is dropped.
-pub fn load_diffusers_dir(dir: &Path) -> Result<SdWeights> {
+pub fn load_diffusers_dir(dir: &Path, parts: Parts) -> Result<SdWeights> {
     let unet = pick_file(&dir.join("unet"), DIFFUSERS_MODEL_FILES)?;
     let vae = pick_file(&dir.join("vae"), DIFFUSERS_MODEL_FILES)?;
     let text_encoder = pick_file(&dir.join("text_encoder"), DIFFUSERS_TEXT_ENCODER_FILES)?;
+    let read = |path: &Path, c: Component| {
+        if parts.wants(c) { load_diffusers_file(path, c) } else { Ok(NamedTensors::new()) }
+    };
     Ok(SdWeights {
-        unet: load_diffusers_file(&unet, Component::Unet)?,
-        vae: load_diffusers_file(&vae, Component::Vae)?,
-        text_encoder: load_diffusers_file(&text_encoder, Component::TextEncoder)?,
+        unet: read(&unet, Component::Unet)?,
+        vae: read(&vae, Component::Vae)?,
+        text_encoder: read(&text_encoder, Component::TextEncoder)?,
     })
 }
 
@@ -136,7 +171,12 @@ pub fn load_diffusers_file(path: &Path, component: Component) -> Result<NamedTen
 /// placed by `keymap::plan_compvis` (an unplaceable key is an error naming it); Lightning's
 /// training state outside `state_dict`, the noise-schedule buffers and (unless chosen) the EMA
 /// copies are skipped.
-pub fn load_compvis_file(path: &Path, layers_per_block: usize, ema: EmaChoice) -> Result<SdWeights> {
+pub fn load_compvis_file(
+    path: &Path,
+    layers_per_block: usize,
+    ema: EmaChoice,
+    parts: Parts,
+) -> Result<SdWeights> {
     let ckpt = Checkpoint::open(path)?;
     let names = || ckpt.tensors().iter().map(|t| t.name.as_str());
     if ckpt.tensors().is_empty() {
@@ -152,8 +192,18 @@ pub fn load_compvis_file(path: &Path, layers_per_block: usize, ema: EmaChoice) -
     };
     let plan =
         keymap::plan_compvis(names(), layers_per_block, use_ema).map_err(|e| e.context(path.display()))?;
+    for (what, c) in
+        [("UNet", Component::Unet), ("VAE", Component::Vae), ("text encoder", Component::TextEncoder)]
+    {
+        if !plan.iter().any(|m| m.component == c) {
+            return Err(Error::usage(format!(
+                "{}: has no {what} weights; a Stable Diffusion single file holds UNet, VAE and text encoder",
+                path.display()
+            )));
+        }
+    }
     let mut out = SdWeights::default();
-    for m in plan {
+    for m in plan.into_iter().filter(|m| parts.wants(m.component)) {
         let mut t = ckpt.read_f32(&m.source)?;
         let dest = match m.component {
             Component::Unet => &mut out.unet,
@@ -164,14 +214,6 @@ pub fn load_compvis_file(path: &Path, layers_per_block: usize, ema: EmaChoice) -
             Component::TextEncoder => &mut out.text_encoder,
         };
         dest.insert(m.target, t);
-    }
-    for (what, part) in [("UNet", &out.unet), ("VAE", &out.vae), ("text encoder", &out.text_encoder)] {
-        if part.is_empty() {
-            return Err(Error::usage(format!(
-                "{}: has no {what} weights; a Stable Diffusion single file holds UNet, VAE and text encoder",
-                path.display()
-            )));
-        }
     }
     Ok(out)
 }
@@ -205,6 +247,26 @@ mod tests {
         assert!(!err.message.contains('\n'), "{err}");
         for w in words {
             assert!(err.message.contains(w), "`{w}` missing from: {err}");
+        }
+    }
+
+    /// Reading only the UNet or only the conditioning gives exactly that half of a full read,
+    /// from both layouts.
+    #[test]
+    fn parts_read_only_their_networks() {
+        let root = fixtures().join("tiny");
+        for path in [root.join("diffusers"), root.join("compvis").join("sd-tiny.ckpt")] {
+            let ema = EmaChoice::Auto;
+            let all = load_sd_weights(&path, 2, ema).unwrap();
+            let unet = load_sd_parts(&path, 2, ema, Parts::UNET).unwrap();
+            let cond = load_sd_parts(&path, 2, ema, Parts::CONDITIONING).unwrap();
+            assert_eq!(
+                unet,
+                SdWeights { unet: all.unet.clone(), ..Default::default() },
+                "{}",
+                path.display()
+            );
+            assert_eq!(cond, SdWeights { unet: NamedTensors::new(), ..all }, "{}", path.display());
         }
     }
 
