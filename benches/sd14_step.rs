@@ -61,6 +61,14 @@ fn main() {
     });
     let rss_student = peak_rss_mib();
     eprintln!("student forward: {student_s:?} s, peak RSS {rss_student:.0} MiB");
+    // The same student deployed (weights quantized once, as evaluation and the packed model run it).
+    let deployed = msfp::pipeline::export::deploy(&valid);
+    drop(valid);
+    let deployed_s = time(runs, || {
+        let _ = inputs.forward(&deployed).into_data();
+    });
+    drop(deployed);
+    eprintln!("deployed student forward: {deployed_s:?} s");
 
     let mut optim = msfp::train::optim::AdamW::new(0.0, 1.0);
     let ad_inputs = sd14::Inputs::new(1, latent, &ad);
@@ -97,8 +105,9 @@ fn main() {
         "build_unet_s": build_s,
         "teacher_forward_s": median(&teacher_s),
         "student_forward_s": median(&student_s),
+        "deployed_student_forward_s": median(&deployed_s),
         "qat_step_s": median(&qat_s),
-        "all_runs_s": { "teacher_forward": teacher_s, "student_forward": student_s, "qat_step": qat_s },
+        "all_runs_s": { "teacher_forward": teacher_s, "student_forward": student_s, "deployed_student_forward": deployed_s, "qat_step": qat_s },
         "peak_rss_mib": { "after_teacher_forward": rss_teacher, "after_student_forward": rss_student, "after_qat_step": qat.then_some(rss_qat) },
         "packed_bytes": packed_bytes,
         "fp16_bytes": parameters as u64 * 2,

@@ -390,9 +390,9 @@ pub fn run(
                     ptq_cfg.lora.rank = 0;
                     let (student, _) =
                         calibrate_student(&ptq_cfg, &family, &sampler, &device.clone().autodiff())?;
-                    student.valid()
+                    super::export::deploy(&student.valid())
                 }
-                Stage::Finetune => fit(&cfg, Resume::Auto)?.student,
+                Stage::Finetune => super::export::deploy(&fit(&cfg, Resume::Auto)?.student),
             };
             tracing::info!("{} seed {seed}: evaluating on {} samples", row.id, cfg.eval.samples);
             let (eval, images) = scorer.generate_and_score(&cfg, &family, &model);

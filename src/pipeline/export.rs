@@ -49,6 +49,42 @@ fn one_hot(k: usize, n: usize, device: &Device) -> Tensor<1> {
     Tensor::from_data(TensorData::new(v, [n]), device)
 }
 
+/// Makes a quantized layer compute with fixed weight sets `[sets, rows, fan_in]` (the deployed
+/// form) instead of re-quantizing its weight every call; merged adapters are folded into them.
+fn install_weight_sets(site: &mut crate::quant::site::QuantSite<'_>, values: Tensor<3>) {
+    if site.layer.lora().is_some_and(|l| l.placement == Placement::Merged) {
+        site.layer.set_lora(None);
+    }
+    let q = site.layer.quant_mut().as_mut().expect("quantized layer");
+    q.weight = None;
+    q.weight_sets = Some(Param::from_tensor(values));
+}
+
+/// The student in its deployed form, in memory: every quantized weight computed once (one set
+/// per adapter for the merged placement), as the packed model holds them. It gives the fake-quant
+/// student's outputs bit for bit (tested) without re-quantizing the weights on every call;
+/// evaluation uses it (SD1.4 at latent 16 on flex: 25.2 s per forward against 27.0 s).
+pub fn deploy(student: &Denoiser) -> Denoiser {
+    let mut model = student.clone();
+    for mut site in model.quant_sites() {
+        if site.layer.quant().is_none_or(|q| q.weight.is_none()) {
+            continue;
+        }
+        let sets = weight_sets(site.layer.lora());
+        let device = site.layer.device();
+        let dims = site.layer.weight_dims();
+        let (rows, fan_in) = (dims[0], dims[1..].iter().product::<usize>());
+        let mut values = Vec::with_capacity(sets * rows * fan_in);
+        for k in 0..sets {
+            let ctx = StepCtx { timestep: None, route: (sets > 1).then(|| one_hot(k, sets, &device)) };
+            values.extend(site.layer.effective_weight_host(&ctx).data);
+        }
+        let values = Tensor::<3>::from_data(TensorData::new(values, [sets, rows, fan_in]), &device);
+        install_weight_sets(&mut site, values);
+    }
+    model
+}
+
 /// Writes the packed model of a (fine-tuned or calibrated) student.
 pub fn export(student: &Denoiser, plan: &StudentPlan, cfg: &Config, path: &Path) -> Result<()> {
     let mut model = student.clone();
@@ -148,13 +184,7 @@ pub fn load_packed_model(path: &Path, device: &Device) -> Result<Denoiser> {
             )));
         }
         let values = Tensor::<3>::from_data(TensorData::new(t.unpack(), [sets, rows, fan_in]), device);
-        let merged = site.layer.lora().is_some_and(|l| l.placement == Placement::Merged);
-        if merged {
-            site.layer.set_lora(None);
-        }
-        let q = site.layer.quant_mut().as_mut().expect("quantized layer");
-        q.weight = None;
-        q.weight_sets = Some(Param::from_tensor(values));
+        install_weight_sets(&mut site, values);
         deployed.insert(name);
     }
     // Every other parameter must come from the dense tensors.
@@ -299,12 +329,15 @@ mod tests {
             &device,
         );
         let y = Tensor::<1, Int>::from_ints([3, 10], &device);
+        let deployed = deploy(model);
         for &t in timesteps {
             let tt = Tensor::<1>::full([2], t as f32, &device);
             let ctx = StepCtx::at(t);
             let fake = model.forward(x.clone(), tt.clone(), y.clone(), &ctx).into_data();
-            let real = packed.forward(x.clone(), tt, y.clone(), &ctx).into_data();
-            assert_eq!(fake, real, "t = {t}");
+            let real = packed.forward(x.clone(), tt.clone(), y.clone(), &ctx).into_data();
+            assert_eq!(fake, real, "packed, t = {t}");
+            let in_memory = deployed.forward(x.clone(), tt, y.clone(), &ctx).into_data();
+            assert_eq!(fake, in_memory, "deployed in memory, t = {t}");
         }
     }
 

@@ -188,9 +188,10 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
         }
         None => (None, super::sample::generate(m, &family, cfg, cfg.eval.samples, cfg.eval.seed, &device).0),
     };
+    // The students deployed (weights quantized once): the same outputs at about the teacher's cost.
     let (teacher_eval, teacher_images) = run(&teacher);
-    let (ptq_eval, ptq_images) = run(&ptq);
-    let ft = finetuned.then(|| run(&student));
+    let (ptq_eval, ptq_images) = run(&super::export::deploy(&ptq));
+    let ft = finetuned.then(|| run(&super::export::deploy(&student)));
     let shape = family.image_shape();
     let mut rows = vec![&teacher_images, &ptq_images];
     rows.extend(ft.as_ref().map(|(_, images)| images));
