@@ -19,6 +19,7 @@ use super::dit::Dit;
 use crate::config::DitConfig;
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
+use crate::models::sd::weights::{DIFFUSERS_MODEL_FILES, load_diffusers_file, pick_file};
 use crate::rng::SeededRng;
 use crate::train::params::{self, HostTensor, NamedTensors};
 
@@ -49,17 +50,8 @@ pub fn load_published(cfg: &DitConfig, path: &Path, device: &Device) -> Result<D
                 dir.display()
             )));
         }
-        let file = super::sd::weights::DIFFUSERS_MODEL_FILES
-            .iter()
-            .map(|n| dir.join(n))
-            .find(|p| p.is_file())
-            .ok_or_else(|| {
-                Error::usage(format!(
-                    "{}: no diffusion_pytorch_model[.fp16].safetensors/.bin; is this a diffusers DiT directory?",
-                    dir.display()
-                ))
-            })?;
-        (from_diffusers(&read_all(&file)?, cfg.depth, &file)?, file)
+        let file = pick_file(&dir, DIFFUSERS_MODEL_FILES, "a diffusers DiT directory")?;
+        (from_diffusers(read_all(&file)?, cfg.depth, &file)?, file)
     } else if path.exists() {
         if cfg.freq_shift != 0 {
             return Err(Error::usage(format!(
@@ -83,15 +75,9 @@ pub fn load_published(cfg: &DitConfig, path: &Path, device: &Device) -> Result<D
 /// The SD AutoencoderKL of a diffusers VAE folder (`stabilityai/sd-vae-ft-ema` or `-mse`: the
 /// weights at its top level, or in `vae/` of a pipeline), which decodes DiT-XL/2's latents.
 pub fn load_sd_vae(path: &Path, device: &Device) -> Result<crate::models::sd::vae::AutoencoderKl> {
-    use crate::models::sd::weights::{DIFFUSERS_MODEL_FILES, load_diffusers_file};
     let dir = if path.join("vae").is_dir() { path.join("vae") } else { path.to_path_buf() };
-    let file = DIFFUSERS_MODEL_FILES.iter().map(|n| dir.join(n)).find(|p| p.is_file()).ok_or_else(|| {
-        Error::usage(format!(
-            "model.dit.vae = {}: no diffusion_pytorch_model[.fp16].safetensors there; download \
-             stabilityai/sd-vae-ft-ema from huggingface.co and point model.dit.vae at its folder",
-            path.display()
-        ))
-    })?;
+    let file =
+        pick_file(&dir, DIFFUSERS_MODEL_FILES, "the folder of stabilityai/sd-vae-ft-ema (model.dit.vae)")?;
     let tensors = load_diffusers_file(&file, crate::models::sd::keymap::Component::Vae)?;
     // The folder's own config.json when it has one (the published VAEs: SD's), else SD's.
     let json = dir.join("config.json");
@@ -156,9 +142,30 @@ fn from_facebook(tensors: NamedTensors, tokens: usize, hidden: usize, origin: &P
     Ok(out)
 }
 
-fn from_diffusers(tensors: &NamedTensors, depth: usize, origin: &Path) -> Result<NamedTensors> {
-    let get = |k: &str| -> Result<&HostTensor> {
-        tensors.get(k).ok_or_else(|| {
+/// The diffusers tensors under our names. Every tensor is used once (moved, q/k/v fused), the
+/// per-block embedder copies are checked against block 0's and dropped, and anything left over
+/// (a block beyond `depth`, a foreign tensor) is an error.
+fn from_diffusers(mut tensors: NamedTensors, depth: usize, origin: &Path) -> Result<NamedTensors> {
+    let emb = "transformer_blocks.0.norm1.emb.";
+    // Every block's copy of the embedders must be block 0's: msfp's DiT has one.
+    let copies: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.contains(".norm1.emb.") && !k.starts_with("transformer_blocks.0."))
+        .cloned()
+        .collect();
+    for key in copies {
+        let t = tensors.remove(&key).expect("listed key");
+        let e = key.split_once(".norm1.emb.").expect("embedder key").1;
+        if tensors.get(&format!("{emb}{e}")) != Some(&t) {
+            return Err(Error::usage(format!(
+                "{}: `{key}` differs from block 0's copy; msfp's DiT shares one timestep/class embedder \
+                 (a converted facebookresearch checkpoint has identical copies)",
+                origin.display()
+            )));
+        }
+    }
+    let mut take = |k: &str| -> Result<HostTensor> {
+        tensors.remove(k).ok_or_else(|| {
             Error::usage(format!(
                 "{}: tensor `{k}` is missing; is this a diffusers DiTTransformer2DModel?",
                 origin.display()
@@ -166,60 +173,30 @@ fn from_diffusers(tensors: &NamedTensors, depth: usize, origin: &Path) -> Result
         })
     };
     let mut out = NamedTensors::new();
-    let put = |out: &mut NamedTensors, name: String, k: &str| -> Result<()> {
-        out.insert(name, get(k)?.clone());
-        Ok(())
-    };
-    let emb = "transformer_blocks.0.norm1.emb.";
     for p in ["weight", "bias"] {
-        put(&mut out, format!("patch_embed.{p}"), &format!("pos_embed.proj.{p}"))?;
-        put(&mut out, format!("t_embed_1.{p}"), &format!("{emb}timestep_embedder.linear_1.{p}"))?;
-        put(&mut out, format!("t_embed_2.{p}"), &format!("{emb}timestep_embedder.linear_2.{p}"))?;
-        put(&mut out, format!("final_ada_ln.{p}"), &format!("proj_out_1.{p}"))?;
-        put(&mut out, format!("final_linear.{p}"), &format!("proj_out_2.{p}"))?;
+        out.insert(format!("patch_embed.{p}"), take(&format!("pos_embed.proj.{p}"))?);
+        out.insert(format!("t_embed_1.{p}"), take(&format!("{emb}timestep_embedder.linear_1.{p}"))?);
+        out.insert(format!("t_embed_2.{p}"), take(&format!("{emb}timestep_embedder.linear_2.{p}"))?);
+        out.insert(format!("final_ada_ln.{p}"), take(&format!("proj_out_1.{p}"))?);
+        out.insert(format!("final_linear.{p}"), take(&format!("proj_out_2.{p}"))?);
     }
-    put(&mut out, "class_embed.weight".into(), &format!("{emb}class_embedder.embedding_table.weight"))?;
+    out.insert("class_embed.weight".into(), take(&format!("{emb}class_embedder.embedding_table.weight"))?);
     for i in 0..depth {
         let b = format!("transformer_blocks.{i}.");
         for p in ["weight", "bias"] {
-            put(&mut out, format!("blocks.{i}.attn.proj.{p}"), &format!("{b}attn1.to_out.0.{p}"))?;
-            put(&mut out, format!("blocks.{i}.mlp.fc1.{p}"), &format!("{b}ff.net.0.proj.{p}"))?;
-            put(&mut out, format!("blocks.{i}.mlp.fc2.{p}"), &format!("{b}ff.net.2.{p}"))?;
-            put(&mut out, format!("blocks.{i}.ada_ln.{p}"), &format!("{b}norm1.linear.{p}"))?;
-            let parts = ["q", "k", "v"].map(|n| get(&format!("{b}attn1.to_{n}.{p}")));
-            let [q, k, v] = parts;
+            out.insert(format!("blocks.{i}.attn.proj.{p}"), take(&format!("{b}attn1.to_out.0.{p}"))?);
+            out.insert(format!("blocks.{i}.mlp.fc1.{p}"), take(&format!("{b}ff.net.0.proj.{p}"))?);
+            out.insert(format!("blocks.{i}.mlp.fc2.{p}"), take(&format!("{b}ff.net.2.{p}"))?);
+            out.insert(format!("blocks.{i}.ada_ln.{p}"), take(&format!("{b}norm1.linear.{p}"))?);
+            let [q, k, v] = ["q", "k", "v"].map(|n| take(&format!("{b}attn1.to_{n}.{p}")));
             let (q, k, v) = (q?, k?, v?);
             let mut shape = q.shape.clone();
             shape[0] *= 3;
-            let data = [&q.data, &k.data, &v.data].iter().flat_map(|d| d.iter().copied()).collect();
+            let data = [q.data, k.data, v.data].concat();
             out.insert(format!("blocks.{i}.attn.qkv.{p}"), HostTensor { shape, data });
         }
     }
-    // Every block's copy of the embedders must be block 0's: msfp's DiT has one.
-    let mut used: Vec<String> = Vec::new();
-    for (key, t) in tensors {
-        if let Some(rest) = key.strip_prefix("transformer_blocks.") {
-            let (_, sub) = rest.split_once('.').unwrap_or(("", ""));
-            if let Some(e) = sub.strip_prefix("norm1.emb.") {
-                let first = get(&format!("{emb}{e}"))?;
-                if first != t {
-                    return Err(Error::usage(format!(
-                        "{}: `{key}` differs from block 0's copy; msfp's DiT shares one timestep/class embedder \
-                         (a converted facebookresearch checkpoint has identical copies)",
-                        origin.display()
-                    )));
-                }
-                used.push(key.clone());
-            }
-        }
-    }
-    let known = |k: &str| {
-        used.iter().any(|u| u == k)
-            || k.starts_with("pos_embed.proj.")
-            || k.starts_with("proj_out_")
-            || ["attn1.to_", "ff.net.", "norm1.linear."].iter().any(|m| k.contains(m))
-    };
-    if let Some(k) = tensors.keys().find(|k| !known(k)) {
+    if let Some(k) = tensors.keys().next() {
         return Err(Error::usage(format!("{}: unexpected tensor `{k}` for a DiT", origin.display())));
     }
     Ok(out)
@@ -300,6 +277,10 @@ mod tests {
         let err = load_published(&wide, &fixtures().join("DiT-tiny.pt"), &device).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(err.message.contains("DiT-tiny.pt") && err.message.contains("pos_embed"), "{err}");
+        // A checkpoint deeper than the config: its extra blocks are not silently dropped.
+        let shallow = DitConfig { depth: 1, ..tiny(1) };
+        let err = load_published(&shallow, &fixtures().join("diffusers"), &device).unwrap_err();
+        assert!(err.message.contains("unexpected tensor `transformer_blocks.1."), "{err}");
         // A diffusers file whose blocks carry different embedders.
         let dir = tempfile::tempdir().unwrap();
         let src = fixtures().join("diffusers/transformer/diffusion_pytorch_model.safetensors");
@@ -346,7 +327,7 @@ mod tests {
             t.into_iter().map(|(k, v)| (k, v.shape)).collect::<std::collections::BTreeMap<_, _>>()
         };
         assert_eq!(shapes(from_facebook(facebook, 256, 1152, origin).unwrap()), ours);
-        assert_eq!(shapes(from_diffusers(&key_list("diffusers.txt"), 28, origin).unwrap()), ours);
+        assert_eq!(shapes(from_diffusers(key_list("diffusers.txt"), 28, origin).unwrap()), ours);
         assert_eq!(
             ours.values().map(|s| s.iter().product::<usize>()).sum::<usize>(),
             675_129_632 - 256 * 1152

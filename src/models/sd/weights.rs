@@ -89,14 +89,11 @@ pub fn load_sd_parts(
     }
 }
 
-/// The first of `names` present in `dir`, or a usage error listing what was looked for.
-fn pick_file(dir: &Path, names: &[&str]) -> Result<PathBuf> {
+/// The first of `names` present in `dir`, or a usage error listing what was looked for and
+/// asking whether `dir` is `what` (e.g. "a diffusers Stable Diffusion directory").
+pub fn pick_file(dir: &Path, names: &[&str], what: &str) -> Result<PathBuf> {
     names.iter().map(|n| dir.join(n)).find(|p| p.is_file()).ok_or_else(|| {
-        Error::usage(format!(
-            "{}: none of {} found; is this a diffusers Stable Diffusion directory?",
-            dir.display(),
-            names.join(", ")
-        ))
+        Error::usage(format!("{}: none of {} found; is this {what}?", dir.display(), names.join(", ")))
     })
 }
 
@@ -117,9 +114,10 @@ pub const DIFFUSERS_TEXT_ENCODER_FILES: &[&str] =
 /// f32. Old VAE attention names are renamed, the text encoder's names get their `text_model.`
 /// prefix if the file lacks it, and its integer `position_ids` is dropped.
 pub fn load_diffusers_dir(dir: &Path, parts: Parts) -> Result<SdWeights> {
-    let unet = pick_file(&dir.join("unet"), DIFFUSERS_MODEL_FILES)?;
-    let vae = pick_file(&dir.join("vae"), DIFFUSERS_MODEL_FILES)?;
-    let text_encoder = pick_file(&dir.join("text_encoder"), DIFFUSERS_TEXT_ENCODER_FILES)?;
+    let sd = "a diffusers Stable Diffusion directory";
+    let unet = pick_file(&dir.join("unet"), DIFFUSERS_MODEL_FILES, sd)?;
+    let vae = pick_file(&dir.join("vae"), DIFFUSERS_MODEL_FILES, sd)?;
+    let text_encoder = pick_file(&dir.join("text_encoder"), DIFFUSERS_TEXT_ENCODER_FILES, sd)?;
     let read = |path: &Path, c: Component| {
         if parts.wants(c) { load_diffusers_file(path, c) } else { Ok(NamedTensors::new()) }
     };
