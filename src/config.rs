@@ -258,6 +258,11 @@ impl Default for DitConfig {
 }
 
 impl DitConfig {
+    /// Output channels: eps, and with `learn_sigma` the variance half.
+    pub fn out_channels(&self) -> usize {
+        self.in_channels * if self.learn_sigma { 2 } else { 1 }
+    }
+
     /// facebookresearch/DiT's class-conditional ImageNet models on SD-VAE latents (8x down,
     /// 4 channels): `DiT-XL/2`, `DiT-B/2`, `DiT-S/2` at `image` = 256 or 512 pixels.
     pub fn published(name: &str, image: usize) -> Option<Self> {

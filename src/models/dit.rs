@@ -69,7 +69,6 @@ pub struct Dit {
     pub hidden: usize,
     pub in_channels: usize,
     pub input_size: usize,
-    pub learn_sigma: bool,
     pub freq_shift: usize,
     /// TALoRA router of a fine-tuned student; it sets each step's adapter route.
     pub router: Option<Router>,
@@ -90,7 +89,6 @@ impl Dit {
                 gelu_tanh: cfg.gelu_tanh,
             })
             .collect();
-        let out_channels = cfg.in_channels * if cfg.learn_sigma { 2 } else { 1 };
         Self {
             patch_embed: Conv2d::new(cfg.in_channels, h, p, p, 0, rng, device),
             t_embed_1: Linear::new(FREQ_DIM, h, true, rng, device),
@@ -98,12 +96,11 @@ impl Dit {
             class_embed: ClassEmbedding::new(cfg.num_classes, h, rng, device),
             blocks,
             final_ada_ln: Linear::zeros(h, 2 * h, device),
-            final_linear: Linear::zeros(h, p * p * out_channels, device),
+            final_linear: Linear::zeros(h, p * p * cfg.out_channels(), device),
             patch_size: p,
             hidden: h,
             in_channels: cfg.in_channels,
             input_size: cfg.input_size,
-            learn_sigma: cfg.learn_sigma,
             freq_shift: cfg.freq_shift,
             router: None,
         }
@@ -137,14 +134,15 @@ impl Dit {
 }
 
 impl Dit {
+    /// Output channels, as the final layer has them: eps, then any variance half.
     pub fn out_channels(&self) -> usize {
-        self.in_channels * if self.learn_sigma { 2 } else { 1 }
+        self.final_linear.d_out() / (self.patch_size * self.patch_size)
     }
 
-    /// The noise prediction: the eps half of the output.
+    /// The noise prediction: the eps half of the output (all of it without learned sigma).
     pub fn eps(&self, x: Tensor<4>, t: Tensor<1>, y: Tensor<1, Int>, ctx: &StepCtx) -> Tensor<4> {
         let out = self.forward(x, t, y, ctx);
-        if self.learn_sigma { out.narrow(1, 0, self.in_channels) } else { out }
+        if self.out_channels() == self.in_channels { out } else { out.narrow(1, 0, self.in_channels) }
     }
 }
 

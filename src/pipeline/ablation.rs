@@ -62,16 +62,19 @@ impl Table {
     }
 }
 
+/// The full-precision teacher, first row of every table.
+const TEACHER: Row = Row {
+    id: "teacher",
+    what: "FP32 teacher",
+    w_bits: 32,
+    a_bits: 32,
+    stage: Stage::Teacher,
+    overrides: &[],
+};
+
 /// MSFP's ablation, in the order of its table.
 pub const ROWS: &[Row] = &[
-    Row {
-        id: "teacher",
-        what: "FP32 teacher",
-        w_bits: 32,
-        a_bits: 32,
-        stage: Stage::Teacher,
-        overrides: &[],
-    },
+    TEACHER,
     Row {
         id: "int4_ft",
         what: "W4A4 INT4 (int4 weights, uint4 + zero point activations, 8-bit ends), same fine-tuning as msfp_full",
@@ -145,14 +148,7 @@ pub const ROWS: &[Row] = &[
 /// HQ-DiT's ablation on a post-training base (`configs/hqdit_tiny_dit.toml`): each row adds one
 /// of its pieces. "No clipping" is `calib.clip_grid = 1` (the range's maximum).
 pub const HQDIT_ROWS: &[Row] = &[
-    Row {
-        id: "teacher",
-        what: "FP32 teacher",
-        w_bits: 32,
-        a_bits: 32,
-        stage: Stage::Teacher,
-        overrides: &[],
-    },
+    TEACHER,
     Row {
         id: "int4_ptq",
         what: "W4A4 INT4, no clipping search, no rotation",

@@ -70,19 +70,26 @@ pub fn deploy(student: &Denoiser) -> Denoiser {
         if site.layer.quant().is_none_or(|q| q.weight.is_none()) {
             continue;
         }
-        let sets = weight_sets(site.layer.lora());
-        let device = site.layer.device();
-        let dims = site.layer.weight_dims();
-        let (rows, fan_in) = (dims[0], dims[1..].iter().product::<usize>());
-        let mut values = Vec::with_capacity(sets * rows * fan_in);
-        for k in 0..sets {
-            let ctx = StepCtx { timestep: None, route: (sets > 1).then(|| one_hot(k, sets, &device)) };
-            values.extend(site.layer.effective_weight_host(&ctx).data);
-        }
-        let values = Tensor::<3>::from_data(TensorData::new(values, [sets, rows, fan_in]), &device);
+        let (values, shape) = deployed_weights(&site);
+        let values = Tensor::<3>::from_data(TensorData::new(values, shape), &site.layer.device());
         install_weight_sets(&mut site, values);
     }
     model
+}
+
+/// The weights a quantized layer computes with, `[sets, rows, fan_in]` on the host: one set per
+/// adapter for the merged placement (each with its adapter folded in), else one.
+fn deployed_weights(site: &crate::quant::site::QuantSite<'_>) -> (Vec<f32>, [usize; 3]) {
+    let sets = weight_sets(site.layer.lora());
+    let device = site.layer.device();
+    let dims = site.layer.weight_dims();
+    let (rows, fan_in) = (dims[0], dims[1..].iter().product::<usize>());
+    let mut values = Vec::with_capacity(sets * rows * fan_in);
+    for k in 0..sets {
+        let ctx = StepCtx { timestep: None, route: (sets > 1).then(|| one_hot(k, sets, &device)) };
+        values.extend(site.layer.effective_weight_host(&ctx).data);
+    }
+    (values, [sets, rows, fan_in])
 }
 
 /// Writes the packed model of a (fine-tuned or calibrated) student.
@@ -97,15 +104,7 @@ pub fn export(student: &Denoiser, plan: &StudentPlan, cfg: &Config, path: &Path)
         let format = wq.format.clone();
         let scales = params::host_values(wq.scale.val());
         let lora = site.layer.lora();
-        let sets = weight_sets(lora);
-        let device = site.layer.device();
-        let mut values = Vec::new();
-        for k in 0..sets {
-            let ctx = StepCtx { timestep: None, route: (sets > 1).then(|| one_hot(k, sets, &device)) };
-            values.extend(site.layer.effective_weight_host(&ctx).data);
-        }
-        let dims = site.layer.weight_dims();
-        let (rows, fan_in) = (dims[0], dims[1..].iter().product::<usize>());
+        let (values, [sets, rows, fan_in]) = deployed_weights(&site);
         let set_scales: Vec<f32> = (0..sets).flat_map(|_| scales.iter().copied()).collect();
         let groups = scales.len() / rows;
         let p = &site.path;

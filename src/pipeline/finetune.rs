@@ -188,7 +188,8 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
         }
         None => (None, super::sample::generate(m, &family, cfg, cfg.eval.samples, cfg.eval.seed, &device).0),
     };
-    // The students deployed (weights quantized once): the same outputs at about the teacher's cost.
+    // The students deployed (weights quantized once): the same outputs without re-quantizing
+    // every weight on every call.
     let (teacher_eval, teacher_images) = run(&teacher);
     let (ptq_eval, ptq_images) = run(&super::export::deploy(&ptq));
     let ft = finetuned.then(|| run(&super::export::deploy(&student)));
@@ -451,6 +452,7 @@ fn distill_grads(
         let cond = if whole { batch.cond.clone() } else { batch.cond.narrow(start, len) };
         let t = Tensor::<1>::full([len], batch.t as f32, ad);
         let pred = model.forward(x, t, cond, &StepCtx::at(batch.t));
+        // One pass keeps the mean as it always was (bit for bit); a micro-batch takes its share.
         let loss = if whole {
             (pred - target).square().mean() * weight
         } else {
