@@ -12,6 +12,7 @@ pub mod data;
 pub mod device;
 pub mod diffusion;
 pub mod io;
+pub mod kernels;
 pub mod lora;
 pub mod loss;
 pub mod models;

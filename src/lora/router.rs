@@ -9,7 +9,9 @@
 //!   the paper does not say how the router is initialised).
 
 use burn::module::Module;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
+
+use crate::nn::silu;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 

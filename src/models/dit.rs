@@ -3,24 +3,18 @@
 //! and facebookresearch's DiT-XL/2 are this code at two configs ([`DitConfig::published`]).
 
 use burn::module::Module;
-use burn::tensor::activation::{gelu, silu};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::DitConfig;
 use crate::lora::Router;
 use crate::nn::{
-    ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, layer_norm, timestep_embedding_shifted,
+    ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, gelu, gelu_tanh, layer_norm, silu,
+    timestep_embedding_shifted,
 };
 use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
 
 const FREQ_DIM: usize = 256;
-
-/// GELU's tanh approximation, `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
-fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * (2.0 / std::f64::consts::PI).sqrt();
-    x * (inner.tanh() + 1.0) * 0.5
-}
 
 #[derive(Module, Debug)]
 pub struct Mlp {

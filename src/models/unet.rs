@@ -3,12 +3,13 @@
 //! by an embedding added to the timestep embedding, and skip connections as in LDM's UNetModel.
 
 use burn::module::Module;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::config::UnetConfig;
 use crate::lora::Router;
-use crate::nn::{ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, StepCtx, timestep_embedding};
+use crate::nn::{
+    ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, StepCtx, silu, timestep_embedding,
+};
 use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
 
@@ -43,10 +44,10 @@ impl ResBlock {
     }
 
     fn forward(&self, x: Tensor<4>, emb: Tensor<2>, ctx: &StepCtx) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())), ctx);
+        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()), ctx);
         let [b, c, _, _] = h.dims();
         let h = h + self.emb_proj.forward(silu(emb), ctx).reshape([b, c, 1, 1]);
-        let h = self.conv2.forward(silu(self.norm2.forward(h)), ctx);
+        let h = self.conv2.forward(self.norm2.forward_silu(h), ctx);
         let skip = match &self.skip {
             Some(conv) => conv.forward(x, ctx),
             None => x,
@@ -228,7 +229,7 @@ impl TinyUnet {
                 h = us.forward(upsample_nearest2(h), ctx);
             }
         }
-        self.conv_out.forward(silu(self.norm_out.forward(h)), ctx)
+        self.conv_out.forward(self.norm_out.forward_silu(h), ctx)
     }
 }
 

@@ -1,7 +1,6 @@
 //! 2-D convolution with square kernels and symmetric padding (all the tiny and SD models need).
 
 use burn::module::{Module, Param};
-use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor};
 
 use super::{StepCtx, init};
@@ -49,16 +48,16 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: Tensor<4>, ctx: &StepCtx) -> Tensor<4> {
-        use burn::tensor::module::conv2d;
-        let options = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
+        use crate::kernels::conv::conv2d;
+        let (s, p) = (self.stride, self.padding);
         let (w, branch) =
             super::layer_weight(self.weight.val(), self.quant.as_ref(), self.lora.as_ref(), ctx);
-        let low_rank = branch.map(|d| conv2d(x.clone(), d, None, options.clone()));
+        let low_rank = branch.map(|d| conv2d(x.clone(), d, None, s, p));
         let x = match &self.quant {
             Some(q) => q.input(x, ctx),
             None => x,
         };
-        let y = conv2d(x, w, self.bias.as_ref().map(|b| b.val()), options);
+        let y = conv2d(x, w, self.bias.as_ref().map(|b| b.val()), s, p);
         match low_rank {
             Some(l) => y + l,
             None => y,

@@ -4,6 +4,8 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
 use super::init;
+use crate::kernels::norm::group_norm;
+pub use crate::kernels::norm::layer_norm;
 
 /// GroupNorm with per-channel affine; eps 1e-5 as PyTorch's default unless set (SD's VAE and
 /// transformer blocks use 1e-6).
@@ -30,23 +32,13 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let [b, c, h, w] = x.dims();
-        let g = self.groups;
-        let xg = x.reshape([b, g, (c / g) * h * w]);
-        let mean = xg.clone().mean_dim(2);
-        let centered = xg - mean;
-        let var = centered.clone().square().mean_dim(2);
-        let normed = (centered / (var + self.eps).sqrt()).reshape([b, c, h, w]);
-        normed * self.weight.val().reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1])
+        group_norm(x, self.weight.val(), self.bias.val(), self.groups, self.eps, false)
     }
-}
 
-/// LayerNorm over the last dimension without affine parameters (DiT's adaLN supplies them).
-pub fn layer_norm<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
-    let mean = x.clone().mean_dim(D - 1);
-    let centered = x - mean;
-    let var = centered.clone().square().mean_dim(D - 1);
-    centered / (var + eps).sqrt()
+    /// `silu(self.forward(x))`, fused on flex (the pre-activation of every UNet convolution).
+    pub fn forward_silu(&self, x: Tensor<4>) -> Tensor<4> {
+        group_norm(x, self.weight.val(), self.bias.val(), self.groups, self.eps, true)
+    }
 }
 
 /// LayerNorm over the last dimension with a learned per-feature affine (CLIP, SD's transformer

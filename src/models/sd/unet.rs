@@ -4,12 +4,11 @@
 //! numerics (checked against it on a tiny config: `tests/sd_parity.rs`).
 
 use burn::module::Module;
-use burn::tensor::activation::{gelu, silu};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::config::UnetConfig;
 use crate::lora::Router;
-use crate::nn::{Attention, Conv2d, GroupNorm, LayerNorm, Linear, StepCtx};
+use crate::nn::{Attention, Conv2d, GroupNorm, LayerNorm, Linear, StepCtx, gelu, silu};
 use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
 
@@ -67,12 +66,12 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: Tensor<4>, temb: Option<Tensor<2>>, ctx: &StepCtx) -> Tensor<4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())), ctx);
+        let mut h = self.conv1.forward(self.norm1.forward_silu(x.clone()), ctx);
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let [b, c] = [h.dims()[0], h.dims()[1]];
             h = h + proj.forward(silu(temb), ctx).reshape([b, c, 1, 1]);
         }
-        let h = self.conv2.forward(silu(self.norm2.forward(h)), ctx);
+        let h = self.conv2.forward(self.norm2.forward_silu(h), ctx);
         let skip = match &self.conv_shortcut {
             Some(conv) => conv.forward(x, ctx),
             None => x,
@@ -394,7 +393,7 @@ impl SdUnet {
                 h = up.conv.forward(crate::models::unet::upsample_nearest2(h), ctx);
             }
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(h)), ctx)
+        self.conv_out.forward(self.conv_norm_out.forward_silu(h), ctx)
     }
 
     /// Every quantizable layer, in forward order, by its parameter path.

@@ -4,7 +4,6 @@
 //! diffusers' key names.
 
 use burn::module::Module;
-use burn::tensor::activation::silu;
 use burn::tensor::ops::PadMode;
 use burn::tensor::{Device, Tensor};
 
@@ -153,7 +152,7 @@ impl AutoencoderKl {
         }
         h = e.mid_block.forward(h, &ctx);
         let moments =
-            self.quant_conv.forward(e.conv_out.forward(silu(e.conv_norm_out.forward(h)), &ctx), &ctx);
+            self.quant_conv.forward(e.conv_out.forward(e.conv_norm_out.forward_silu(h), &ctx), &ctx);
         let z = moments.dims()[1] / 2;
         let [mean, logvar]: [Tensor<4>; 2] = moments.split(z, 1).try_into().expect("mean and log-variance");
         (mean, logvar.clamp(-30.0, 20.0))
@@ -174,6 +173,6 @@ impl AutoencoderKl {
                 h = up.conv.forward(crate::models::unet::upsample_nearest2(h), &ctx);
             }
         }
-        d.conv_out.forward(silu(d.conv_norm_out.forward(h)), &ctx)
+        d.conv_out.forward(d.conv_norm_out.forward_silu(h), &ctx)
     }
 }

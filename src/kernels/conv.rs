@@ -1,0 +1,586 @@
+//! 2-D convolution (NCHW, square kernel, one group, no dilation: every conv the models have)
+//! on flex as im2col + one matrix product per tile, with both gradients as matrix products:
+//!
+//! - forward: `y_b[o, :] = W[o, K] col_b[K, :] + bias[o]`, written straight into the output
+//!   (no reordering pass), `col_b` the unfolded input of sample `b` (`K = c_in k k` rows, one
+//!   per input channel and kernel tap; a 1x1 convolution uses the input itself);
+//! - input gradient: `dx_b = fold(W^T dy_b)`;
+//! - weight gradient: `dW = sum_b dy_b col_b^T` (burn computes it as a convolution with the
+//!   gradient map as kernel, a badly shaped product), bias gradient `sum_b dy_b 1`.
+//!
+//! The unfolded input is built a tile of whole output rows at a time (at most ~8 MB), so the
+//! memory stays bounded at SD's sizes. Tiles of the forward and samples of the input gradient
+//! run in parallel; the weight gradient is summed over a fixed split of the tiles (set by the
+//! shapes alone) and the parts are added in order, so results do not depend on the thread count.
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, Flex, backend_extension};
+use burn::tensor::Tensor;
+use burn::tensor::ops::ConvOptions;
+use rayon::prelude::*;
+
+use super::host::{tensor, values};
+
+/// The shapes of one convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub batch: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub h_out: usize,
+    pub w_out: usize,
+}
+
+/// Bytes of unfolded input per tile (a few MB: in cache-sized pieces, bounded at any size).
+const TILE_BYTES: usize = 8 << 20;
+/// Bytes of weight-gradient partial sums the backward may hold at once.
+const PARTIAL_BYTES: usize = 64 << 20;
+/// The most parts the weight gradient is split into.
+const MAX_PARTS: usize = 8;
+
+impl ConvGeometry {
+    pub fn new(x: &[usize], weight: &[usize], stride: usize, padding: usize) -> Self {
+        let (h, w, k) = (x[2], x[3], weight[2]);
+        Self {
+            batch: x[0],
+            c_in: x[1],
+            h,
+            w,
+            c_out: weight[0],
+            kernel: k,
+            stride,
+            padding,
+            h_out: (h + 2 * padding - k) / stride + 1,
+            w_out: (w + 2 * padding - k) / stride + 1,
+        }
+    }
+
+    /// Rows of the unfolded input: one per input channel and kernel tap.
+    fn rows(&self) -> usize {
+        self.c_in * self.kernel * self.kernel
+    }
+
+    /// Output positions per sample.
+    fn positions(&self) -> usize {
+        self.h_out * self.w_out
+    }
+
+    /// A 1x1 convolution with stride 1 and no padding: the input is its own unfolding.
+    fn pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Output rows per tile.
+    fn tile_rows(&self) -> usize {
+        (TILE_BYTES / (4 * self.rows() * self.w_out).max(1)).clamp(1, self.h_out)
+    }
+
+    /// The work items `(sample, first output row, rows)`, in order.
+    fn tiles(&self) -> Vec<(usize, usize, usize)> {
+        let t = self.tile_rows();
+        (0..self.batch)
+            .flat_map(|b| (0..self.h_out).step_by(t).map(move |r| (b, r, t.min(self.h_out - r))))
+            .collect()
+    }
+}
+
+/// A matrix in memory: element `(i, j)` at `ptr[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+// SAFETY: a view of memory that outlives the parallel calls it is used in, read-only.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+/// A pointer that may cross threads: the callers write disjoint regions through it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `dst (m x n, row stride dst_rs) = [dst +] lhs (m x k) rhs (k x n)`.
+///
+/// # Safety
+/// Every element the views address must lie in live memory, and `dst`'s must not be read or
+/// written by anyone else during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    threads: usize,
+) {
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// Threads one matrix product may use when `items` products run side by side.
+fn inner_threads(items: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    if items >= threads { 1 } else { threads }
+}
+
+/// The unfolded input of one tile: `col[r, (oh - oh0) * w_out + ow]` for `r = (c, kh, kw)`,
+/// `x_b` one sample `[c_in, h, w]`.
+fn unfold(g: &ConvGeometry, x_b: &[f32], oh0: usize, rows: usize, col: &mut [f32]) {
+    let (k, s, p, wo) = (g.kernel, g.stride, g.padding as isize, g.w_out);
+    let width = rows * wo;
+    for (r, dst) in col.chunks_mut(width).enumerate().take(g.rows()) {
+        let (c, kh, kw) = (r / (k * k), (r / k) % k, r % k);
+        let plane = &x_b[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for (i, out) in dst.chunks_mut(wo).enumerate() {
+            let ih = ((oh0 + i) * s) as isize + kh as isize - p;
+            if ih < 0 || ih >= g.h as isize {
+                out.fill(0.0);
+                continue;
+            }
+            let row = &plane[ih as usize * g.w..(ih as usize + 1) * g.w];
+            let (lo, hi) = valid_range(g, kw);
+            out[..lo].fill(0.0);
+            out[hi.max(lo)..].fill(0.0);
+            if s == 1 {
+                let start = (lo as isize + kw as isize - p) as usize;
+                if hi > lo {
+                    out[lo..hi].copy_from_slice(&row[start..start + hi - lo]);
+                }
+            } else {
+                for (ow, o) in out.iter_mut().enumerate().take(hi).skip(lo) {
+                    *o = row[((ow * s) as isize + kw as isize - p) as usize];
+                }
+            }
+        }
+    }
+}
+
+/// The output columns `ow` whose input column `ow * stride + kw - padding` is inside the image.
+fn valid_range(g: &ConvGeometry, kw: usize) -> (usize, usize) {
+    let (s, p) = (g.stride as isize, g.padding as isize);
+    let first = (p - kw as isize).max(0);
+    let lo = ((first + s - 1) / s) as usize;
+    // iw < w  <=>  ow * s < w + p - kw
+    let bound = g.w as isize + p - kw as isize;
+    let hi = if bound <= 0 { 0 } else { ((bound + s - 1) / s) as usize };
+    (lo.min(g.w_out), hi.min(g.w_out))
+}
+
+/// Adds the tile's unfolded gradient `col` back onto the sample's input gradient `dx_b` (the
+/// transpose of [`unfold`]).
+fn fold(g: &ConvGeometry, col: &[f32], oh0: usize, rows: usize, dx_b: &mut [f32]) {
+    let (k, s, p, wo) = (g.kernel, g.stride, g.padding as isize, g.w_out);
+    let width = rows * wo;
+    for (r, src) in col.chunks(width).enumerate().take(g.rows()) {
+        let (c, kh, kw) = (r / (k * k), (r / k) % k, r % k);
+        let plane = &mut dx_b[c * g.h * g.w..(c + 1) * g.h * g.w];
+        let (lo, hi) = valid_range(g, kw);
+        for (i, inp) in src.chunks(wo).enumerate() {
+            let ih = ((oh0 + i) * s) as isize + kh as isize - p;
+            if ih < 0 || ih >= g.h as isize || hi <= lo {
+                continue;
+            }
+            let row = &mut plane[ih as usize * g.w..(ih as usize + 1) * g.w];
+            if s == 1 {
+                let start = (lo as isize + kw as isize - p) as usize;
+                for (d, v) in row[start..start + hi - lo].iter_mut().zip(&inp[lo..hi]) {
+                    *d += v;
+                }
+            } else {
+                for ow in lo..hi {
+                    row[((ow * s) as isize + kw as isize - p) as usize] += inp[ow];
+                }
+            }
+        }
+    }
+}
+
+/// The right-hand side of a tile's product: the unfolded tile, or for a 1x1 convolution the
+/// input's own rows (`x_b` at the tile's first position, row stride the image size).
+fn tile_input<'a>(
+    g: &ConvGeometry,
+    x_b: &'a [f32],
+    oh0: usize,
+    rows: usize,
+    col: &'a mut Vec<f32>,
+) -> (&'a [f32], usize) {
+    if g.pointwise() {
+        (&x_b[oh0 * g.w_out..], g.positions())
+    } else {
+        col.resize(g.rows() * rows * g.w_out, 0.0);
+        unfold(g, x_b, oh0, rows, col);
+        (col.as_slice(), rows * g.w_out)
+    }
+}
+
+/// `y = conv(x, W) + bias`.
+pub fn forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let (n, kk, co) = (g.positions(), g.rows(), g.c_out);
+    let mut y = vec![0.0f32; g.batch * co * n];
+    if let Some(bias) = bias {
+        y.par_chunks_mut(n).enumerate().for_each(|(i, row)| row.fill(bias[i % co]));
+    }
+    let tiles = g.tiles();
+    let threads = inner_threads(tiles.len());
+    let out = SendPtr(y.as_mut_ptr());
+    let sample_len = g.c_in * g.h * g.w;
+    tiles.par_iter().for_each_init(Vec::new, |col, &(b, oh0, rows)| {
+        let x_b = &x[b * sample_len..(b + 1) * sample_len];
+        let (rhs, rs) = tile_input(g, x_b, oh0, rows, col);
+        let out = out;
+        // SAFETY: the tile's block of y (c_out rows of rows * w_out at row stride n) belongs to
+        // this tile alone; the operands are the slices just built or borrowed.
+        unsafe {
+            let dst = out.0.add(b * co * n + oh0 * g.w_out);
+            let lhs = Mat { ptr: w.as_ptr(), rs: kk as isize, cs: 1 };
+            let rhs = Mat { ptr: rhs.as_ptr(), rs: rs as isize, cs: 1 };
+            matmul(co, rows * g.w_out, kk, dst, n, true, lhs, rhs, threads);
+        }
+    });
+    y
+}
+
+/// `dx = fold(W^T dy)`, one sample per parallel item.
+pub fn input_grad(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let (n, kk, co) = (g.positions(), g.rows(), g.c_out);
+    let sample_len = g.c_in * g.h * g.w;
+    let mut dx = vec![0.0f32; g.batch * sample_len];
+    let threads = inner_threads(g.batch);
+    let t = g.tile_rows();
+    let wt = Mat { ptr: w.as_ptr(), rs: 1, cs: kk as isize };
+    dx.par_chunks_mut(sample_len).enumerate().for_each(|(b, dx_b)| {
+        let dy_b = &dy[b * co * n..(b + 1) * co * n];
+        let mut col = Vec::new();
+        for oh0 in (0..g.h_out).step_by(t) {
+            let rows = t.min(g.h_out - oh0);
+            let width = rows * g.w_out;
+            let rhs = Mat { ptr: dy_b[oh0 * g.w_out..].as_ptr(), rs: n as isize, cs: 1 };
+            // SAFETY: dst is this sample's own gradient (1x1) or this item's own buffer.
+            unsafe {
+                if g.pointwise() {
+                    matmul(kk, width, co, dx_b[oh0 * g.w_out..].as_mut_ptr(), n, false, wt, rhs, threads);
+                } else {
+                    col.resize(kk * width, 0.0);
+                    matmul(kk, width, co, col.as_mut_ptr(), width, false, wt, rhs, threads);
+                    fold(g, &col, oh0, rows, dx_b);
+                }
+            }
+        }
+    });
+    dx
+}
+
+/// `(dW, dbias) = (sum_b dy_b col_b^T, sum_b dy_b 1)`, summed over a fixed split of the tiles.
+pub fn weight_grad(g: &ConvGeometry, dy: &[f32], x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (n, kk, co) = (g.positions(), g.rows(), g.c_out);
+    let tiles = g.tiles();
+    let parts = tiles.len().min(MAX_PARTS).min((PARTIAL_BYTES / (4 * co * kk)).max(1));
+    let per_part = tiles.len().div_ceil(parts);
+    let threads = inner_threads(parts);
+    let sample_len = g.c_in * g.h * g.w;
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = tiles
+        .par_chunks(per_part)
+        .map(|part| {
+            let (mut dw, mut db) = (vec![0.0f32; co * kk], vec![0.0f32; co]);
+            let mut col = Vec::new();
+            for &(b, oh0, rows) in part {
+                let x_b = &x[b * sample_len..(b + 1) * sample_len];
+                let (input, rs) = tile_input(g, x_b, oh0, rows, &mut col);
+                let width = rows * g.w_out;
+                let dy_tile = &dy[b * co * n + oh0 * g.w_out..];
+                for (o, d) in db.iter_mut().enumerate() {
+                    *d += dy_tile[o * n..o * n + width].iter().sum::<f32>();
+                }
+                // SAFETY: dw is this part's own buffer; the operands are live slices.
+                unsafe {
+                    let lhs = Mat { ptr: dy_tile.as_ptr(), rs: n as isize, cs: 1 };
+                    let rhs = Mat { ptr: input.as_ptr(), rs: 1, cs: rs as isize };
+                    matmul(co, kk, width, dw.as_mut_ptr(), kk, true, lhs, rhs, threads);
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let mut parts = partials.into_iter();
+    let (mut dw, mut db) = parts.next().expect("at least one tile");
+    for (pw, pb) in parts {
+        dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+    }
+    (dw, db)
+}
+
+fn geometry(x: &FlexTensor, w: &FlexTensor, stride: usize, padding: usize) -> ConvGeometry {
+    ConvGeometry::new(&x.layout().shape().to_vec(), &w.layout().shape().to_vec(), stride, padding)
+}
+
+fn conv_forward(
+    x: &FlexTensor,
+    w: &FlexTensor,
+    bias: Option<&FlexTensor>,
+    stride: usize,
+    padding: usize,
+) -> FlexTensor {
+    let g = geometry(x, w, stride, padding);
+    let bias = bias.map(values);
+    let y = forward(&g, &values(x), &values(w), bias.as_deref());
+    tensor(y, &[g.batch, g.c_out, g.h_out, g.w_out])
+}
+
+#[backend_extension(Autodiff, Flex)]
+pub trait ConvBackend: Backend {
+    /// `conv2d(x, weight) + bias` with a square kernel, symmetric padding, one group.
+    fn fused_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+
+    /// The same without bias.
+    fn fused_conv2d_no_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+}
+
+impl ConvBackend for Flex {
+    fn fused_conv2d(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        conv_forward(&x, &weight, Some(&bias), stride, padding)
+    }
+
+    fn fused_conv2d_no_bias(x: FlexTensor, weight: FlexTensor, stride: usize, padding: usize) -> FlexTensor {
+        conv_forward(&x, &weight, None, stride, padding)
+    }
+}
+
+/// Parents `[x, weight]` or `[x, weight, bias]`.
+#[derive(Debug)]
+struct ConvBackward<const N: usize> {
+    stride: usize,
+    padding: usize,
+}
+
+impl<const N: usize> Backward<Flex, N> for ConvBackward<N> {
+    /// The input and the weight.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (x, w) = &ops.state;
+        let g = geometry(x, w, self.stride, self.padding);
+        let dy = values(&grad);
+        let parents = ops.parents;
+        if let Some(node) = &parents[0] {
+            let dx = input_grad(&g, &dy, &values(w));
+            grads.register::<Flex>(node.id, tensor(dx, &[g.batch, g.c_in, g.h, g.w]));
+        }
+        let bias_node = if N == 3 { parents[N - 1].as_ref() } else { None };
+        if parents[1].is_some() || bias_node.is_some() {
+            let (dw, db) = weight_grad(&g, &dy, &values(x));
+            if let Some(node) = &parents[1] {
+                grads.register::<Flex>(node.id, tensor(dw, &[g.c_out, g.c_in, g.kernel, g.kernel]));
+            }
+            if let Some(node) = bias_node {
+                grads.register::<Flex>(node.id, tensor(db, &[g.c_out]));
+            }
+        }
+    }
+}
+
+/// Records the convolution with parents `$nodes` (`[x, weight]` or `[x, weight, bias]`).
+macro_rules! tracked {
+    ($n:literal, $nodes:expr, $x:expr, $w:expr, $out:expr, $stride:expr, $padding:expr) => {{
+        let op = ConvBackward::<$n> { stride: $stride, padding: $padding };
+        match op.prepare::<C>($nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(($x, $w), $out),
+            OpsKind::UnTracked(prep) => prep.finish($out),
+        }
+    }};
+}
+
+impl<C: CheckpointStrategy> ConvBackend for Autodiff<Flex, C> {
+    fn fused_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
+        let out = conv_forward(&xp, &wp, Some(bias.primitive()), stride, padding);
+        tracked!(3, [x.node(), weight.node(), bias.node()], xp, wp, out, stride, padding)
+    }
+
+    fn fused_conv2d_no_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
+        let out = conv_forward(&xp, &wp, None, stride, padding);
+        tracked!(2, [x.node(), weight.node()], xp, wp, out, stride, padding)
+    }
+}
+
+/// `conv2d(x, weight) + bias` with a square `[c_out, c_in, k, k]` kernel: the fused kernels on
+/// flex, burn's `conv2d` elsewhere.
+pub fn conv2d(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    stride: usize,
+    padding: usize,
+) -> Tensor<4> {
+    if !super::on_flex(&x.device()) {
+        let options = ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1);
+        return burn::tensor::module::conv2d(x, weight, bias, options);
+    }
+    let (x, weight) = (x.into_dispatch(), weight.into_dispatch());
+    Tensor::from_dispatch(match bias {
+        Some(b) => <Dispatch as ConvBackend>::fused_conv2d(x, weight, b.into_dispatch(), stride, padding),
+        None => <Dispatch as ConvBackend>::fused_conv2d_no_bias(x, weight, stride, padding),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SeededRng;
+    use crate::train::params::host_values;
+    use burn::tensor::{Device, TensorData};
+
+    /// Values and all three gradients against burn's conv2d for every kind of convolution the
+    /// models have (3x3 same, strided downsampling, 1x1, the DiT's patchify), odd sizes, with and
+    /// without bias.
+    #[test]
+    fn fused_conv2d_matches_burns_conv2d() {
+        let device = Device::flex().autodiff();
+        let mut rng = SeededRng::new(21);
+        // (batch, c_in, h, w, c_out, k, stride, padding, bias)
+        let cases = [
+            (2, 3, 9, 7, 5, 3, 1, 1, true),
+            (3, 4, 8, 8, 6, 3, 2, 1, true),
+            (2, 6, 5, 6, 4, 1, 1, 0, true),
+            (2, 3, 8, 8, 7, 2, 2, 0, false),
+            (1, 2, 7, 5, 3, 3, 1, 0, true),
+            (2, 2, 6, 6, 3, 5, 1, 2, false),
+        ];
+        for (b, ci, h, w, co, k, s, p, with_bias) in cases {
+            let xs = rng.normals(b * ci * h * w);
+            let ws = rng.normals(co * ci * k * k);
+            let bs = rng.normals(co);
+            let run = |fused: bool| {
+                let x = Tensor::<4>::from_data(TensorData::new(xs.clone(), [b, ci, h, w]), &device)
+                    .require_grad();
+                let wt = Tensor::<4>::from_data(TensorData::new(ws.clone(), [co, ci, k, k]), &device)
+                    .require_grad();
+                let bias = Tensor::<1>::from_data(TensorData::new(bs.clone(), [co]), &device).require_grad();
+                let bias_in = with_bias.then(|| bias.clone());
+                let y = if fused {
+                    conv2d(x.clone(), wt.clone(), bias_in, s, p)
+                } else {
+                    let options = ConvOptions::new([s; 2], [p; 2], [1, 1], 1);
+                    burn::tensor::module::conv2d(x.clone(), wt.clone(), bias_in, options)
+                };
+                let up = Tensor::<4>::from_data(
+                    TensorData::new(SeededRng::new(1).normals(y.dims().iter().product()), y.dims()),
+                    &device,
+                );
+                let grads = (y.clone() * up).sum().backward();
+                let db = with_bias.then(|| host_values(bias.grad(&grads).unwrap()));
+                (
+                    y.dims(),
+                    host_values(y),
+                    host_values(x.grad(&grads).unwrap()),
+                    host_values(wt.grad(&grads).unwrap()),
+                    db,
+                )
+            };
+            let (f, t) = (run(true), run(false));
+            let what = format!("b{b} c{ci}x{h}x{w} -> {co} k{k} s{s} p{p}");
+            assert_eq!(f.0, t.0, "{what}: shape");
+            for (name, a, r) in [("y", &f.1, &t.1), ("dx", &f.2, &t.2), ("dw", &f.3, &t.3)] {
+                assert_eq!(a.len(), r.len(), "{what}: {name} length");
+                for (i, (a, r)) in a.iter().zip(r.iter()).enumerate() {
+                    assert!((a - r).abs() <= 1e-4 * (1.0 + r.abs()), "{what}: {name}[{i}] {a} vs {r}");
+                }
+            }
+            if let (Some(a), Some(r)) = (&f.4, &t.4) {
+                for (a, r) in a.iter().zip(r) {
+                    assert!((a - r).abs() <= 1e-4 * (1.0 + r.abs()), "{what}: dbias {a} vs {r}");
+                }
+            }
+        }
+    }
+
+    /// The same bits with one thread and with several, and whether the products run side by
+    /// side or each is split across threads (batch 1 against batch 4).
+    #[test]
+    fn fused_conv2d_is_bit_identical_across_thread_counts() {
+        let mut rng = SeededRng::new(2);
+        for batch in [1, 4] {
+            let g = ConvGeometry::new(&[batch, 8, 12, 12], &[16, 8, 3, 3], 1, 1);
+            let x = rng.normals(batch * 8 * 144);
+            let w = rng.normals(16 * 72);
+            let dy = rng.normals(batch * 16 * 144);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    (forward(&g, &x, &w, Some(&w[..16])), input_grad(&g, &dy, &w), weight_grad(&g, &dy, &x))
+                })
+            };
+            let one = run(1);
+            assert!(one == run(2) && one == run(3), "batch {batch}: results depend on the thread count");
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Fused CPU kernels for the flex backend, each with a hand-written backward: convolution
+//! ([`conv`]), SiLU/GELU ([`activation`]), GroupNorm(+SiLU) and LayerNorm ([`norm`]).
+//!
+//! Burn composes these from generic tensor ops on flex: one tensor-sized temporary per op and
+//! per backward step, scalar `expf`/`erff`, and a convolution whose weight gradient is itself a
+//! convolution with the gradient map as kernel. Here each is one pass over the tensors' own
+//! memory on the rayon pool, with vectorised math. The layers in `crate::nn` call them on flex
+//! (with or without autodiff) and keep burn's tensor ops on every other backend.
+//!
+//! Determinism: every kernel splits its work into pieces whose boundaries depend on the shapes
+//! only, never on the thread count, and adds partial sums in a fixed order; results are
+//! bit-identical across runs and thread counts (tested).
+
+pub mod activation;
+pub mod conv;
+pub(crate) mod host;
+pub mod math;
+pub mod norm;
+
+use burn::backend::DispatchDevice;
+use burn::tensor::Device;
+
+/// Whether `device` (with or without autodiff) is flex, where these kernels run.
+pub fn on_flex(device: &Device) -> bool {
+    matches!(device.clone().inner().as_dispatch(), DispatchDevice::Flex(_))
+}
+
+/// Defines `pub(crate) fn $name(args) -> ret` that runs `$body` compiled for AVX2 where the CPU
+/// has it (8 lanes instead of the x86-64 baseline's 4), else for the baseline. The same bits
+/// either way: the kernels never call `mul_add`, and Rust never fuses `a * b + c` itself.
+macro_rules! avx2_kernel {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:path;) => {
+        $(#[$doc])*
+        pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                fn wide($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (checked just above).
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_kernel;
