@@ -40,6 +40,8 @@ pub struct ConvGeometry {
     pub padding: usize,
     pub h_out: usize,
     pub w_out: usize,
+    /// Output rows per tile of unfolded input (about [`TILE_BYTES`] of it).
+    pub tile_rows: usize,
 }
 
 /// Bytes of unfolded input per tile (a few MB: in cache-sized pieces, bounded at any size).
@@ -52,7 +54,7 @@ const MAX_PARTS: usize = 8;
 impl ConvGeometry {
     pub fn new(x: &[usize], weight: &[usize], stride: usize, padding: usize) -> Self {
         let (h, w, k) = (x[2], x[3], weight[2]);
-        Self {
+        let mut g = Self {
             batch: x[0],
             c_in: x[1],
             h,
@@ -63,7 +65,10 @@ impl ConvGeometry {
             padding,
             h_out: (h + 2 * padding - k) / stride + 1,
             w_out: (w + 2 * padding - k) / stride + 1,
-        }
+            tile_rows: 1,
+        };
+        g.tile_rows = (TILE_BYTES / (4 * g.rows() * g.w_out).max(1)).clamp(1, g.h_out);
+        g
     }
 
     /// Rows of the unfolded input: one per input channel and kernel tap.
@@ -81,14 +86,14 @@ impl ConvGeometry {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
     }
 
-    /// Output rows per tile.
-    fn tile_rows(&self) -> usize {
-        (TILE_BYTES / (4 * self.rows() * self.w_out).max(1)).clamp(1, self.h_out)
+    /// Stride 1 with the output as large as the input (3x3 with padding 1, 1x1, 5x5 with 2).
+    fn same(&self) -> bool {
+        self.stride == 1 && self.w_out == self.w && self.h_out == self.h
     }
 
     /// The work items `(sample, first output row, rows)`, in order.
     fn tiles(&self) -> Vec<(usize, usize, usize)> {
-        let t = self.tile_rows();
+        let t = self.tile_rows;
         (0..self.batch)
             .flat_map(|b| (0..self.h_out).step_by(t).map(move |r| (b, r, t.min(self.h_out - r))))
             .collect()
@@ -165,6 +170,9 @@ fn inner_threads(items: usize) -> usize {
 /// The unfolded input of one tile: `col[r, (oh - oh0) * w_out + ow]` for `r = (c, kh, kw)`,
 /// `x_b` one sample `[c_in, h, w]`.
 fn unfold(g: &ConvGeometry, x_b: &[f32], oh0: usize, rows: usize, col: &mut [f32]) {
+    if g.same() {
+        return unfold_same(g, x_b, oh0, rows, col);
+    }
     let (k, s, p, wo) = (g.kernel, g.stride, g.padding as isize, g.w_out);
     let width = rows * wo;
     for (r, dst) in col.chunks_mut(width).enumerate().take(g.rows()) {
@@ -205,9 +213,87 @@ fn valid_range(g: &ConvGeometry, kw: usize) -> (usize, usize) {
     (lo.min(g.w_out), hi.min(g.w_out))
 }
 
+/// For a "same" convolution (stride 1, output as wide as the input) the row of kernel tap
+/// `(c, kh, kw)` is channel `c`'s plane shifted by `(kh - p) w + (kw - p)` elements: the valid
+/// output rows are one contiguous copy, and only the `|kw - p|` columns at one edge of each row
+/// (which read the neighbouring image row) are cleared afterwards. Per-row copies of a 32-wide
+/// image spent more time on bookkeeping than on copying.
+fn unfold_same(g: &ConvGeometry, x_b: &[f32], oh0: usize, rows: usize, col: &mut [f32]) {
+    let (k, w) = (g.kernel, g.w);
+    for (r, dst) in col.chunks_mut(rows * w).enumerate().take(g.rows()) {
+        let (c, kh, kw) = (r / (k * k), (r / k) % k, r % k);
+        let plane = &x_b[c * g.h * w..(c + 1) * g.h * w];
+        let (first, last) = same_rows(g, oh0, rows, kh);
+        dst[..(first - oh0) * w].fill(0.0);
+        dst[(last - oh0).max(first - oh0) * w..].fill(0.0);
+        if last <= first {
+            continue;
+        }
+        let shift = kw as isize - g.padding as isize;
+        // Input elements of the valid rows, shifted; the plane's ends are clipped (those
+        // positions are edge columns, cleared below).
+        let start = ((first + kh) as isize - g.padding as isize) * w as isize + shift;
+        let (lo, hi) = (start, start + ((last - first) * w) as isize);
+        let (clo, chi) = (lo.max(0), hi.min(plane.len() as isize));
+        let out = &mut dst[(first - oh0) * w..(last - oh0) * w];
+        let off = (clo - lo) as usize;
+        out[off..off + (chi - clo) as usize].copy_from_slice(&plane[clo as usize..chi as usize]);
+        clear_edges(out, w, shift);
+    }
+}
+
+/// The output rows `[first, last)` of the tile `[oh0, oh0 + rows)` whose input row
+/// `oh + kh - padding` is inside the image (stride 1).
+fn same_rows(g: &ConvGeometry, oh0: usize, rows: usize, kh: usize) -> (usize, usize) {
+    let p = g.padding;
+    let first = oh0.max(p.saturating_sub(kh));
+    let last = (oh0 + rows).min((g.h + p).saturating_sub(kh)).max(first);
+    (first, last)
+}
+
+/// Zeroes, in each row of `w` elements, the `|shift|` columns that a shift by `shift` elements
+/// brings in from the neighbouring row (or from outside the plane).
+fn clear_edges(rows: &mut [f32], w: usize, shift: isize) {
+    let d = shift.unsigned_abs().min(w);
+    if d == 0 {
+        return;
+    }
+    for row in rows.chunks_mut(w) {
+        if shift > 0 { row[w - d..].fill(0.0) } else { row[..d].fill(0.0) }
+    }
+}
+
+/// [`fold`] for a "same" convolution: the transpose of [`unfold_same`] (edge columns of the
+/// scratch `col` cleared, then one contiguous add per kernel tap).
+fn fold_same(g: &ConvGeometry, col: &mut [f32], oh0: usize, rows: usize, dx_b: &mut [f32]) {
+    let (k, w) = (g.kernel, g.w);
+    for (r, src) in col.chunks_mut(rows * w).enumerate().take(g.rows()) {
+        let (c, kh, kw) = (r / (k * k), (r / k) % k, r % k);
+        let plane = &mut dx_b[c * g.h * w..(c + 1) * g.h * w];
+        let (first, last) = same_rows(g, oh0, rows, kh);
+        if last <= first {
+            continue;
+        }
+        let shift = kw as isize - g.padding as isize;
+        let start = ((first + kh) as isize - g.padding as isize) * w as isize + shift;
+        let (lo, hi) = (start, start + ((last - first) * w) as isize);
+        let (clo, chi) = (lo.max(0), hi.min(plane.len() as isize));
+        let inp = &mut src[(first - oh0) * w..(last - oh0) * w];
+        clear_edges(inp, w, shift);
+        let off = (clo - lo) as usize;
+        let add = &inp[off..off + (chi - clo) as usize];
+        for (d, v) in plane[clo as usize..chi as usize].iter_mut().zip(add) {
+            *d += v;
+        }
+    }
+}
+
 /// Adds the tile's unfolded gradient `col` back onto the sample's input gradient `dx_b` (the
 /// transpose of [`unfold`]).
-fn fold(g: &ConvGeometry, col: &[f32], oh0: usize, rows: usize, dx_b: &mut [f32]) {
+fn fold(g: &ConvGeometry, col: &mut [f32], oh0: usize, rows: usize, dx_b: &mut [f32]) {
+    if g.same() {
+        return fold_same(g, col, oh0, rows, dx_b);
+    }
     let (k, s, p, wo) = (g.kernel, g.stride, g.padding as isize, g.w_out);
     let width = rows * wo;
     for (r, src) in col.chunks(width).enumerate().take(g.rows()) {
@@ -285,7 +371,7 @@ pub fn input_grad(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let sample_len = g.c_in * g.h * g.w;
     let mut dx = vec![0.0f32; g.batch * sample_len];
     let threads = inner_threads(g.batch);
-    let t = g.tile_rows();
+    let t = g.tile_rows;
     let wt = Mat { ptr: w.as_ptr(), rs: 1, cs: kk as isize };
     dx.par_chunks_mut(sample_len).enumerate().for_each(|(b, dx_b)| {
         let dy_b = &dy[b * co * n..(b + 1) * co * n];
@@ -301,7 +387,7 @@ pub fn input_grad(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
                 } else {
                     col.resize(kk * width, 0.0);
                     matmul(kk, width, co, col.as_mut_ptr(), width, false, wt, rhs, threads);
-                    fold(g, &col, oh0, rows, dx_b);
+                    fold(g, &mut col, oh0, rows, dx_b);
                 }
             }
         }
@@ -558,6 +644,39 @@ mod tests {
             if let (Some(a), Some(r)) = (&f.4, &t.4) {
                 for (a, r) in a.iter().zip(r) {
                     assert!((a - r).abs() <= 1e-4 * (1.0 + r.abs()), "{what}: dbias {a} vs {r}");
+                }
+            }
+        }
+    }
+
+    /// Tiles of a few output rows (as SD's large maps get) give the results of one tile per
+    /// sample (the same forward bits; gradients up to summation order), for same, strided, 1x1
+    /// and unpadded convolutions.
+    #[test]
+    fn fused_conv2d_tiles_add_up_to_the_whole() {
+        let mut rng = SeededRng::new(6);
+        for (ci, co, k, s, p) in [(3, 4, 3, 1, 1), (3, 4, 3, 2, 1), (5, 2, 1, 1, 0), (2, 3, 3, 1, 0)] {
+            let whole = ConvGeometry::new(&[2, ci, 11, 9], &[co, ci, k, k], s, p);
+            let x = rng.normals(2 * ci * 99);
+            let w = rng.normals(co * ci * k * k);
+            let dy = rng.normals(2 * co * whole.h_out * whole.w_out);
+            let run = |g: &ConvGeometry| {
+                (forward(g, &x, &w, None), input_grad(g, &dy, &w), weight_grad(g, &dy, &x))
+            };
+            let reference = run(&whole);
+            for rows in [1, 2, 4] {
+                let tiled = run(&ConvGeometry { tile_rows: rows, ..whole });
+                assert_eq!(tiled.0, reference.0, "k{k} s{s}: forward, {rows}-row tiles");
+                // The gradients add the same terms in another order.
+                for (what, t, r) in
+                    [("input", &tiled.1, &reference.1), ("weight", &tiled.2.0, &reference.2.0)]
+                {
+                    for (a, b) in t.iter().zip(r.iter()) {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                            "k{k} s{s}: {what} gradient {a} vs {b}"
+                        );
+                    }
                 }
             }
         }
