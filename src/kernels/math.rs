@@ -2,9 +2,10 @@
 //! branches): the activations' forward and backward run 8 lanes at a time under AVX2.
 
 /// `e^x` within 2 ulp over the range where it is a normal f32 (Cephes' `expf`: `x = n ln2 + r`,
-/// a degree-5 polynomial in `r`, `2^n` assembled in the exponent bits). Inputs are clamped to
-/// [-87.3, 88.0] (so that `2^n` stays a normal number): below, it returns ~1e-38 instead of a
-/// subnormal or zero, above 1.65e38 instead of up to 3.4e38 or infinity.
+/// a degree-5 polynomial in `r`, `2^n` assembled in the exponent bits). Below -87.3 it
+/// returns 0 (the true value is subnormal; a masked logit of -inf gives exactly 0), above 88.0
+/// it returns e^88 = 1.65e38 instead of up to 3.4e38 or infinity, so that `2^n` stays a normal
+/// number.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -13,9 +14,9 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer (ties to even).
     const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let c = x.clamp(-87.3, 88.0);
+    let n = (c * LOG2E + ROUND) - ROUND;
+    let r = c - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_199_9e-3;
     p = p * r + 8.333_452e-3;
@@ -26,7 +27,8 @@ pub fn exp(x: f32) -> f32 {
     // 2^n without a float-to-int conversion (which, saturating, keeps the loop scalar): in
     // ROUND + 127 + n, the low mantissa bits hold n + 127, which the shift moves into the
     // exponent field (the bits above it fall off the u32).
-    e * f32::from_bits((n + (ROUND + 127.0)).to_bits() << 23)
+    let v = e * f32::from_bits((n + (ROUND + 127.0)).to_bits() << 23);
+    if x >= -87.3 { v } else { 0.0 }
 }
 
 /// The logistic function `1 / (1 + e^-x)`.
@@ -76,7 +78,8 @@ mod tests {
             let ulp = (b.to_bits() as i64 - a.to_bits() as i64).abs();
             assert!(ulp <= 2, "exp({x}) = {a}, libm {b}");
         }
-        assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
+        assert_eq!((exp(-1000.0), exp(f32::NEG_INFINITY), exp(-87.4)), (0.0, 0.0, 0.0));
+        assert!(exp(1000.0) > 1.6e38 && exp(1000.0).is_finite());
         assert_eq!(exp(0.0), 1.0);
     }
 
@@ -88,7 +91,7 @@ mod tests {
             // Beyond |x| ~ 3 the f32 rounding of x^2 dominates; erfc is below 2e-5 there.
             assert!(((erfc(x) as f64) - erfc_ref).abs() <= 4e-7 * erfc_ref + 1e-9, "erfc({x})");
             let s = 1.0 / (1.0 + (-xd).exp());
-            assert!(((sigmoid(x) as f64) - s).abs() <= 3e-7 * s + 1e-37, "sigmoid({x})");
+            assert!(((sigmoid(x) as f64) - s).abs() <= 3e-7 * s + 2e-38, "sigmoid({x})");
             assert!(((tanh(x) as f64) - xd.tanh()).abs() <= 3e-7, "tanh({x})");
         }
     }

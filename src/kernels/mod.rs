@@ -1,5 +1,6 @@
 //! Fused CPU kernels for the flex backend, each with a hand-written backward: convolution
-//! ([`conv`]), SiLU/GELU ([`activation`]), GroupNorm(+SiLU) and LayerNorm ([`norm`]).
+//! ([`conv`]), SiLU/GELU ([`activation`]), GroupNorm(+SiLU) and LayerNorm ([`norm`]), and
+//! softmax over the last dimension ([`softmax`]).
 //!
 //! Burn composes these from generic tensor ops on flex: one tensor-sized temporary per op and
 //! per backward step, scalar `expf`/`erff`, and a convolution whose weight gradient is itself a
@@ -16,6 +17,7 @@ pub mod conv;
 pub(crate) mod host;
 pub mod math;
 pub mod norm;
+pub mod softmax;
 
 use burn::backend::DispatchDevice;
 use burn::tensor::Device;

@@ -4,7 +4,6 @@
 //! optional context (diffusers' layout: SD's self- and cross-attention, the VAE's mid block).
 
 use burn::module::Module;
-use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Tensor};
 
 use super::{GroupNorm, Linear, StepCtx};
@@ -100,7 +99,7 @@ pub fn attend(
         Some(m) => scores.mask_fill(m, f32::NEG_INFINITY),
         None => scores,
     };
-    let probs = probs_in.forward(softmax(scores, 3), ctx);
+    let probs = probs_in.forward(crate::kernels::softmax::softmax(scores), ctx);
     probs.matmul(v)
 }
 
