@@ -25,6 +25,7 @@ use burn::tensor::Tensor;
 use burn::tensor::ops::ConvOptions;
 use rayon::prelude::*;
 
+use super::gemm::{Mat, SendPtr, inner_threads, matmul};
 use super::host::{tensor, values};
 
 /// The shapes of one convolution.
@@ -98,73 +99,6 @@ impl ConvGeometry {
             .flat_map(|b| (0..self.h_out).step_by(t).map(move |r| (b, r, t.min(self.h_out - r))))
             .collect()
     }
-}
-
-/// A matrix in memory: element `(i, j)` at `ptr[i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
-}
-
-// SAFETY: a view of memory that outlives the parallel calls it is used in, read-only.
-unsafe impl Send for Mat {}
-unsafe impl Sync for Mat {}
-
-/// A pointer that may cross threads: the callers write disjoint regions through it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-/// `dst (m x n, row stride dst_rs) = [dst +] lhs (m x k) rhs (k x n)`.
-///
-/// # Safety
-/// Every element the views address must lie in live memory, and `dst`'s must not be read or
-/// written by anyone else during the call.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
-    threads: usize,
-) {
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
-/// Threads one matrix product may use when `items` products run side by side.
-fn inner_threads(items: usize) -> usize {
-    let threads = rayon::current_num_threads();
-    if items >= threads { 1 } else { threads }
 }
 
 /// The unfolded input of one tile: `col[r, (oh - oh0) * w_out + ow]` for `r = (c, kh, kw)`,

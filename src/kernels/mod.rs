@@ -14,7 +14,9 @@
 
 pub mod activation;
 pub mod conv;
+pub(crate) mod gemm;
 pub(crate) mod host;
+pub mod linear;
 pub mod math;
 pub mod norm;
 pub mod softmax;

@@ -65,19 +65,19 @@ impl Linear {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>, ctx: &StepCtx) -> Tensor<D> {
-        use burn::tensor::module::linear;
+        use crate::kernels::linear::linear;
         let x = match &self.hadamard {
             Some(h) => h.rotate(x),
             None => x,
         };
         let (w, branch) =
             super::layer_weight(self.weight.val(), self.quant.as_ref(), self.lora.as_ref(), ctx);
-        let low_rank = branch.map(|d| linear(x.clone(), d.transpose(), None));
+        let low_rank = branch.map(|d| linear(x.clone(), d, None));
         let x = match &self.quant {
             Some(q) => q.input(x, ctx),
             None => x,
         };
-        let y = linear(x, w.transpose(), self.bias.as_ref().map(|b| b.val()));
+        let y = linear(x, w, self.bias.as_ref().map(|b| b.val()));
         match low_rank {
             Some(l) => y + l,
             None => y,
