@@ -23,13 +23,13 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, backend_extension};
-use std::borrow::Cow;
 use std::ops::Range;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::format::{Format, Round, Rounder};
+use crate::kernels::host::{tensor_like, values, values_mut, writable};
 
 #[backend_extension(Autodiff, Flex, Cube: cfg(any(feature = "wgpu", feature = "cuda-runtime")))]
 pub trait FusedQuantBackend: Backend {
@@ -48,43 +48,6 @@ const CHUNK: usize = 1 << 14;
 
 /// Independent partial sums per scale block in the backward, so that its loop vectorises.
 const LANES: usize = 8;
-
-/// Host view of a flex tensor's values (copied only when it is not contiguous).
-fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
-    match t.as_slice::<f32>() {
-        Some(v) => Cow::Borrowed(v),
-        None => Cow::Owned(t.to_contiguous().as_slice::<f32>().expect("f32 tensor").to_vec()),
-    }
-}
-
-/// The values of `t` to overwrite in place: `Some` when `t` alone owns exactly its contiguous
-/// storage (an intermediate nobody else holds).
-fn values_mut(t: &mut FlexTensor) -> Option<&mut [f32]> {
-    let n = t.layout().num_elements();
-    if t.layout().contiguous_offsets() != Some((0, n)) {
-        return None;
-    }
-    t.try_storage_mut::<f32>().filter(|v| v.len() == n)
-}
-
-/// `t` itself when its memory may be overwritten ([`values_mut`]), else a contiguous copy.
-fn writable(mut t: FlexTensor) -> FlexTensor {
-    if values_mut(&mut t).is_some() {
-        return t;
-    }
-    // A strided view (a broadcast gradient) becomes a fresh contiguous tensor of its own.
-    let mut c = t.to_contiguous();
-    drop(t);
-    if values_mut(&mut c).is_some() {
-        return c;
-    }
-    let copy = values(&c).into_owned();
-    tensor_like(copy, &c)
-}
-
-fn tensor_like(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, like.layout().shape().clone()))
-}
 
 /// Elements of `x` per scale block.
 fn block_len(x: &FlexTensor, scale: &FlexTensor) -> usize {
@@ -445,6 +408,7 @@ mod tests {
     use crate::quant::quantizer::fake_quantize_ops;
     use crate::rng::SeededRng;
     use crate::train::params::host_values;
+    use burn::tensor::TensorData;
 
     /// Forward bit-identical to the tensor version, gradients equal up to f32 summation order.
     #[test]
