@@ -293,7 +293,7 @@ pub fn forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> 
             let dst = out.0.add(b * co * n + oh0 * g.w_out);
             let lhs = Mat { ptr: w.as_ptr(), rs: kk as isize, cs: 1 };
             let rhs = Mat { ptr: rhs.as_ptr(), rs: rs as isize, cs: 1 };
-            matmul(co, rows * g.w_out, kk, dst, n, true, lhs, rhs, threads);
+            matmul(co, rows * g.w_out, kk, dst, n, true, lhs, rhs, 1.0, threads);
         }
     });
     y
@@ -317,10 +317,21 @@ pub fn input_grad(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
             // SAFETY: dst is this sample's own gradient (1x1) or this item's own buffer.
             unsafe {
                 if g.pointwise() {
-                    matmul(kk, width, co, dx_b[oh0 * g.w_out..].as_mut_ptr(), n, false, wt, rhs, threads);
+                    matmul(
+                        kk,
+                        width,
+                        co,
+                        dx_b[oh0 * g.w_out..].as_mut_ptr(),
+                        n,
+                        false,
+                        wt,
+                        rhs,
+                        1.0,
+                        threads,
+                    );
                 } else {
                     col.resize(kk * width, 0.0);
-                    matmul(kk, width, co, col.as_mut_ptr(), width, false, wt, rhs, threads);
+                    matmul(kk, width, co, col.as_mut_ptr(), width, false, wt, rhs, 1.0, threads);
                     fold(g, &mut col, oh0, rows, dx_b);
                 }
             }
@@ -354,7 +365,7 @@ pub fn weight_grad(g: &ConvGeometry, dy: &[f32], x: &[f32]) -> (Vec<f32>, Vec<f3
                 unsafe {
                     let lhs = Mat { ptr: dy_tile.as_ptr(), rs: n as isize, cs: 1 };
                     let rhs = Mat { ptr: input.as_ptr(), rs: 1, cs: rs as isize };
-                    matmul(co, kk, width, dw.as_mut_ptr(), kk, true, lhs, rhs, threads);
+                    matmul(co, kk, width, dw.as_mut_ptr(), kk, true, lhs, rhs, 1.0, threads);
                 }
             }
             (dw, db)

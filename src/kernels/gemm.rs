@@ -19,7 +19,7 @@ pub(crate) struct SendPtr(pub *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// `dst (m x n, row stride dst_rs) = [dst +] lhs (m x k) rhs (k x n)`.
+/// `dst (m x n, row stride dst_rs) = [dst +] scale lhs (m x k) rhs (k x n)`.
 ///
 /// # Safety
 /// Every element the views address must lie in live memory, and `dst`'s must not be read or
@@ -34,6 +34,7 @@ pub(crate) unsafe fn matmul(
     accumulate: bool,
     lhs: Mat,
     rhs: Mat,
+    scale: f32,
     threads: usize,
 ) {
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
@@ -53,7 +54,7 @@ pub(crate) unsafe fn matmul(
             rhs.cs,
             rhs.rs,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,

@@ -33,7 +33,7 @@ fn linear_forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>) -> 
     unsafe {
         let lhs = Mat { ptr: xs.as_ptr(), rs: d_in as isize, cs: 1 };
         let rhs = Mat { ptr: ws.as_ptr(), rs: 1, cs: d_in as isize };
-        matmul(m, d_out, d_in, y.as_mut_ptr(), d_out, true, lhs, rhs, rayon::current_num_threads());
+        matmul(m, d_out, d_in, y.as_mut_ptr(), d_out, true, lhs, rhs, 1.0, rayon::current_num_threads());
     }
     let mut shape = x.layout().shape().to_vec();
     *shape.last_mut().expect("a dimension") = d_out;
@@ -47,7 +47,7 @@ fn input_grad(dy: &[f32], w: &[f32], m: usize, d_in: usize, d_out: usize) -> Vec
     unsafe {
         let lhs = Mat { ptr: dy.as_ptr(), rs: d_out as isize, cs: 1 };
         let rhs = Mat { ptr: w.as_ptr(), rs: d_in as isize, cs: 1 };
-        matmul(m, d_in, d_out, dx.as_mut_ptr(), d_in, false, lhs, rhs, rayon::current_num_threads());
+        matmul(m, d_in, d_out, dx.as_mut_ptr(), d_in, false, lhs, rhs, 1.0, rayon::current_num_threads());
     }
     dx
 }
@@ -59,7 +59,7 @@ fn weight_grad(dy: &[f32], x: &[f32], m: usize, d_in: usize, d_out: usize) -> (V
     unsafe {
         let lhs = Mat { ptr: dy.as_ptr(), rs: 1, cs: d_out as isize };
         let rhs = Mat { ptr: x.as_ptr(), rs: d_in as isize, cs: 1 };
-        matmul(d_out, d_in, m, dw.as_mut_ptr(), d_in, false, lhs, rhs, rayon::current_num_threads());
+        matmul(d_out, d_in, m, dw.as_mut_ptr(), d_in, false, lhs, rhs, 1.0, rayon::current_num_threads());
     }
     let mut db = vec![0.0f32; d_out];
     for row in dy.chunks(d_out) {

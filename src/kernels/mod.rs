@@ -18,6 +18,7 @@ pub(crate) mod gemm;
 pub(crate) mod host;
 pub mod linear;
 pub mod math;
+pub mod matmul;
 pub mod norm;
 pub mod softmax;
 

@@ -62,7 +62,7 @@ impl SelfAttention {
         let k = qkv.clone().slice([1..2]).squeeze_dim::<4>(0);
         let v = qkv.slice([2..3]).squeeze_dim::<4>(0);
         let inputs = [&self.q_in, &self.k_in, &self.probs_in, &self.v_in];
-        let out = attend(q, k, v, inputs, None, ctx).swap_dims(1, 2).reshape([b, n, c]);
+        let out = attend(q, k, v, inputs, None, ctx);
         self.proj.forward(out, ctx)
     }
 
@@ -80,8 +80,9 @@ impl SelfAttention {
     }
 }
 
-/// `softmax(Q K^T / sqrt(d)) V` over heads, `[B, H, N, D]` each; the four matmul inputs pass
-/// through their (optional) quantizers `[q, k, probs, v]`. `mask` is true where a query may
+/// `softmax(Q K^T / sqrt(d)) V` over heads, `[B, H, N, D]` each, returned with the heads merged
+/// as `[B, N, H * D]`; the four matmul inputs pass through their (optional) quantizers
+/// `[q, k, probs, v]`. `mask` is true where a query may
 /// not look (e.g. CLIP's causal mask), broadcast over batch and heads.
 pub fn attend(
     q: Tensor<4>,
@@ -90,17 +91,17 @@ pub fn attend(
     inputs: [&MatmulInput; 4],
     mask: Option<Tensor<4, Bool>>,
     ctx: &StepCtx,
-) -> Tensor<4> {
+) -> Tensor<3> {
     let d = q.dims()[3];
     let [q_in, k_in, probs_in, v_in] = inputs;
     let (q, k, v) = (q_in.forward(q, ctx), k_in.forward(k, ctx), v_in.forward(v, ctx));
-    let scores = q.matmul(k.transpose()) / (d as f64).sqrt();
+    let scores = crate::kernels::matmul::matmul_div(q, k.transpose(), (d as f64).sqrt());
     let scores = match mask {
         Some(m) => scores.mask_fill(m, f32::NEG_INFINITY),
         None => scores,
     };
     let probs = probs_in.forward(crate::kernels::softmax::softmax(scores), ctx);
-    probs.matmul(v)
+    crate::kernels::matmul::matmul_merge_heads(probs, v)
 }
 
 /// `[B, N, H * D] -> [B, H, N, D]`.
@@ -157,15 +158,12 @@ impl Attention {
 
     /// Tokens `[B, N, C]`, optional context `[B, M, C_ctx]` -> `[B, N, C]`.
     pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>, ctx: &StepCtx) -> Tensor<3> {
-        let [b, n, _] = x.dims();
         let kv = context.unwrap_or_else(|| x.clone());
         let q = split_heads(self.to_q.forward(x, ctx), self.heads);
         let k = split_heads(self.to_k.forward(kv.clone(), ctx), self.heads);
         let v = split_heads(self.to_v.forward(kv, ctx), self.heads);
         let inputs = [&self.q_in, &self.k_in, &self.probs_in, &self.v_in];
-        let out = attend(q, k, v, inputs, None, ctx).swap_dims(1, 2);
-        let inner = out.dims()[2] * out.dims()[3];
-        self.to_out[0].forward(out.reshape([b, n, inner]), ctx)
+        self.to_out[0].forward(attend(q, k, v, inputs, None, ctx), ctx)
     }
 
     /// Feature maps `[B, C, H, W]`: group norm, attention over the `H * W` positions, residual.

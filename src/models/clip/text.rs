@@ -190,9 +190,8 @@ impl ClipTextModel {
                 split(a.v_proj.forward(x, &ctx)),
             );
             let inputs = [&a.q_in, &a.k_in, &a.probs_in, &a.v_in];
-            let out = attend(q, k, v, inputs, Some(causal.clone()), &ctx).swap_dims(1, 2);
-            let c = h.dims()[2];
-            h = h + a.out_proj.forward(out.reshape([b, n, c]), &ctx);
+            let out = attend(q, k, v, inputs, Some(causal.clone()), &ctx);
+            h = h + a.out_proj.forward(out, &ctx);
             let x = layer.layer_norm2.forward(h.clone());
             h = h + layer.mlp.fc2.forward(quick_gelu(layer.mlp.fc1.forward(x, &ctx)), &ctx);
         }
