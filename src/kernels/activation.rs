@@ -14,7 +14,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::host::{tensor_like, values, values_mut, writable};
-use super::{avx2_kernel, math};
+use super::{math, simd_kernel};
 
 /// The pointwise nonlinearities the models use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,9 +157,9 @@ fn backward_run(kind: Activation, g: &mut [f32], xs: &[f32]) {
     }
 }
 
-avx2_kernel!(fn forward_chunk(kind: Activation, xs: &[f32], out: &mut [f32]) = forward_run;);
-avx2_kernel!(fn forward_chunk_in_place(kind: Activation, xs: &mut [f32]) = forward_run_in_place;);
-avx2_kernel!(fn backward_chunk(kind: Activation, g: &mut [f32], xs: &[f32]) = backward_run;);
+simd_kernel!(fn forward_chunk(kind: Activation, xs: &[f32], out: &mut [f32]) = forward_run;);
+simd_kernel!(fn forward_chunk_in_place(kind: Activation, xs: &mut [f32]) = forward_run_in_place;);
+simd_kernel!(fn backward_chunk(kind: Activation, g: &mut [f32], xs: &[f32]) = backward_run;);
 
 /// Elements per parallel work item.
 const CHUNK: usize = 1 << 14;

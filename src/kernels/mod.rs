@@ -30,18 +30,28 @@ pub fn on_flex(device: &Device) -> bool {
     matches!(device.clone().inner().as_dispatch(), DispatchDevice::Flex(_))
 }
 
-/// Defines `pub(crate) fn $name(args) -> ret` that runs `$body` compiled for AVX2 where the CPU
-/// has it (8 lanes instead of the x86-64 baseline's 4), else for the baseline. The same bits
-/// either way: the kernels never call `mul_add`, and Rust never fuses `a * b + c` itself.
-macro_rules! avx2_kernel {
+/// Defines `pub(crate) fn $name(args) -> ret` that runs `$body` compiled for the widest vector
+/// unit the CPU has, picked at run time: AVX-512 (16 lanes), AVX2 (8), else the x86-64 baseline
+/// (4), so that one binary runs everywhere. The same bits on each: the kernels never call
+/// `mul_add`, Rust never fuses `a * b + c` itself, and their reductions keep a fixed number of
+/// partial sums whatever the vector width.
+macro_rules! simd_kernel {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:path;) => {
         $(#[$doc])*
         pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f")]
+                fn widest($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
                 #[target_feature(enable = "avx2")]
                 fn wide($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F (checked just above).
+                    return unsafe { widest($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: the CPU supports AVX2 (checked just above).
@@ -52,4 +62,4 @@ macro_rules! avx2_kernel {
         }
     };
 }
-pub(crate) use avx2_kernel;
+pub(crate) use simd_kernel;

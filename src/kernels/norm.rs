@@ -15,7 +15,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::host::{tensor, values, values_mut, writable};
-use super::{avx2_kernel, math};
+use super::{math, simd_kernel};
 
 /// Independent partial sums, so that the reductions vectorise (a fixed order: same bits on
 /// every machine and thread count).
@@ -41,7 +41,7 @@ fn sum_run(xs: &[f32], shift: f32) -> (f32, f32) {
     }
     (s.iter().sum(), q.iter().sum())
 }
-avx2_kernel!(
+simd_kernel!(
     /// `(sum(x - shift), sum((x - shift)^2))` over `xs`.
     fn sums(xs: &[f32], shift: f32) -> (f32, f32) = sum_run;
 );
@@ -71,7 +71,7 @@ fn affine_run(xs: &mut [f32], mean: f32, rstd: f32, a: f32, b: f32, silu: bool) 
         }
     }
 }
-avx2_kernel!(fn affine(xs: &mut [f32], mean: f32, rstd: f32, a: f32, b: f32, silu: bool) = affine_run;);
+simd_kernel!(fn affine(xs: &mut [f32], mean: f32, rstd: f32, a: f32, b: f32, silu: bool) = affine_run;);
 
 /// One channel's backward, first pass: `g` becomes the gradient of the normalised-and-scaled
 /// value (through SiLU when `silu`); returns `(sum(g), sum(g xh))` for this channel.
@@ -102,7 +102,7 @@ fn grad_sums_run(g: &mut [f32], xs: &[f32], mean: f32, rstd: f32, a: f32, b: f32
     }
     (sg.iter().sum(), sgx.iter().sum())
 }
-avx2_kernel!(
+simd_kernel!(
     fn grad_sums(g: &mut [f32], xs: &[f32], mean: f32, rstd: f32, a: f32, b: f32, silu: bool) -> (f32, f32)
         = grad_sums_run;
 );
@@ -118,7 +118,7 @@ fn grad_input_run(g: &mut [f32], xs: &[f32], mean: f32, rstd: f32, a: f32, ma: f
         g[i] = rstd * (g[i] * a - ma - xh * mb);
     }
 }
-avx2_kernel!(fn grad_input(g: &mut [f32], xs: &[f32], mean: f32, rstd: f32, a: f32, ma: f32, mb: f32) = grad_input_run;);
+simd_kernel!(fn grad_input(g: &mut [f32], xs: &[f32], mean: f32, rstd: f32, a: f32, ma: f32, mb: f32) = grad_input_run;);
 
 /// What the GroupNorm backward needs besides the gradient.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::host::{values, values_mut, writable};
-use super::{avx2_kernel, math};
+use super::{math, simd_kernel};
 
 /// Rows per parallel work item (fixed: the same split on any thread count).
 const ROWS: usize = 64;
@@ -42,7 +42,7 @@ fn softmax_row_run(row: &mut [f32]) {
         *v *= inv;
     }
 }
-avx2_kernel!(fn softmax_row(row: &mut [f32]) = softmax_row_run;);
+simd_kernel!(fn softmax_row(row: &mut [f32]) = softmax_row_run;);
 
 /// `g = y (g - sum(g y))` for one row.
 #[allow(clippy::needless_range_loop)]
@@ -65,7 +65,7 @@ fn softmax_grad_row_run(g: &mut [f32], y: &[f32]) {
         g[i] = y[i] * (g[i] - dot);
     }
 }
-avx2_kernel!(fn softmax_grad_row(g: &mut [f32], y: &[f32]) = softmax_grad_row_run;);
+simd_kernel!(fn softmax_grad_row(g: &mut [f32], y: &[f32]) = softmax_grad_row_run;);
 
 fn forward(x: FlexTensor) -> FlexTensor {
     let d = *x.layout().shape().last().expect("a dimension");
