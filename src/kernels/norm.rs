@@ -120,6 +120,107 @@ fn grad_input_run(g: &mut [f32], xs: &[f32], mean: f32, rstd: f32, a: f32, ma: f
 }
 simd_kernel!(fn grad_input(g: &mut [f32], xs: &[f32], mean: f32, rstd: f32, a: f32, ma: f32, mb: f32) = grad_input_run;);
 
+/// `y = ((x - mean) rstd) (1 + scale) + shift` per channel (DiT's adaLN modulation).
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn modulate_run(row: &mut [f32], mean: f32, rstd: f32, scale: &[f32], shift: &[f32]) {
+    let n = row.len().min(scale.len()).min(shift.len());
+    for i in 0..n {
+        row[i] = (row[i] - mean) * rstd * (1.0 + scale[i]) + shift[i];
+    }
+}
+simd_kernel!(fn modulate(row: &mut [f32], mean: f32, rstd: f32, scale: &[f32], shift: &[f32]) = modulate_run;);
+
+/// The modulated LayerNorm's backward for one row: adds this row's terms to `dshift` (`g`) and
+/// `dscale` (`g xh`), and overwrites `g` with `dx`.
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#[inline(always)]
+fn modulate_grad_run(
+    g: &mut [f32],
+    x: &[f32],
+    mean: f32,
+    rstd: f32,
+    scale: &[f32],
+    dshift: &mut [f32],
+    dscale: &mut [f32],
+) {
+    let n = g.len().min(x.len()).min(scale.len()).min(dshift.len()).min(dscale.len());
+    let (mut s1, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
+    for i in 0..n {
+        let xh = (x[i] - mean) * rstd;
+        dshift[i] += g[i];
+        dscale[i] += g[i] * xh;
+        let dxh = g[i] * (1.0 + scale[i]);
+        g[i] = dxh;
+        s1[i % LANES] += dxh;
+        s2[i % LANES] += dxh * xh;
+    }
+    let (ma, mb) = (s1.iter().sum::<f32>() / n as f32, s2.iter().sum::<f32>() / n as f32);
+    for i in 0..n {
+        let xh = (x[i] - mean) * rstd;
+        g[i] = rstd * (g[i] - ma - xh * mb);
+    }
+}
+simd_kernel!(
+    fn modulate_grad(g: &mut [f32], x: &[f32], mean: f32, rstd: f32, scale: &[f32], dshift: &mut [f32], dscale: &mut [f32])
+        = modulate_grad_run;
+);
+
+/// What the modulated LayerNorm's backward needs besides the gradient.
+#[derive(Debug, Clone)]
+struct ModulateState {
+    x: FlexTensor,
+    scale: Vec<f32>,
+    stats: Vec<(f32, f32)>,
+}
+
+/// `[B, N, C]` with per-sample `[B, C]` shift and scale: the output (in `x`'s memory when nobody
+/// else holds it) and each row's `(mean, rstd)`. Samples run in parallel.
+fn modulate_forward(x: FlexTensor, shift: &[f32], scale: &[f32], eps: f64) -> (FlexTensor, Vec<(f32, f32)>) {
+    let shape = x.layout().shape().to_vec();
+    let (n, c) = (shape[1], shape[2]);
+    let mut out = writable(x);
+    let ys = values_mut(&mut out).expect("writable tensor");
+    let stats = ys
+        .par_chunks_mut((n * c).max(1))
+        .enumerate()
+        .flat_map_iter(|(b, sample)| {
+            let (sc, sh) = (&scale[b * c..(b + 1) * c], &shift[b * c..(b + 1) * c]);
+            sample
+                .chunks_mut(c)
+                .map(|row| {
+                    let (mean, rstd) = moments(row, eps);
+                    modulate(row, mean, rstd, sc, sh);
+                    (mean, rstd)
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    (out, stats)
+}
+
+/// `(dx, dshift, dscale)`.
+fn modulate_backward(grad: FlexTensor, st: &ModulateState) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let shape = st.x.layout().shape().to_vec();
+    let (batch, n, c) = (shape[0], shape[1], shape[2]);
+    let xs = values(&st.x);
+    let mut dx = writable(grad);
+    let gs = values_mut(&mut dx).expect("writable tensor");
+    let (mut dshift, mut dscale) = (vec![0.0f32; batch * c], vec![0.0f32; batch * c]);
+    gs.par_chunks_mut((n * c).max(1))
+        .zip(xs.par_chunks((n * c).max(1)))
+        .zip(dshift.par_chunks_mut(c.max(1)).zip(dscale.par_chunks_mut(c.max(1))))
+        .enumerate()
+        .for_each(|(b, ((g, x), (dsh, dsc)))| {
+            let sc = &st.scale[b * c..(b + 1) * c];
+            for (r, (gr, xr)) in g.chunks_mut(c).zip(x.chunks(c)).enumerate() {
+                let (mean, rstd) = st.stats[b * n + r];
+                modulate_grad(gr, xr, mean, rstd, sc, dsh, dsc);
+            }
+        });
+    (dx, tensor(dshift, &[batch, c]), tensor(dscale, &[batch, c]))
+}
+
 /// What the GroupNorm backward needs besides the gradient.
 #[derive(Debug, Clone)]
 struct GroupNormState {
@@ -271,6 +372,14 @@ pub trait NormBackend: Backend {
 
     /// LayerNorm over the last dimension, no affine.
     fn fused_layer_norm(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
+
+    /// `layer_norm(x) (1 + scale) + shift` for `x: [B, N, C]`, `shift, scale: [B, C]`.
+    fn fused_layer_norm_modulate(
+        x: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
 }
 
 impl NormBackend for Flex {
@@ -287,6 +396,33 @@ impl NormBackend for Flex {
 
     fn fused_layer_norm(x: FlexTensor, eps: f64) -> FlexTensor {
         layer_norm_forward(x, eps).0
+    }
+
+    fn fused_layer_norm_modulate(
+        x: FlexTensor,
+        shift: FlexTensor,
+        scale: FlexTensor,
+        eps: f64,
+    ) -> FlexTensor {
+        modulate_forward(x, &values(&shift), &values(&scale), eps).0
+    }
+}
+
+#[derive(Debug)]
+struct ModulateBackward;
+
+impl Backward<Flex, 3> for ModulateBackward {
+    type State = ModulateState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_shift, node_scale] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (dx, dshift, dscale) = modulate_backward(grad, &ops.state);
+        for (node, g) in [(node_x, dx), (node_shift, dshift), (node_scale, dscale)] {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, g);
+            }
+        }
     }
 }
 
@@ -356,6 +492,24 @@ impl<C: CheckpointStrategy> NormBackend for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => prep.finish(layer_norm_forward(x.into_primitive(), eps).0),
         }
     }
+
+    fn fused_layer_norm_modulate(
+        x: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        let (sh, sc) = (values(shift.primitive()).into_owned(), values(scale.primitive()).into_owned());
+        match ModulateBackward.prepare::<C>([x.node(), shift.node(), scale.node()]).compute_bound().stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = x.primitive().clone();
+                let (out, stats) = modulate_forward(x.clone(), &sh, &sc, eps);
+                prep.finish(ModulateState { x, scale: sc, stats }, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(modulate_forward(x.into_primitive(), &sh, &sc, eps).0),
+        }
+    }
 }
 
 /// GroupNorm as burn's tensor ops (every backend but flex, and the reference in tests).
@@ -412,6 +566,25 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as NormBackend>::fused_layer_norm(x.into_dispatch(), eps))
 }
 
+/// `layer_norm(x) (1 + scale) + shift` as burn's tensor ops.
+pub fn layer_norm_modulate_ops(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>, eps: f64) -> Tensor<3> {
+    layer_norm_ops(x, eps) * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim::<3>(1)
+}
+
+/// DiT's adaLN: LayerNorm without affine over `[B, N, C]`, then `* (1 + scale) + shift` with
+/// per-sample `[B, C]` modulation broadcast over the tokens; one fused pass on flex.
+pub fn layer_norm_modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>, eps: f64) -> Tensor<3> {
+    if !super::on_flex(&x.device()) {
+        return layer_norm_modulate_ops(x, shift, scale, eps);
+    }
+    Tensor::from_dispatch(<Dispatch as NormBackend>::fused_layer_norm_modulate(
+        x.into_dispatch(),
+        shift.into_dispatch(),
+        scale.into_dispatch(),
+        eps,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,6 +639,36 @@ mod tests {
             close(&f.2, &t.2, 1e-4, &format!("{what}: dgamma"));
             close(&f.3, &t.3, 1e-4, &format!("{what}: dbeta"));
         }
+    }
+
+    /// The modulated LayerNorm against the tensor ops, with shift and scale as strided column
+    /// views of one projection (as DiT's `chunk` gives them): values and all three gradients.
+    #[test]
+    fn fused_layer_norm_modulate_matches_the_tensor_ops() {
+        let device = Device::flex().autodiff();
+        let mut rng = SeededRng::new(14);
+        let (b, n, c) = (3, 70, 16);
+        let x0: Vec<f32> = rng.normals(b * n * c).iter().map(|v| v * 2.0 + 3.0).collect();
+        let m0 = rng.normals(b * 2 * c);
+        let up = rng.normals(b * n * c);
+        let run = |fused: bool| {
+            let x = Tensor::<3>::from_data(TensorData::new(x0.clone(), [b, n, c]), &device).require_grad();
+            let mods =
+                Tensor::<2>::from_data(TensorData::new(m0.clone(), [b, 2 * c]), &device).require_grad();
+            let [shift, scale]: [Tensor<2>; 2] = mods.clone().chunk(2, 1).try_into().unwrap();
+            let y = if fused {
+                layer_norm_modulate(x.clone(), shift, scale, 1e-6)
+            } else {
+                layer_norm_modulate_ops(x.clone(), shift, scale, 1e-6)
+            };
+            let up = Tensor::<3>::from_data(TensorData::new(up.clone(), [b, n, c]), &device);
+            let grads = (y.clone() * up).sum().backward();
+            (host_values(y), host_values(x.grad(&grads).unwrap()), host_values(mods.grad(&grads).unwrap()))
+        };
+        let (f, t) = (run(true), run(false));
+        close(&f.0, &t.0, 1e-5, "y");
+        close(&f.1, &t.1, 2e-4, "dx");
+        close(&f.2, &t.2, 1e-4, "dshift/dscale");
     }
 
     #[test]

@@ -6,10 +6,10 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::DitConfig;
+use crate::kernels::norm::layer_norm_modulate;
 use crate::lora::Router;
 use crate::nn::{
-    ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, gelu, gelu_tanh, layer_norm, silu,
-    timestep_embedding_shifted,
+    ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, gelu, gelu_tanh, silu, timestep_embedding_shifted,
 };
 use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
@@ -20,11 +20,6 @@ const FREQ_DIM: usize = 256;
 pub struct Mlp {
     pub fc1: Linear,
     pub fc2: Linear,
-}
-
-/// `x * (1 + scale) + shift`, with per-sample `[B, C]` modulation broadcast over tokens.
-fn modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
-    x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim::<3>(1)
 }
 
 #[derive(Module, Debug)]
@@ -41,9 +36,9 @@ impl DitBlock {
         let mods = self.ada_ln.forward(silu(c), ctx).chunk(6, 1);
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp]: [Tensor<2>; 6] =
             mods.try_into().expect("six modulation chunks");
-        let h = self.attn.forward(modulate(layer_norm(x.clone(), 1e-6), shift_msa, scale_msa), ctx);
+        let h = self.attn.forward(layer_norm_modulate(x.clone(), shift_msa, scale_msa, 1e-6), ctx);
         let x = x + gate_msa.unsqueeze_dim::<3>(1) * h;
-        let h = modulate(layer_norm(x.clone(), 1e-6), shift_mlp, scale_mlp);
+        let h = layer_norm_modulate(x.clone(), shift_mlp, scale_mlp, 1e-6);
         let h = self.mlp.fc1.forward(h, ctx);
         let h = self.mlp.fc2.forward(if self.gelu_tanh { gelu_tanh(h) } else { gelu(h) }, ctx);
         x + gate_mlp.unsqueeze_dim::<3>(1) * h
@@ -120,7 +115,7 @@ impl Dit {
         }
         let [shift, scale]: [Tensor<2>; 2] =
             self.final_ada_ln.forward(silu(c), ctx).chunk(2, 1).try_into().expect("two chunks");
-        let x = self.final_linear.forward(modulate(layer_norm(x, 1e-6), shift, scale), ctx);
+        let x = self.final_linear.forward(layer_norm_modulate(x, shift, scale, 1e-6), ctx);
         // [B, N, p*p*C] -> [B, C, g*p, g*p] (DiT's unpatchify: nhwpqc -> nchpwq)
         let c = self.out_channels();
         x.reshape([b, g, g, p, p, c]).permute([0, 5, 1, 3, 2, 4]).reshape([b, c, g * p, g * p])
