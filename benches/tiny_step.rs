@@ -1,6 +1,7 @@
 //! One full-precision training step (forward, backward, AdamW) of each shipped tiny teacher at
 //! its configured batch size, on flex, beside the forward pass alone as the in-process baseline;
-//! plus the peak heap allocated during one step. Writes experiments/bench-tiny-step/results.json.
+//! plus the peak heap allocated during one step (times: criterion's median, as the PyTorch replica
+//! reports its median). Writes experiments/bench-tiny-step/results.json.
 //!
 //!     cargo bench --profile dev --bench tiny_step
 
@@ -54,10 +55,10 @@ fn forward(s: &Setup, model: &Denoiser, rng: &mut SeededRng) -> f32 {
     model.forward(x, t, y, &msfp::nn::StepCtx::at(500)).sum().into_scalar::<f32>()
 }
 
-fn mean_ns(name: &str) -> Option<f64> {
+fn median_ns(name: &str) -> Option<f64> {
     let p = Path::new("target/criterion").join(name).join("new/estimates.json");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
-    v["mean"]["point_estimate"].as_f64()
+    v["median"]["point_estimate"].as_f64()
 }
 
 fn main() {
@@ -84,7 +85,7 @@ fn main() {
         PEAK.store(base, Ordering::Relaxed);
         model = Some(step(&s, model.take().unwrap(), &mut optim, &mut rng));
         let peak = PEAK.load(Ordering::Relaxed) - base;
-        let (st, fw) = (mean_ns(&format!("train_step_{name}")), mean_ns(&format!("forward_{name}")));
+        let (st, fw) = (median_ns(&format!("train_step_{name}")), median_ns(&format!("forward_{name}")));
         rows.push(serde_json::json!({
             "model": name,
             "config": config,

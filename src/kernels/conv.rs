@@ -307,9 +307,10 @@ pub fn input_grad(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let threads = inner_threads(g.batch);
     let t = g.tile_rows;
     let wt = Mat { ptr: w.as_ptr(), rs: 1, cs: kk as isize };
-    dx.par_chunks_mut(sample_len).enumerate().for_each(|(b, dx_b)| {
+    // The scratch `col` lives per worker, not per sample: growing it zero-fills, reusing it
+    // does not (the product overwrites it).
+    dx.par_chunks_mut(sample_len).enumerate().for_each_init(Vec::new, |col, (b, dx_b)| {
         let dy_b = &dy[b * co * n..(b + 1) * co * n];
-        let mut col = Vec::new();
         for oh0 in (0..g.h_out).step_by(t) {
             let rows = t.min(g.h_out - oh0);
             let width = rows * g.w_out;
@@ -332,7 +333,7 @@ pub fn input_grad(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
                 } else {
                     col.resize(kk * width, 0.0);
                     matmul(kk, width, co, col.as_mut_ptr(), width, false, wt, rhs, 1.0, threads);
-                    fold(g, &mut col, oh0, rows, dx_b);
+                    fold(g, col, oh0, rows, dx_b);
                 }
             }
         }
