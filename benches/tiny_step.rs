@@ -62,6 +62,7 @@ fn median_ns(name: &str) -> Option<f64> {
 }
 
 fn main() {
+    msfp::kernels::keep_freed_memory();
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(std::time::Duration::from_secs(2))

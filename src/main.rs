@@ -263,6 +263,7 @@ fn command_line() -> String {
 }
 
 fn main() -> ExitCode {
+    msfp::kernels::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
