@@ -25,8 +25,13 @@ fn sizes(x: &FlexTensor, w: &FlexTensor) -> (usize, usize, usize) {
 fn linear_forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>) -> FlexTensor {
     let (m, d_in, d_out) = sizes(x, w);
     let (xs, ws) = (values(x), values(w));
+    // The bias, row by row (one copy per row: a cycled iterator ran element by element).
     let mut y = match bias.map(values) {
-        Some(b) => b.iter().copied().cycle().take(m * d_out).collect(),
+        Some(b) => {
+            let mut y = Vec::with_capacity(m * d_out);
+            (0..m).for_each(|_| y.extend_from_slice(&b));
+            y
+        }
         None => vec![0.0f32; m * d_out],
     };
     // SAFETY: y, xs and ws hold m x d_out, m x d_in and d_out x d_in values.
