@@ -99,42 +99,44 @@ impl Activation {
     }
 }
 
-// Loops index rather than zip so that they vectorise (as in quant/fused.rs), and match on the
-// kind once per run, outside the loop.
+/// Runs `$body` with `$k` bound to `$kind` as a constant, so that each kind gets its own loop
+/// (matched once per run, outside the loop, and vectorised).
+macro_rules! per_kind {
+    ($kind:expr, $k:ident => $body:expr) => {
+        match $kind {
+            Activation::Silu => {
+                const $k: Activation = Activation::Silu;
+                $body
+            }
+            Activation::Gelu => {
+                const $k: Activation = Activation::Gelu;
+                $body
+            }
+            Activation::GeluTanh => {
+                const $k: Activation = Activation::GeluTanh;
+                $body
+            }
+        }
+    };
+}
+
+// Loops index rather than zip so that they vectorise (as in quant/fused.rs).
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
 fn forward_run(kind: Activation, xs: &[f32], out: &mut [f32]) {
     let n = out.len().min(xs.len());
     let (xs, out) = (&xs[..n], &mut out[..n]);
-    macro_rules! run {
-        ($k:expr) => {
-            for i in 0..n {
-                out[i] = $k.value(xs[i]);
-            }
-        };
-    }
-    match kind {
-        Activation::Silu => run!(Activation::Silu),
-        Activation::Gelu => run!(Activation::Gelu),
-        Activation::GeluTanh => run!(Activation::GeluTanh),
-    }
+    per_kind!(kind, K => for i in 0..n {
+        out[i] = K.value(xs[i]);
+    })
 }
 
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
 fn forward_run_in_place(kind: Activation, xs: &mut [f32]) {
-    macro_rules! run {
-        ($k:expr) => {
-            for i in 0..xs.len() {
-                xs[i] = $k.value(xs[i]);
-            }
-        };
-    }
-    match kind {
-        Activation::Silu => run!(Activation::Silu),
-        Activation::Gelu => run!(Activation::Gelu),
-        Activation::GeluTanh => run!(Activation::GeluTanh),
-    }
+    per_kind!(kind, K => for i in 0..xs.len() {
+        xs[i] = K.value(xs[i]);
+    })
 }
 
 /// `g *= f'(x)`.
@@ -143,18 +145,9 @@ fn forward_run_in_place(kind: Activation, xs: &mut [f32]) {
 fn backward_run(kind: Activation, g: &mut [f32], xs: &[f32]) {
     let n = g.len().min(xs.len());
     let (g, xs) = (&mut g[..n], &xs[..n]);
-    macro_rules! run {
-        ($k:expr) => {
-            for i in 0..n {
-                g[i] *= $k.slope(xs[i]);
-            }
-        };
-    }
-    match kind {
-        Activation::Silu => run!(Activation::Silu),
-        Activation::Gelu => run!(Activation::Gelu),
-        Activation::GeluTanh => run!(Activation::GeluTanh),
-    }
+    per_kind!(kind, K => for i in 0..n {
+        g[i] *= K.slope(xs[i]);
+    })
 }
 
 simd_kernel!(fn forward_chunk(kind: Activation, xs: &[f32], out: &mut [f32]) = forward_run;);

@@ -27,6 +27,7 @@ use rayon::prelude::*;
 
 use super::gemm::{Mat, SendPtr, inner_threads, matmul};
 use super::host::{tensor, values};
+use super::record;
 
 /// The shapes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,36 +154,53 @@ fn valid_range(g: &ConvGeometry, kw: usize) -> (usize, usize) {
 /// (which read the neighbouring image row) are cleared afterwards. Per-row copies of a 32-wide
 /// image spent more time on bookkeeping than on copying.
 fn unfold_same(g: &ConvGeometry, x_b: &[f32], oh0: usize, rows: usize, col: &mut [f32]) {
-    let (k, w) = (g.kernel, g.w);
-    for (r, dst) in col.chunks_mut(rows * w).enumerate().take(g.rows()) {
-        let (c, kh, kw) = (r / (k * k), (r / k) % k, r % k);
-        let plane = &x_b[c * g.h * w..(c + 1) * g.h * w];
-        let (first, last) = same_rows(g, oh0, rows, kh);
-        dst[..(first - oh0) * w].fill(0.0);
-        dst[(last - oh0).max(first - oh0) * w..].fill(0.0);
-        if last <= first {
+    let plane_len = g.h * g.w;
+    for (r, dst) in col.chunks_mut(rows * g.w).enumerate().take(g.rows()) {
+        let tap = SameTap::new(g, oh0, rows, r);
+        dst[..tap.block.start].fill(0.0);
+        dst[tap.block.end..].fill(0.0);
+        if tap.block.is_empty() {
             continue;
         }
-        let shift = kw as isize - g.padding as isize;
-        // Input elements of the valid rows, shifted; the plane's ends are clipped (those
-        // positions are edge columns, cleared below).
-        let start = ((first + kh) as isize - g.padding as isize) * w as isize + shift;
-        let (lo, hi) = (start, start + ((last - first) * w) as isize);
-        let (clo, chi) = (lo.max(0), hi.min(plane.len() as isize));
-        let out = &mut dst[(first - oh0) * w..(last - oh0) * w];
-        let off = (clo - lo) as usize;
-        out[off..off + (chi - clo) as usize].copy_from_slice(&plane[clo as usize..chi as usize]);
-        clear_edges(out, w, shift);
+        let plane = &x_b[tap.channel * plane_len..(tap.channel + 1) * plane_len];
+        let out = &mut dst[tap.block.clone()];
+        out[tap.skip..tap.skip + tap.plane.len()].copy_from_slice(&plane[tap.plane.clone()]);
+        clear_edges(out, g.w, tap.shift);
     }
 }
 
-/// The output rows `[first, last)` of the tile `[oh0, oh0 + rows)` whose input row
-/// `oh + kh - padding` is inside the image (stride 1).
-fn same_rows(g: &ConvGeometry, oh0: usize, rows: usize, kh: usize) -> (usize, usize) {
-    let p = g.padding;
-    let first = oh0.max(p.saturating_sub(kh));
-    let last = (oh0 + rows).min((g.h + p).saturating_sub(kh)).max(first);
-    (first, last)
+/// Where kernel tap `r = (c, kh, kw)` of a "same" convolution meets channel `c`'s plane for the
+/// tile of output rows `[oh0, oh0 + rows)`: the tap's row of the unfolded tile is zero outside
+/// `block` (output rows whose input row is outside the image); inside it, element `skip + i`
+/// is plane element `plane.start + i`, shifted by `shift` columns (the plane's ends clipped:
+/// those positions are edge columns, which [`clear_edges`] handles).
+struct SameTap {
+    channel: usize,
+    block: std::ops::Range<usize>,
+    shift: isize,
+    plane: std::ops::Range<usize>,
+    skip: usize,
+}
+
+impl SameTap {
+    fn new(g: &ConvGeometry, oh0: usize, rows: usize, r: usize) -> Self {
+        let (k, w, p) = (g.kernel, g.w, g.padding);
+        let (channel, kh, kw) = (r / (k * k), (r / k) % k, r % k);
+        // Output rows whose input row oh + kh - p is inside the image (stride 1).
+        let first = oh0.max(p.saturating_sub(kh));
+        let last = (oh0 + rows).min((g.h + p).saturating_sub(kh)).max(first);
+        let shift = kw as isize - p as isize;
+        let lo = ((first + kh) as isize - p as isize) * w as isize + shift;
+        let hi = lo + ((last - first) * w) as isize;
+        let (clo, chi) = (lo.max(0), hi.min((g.h * w) as isize).max(lo.max(0)));
+        Self {
+            channel,
+            block: (first - oh0) * w..(last - oh0) * w,
+            shift,
+            plane: clo as usize..chi as usize,
+            skip: (clo - lo) as usize,
+        }
+    }
 }
 
 /// Zeroes, in each row of `w` elements, the `|shift|` columns that a shift by `shift` elements
@@ -200,23 +218,17 @@ fn clear_edges(rows: &mut [f32], w: usize, shift: isize) {
 /// [`fold`] for a "same" convolution: the transpose of [`unfold_same`] (edge columns of the
 /// scratch `col` cleared, then one contiguous add per kernel tap).
 fn fold_same(g: &ConvGeometry, col: &mut [f32], oh0: usize, rows: usize, dx_b: &mut [f32]) {
-    let (k, w) = (g.kernel, g.w);
-    for (r, src) in col.chunks_mut(rows * w).enumerate().take(g.rows()) {
-        let (c, kh, kw) = (r / (k * k), (r / k) % k, r % k);
-        let plane = &mut dx_b[c * g.h * w..(c + 1) * g.h * w];
-        let (first, last) = same_rows(g, oh0, rows, kh);
-        if last <= first {
+    let plane_len = g.h * g.w;
+    for (r, src) in col.chunks_mut(rows * g.w).enumerate().take(g.rows()) {
+        let tap = SameTap::new(g, oh0, rows, r);
+        if tap.block.is_empty() {
             continue;
         }
-        let shift = kw as isize - g.padding as isize;
-        let start = ((first + kh) as isize - g.padding as isize) * w as isize + shift;
-        let (lo, hi) = (start, start + ((last - first) * w) as isize);
-        let (clo, chi) = (lo.max(0), hi.min(plane.len() as isize));
-        let inp = &mut src[(first - oh0) * w..(last - oh0) * w];
-        clear_edges(inp, w, shift);
-        let off = (clo - lo) as usize;
-        let add = &inp[off..off + (chi - clo) as usize];
-        for (d, v) in plane[clo as usize..chi as usize].iter_mut().zip(add) {
+        let plane = &mut dx_b[tap.channel * plane_len..(tap.channel + 1) * plane_len];
+        let inp = &mut src[tap.block.clone()];
+        clear_edges(inp, g.w, tap.shift);
+        let add = &inp[tap.skip..tap.skip + tap.plane.len()];
+        for (d, v) in plane[tap.plane.clone()].iter_mut().zip(add) {
             *d += v;
         }
     }
@@ -468,17 +480,6 @@ impl<const N: usize> Backward<Flex, N> for ConvBackward<N> {
     }
 }
 
-/// Records the convolution with parents `$nodes` (`[x, weight]` or `[x, weight, bias]`).
-macro_rules! tracked {
-    ($n:literal, $nodes:expr, $x:expr, $w:expr, $out:expr, $stride:expr, $padding:expr) => {{
-        let op = ConvBackward::<$n> { stride: $stride, padding: $padding };
-        match op.prepare::<C>($nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(($x, $w), $out),
-            OpsKind::UnTracked(prep) => prep.finish($out),
-        }
-    }};
-}
-
 impl<C: CheckpointStrategy> ConvBackend for Autodiff<Flex, C> {
     fn fused_conv2d(
         x: FloatTensor<Self>,
@@ -489,7 +490,7 @@ impl<C: CheckpointStrategy> ConvBackend for Autodiff<Flex, C> {
     ) -> FloatTensor<Self> {
         let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
         let out = conv_forward(&xp, &wp, Some(bias.primitive()), stride, padding);
-        tracked!(3, [x.node(), weight.node(), bias.node()], xp, wp, out, stride, padding)
+        record!(ConvBackward::<3> { stride, padding }, [x.node(), weight.node(), bias.node()], (xp, wp), out)
     }
 
     fn fused_conv2d_no_bias(
@@ -500,7 +501,7 @@ impl<C: CheckpointStrategy> ConvBackend for Autodiff<Flex, C> {
     ) -> FloatTensor<Self> {
         let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
         let out = conv_forward(&xp, &wp, None, stride, padding);
-        tracked!(2, [x.node(), weight.node()], xp, wp, out, stride, padding)
+        record!(ConvBackward::<2> { stride, padding }, [x.node(), weight.node()], (xp, wp), out)
     }
 }
 

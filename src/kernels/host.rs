@@ -40,7 +40,7 @@ pub(crate) fn writable(mut t: FlexTensor) -> FlexTensor {
 
 /// A new tensor of `like`'s shape holding `values`.
 pub(crate) fn tensor_like(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, like.layout().shape().clone()))
+    tensor(values, like.layout().shape())
 }
 
 /// A new tensor of shape `shape` holding `values`.

@@ -13,7 +13,8 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
 
 use super::gemm::{Mat, matmul};
-use super::host::{tensor, values};
+use super::host::{tensor, tensor_like, values};
+use super::record;
 
 /// `(rows, d_in, d_out)`: rows the product of `x`'s leading dimensions.
 fn sizes(x: &FlexTensor, w: &FlexTensor) -> (usize, usize, usize) {
@@ -112,7 +113,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
         let parents = ops.parents;
         if let Some(node) = &parents[0] {
             let dx = input_grad(&dy, &values(w), m, d_in, d_out);
-            grads.register::<Flex>(node.id, tensor(dx, &x.layout().shape().to_vec()));
+            grads.register::<Flex>(node.id, tensor_like(dx, &x));
         }
         let bias_node = if N == 3 { parents[N - 1].as_ref() } else { None };
         if parents[1].is_some() || bias_node.is_some() {
@@ -127,16 +128,6 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
     }
 }
 
-/// Records the product with parents `$nodes` (`[x, weight]` or `[x, weight, bias]`).
-macro_rules! tracked {
-    ($n:literal, $nodes:expr, $x:expr, $w:expr, $out:expr) => {{
-        match LinearBackward::<$n>.prepare::<C>($nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(($x, $w), $out),
-            OpsKind::UnTracked(prep) => prep.finish($out),
-        }
-    }};
-}
-
 impl<C: CheckpointStrategy> LinearBackend for Autodiff<Flex, C> {
     fn fused_linear(
         x: FloatTensor<Self>,
@@ -145,13 +136,13 @@ impl<C: CheckpointStrategy> LinearBackend for Autodiff<Flex, C> {
     ) -> FloatTensor<Self> {
         let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
         let out = linear_forward(&xp, &wp, Some(bias.primitive()));
-        tracked!(3, [x.node(), weight.node(), bias.node()], xp, wp, out)
+        record!(LinearBackward::<3>, [x.node(), weight.node(), bias.node()], (xp, wp), out)
     }
 
     fn fused_linear_no_bias(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
         let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
         let out = linear_forward(&xp, &wp, None);
-        tracked!(2, [x.node(), weight.node()], xp, wp, out)
+        record!(LinearBackward::<2>, [x.node(), weight.node()], (xp, wp), out)
     }
 }
 

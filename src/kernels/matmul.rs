@@ -16,7 +16,8 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{Mat, SendPtr, inner_threads, matmul as gemm};
-use super::host::{tensor, values};
+use super::host::{tensor, tensor_like, values};
+use super::record;
 
 /// A tensor's matrices: the base offset of each batch item and the row/column strides, all in
 /// elements of its storage.
@@ -138,11 +139,11 @@ fn backward(
     let gm = |i: usize| Mat { ptr: g[i * m * n..].as_ptr(), rs: n as isize, cs: 1 };
     let grad_a = want.0.then(|| {
         let v = products(m, k, n, items, scale, |i| (gm(i), mb.at_t(db, i)));
-        tensor(v, &a.layout().shape().to_vec())
+        tensor_like(v, &a)
     });
     let grad_b = want.1.then(|| {
         let v = products(k, n, m, items, scale, |i| (ma.at_t(da, i), gm(i)));
-        tensor(v, &b.layout().shape().to_vec())
+        tensor_like(v, &b)
     });
     (grad_a, grad_b)
 }
@@ -177,9 +178,7 @@ fn merged_backward(
     let gm =
         |i: usize| Mat { ptr: g[(i / h) * n * h * d + (i % h) * d..].as_ptr(), rs: (h * d) as isize, cs: 1 };
     let grad_p = want.0.then(|| tensor(products(n, m, d, items, 1.0, |i| (gm(i), mv.at_t(dv, i))), &shape));
-    let grad_v = want.1.then(|| {
-        tensor(products(m, d, n, items, 1.0, |i| (mp.at_t(dp, i), gm(i))), &v.layout().shape().to_vec())
-    });
+    let grad_v = want.1.then(|| tensor_like(products(m, d, n, items, 1.0, |i| (mp.at_t(dp, i), gm(i))), &v));
     (grad_p, grad_v)
 }
 
@@ -234,23 +233,13 @@ impl<C: CheckpointStrategy> MatmulBackend for Autodiff<Flex, C> {
     fn fused_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
         let (ap, bp) = (a.primitive().clone(), b.primitive().clone());
         let out = forward(&ap, &bp, scale);
-        match (MatmulBackward { scale: Some(scale) })
-            .prepare::<C>([a.node(), b.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((ap, bp), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        record!(MatmulBackward { scale: Some(scale) }, [a.node(), b.node()], (ap, bp), out)
     }
 
     fn fused_matmul_merge_heads(p: FloatTensor<Self>, v: FloatTensor<Self>) -> FloatTensor<Self> {
         let (pp, vp) = (p.primitive().clone(), v.primitive().clone());
         let out = merged_forward(&pp, &vp);
-        match (MatmulBackward { scale: None }).prepare::<C>([p.node(), v.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((pp, vp), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        record!(MatmulBackward { scale: None }, [p.node(), v.node()], (pp, vp), out)
     }
 }
 

@@ -79,3 +79,15 @@ macro_rules! simd_kernel {
     };
 }
 pub(crate) use simd_kernel;
+
+/// Records the backward `$op` over the parents `$nodes` in an `Autodiff<Flex, C>` graph for the
+/// output `$out` computed already, keeping `$state` only when a parent needs a gradient.
+macro_rules! record {
+    ($op:expr, $nodes:expr, $state:expr, $out:expr) => {
+        match $op.prepare::<C>($nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish($state, $out),
+            OpsKind::UnTracked(prep) => prep.finish($out),
+        }
+    };
+}
+pub(crate) use record;

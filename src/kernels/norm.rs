@@ -408,35 +408,43 @@ impl NormBackend for Flex {
     }
 }
 
-#[derive(Debug)]
-struct ModulateBackward;
+/// A normalisation with two per-channel parameter tensors besides its input (GroupNorm's gamma
+/// and beta, adaLN's shift and scale): its saved state gives all three gradients.
+trait AffineNormState: Clone + Send + std::fmt::Debug + 'static {
+    /// `(dx, d first parameter, d second parameter)`.
+    fn grads(&self, grad: FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor);
+}
 
-impl Backward<Flex, 3> for ModulateBackward {
-    type State = ModulateState;
-
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_shift, node_scale] = ops.parents;
-        let grad = grads.consume::<Flex>(&ops.node);
-        let (dx, dshift, dscale) = modulate_backward(grad, &ops.state);
-        for (node, g) in [(node_x, dx), (node_shift, dshift), (node_scale, dscale)] {
-            if let Some(node) = node {
-                grads.register::<Flex>(node.id, g);
-            }
-        }
+impl AffineNormState for GroupNormState {
+    fn grads(&self, grad: FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
+        group_norm_backward(grad, self)
     }
 }
 
-#[derive(Debug)]
-struct GroupNormBackward;
+impl AffineNormState for ModulateState {
+    fn grads(&self, grad: FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
+        modulate_backward(grad, self)
+    }
+}
 
-impl Backward<Flex, 3> for GroupNormBackward {
-    type State = GroupNormState;
+/// The backward of GroupNorm (state [`GroupNormState`]) or adaLN ([`ModulateState`]).
+#[derive(Debug)]
+struct AffineNormBackward<S>(std::marker::PhantomData<S>);
+
+impl<S: AffineNormState> AffineNormBackward<S> {
+    fn new() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<S: AffineNormState> Backward<Flex, 3> for AffineNormBackward<S> {
+    type State = S;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_gamma, node_beta] = ops.parents;
+        let [node_x, node_a, node_b] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node);
-        let (dx, dgamma, dbeta) = group_norm_backward(grad, &ops.state);
-        for (node, g) in [(node_x, dx), (node_gamma, dgamma), (node_beta, dbeta)] {
+        let (dx, da, db) = ops.state.grads(grad);
+        for (node, g) in [(node_x, dx), (node_a, da), (node_b, db)] {
             if let Some(node) = node {
                 grads.register::<Flex>(node.id, g);
             }
@@ -469,7 +477,8 @@ impl<C: CheckpointStrategy> NormBackend for Autodiff<Flex, C> {
         silu: bool,
     ) -> FloatTensor<Self> {
         let (g, b) = (values(gamma.primitive()).into_owned(), values(beta.primitive()).into_owned());
-        let prep = GroupNormBackward.prepare::<C>([x.node(), gamma.node(), beta.node()]);
+        let prep =
+            AffineNormBackward::<GroupNormState>::new().prepare::<C>([x.node(), gamma.node(), beta.node()]);
         match prep.compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let x = x.primitive().clone();
@@ -500,7 +509,10 @@ impl<C: CheckpointStrategy> NormBackend for Autodiff<Flex, C> {
         eps: f64,
     ) -> FloatTensor<Self> {
         let (sh, sc) = (values(shift.primitive()).into_owned(), values(scale.primitive()).into_owned());
-        match ModulateBackward.prepare::<C>([x.node(), shift.node(), scale.node()]).compute_bound().stateful()
+        match AffineNormBackward::<ModulateState>::new()
+            .prepare::<C>([x.node(), shift.node(), scale.node()])
+            .compute_bound()
+            .stateful()
         {
             OpsKind::Tracked(prep) => {
                 let x = x.primitive().clone();
