@@ -67,6 +67,23 @@ pub struct FinetuneConfig {
     /// unconditional batch in one pass). The passes' gradients are summed, so the update is the
     /// same up to float summation order, with the activation memory of one pass.
     pub micro_batch: usize,
+    /// What the student's noise is distilled against.
+    pub target: DistillTarget,
+}
+
+/// The teacher output a fine-tuning step matches.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DistillTarget {
+    /// The conditional and the unconditional noise, each on its own (EfficientDM's recipe).
+    #[default]
+    CondUncond,
+    /// The guided noise `uncond + g (cond - uncond)`, the one value the sampler uses (g =
+    /// `finetune.guidance_scale`): the error guidance amplifies is the one trained away.
+    Guided,
+    /// The sampler's update `x_{t-1}` from the guided noise (clipping of the x0 prediction
+    /// included): the error that reaches the sample, as DFA's `gamma_t` weighting means it.
+    Step,
 }
 
 impl Default for FinetuneConfig {
@@ -80,6 +97,7 @@ impl Default for FinetuneConfig {
             calib_samples: 32,
             enabled: true,
             micro_batch: 0,
+            target: DistillTarget::CondUncond,
         }
     }
 }
@@ -134,6 +152,19 @@ impl Default for ModelConfig {
             dit: DitConfig::default(),
             sd: SdConfig::default(),
         }
+    }
+}
+
+impl ModelConfig {
+    /// The smallest tiny UNet the unit tests build (8 base channels, two levels).
+    #[cfg(test)]
+    pub fn test_unet() -> Self {
+        let mut cfg = Self::default();
+        cfg.unet.base_channels = 8;
+        cfg.unet.channel_mult = vec![1, 2];
+        cfg.unet.attention_heads = 2;
+        cfg.unet.groups = 4;
+        cfg
     }
 }
 

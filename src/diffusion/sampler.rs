@@ -80,14 +80,7 @@ impl Sampler {
         eps: Tensor<4>,
         rng: &mut SeededRng,
     ) -> Tensor<4> {
-        let eps = if self.clip_x0 {
-            let (sa, sb) = (step.alpha_bar.sqrt(), (1.0 - step.alpha_bar).sqrt());
-            let x0 = ((x.clone() - eps * sb) / sa).clamp(-1.0, 1.0);
-            (x.clone() - x0 * sa) / sb
-        } else {
-            eps
-        };
-        let x = x * step.coef_x + eps * step.gamma;
+        let x = self.step_mean(step, x, eps);
         if step.sigma > 0.0 {
             let shape = x.dims();
             let z = Tensor::<4>::from_data(
@@ -98,6 +91,19 @@ impl Sampler {
         } else {
             x
         }
+    }
+
+    /// The deterministic part of [`Self::advance`], `coef_x x + gamma eps` (eps re-derived from
+    /// the clipped x0 prediction with `clip_x0`): what an error in `eps` changes in `x_prev`.
+    pub fn step_mean(&self, step: &SamplerStep, x: Tensor<4>, eps: Tensor<4>) -> Tensor<4> {
+        let eps = if self.clip_x0 {
+            let (sa, sb) = (step.alpha_bar.sqrt(), (1.0 - step.alpha_bar).sqrt());
+            let x0 = ((x.clone() - eps * sb) / sa).clamp(-1.0, 1.0);
+            (x.clone() - x0 * sa) / sb
+        } else {
+            eps
+        };
+        x * step.coef_x + eps * step.gamma
     }
 
     pub fn gammas(&self) -> Vec<f64> {

@@ -211,12 +211,7 @@ mod tests {
     use burn::tensor::Int;
 
     fn tiny_cfg() -> Config {
-        let mut cfg = Config::default();
-        cfg.model.unet.base_channels = 8;
-        cfg.model.unet.channel_mult = vec![1, 2];
-        cfg.model.unet.attention_heads = 2;
-        cfg.model.unet.groups = 4;
-        cfg
+        Config { model: crate::config::ModelConfig::test_unet(), ..Config::default() }
     }
 
     /// A student with every layer at e2m1 weights and ue2m2 (+ zero point) inputs (the attention

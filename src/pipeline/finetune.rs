@@ -18,7 +18,8 @@ use serde::Serialize;
 use super::eval::{ModelEval, Scorer, psnr, sampler_label, ssim};
 use super::pretrain::Resume;
 use super::student::{self, Group, StudentPlan, group_of};
-use crate::config::{Config, SamplerConfig};
+use super::timestep_error;
+use crate::config::{Config, DistillTarget, SamplerConfig};
 use crate::diffusion::sampler::cond_uncond_eps;
 use crate::diffusion::{NoiseSchedule, Sampler, sample};
 use crate::error::{Error, Result};
@@ -137,6 +138,9 @@ pub struct TrainSummary {
     /// `None` with `finetune.enabled = false`.
     pub finetuned: Option<StageEval>,
     pub final_loss: f64,
+    /// Each student's guided-noise MSE against the teacher on the teacher's trajectory, mean
+    /// over the sampler's steps (per step: `error_by_timestep.json`).
+    pub eps_mse_vs_teacher: BTreeMap<String, f64>,
     /// For each adapter, how many of the sampler's steps the final router sends to it.
     pub router_usage: Vec<usize>,
     pub weight_formats: BTreeMap<String, usize>,
@@ -190,9 +194,11 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
     };
     // The students deployed (weights quantized once): the same outputs without re-quantizing
     // every weight on every call.
+    let ptq = super::export::deploy(&ptq);
+    let deployed = finetuned.then(|| super::export::deploy(&student));
     let (teacher_eval, teacher_images) = run(&teacher);
-    let (ptq_eval, ptq_images) = run(&super::export::deploy(&ptq));
-    let ft = finetuned.then(|| run(&super::export::deploy(&student)));
+    let (ptq_eval, ptq_images) = run(&ptq);
+    let ft = deployed.as_ref().map(run);
     let shape = family.image_shape();
     let mut rows = vec![&teacher_images, &ptq_images];
     rows.extend(ft.as_ref().map(|(_, images)| images));
@@ -207,6 +213,19 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
         crate::report::plot::loss_curve(&out_dir.join("loss.png"), &all)?;
     }
     let eval_sampler = Sampler::new(&schedule, &cfg.sampler);
+    // Where along the sampler each student errs: the first evaluation batch's trajectories.
+    let mut students = vec![("ptq", &ptq)];
+    students.extend(deployed.as_ref().map(|s| ("finetuned", s)));
+    let errors = timestep_error::measure(
+        &teacher,
+        &students,
+        &family,
+        &eval_sampler,
+        cfg.eval.batch_size.min(cfg.eval.samples),
+        cfg.eval.seed,
+        &device,
+    );
+    timestep_error::write(&errors, &out_dir)?;
     let router_usage = match student.router() {
         Some(r) => {
             router_plot(&out_dir.join("router.png"), r, &eval_sampler, &device)?;
@@ -232,6 +251,7 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
         ptq: StageEval { eval: ptq_eval, ..versus(&ptq_images) },
         finetuned: ft.map(|(eval, images)| StageEval { eval, ..versus(&images) }),
         final_loss,
+        eps_mse_vs_teacher: errors.students.iter().map(|s| (s.name.clone(), s.mean)).collect(),
         router_usage,
         weight_formats: count(|s| &s.weight_format),
         act_formats: count(|s| &s.act_format),
@@ -317,8 +337,13 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
         let target = Tensor::<4>::from_inner(Tensor::cat(vec![cond, uncond], 0));
         let x_in = Tensor::<4>::from_inner(Tensor::cat(vec![x_t.clone(), x_t], 0));
         let batch = Batch { x: x_in, t: sampler_step.t, cond: c_in, target };
+        let target = match cfg.finetune.target {
+            DistillTarget::CondUncond => Target::CondUncond,
+            DistillTarget::Guided => Target::Guided(sampler.guidance_scale),
+            DistillTarget::Step => Target::Step(&sampler, sampler_step),
+        };
         let (loss_value, grads) =
-            distill_grads(&model, &batch, weights[position], cfg.finetune.micro_batch, &ad);
+            distill_grads(&model, &batch, weights[position], target, cfg.finetune.micro_batch, &ad);
         if !loss_value.is_finite() {
             return Err(Error::runtime(format!(
                 "loss became {loss_value} at step {} (t = {}); lower train.lr (now {}) or the finetune.*_lr rates",
@@ -433,38 +458,97 @@ struct Batch {
     target: Tensor<4>,
 }
 
+/// What a distillation step compares (`finetune.target`).
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    CondUncond,
+    /// The guided noise at this guidance scale.
+    Guided(f64),
+    /// The sampler's `x_{t-1}` from the guided noise, at this step.
+    Step(&'a Sampler, crate::diffusion::sampler::SamplerStep),
+}
+
 /// The weighted MSE of the student against the teacher on `batch`, and its gradients by
-/// parameter path. With `micro_batch` > 0 the batch runs in passes of that many samples whose
+/// parameter path: on both halves, or (guided and step targets) on the guided noise of each
+/// conditional / unconditional pair or the sampler update it gives. With `micro_batch` > 0 the
+/// batch runs in passes of that many samples (whole pairs for a pair target, at least one) whose
 /// gradients are summed (each pass's loss is its share of the whole batch's mean), so only one
 /// pass's activations are alive at a time; 0 runs it in one pass.
 fn distill_grads(
     model: &Denoiser,
     batch: &Batch,
     weight: f64,
+    target: Target,
     micro_batch: usize,
     ad: &Device,
 ) -> (f64, BTreeMap<String, Tensor<1>>) {
+    let guidance = match target {
+        Target::CondUncond => None,
+        Target::Guided(g) => Some(g),
+        Target::Step(sampler, _) => Some(sampler.guidance_scale),
+    };
     let n = batch.x.dims()[0];
+    let pairs = n / 2;
+    let elements = batch.target.shape().num_elements() as f64;
+    // Rows `start..start + len` of the conditional half and the same of the unconditional half.
+    let pair_rows = |t: &Tensor<4>, start: usize, len: usize| {
+        Tensor::cat(vec![t.clone().narrow(0, start, len), t.clone().narrow(0, pairs + start, len)], 0)
+    };
+    let guided = |t: Tensor<4>, g: f64| {
+        let len = t.dims()[0] / 2;
+        let (cond, uncond) = (t.clone().narrow(0, 0, len), t.narrow(0, len, len));
+        uncond.clone() + (cond - uncond) * g
+    };
+    let target_kind = target;
     let run = |start: usize, len: usize| {
-        let whole = len == n;
-        let x = if whole { batch.x.clone() } else { batch.x.clone().narrow(0, start, len) };
-        let target = if whole { batch.target.clone() } else { batch.target.clone().narrow(0, start, len) };
-        let cond = if whole { batch.cond.clone() } else { batch.cond.narrow(start, len) };
-        let t = Tensor::<1>::full([len], batch.t as f32, ad);
+        let whole = len == n || (guidance.is_some() && len == pairs);
+        let (x, target, cond) = match (whole, guidance) {
+            (true, _) => (batch.x.clone(), batch.target.clone(), batch.cond.clone()),
+            (false, None) => (
+                batch.x.clone().narrow(0, start, len),
+                batch.target.clone().narrow(0, start, len),
+                batch.cond.narrow(start, len),
+            ),
+            (false, Some(_)) => (
+                pair_rows(&batch.x, start, len),
+                pair_rows(&batch.target, start, len),
+                Cond::cat(vec![batch.cond.narrow(start, len), batch.cond.narrow(pairs + start, len)]),
+            ),
+        };
+        let rows = x.dims()[0];
+        let t = Tensor::<1>::full([rows], batch.t as f32, ad);
+        let x_in = x.clone();
         let pred = model.forward(x, t, cond, &StepCtx::at(batch.t));
+        let (pred, target, share) = match (target_kind, guidance) {
+            (Target::Step(sampler, step), Some(g)) => {
+                // x_t is the conditional half's input (both halves see the same x_t).
+                let x_t = x_in.narrow(0, 0, rows / 2);
+                (
+                    sampler.step_mean(&step, x_t.clone(), guided(pred, g)),
+                    sampler.step_mean(&step, x_t, guided(target, g)),
+                    elements / 2.0,
+                )
+            }
+            (_, Some(g)) => (guided(pred, g), guided(target, g), elements / 2.0),
+            (_, None) => (pred, target, elements),
+        };
         // One pass keeps the mean as it always was (bit for bit); a micro-batch takes its share.
         let loss = if whole {
             (pred - target).square().mean() * weight
         } else {
-            (pred - target).square().sum() * (weight / batch.target.shape().num_elements() as f64)
+            (pred - target).square().sum() * (weight / share)
         };
         let value = loss.clone().into_scalar::<f32>() as f64;
         (value, params::collect_grads(model, &loss.backward()))
     };
-    let chunk = if micro_batch == 0 { n } else { micro_batch.min(n) };
+    // Passes over samples, or over conditional/unconditional pairs with guidance.
+    let (units, chunk) = match guidance {
+        None => (n, if micro_batch == 0 { n } else { micro_batch.min(n) }),
+        Some(_) => (pairs, if micro_batch == 0 { pairs } else { (micro_batch / 2).clamp(1, pairs) }),
+    };
     let mut total = (0.0, BTreeMap::new());
-    for start in (0..n).step_by(chunk) {
-        let (value, grads) = run(start, chunk.min(n - start));
+    for start in (0..units).step_by(chunk) {
+        let (value, grads) = run(start, chunk.min(units - start));
         total.0 += value;
         for (path, g) in grads {
             let sum = match total.1.remove(&path) {
@@ -547,4 +631,77 @@ fn file_sizes(teacher: &Denoiser, packed: &Path) -> Result<FileSizes> {
     let params = teacher.num_params() as u64;
     let packed_bytes = std::fs::metadata(packed).map_err(|e| crate::error::io_err(packed, e))?.len();
     Ok(FileSizes { fp32_bytes: params * 4, fp16_bytes: params * 2, packed_bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Int;
+
+    /// The guided loss is the MSE of `u + g (c - u)` against the teacher's, and passes of one
+    /// conditional/unconditional pair each sum to the same gradients as the whole batch.
+    #[test]
+    fn guided_target_matches_its_definition_in_one_pass_and_in_pairs() {
+        let device = Device::flex();
+        let ad = device.clone().autodiff();
+        let model = Denoiser::new(&crate::config::ModelConfig::test_unet(), &mut SeededRng::new(1), &ad);
+        let mut rng = SeededRng::new(3);
+        let mut normal =
+            |n: usize| Tensor::<4>::from_data(TensorData::new(rng.normals(n * 32 * 32), [n, 1, 32, 32]), &ad);
+        let labels = Tensor::<1, Int>::from_ints([3, 7, 10, 10], &ad);
+        let batch = Batch { x: normal(4), t: 420, cond: Cond::Labels(labels), target: normal(4) };
+        let (g, w) = (2.0, 0.7);
+        let (whole, grads) = distill_grads(&model, &batch, w, Target::Guided(g), 0, &ad);
+        let (paired, paired_grads) = distill_grads(&model, &batch, w, Target::Guided(g), 2, &ad);
+
+        let pred = model.forward(
+            batch.x.clone(),
+            Tensor::<1>::full([4], 420.0, &ad),
+            batch.cond.clone(),
+            &StepCtx::at(420),
+        );
+        let guide =
+            |t: Tensor<4>| t.clone().narrow(0, 2, 2) + (t.clone().narrow(0, 0, 2) - t.narrow(0, 2, 2)) * g;
+        let expect =
+            (guide(pred) - guide(batch.target.clone())).square().mean().into_scalar::<f32>() as f64 * w;
+        assert!((whole - expect).abs() <= 1e-6 * expect, "{whole} vs {expect}");
+        assert!((paired - whole).abs() <= 1e-5 * whole, "{paired} vs {whole}");
+        let (plain, _) = distill_grads(&model, &batch, w, Target::CondUncond, 0, &ad);
+        assert!((plain - whole).abs() > 1e-3 * whole, "the guided loss is another loss");
+        assert_eq!(grads.keys().collect::<Vec<_>>(), paired_grads.keys().collect::<Vec<_>>());
+        let (mut size, mut off) = (0.0f32, 0.0f32);
+        for (k, a) in &grads {
+            let (a, b) = (params::host_values(a.clone()), params::host_values(paired_grads[k].clone()));
+            for (x, y) in a.iter().zip(&b) {
+                size = size.max(x.abs());
+                off = off.max((x - y).abs());
+            }
+        }
+        assert!(size > 0.0 && off <= 1e-4 * size, "pairs stray {off} (gradients up to {size})");
+
+        // The step target: the sampler's x_{t-1} (x0 clipped) from the guided noises.
+        let sc = crate::config::SamplerConfig {
+            steps: 10,
+            guidance_scale: g,
+            clip_x0: true,
+            ..Default::default()
+        };
+        let sampler = Sampler::new(&NoiseSchedule::new(&crate::config::DiffusionConfig::default()), &sc);
+        let step = *sampler.steps.iter().find(|s| s.t <= 420).unwrap();
+        let batch = Batch { t: step.t, ..batch };
+        let (value, _) = distill_grads(&model, &batch, w, Target::Step(&sampler, step), 0, &ad);
+        let (paired, _) = distill_grads(&model, &batch, w, Target::Step(&sampler, step), 2, &ad);
+        let pred = model.forward(
+            batch.x.clone(),
+            Tensor::<1>::full([4], step.t as f32, &ad),
+            batch.cond.clone(),
+            &StepCtx::at(step.t),
+        );
+        let x_t = batch.x.clone().narrow(0, 0, 2);
+        let x_prev = |eps: Tensor<4>| sampler.step_mean(&step, x_t.clone(), guide(eps));
+        let expect =
+            (x_prev(pred) - x_prev(batch.target.clone())).square().mean().into_scalar::<f32>() as f64 * w;
+        assert!((value - expect).abs() <= 1e-6 * expect && expect > 0.0, "{value} vs {expect}");
+        assert!((paired - value).abs() <= 1e-5 * value, "{paired} vs {value}");
+    }
 }

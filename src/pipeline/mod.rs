@@ -9,3 +9,4 @@ pub mod inspect;
 pub mod pretrain;
 pub mod sample;
 pub mod student;
+pub mod timestep_error;

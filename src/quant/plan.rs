@@ -389,12 +389,7 @@ mod tests {
     use burn::tensor::{Device, Int};
 
     fn tiny_unet(device: &Device) -> Denoiser {
-        let mut cfg = ModelConfig::default();
-        cfg.unet.base_channels = 8;
-        cfg.unet.channel_mult = vec![1, 2];
-        cfg.unet.attention_heads = 2;
-        cfg.unet.groups = 4;
-        Denoiser::new(&cfg, &mut SeededRng::new(0), device)
+        Denoiser::new(&ModelConfig::test_unet(), &mut SeededRng::new(0), device)
     }
 
     fn batch(device: &Device) -> (Tensor<4>, Tensor<1>, Tensor<1, Int>) {

@@ -106,7 +106,34 @@ fn glyph(c: char) -> [u8; 5] {
         'r' => [0, 7, 4, 4, 4],
         's' => [0, 7, 6, 3, 7],
         't' => [2, 7, 2, 2, 3],
+        'b' => [4, 4, 7, 5, 7],
+        'c' => [0, 7, 4, 4, 7],
+        'f' => [3, 2, 7, 2, 2],
+        'g' => [0, 7, 5, 7, 3],
+        'h' => [4, 4, 7, 5, 5],
+        'k' => [4, 5, 6, 5, 5],
+        'n' => [0, 6, 5, 5, 5],
+        'q' => [0, 7, 5, 7, 1],
+        'u' => [0, 5, 5, 5, 7],
+        'v' => [0, 5, 5, 5, 2],
+        'w' => [0, 5, 5, 7, 7],
+        'x' => [0, 5, 2, 2, 5],
+        'y' => [0, 5, 7, 1, 7],
+        'z' => [0, 7, 1, 4, 7],
+        '_' => [0, 0, 0, 0, 7],
         _ => [0; 5],
+    }
+}
+
+/// Names the series of a [`line_plot`] in its upper right corner: a short line of each colour
+/// and its name.
+pub fn legend(img: &mut RgbImage, entries: &[(&str, [u8; 3])]) {
+    let widest = entries.iter().map(|(name, _)| text_width(name)).max().unwrap_or(0);
+    let x = W - M - widest - 24;
+    for (i, (name, colour)) in entries.iter().enumerate() {
+        let y = M + 4 + i as u32 * 14;
+        draw_line(img, (x as f64, y as f64 + 5.0), (x as f64 + 16.0, y as f64 + 5.0), Rgb(*colour));
+        draw_text(img, x + 22, y, name, Rgb([0, 0, 0]));
     }
 }
 
