@@ -337,6 +337,7 @@ router = "learned"
 router_hidden = 4
 
 [finetune]
+target = "step"
 trajectory_steps = 3
 calib_samples = 2
 "#;
@@ -381,8 +382,23 @@ fn train_resumes_bit_exactly_and_exports_a_packed_model_that_samples_identically
     }
     assert!(summary["finetuned"]["psnr_vs_teacher"].as_f64().unwrap() > 0.0);
     assert_eq!(summary["router_usage"].as_array().unwrap().len(), 2);
-    for png in ["samples.png", "loss.png", "router.png"] {
+    for png in ["samples.png", "loss.png", "router.png", "error_by_timestep.png", "drift_by_timestep.png"] {
         assert!(a.join(png).exists(), "{png}");
+    }
+    // The per-timestep report: both students, one value per sampler step, the mean in the summary.
+    let errors: serde_json::Value = serde_json::from_slice(&read(&a.join("error_by_timestep.json"))).unwrap();
+    let steps = errors["t"].as_array().unwrap().len();
+    assert!(steps > 1);
+    for (i, name) in ["ptq", "finetuned"].iter().enumerate() {
+        let s = &errors["students"][i];
+        assert_eq!(s["name"], *name);
+        for key in ["mse", "bias", "drift"] {
+            assert_eq!(s[key].as_array().unwrap().len(), steps, "{name} {key}");
+        }
+        let mse: Vec<f64> = s["mse"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert!(mse.iter().all(|e| e.is_finite() && *e > 0.0), "{name}: {mse:?}");
+        let mean = mse.iter().sum::<f64>() / steps as f64;
+        assert!((summary["eps_mse_vs_teacher"][name].as_f64().unwrap() - mean).abs() <= 1e-12 * mean);
     }
 
     // The packed model samples exactly like the fake-quant student.
