@@ -126,8 +126,13 @@ impl Sampler {
             return model.forward(x, tt, cond.clone(), &StepCtx::at(t));
         }
         let (c, u) = cond_uncond_eps(model, x, t, cond, null);
-        u.clone() + (c - u) * self.guidance_scale
+        guide(c, u, self.guidance_scale)
     }
+}
+
+/// Classifier-free guidance: `uncond + scale * (cond - uncond)`.
+pub fn guide(cond: Tensor<4>, uncond: Tensor<4>, scale: f64) -> Tensor<4> {
+    uncond.clone() + (cond - uncond) * scale
 }
 
 /// The conditional and unconditional noise predictions at timestep `t`, from one forward pass

@@ -20,7 +20,7 @@ use super::pretrain::Resume;
 use super::student::{self, Group, StudentPlan, group_of};
 use super::timestep_error;
 use crate::config::{Config, DistillTarget, SamplerConfig};
-use crate::diffusion::sampler::cond_uncond_eps;
+use crate::diffusion::sampler::{cond_uncond_eps, guide};
 use crate::diffusion::{NoiseSchedule, Sampler, sample};
 use crate::error::{Error, Result};
 use crate::models::{Cond, Denoiser, Family};
@@ -100,7 +100,7 @@ impl Trajectory {
     fn teacher_step(&mut self, teacher: &Denoiser, sampler: &Sampler) -> (Tensor<4>, Tensor<4>) {
         let step = sampler.steps[self.position];
         let (cond, uncond) = cond_uncond_eps(teacher, self.x.clone(), step.t, &self.cond, &self.null);
-        let guided = uncond.clone() + (cond.clone() - uncond.clone()) * sampler.guidance_scale;
+        let guided = guide(cond.clone(), uncond.clone(), sampler.guidance_scale);
         self.x = sampler.advance(&step, self.x.clone(), guided, &mut self.rng);
         self.position += 1;
         (cond, uncond)
@@ -482,11 +482,8 @@ fn distill_grads(
     micro_batch: usize,
     ad: &Device,
 ) -> (f64, BTreeMap<String, Tensor<1>>) {
-    let guidance = match target {
-        Target::CondUncond => None,
-        Target::Guided(g) => Some(g),
-        Target::Step(sampler, _) => Some(sampler.guidance_scale),
-    };
+    // Guided and step targets compare conditional/unconditional pairs.
+    let paired = !matches!(target, Target::CondUncond);
     let n = batch.x.dims()[0];
     let pairs = n / 2;
     let elements = batch.target.shape().num_elements() as f64;
@@ -494,22 +491,21 @@ fn distill_grads(
     let pair_rows = |t: &Tensor<4>, start: usize, len: usize| {
         Tensor::cat(vec![t.clone().narrow(0, start, len), t.clone().narrow(0, pairs + start, len)], 0)
     };
+    // The guided noise of a pass's pairs (conditional half first).
     let guided = |t: Tensor<4>, g: f64| {
         let len = t.dims()[0] / 2;
-        let (cond, uncond) = (t.clone().narrow(0, 0, len), t.narrow(0, len, len));
-        uncond.clone() + (cond - uncond) * g
+        guide(t.clone().narrow(0, 0, len), t.narrow(0, len, len), g)
     };
-    let target_kind = target;
     let run = |start: usize, len: usize| {
-        let whole = len == n || (guidance.is_some() && len == pairs);
-        let (x, target, cond) = match (whole, guidance) {
+        let whole = len == n || (paired && len == pairs);
+        let (x, teacher, cond) = match (whole, paired) {
             (true, _) => (batch.x.clone(), batch.target.clone(), batch.cond.clone()),
-            (false, None) => (
+            (false, false) => (
                 batch.x.clone().narrow(0, start, len),
                 batch.target.clone().narrow(0, start, len),
                 batch.cond.narrow(start, len),
             ),
-            (false, Some(_)) => (
+            (false, true) => (
                 pair_rows(&batch.x, start, len),
                 pair_rows(&batch.target, start, len),
                 Cond::cat(vec![batch.cond.narrow(start, len), batch.cond.narrow(pairs + start, len)]),
@@ -517,34 +513,34 @@ fn distill_grads(
         };
         let rows = x.dims()[0];
         let t = Tensor::<1>::full([rows], batch.t as f32, ad);
-        let x_in = x.clone();
-        let pred = model.forward(x, t, cond, &StepCtx::at(batch.t));
-        let (pred, target, share) = match (target_kind, guidance) {
-            (Target::Step(sampler, step), Some(g)) => {
+        let pred = model.forward(x.clone(), t, cond, &StepCtx::at(batch.t));
+        let (pred, teacher, share) = match target {
+            Target::CondUncond => (pred, teacher, elements),
+            Target::Guided(g) => (guided(pred, g), guided(teacher, g), elements / 2.0),
+            Target::Step(sampler, step) => {
                 // x_t is the conditional half's input (both halves see the same x_t).
-                let x_t = x_in.narrow(0, 0, rows / 2);
+                let x_t = x.narrow(0, 0, rows / 2);
+                let g = sampler.guidance_scale;
                 (
                     sampler.step_mean(&step, x_t.clone(), guided(pred, g)),
-                    sampler.step_mean(&step, x_t, guided(target, g)),
+                    sampler.step_mean(&step, x_t, guided(teacher, g)),
                     elements / 2.0,
                 )
             }
-            (_, Some(g)) => (guided(pred, g), guided(target, g), elements / 2.0),
-            (_, None) => (pred, target, elements),
         };
         // One pass keeps the mean as it always was (bit for bit); a micro-batch takes its share.
         let loss = if whole {
-            (pred - target).square().mean() * weight
+            (pred - teacher).square().mean() * weight
         } else {
-            (pred - target).square().sum() * (weight / share)
+            (pred - teacher).square().sum() * (weight / share)
         };
         let value = loss.clone().into_scalar::<f32>() as f64;
         (value, params::collect_grads(model, &loss.backward()))
     };
-    // Passes over samples, or over conditional/unconditional pairs with guidance.
-    let (units, chunk) = match guidance {
-        None => (n, if micro_batch == 0 { n } else { micro_batch.min(n) }),
-        Some(_) => (pairs, if micro_batch == 0 { pairs } else { (micro_batch / 2).clamp(1, pairs) }),
+    // Passes over samples, or over conditional/unconditional pairs.
+    let (units, chunk) = match paired {
+        false => (n, if micro_batch == 0 { n } else { micro_batch.min(n) }),
+        true => (pairs, if micro_batch == 0 { pairs } else { (micro_batch / 2).clamp(1, pairs) }),
     };
     let mut total = (0.0, BTreeMap::new());
     for start in (0..units).step_by(chunk) {

@@ -18,7 +18,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::diffusion::Sampler;
-use crate::diffusion::sampler::cond_uncond_eps;
+use crate::diffusion::sampler::{cond_uncond_eps, guide};
 use crate::error::Result;
 use crate::models::{Denoiser, Family};
 use crate::rng::SeededRng;
@@ -72,7 +72,7 @@ pub fn measure(
     let mut x =
         Tensor::<4>::from_data(TensorData::new(rng.normals(samples * c * h * w), [samples, c, h, w]), device);
     let g = sampler.guidance_scale;
-    let guide = |(cond, uncond): (Tensor<4>, Tensor<4>)| uncond.clone() + (cond - uncond) * g;
+    let guide = |(cond, uncond): (Tensor<4>, Tensor<4>)| guide(cond, uncond, g);
     let steps = sampler.steps.len();
     let mut mse = vec![Vec::with_capacity(steps); students.len()];
     let mut bias = vec![Vec::with_capacity(steps); students.len()];
