@@ -463,6 +463,11 @@ fn train_resumes_bit_exactly_and_exports_a_packed_model_that_samples_identically
     let rows: Vec<&str> = table.as_array().unwrap().iter().map(|r| r["row"].as_str().unwrap()).collect();
     assert_eq!(rows, ["teacher", "msfp_ptq"]);
     assert!(table[1]["psnr_vs_teacher"].as_f64().unwrap() > 0.0 && table[0]["psnr_vs_teacher"].is_null());
+    let ssim = table[1]["ssim_vs_teacher"].as_f64().unwrap();
+    assert!(ssim > 0.0 && ssim < 1.0 && table[0]["ssim_vs_teacher"].is_null(), "{table}");
+    // No claim has both of its rows here: the claims table is its header and rule only.
+    let claims = String::from_utf8(read(&abl.join("claims.md"))).unwrap();
+    assert!(claims.starts_with("| claim | metric |") && !claims.contains("| PSNR |"), "{claims}");
     let command = table[1]["command"].as_str().unwrap();
     assert!(
         command.starts_with("msfp ablation --config") && command.ends_with("--rows msfp_ptq --seeds 0"),

@@ -16,7 +16,7 @@ use burn::module::Module;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::eval::{Scorer, psnr, sampler_label};
+use super::eval::{Scorer, psnr, sampler_label, ssim};
 use super::finetune::{calibrate_student, fit, trajectory_sampler};
 use super::pretrain::Resume;
 use crate::config::Config;
@@ -120,12 +120,36 @@ pub const ROWS: &[Row] = &[
         overrides: &["loss.kind=\"mse\""],
     },
     Row {
+        id: "msfp_talora_learned",
+        what: "+ TALoRA with the learned router, plain MSE",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Finetune,
+        overrides: &["loss.kind=\"mse\"", "lora.router=\"learned\""],
+    },
+    Row {
         id: "msfp_full",
         what: "+ DFA: full MSFP",
         w_bits: 4,
         a_bits: 4,
         stage: Stage::Finetune,
         overrides: &[],
+    },
+    Row {
+        id: "msfp_talora_noise",
+        what: "TALoRA, plain MSE on the noise (EfficientDM's cond/uncond target)",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Finetune,
+        overrides: &["loss.kind=\"mse\"", "finetune.target=\"cond_uncond\""],
+    },
+    Row {
+        id: "msfp_full_noise",
+        what: "+ DFA on the noise target: full MSFP as the paper writes its loss",
+        w_bits: 4,
+        a_bits: 4,
+        stage: Stage::Finetune,
+        overrides: &["finetune.target=\"cond_uncond\""],
     },
     Row {
         id: "w4a8_msfp_full",
@@ -197,19 +221,20 @@ pub const HQDIT_ROWS: &[Row] = &[
     },
     Row {
         id: "hqdit_msfp_ft",
-        what: "HQ-DiT + MSFP fine-tuning (TALoRA 4 x rank 4, DFA, 100 steps)",
+        what: "HQ-DiT + MSFP fine-tuning (TALoRA 4 x rank 4, DFA, step target, 800 steps)",
         w_bits: 4,
         a_bits: 4,
         stage: Stage::Finetune,
         overrides: &[
             "finetune.enabled=true",
+            "finetune.target=\"step\"",
             "lora.rank=4",
             "lora.adapters=4",
             "lora.router=\"range\"",
-            "train.steps=100",
+            "train.steps=800",
             "train.batch_size=4",
             "train.warmup_steps=10",
-            "train.checkpoint_every=25",
+            "train.checkpoint_every=100",
         ],
     },
     Row {
@@ -230,6 +255,10 @@ pub struct RunResult {
     pub fid: f64,
     pub accuracy: f64,
     pub psnr_vs_teacher: Option<f64>,
+    /// Mean SSIM against the teacher's samples from the same noise (absent in results written
+    /// before it was measured).
+    #[serde(default)]
+    pub ssim_vs_teacher: Option<f64>,
     pub samples: usize,
     pub sampler: String,
     pub seconds: f64,
@@ -250,6 +279,10 @@ pub struct TableRow {
     pub fid_std: f64,
     pub accuracy: f64,
     pub psnr_vs_teacher: Option<f64>,
+    /// Standard deviation of the PSNR over seeds.
+    pub psnr_std: Option<f64>,
+    /// `None` unless every seed measured it.
+    pub ssim_vs_teacher: Option<f64>,
     /// `fid_mean` relative to the teacher's FID over the same seeds (`0.1` = 10% higher);
     /// `None` for the teacher, or while the teacher lacks one of this row's seeds.
     pub fid_vs_teacher: Option<f64>,
@@ -393,10 +426,10 @@ pub fn run(
             tracing::info!("{} seed {seed}: evaluating on {} samples", row.id, cfg.eval.samples);
             let (eval, images) = scorer.generate_and_score(&cfg, &family, &model);
             let cache = teacher_cache(out, seed, cfg.eval.samples, &teacher_id);
-            let psnr_vs_teacher = if row.stage == Stage::Teacher {
+            let (psnr_vs_teacher, ssim_vs_teacher) = if row.stage == Stage::Teacher {
                 write_images(&cache, &images)?;
                 teacher_images = Some(images);
-                None
+                (None, None)
             } else {
                 let t = match teacher_images.take().or_else(|| read_images(&cache, images.len())) {
                     Some(t) => t,
@@ -407,9 +440,9 @@ pub fn run(
                         t
                     }
                 };
-                let p = psnr(&images, &t);
+                let versus = (psnr(&images, &t), ssim(&images, &t, family.image_shape()));
                 teacher_images = Some(t);
-                Some(p)
+                (Some(versus.0), Some(versus.1))
             };
             let result = RunResult {
                 row: row.id.to_string(),
@@ -417,6 +450,7 @@ pub fn run(
                 fid: eval.fid,
                 accuracy: eval.accuracy,
                 psnr_vs_teacher,
+                ssim_vs_teacher,
                 samples: cfg.eval.samples,
                 sampler: sampler_label(&cfg),
                 seconds: started.elapsed().as_secs_f64(),
@@ -430,34 +464,41 @@ pub fn run(
     let rows = aggregate(table, base, base_overrides, out, &teacher_id)?;
     crate::train::atomic_write(&out.join("results.json"), &serde_json::to_vec_pretty(&rows).expect("json"))?;
     crate::train::atomic_write(&out.join("results.md"), markdown(&rows).as_bytes())?;
+    let judged = claims(table, out, &teacher_id)?;
+    crate::train::atomic_write(&out.join("claims.md"), claims_markdown(&judged).as_bytes())?;
     Ok(rows)
 }
 
 /// The table as Markdown: FID relative to the teacher's where the teacher row is there.
 pub fn markdown(table: &[TableRow]) -> String {
     let mut out = String::from(
-        "| row | W/A bits | FID (mean ± std) | vs teacher | accuracy | PSNR vs teacher | seeds | samples |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "| row | W/A bits | FID (mean ± std) | vs teacher | accuracy | PSNR vs teacher | SSIM vs teacher | seeds | samples |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for r in table {
         let relative = r.fid_vs_teacher.map_or("-".into(), |v| format!("{:+.1}%", 100.0 * v));
         let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
+        let psnr = match (r.psnr_vs_teacher, r.psnr_std) {
+            (Some(p), Some(s)) => format!("{p:.2} ± {s:.2} dB"),
+            _ => "-".into(),
+        };
         out.push_str(&format!(
-            "| `{}` | {}/{} | {:.1} ± {:.1} | {relative} | {:.3} | {} | {} | {} |\n",
+            "| `{}` | {}/{} | {:.1} ± {:.1} | {relative} | {:.3} | {psnr} | {} | {} | {} |\n",
             r.row,
             r.w_bits,
             r.a_bits,
             r.fid_mean,
             r.fid_std,
             r.accuracy,
-            r.psnr_vs_teacher.map_or("-".into(), |p| format!("{p:.2} dB")),
+            r.ssim_vs_teacher.map_or("-".into(), |v| format!("{v:.3}")),
             seeds.join(", "),
             r.samples
         ));
     }
     if let Some(r) = table.first() {
         out.push_str(&format!(
-            "\nFID of {} real training digits against the held-out digits (the floor): {:.1}. Teacher `{}`.\n",
+            "\nFID of {} real training digits against the held-out digits (the floor): {:.1}. Teacher `{}`. \
+             Std: sample standard deviation over seeds.\n",
             r.samples, r.fid_real_heldout, r.teacher
         ));
     }
@@ -534,28 +575,15 @@ pub fn aggregate(
     // The teacher's FID per seed: each row is compared with the teacher on its own seeds.
     let mut teacher_fid: Vec<(u64, f64)> = Vec::new();
     for row in which.rows() {
-        let mut results: Vec<RunResult> = Vec::new();
-        let Ok(entries) = std::fs::read_dir(out.join("results")) else { continue };
-        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        paths.sort();
-        for p in paths {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if !name.starts_with(&format!("{}-seed", row.id)) {
-                continue;
-            }
-            results.extend(read_result(&p, teacher)?);
-        }
+        let results = finished(out, teacher, row.id)?;
         if results.is_empty() {
             continue;
         }
-        let n = results.len() as f64;
-        let mean = |f: &dyn Fn(&RunResult) -> f64| results.iter().map(f).sum::<f64>() / n;
-        let fid_mean = mean(&|r| r.fid);
-        let fid_std = (results.iter().map(|r| (r.fid - fid_mean).powi(2)).sum::<f64>() / n).sqrt();
-        let psnr = results
-            .iter()
-            .all(|r| r.psnr_vs_teacher.is_some())
-            .then(|| mean(&|r| r.psnr_vs_teacher.unwrap_or(0.0)));
+        let fid = mean_std(&results.iter().map(|r| r.fid).collect::<Vec<_>>());
+        let measured =
+            |f: &dyn Fn(&RunResult) -> Option<f64>| -> Option<Vec<f64>> { results.iter().map(f).collect() };
+        let psnr = measured(&|r| r.psnr_vs_teacher).map(|v| mean_std(&v));
+        let ssim = measured(&|r| r.ssim_vs_teacher).map(|v| mean_std(&v).0);
         let fids: Vec<(u64, f64)> = results.iter().map(|r| (r.seed, r.fid)).collect();
         let fid_vs_teacher = if row.stage == Stage::Teacher {
             teacher_fid = fids;
@@ -568,10 +596,12 @@ pub fn aggregate(
             what: row.what.to_string(),
             w_bits: row.w_bits,
             a_bits: row.a_bits,
-            fid_mean,
-            fid_std,
-            accuracy: mean(&|r| r.accuracy),
-            psnr_vs_teacher: psnr,
+            fid_mean: fid.0,
+            fid_std: fid.1,
+            accuracy: mean_std(&results.iter().map(|r| r.accuracy).collect::<Vec<_>>()).0,
+            psnr_vs_teacher: psnr.map(|p| p.0),
+            psnr_std: psnr.map(|p| p.1),
+            ssim_vs_teacher: ssim,
             fid_vs_teacher,
             seeds: results.iter().map(|r| r.seed).collect(),
             samples: results[0].samples,
@@ -583,9 +613,195 @@ pub fn aggregate(
     Ok(table)
 }
 
+/// One of a paper's claims: row `with` is row `without` plus the piece claimed to help.
+pub struct Claim {
+    pub what: &'static str,
+    pub with: &'static str,
+    pub without: &'static str,
+}
+
+impl Table {
+    /// The claims this table tests, each a paired comparison of two of its rows.
+    pub fn claims(self) -> &'static [Claim] {
+        match self {
+            Table::Msfp => MSFP_CLAIMS,
+            Table::Hqdit => HQDIT_CLAIMS,
+        }
+    }
+}
+
+const MSFP_CLAIMS: &[Claim] = &[
+    Claim { what: "Mixup-sign FP4 beats signed FP4 (PTQ)", with: "msfp_ptq", without: "fp4_signed_ptq" },
+    Claim {
+        what: "FP4 beats INT4 at W4A4 (both with full MSFP fine-tuning)",
+        with: "msfp_full",
+        without: "int4_ft",
+    },
+    Claim { what: "LoRA fine-tuning beats PTQ", with: "msfp_lora", without: "msfp_ptq" },
+    Claim { what: "TALoRA (range router) beats one LoRA", with: "msfp_talora", without: "msfp_lora" },
+    Claim {
+        what: "TALoRA (learned router) beats one LoRA",
+        with: "msfp_talora_learned",
+        without: "msfp_lora",
+    },
+    Claim { what: "DFA beats plain MSE (TALoRA, range router)", with: "msfp_full", without: "msfp_talora" },
+    Claim {
+        what: "DFA beats plain MSE on the noise target",
+        with: "msfp_full_noise",
+        without: "msfp_talora_noise",
+    },
+];
+
+const HQDIT_CLAIMS: &[Claim] = &[
+    Claim { what: "FP4 beats INT4 at W4A4 (E2M1 vs INT4)", with: "e2m1_ptq", without: "int4_ptq" },
+    Claim { what: "Per-layer format choice beats fixed E2M1", with: "fp4_format_ptq", without: "e2m1_ptq" },
+    Claim {
+        what: "Clipping-range search helps (no rotation)",
+        with: "fp4_format_clip_ptq",
+        without: "fp4_format_ptq",
+    },
+    Claim {
+        what: "The Hadamard transform helps (= HQ-DiT)",
+        with: "hqdit_ptq",
+        without: "fp4_format_clip_ptq",
+    },
+    Claim { what: "MSFP fine-tuning on top of HQ-DiT helps", with: "hqdit_msfp_ft", without: "hqdit_ptq" },
+    Claim {
+        what: "W4A8 is closer to the teacher than W4A4 (HQ-DiT)",
+        with: "w4a8_hqdit",
+        without: "hqdit_ptq",
+    },
+];
+
+/// A claim measured on one metric over the seeds both rows finished.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClaimResult {
+    pub claim: String,
+    pub metric: &'static str,
+    pub with_mean: f64,
+    pub without_mean: f64,
+    /// `with_mean - without_mean`.
+    pub margin: f64,
+    pub with_std: f64,
+    pub without_std: f64,
+    /// Seeds on which `with` is better, out of `seeds`.
+    pub better_on: usize,
+    pub seeds: usize,
+    pub verdict: &'static str,
+}
+
+/// The claim's verdict on paired seeds: it holds when `with` is better on every seed *and* by
+/// more than either row's seed std; reversed when worse on every seed by more than that.
+pub fn judge(
+    claim: &Claim,
+    metric: &'static str,
+    higher_is_better: bool,
+    with: &[(u64, f64)],
+    without: &[(u64, f64)],
+) -> Option<ClaimResult> {
+    let pairs: Vec<(f64, f64)> = with
+        .iter()
+        .filter_map(|&(seed, a)| without.iter().find(|(s, _)| *s == seed).map(|&(_, b)| (a, b)))
+        .collect();
+    if pairs.is_empty() {
+        return None;
+    }
+    let (a, sa) = mean_std(&pairs.iter().map(|p| p.0).collect::<Vec<_>>());
+    let (b, sb) = mean_std(&pairs.iter().map(|p| p.1).collect::<Vec<_>>());
+    let better = |x: f64, y: f64| if higher_is_better { x > y } else { x < y };
+    let better_on = pairs.iter().filter(|&&(x, y)| better(x, y)).count();
+    let beyond_spread = (a - b).abs() > sa.max(sb);
+    let verdict = match (better_on, beyond_spread) {
+        (n, true) if n == pairs.len() => "holds",
+        (0, true) => "reversed",
+        _ => "not resolved",
+    };
+    Some(ClaimResult {
+        claim: claim.what.to_string(),
+        metric,
+        with_mean: a,
+        without_mean: b,
+        margin: a - b,
+        with_std: sa,
+        without_std: sb,
+        better_on,
+        seeds: pairs.len(),
+        verdict,
+    })
+}
+
+/// Every claim of `table` on PSNR, SSIM (vs the teacher) and FID, from the finished results.
+pub fn claims(table: Table, out: &Path, teacher: &str) -> Result<Vec<ClaimResult>> {
+    let mut judged = Vec::new();
+    for claim in table.claims() {
+        let (with, without) = (finished(out, teacher, claim.with)?, finished(out, teacher, claim.without)?);
+        let metrics: [(&'static str, bool, fn(&RunResult) -> Option<f64>); 3] = [
+            ("PSNR", true, |r| r.psnr_vs_teacher),
+            ("SSIM", true, |r| r.ssim_vs_teacher),
+            ("FID", false, |r| Some(r.fid)),
+        ];
+        for (metric, higher, value) in metrics {
+            let per_seed = |rs: &[RunResult]| -> Vec<(u64, f64)> {
+                rs.iter().filter_map(|r| value(r).map(|v| (r.seed, v))).collect()
+            };
+            judged.extend(judge(claim, metric, higher, &per_seed(&with), &per_seed(&without)));
+        }
+    }
+    Ok(judged)
+}
+
+/// The claims as the Markdown table an experiment's README quotes.
+pub fn claims_markdown(claims: &[ClaimResult]) -> String {
+    let mut out = String::from(
+        "| claim | metric | with | without | margin | seed std (with / without) | better on | verdict |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    let mut last = "";
+    for c in claims {
+        let digits = if c.metric == "SSIM" { 3 } else { 2 };
+        let claim = if c.claim == last { "" } else { c.claim.as_str() };
+        last = &c.claim;
+        out.push_str(&format!(
+            "| {claim} | {} | {:.digits$} | {:.digits$} | {:+.digits$} | {:.digits$} / {:.digits$} | {} of {} | {} |\n",
+            c.metric, c.with_mean, c.without_mean, c.margin, c.with_std, c.without_std, c.better_on, c.seeds, c.verdict
+        ));
+    }
+    out.push_str(
+        "\nPaired by seed (same calibration data and evaluation noise). Holds: better on every seed by more \
+         than either row's seed std (sample std); reversed: worse on every seed by more than that.\n",
+    );
+    out
+}
+
+/// Every finished result of `row` on `teacher`, by seed.
+fn finished(out: &Path, teacher: &str, row: &str) -> Result<Vec<RunResult>> {
+    let Ok(entries) = std::fs::read_dir(out.join("results")) else { return Ok(Vec::new()) };
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    let prefix = format!("{row}-seed");
+    let mut results = Vec::new();
+    for p in paths {
+        if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)) {
+            results.extend(read_result(&p, teacher)?);
+        }
+    }
+    results.sort_by_key(|r| r.seed);
+    Ok(results)
+}
+
+/// Mean and sample standard deviation (n - 1; 0 for one value).
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 { v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DistillTarget;
+    use crate::lora::RouterKind;
 
     #[test]
     fn rows_are_compared_with_the_teacher_on_their_own_seeds() {
@@ -595,6 +811,38 @@ mod tests {
         assert!((relative_to_teacher(&[(0, 44.0), (1, 66.0)], &teacher).unwrap()).abs() < 1e-12);
         assert_eq!(relative_to_teacher(&[(2, 50.0)], &teacher), None, "the teacher lacks seed 2");
         assert_eq!(relative_to_teacher(&[], &teacher), None);
+    }
+
+    #[test]
+    fn a_claim_holds_only_when_every_seed_agrees_beyond_the_spread() {
+        let claim = &MSFP_CLAIMS[2];
+        let judged = |with: &[(u64, f64)], without: &[(u64, f64)], higher| {
+            judge(claim, "PSNR", higher, with, without).map(|c| c.verdict)
+        };
+        let base = [(0, 20.0), (1, 21.0), (2, 20.5)];
+        assert_eq!(judged(&[(0, 22.0), (1, 23.0), (2, 22.5)], &base, true), Some("holds"));
+        // Better on every seed but by less than the spread.
+        assert_eq!(judged(&[(0, 20.1), (1, 21.1), (2, 20.6)], &base, true), Some("not resolved"));
+        assert_eq!(judged(&[(0, 18.0), (1, 19.0), (2, 18.5)], &base, true), Some("reversed"));
+        assert_eq!(judged(&[(0, 22.0), (1, 19.0), (2, 22.5)], &base, true), Some("not resolved"));
+        // Lower is better for FID; only paired seeds count.
+        let c =
+            judge(claim, "FID", false, &[(0, 40.0), (1, 41.0), (5, 1.0)], &[(0, 60.0), (1, 62.0)]).unwrap();
+        assert_eq!((c.verdict, c.seeds, c.better_on), ("holds", 2, 2));
+        assert!((c.margin + 20.5).abs() < 1e-12);
+        assert!(judge(claim, "FID", false, &[(3, 1.0)], &base).is_none());
+    }
+
+    /// Every claim compares two rows of its own table.
+    #[test]
+    fn claims_name_rows_of_their_table() {
+        for table in [Table::Msfp, Table::Hqdit] {
+            for c in table.claims() {
+                for id in [c.with, c.without] {
+                    assert!(table.rows().iter().any(|r| r.id == id), "{}: no row {id}", c.what);
+                }
+            }
+        }
     }
 
     #[test]
@@ -608,6 +856,8 @@ mod tests {
             fid_std: 0.0,
             accuracy: 0.99,
             psnr_vs_teacher: rel.map(|_| 21.5),
+            psnr_std: rel.map(|_| 0.25),
+            ssim_vs_teacher: rel.map(|_| 0.875),
             fid_vs_teacher: rel,
             seeds: vec![0],
             samples: 2000,
@@ -617,7 +867,10 @@ mod tests {
         };
         let md = markdown(&[row("teacher", 50.0, None), row("msfp_full", 55.0, Some(0.1))]);
         assert!(md.contains("| `teacher` | 4/4 | 50.0 ± 0.0 | - |"), "{md}");
-        assert!(md.contains("| `msfp_full` | 4/4 | 55.0 ± 0.0 | +10.0% | 0.990 | 21.50 dB |"), "{md}");
+        assert!(
+            md.contains("| `msfp_full` | 4/4 | 55.0 ± 0.0 | +10.0% | 0.990 | 21.50 ± 0.25 dB | 0.875 |"),
+            "{md}"
+        );
     }
 
     /// Every HQ-DiT row is a valid config on `configs/hqdit_tiny_dit.toml` and adds what it says.
@@ -650,6 +903,33 @@ mod tests {
         assert!(
             !hq.finetune.enabled && ft.finetune.enabled && ft.lora.rank == 4 && ft.quant.hadamard.len() == 4
         );
+        assert_eq!(ft.finetune.target, DistillTarget::Step);
         assert_eq!(cfg("w4a8_hqdit").quant.act, "fp8");
+    }
+
+    /// Every MSFP row is a valid config on the committed ablation base; the TALoRA rows differ
+    /// from each other in the router only, and from `msfp_lora` in the adapter count.
+    #[test]
+    fn msfp_rows_build_valid_configs_on_the_committed_base() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/ablation-tiny-unet/config.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |id: &str| {
+            let row = Table::Msfp.rows().iter().find(|r| r.id == id).unwrap();
+            row_config(&base, &[], row, 0, dir.path()).unwrap_or_else(|e| panic!("{id}: {e}"))
+        };
+        for row in Table::Msfp.rows() {
+            cfg(row.id);
+        }
+        let (lora, range, learned) = (cfg("msfp_lora"), cfg("msfp_talora"), cfg("msfp_talora_learned"));
+        assert_eq!((lora.lora.adapters, range.lora.adapters, learned.lora.adapters), (1, 4, 4));
+        assert_eq!((range.lora.router, learned.lora.router), (RouterKind::Range, RouterKind::Learned));
+        assert_eq!(range.loss.kind, learned.loss.kind);
+        assert_eq!(cfg("msfp_full").finetune.target, DistillTarget::Step);
+        let (mse, dfa) = (cfg("msfp_talora_noise"), cfg("msfp_full_noise"));
+        assert_eq!(
+            (mse.finetune.target, dfa.finetune.target),
+            (DistillTarget::CondUncond, DistillTarget::CondUncond)
+        );
+        assert_ne!(mse.loss.kind, dfa.loss.kind);
     }
 }
