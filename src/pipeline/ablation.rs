@@ -10,6 +10,7 @@
 //! Each result names its teacher by the digest of the weights file; a result of another teacher
 //! is stale: it is left out of the table and its (row, seed) runs again from scratch.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
@@ -439,9 +440,9 @@ pub fn run(
                         t
                     }
                 };
-                let versus = (psnr(&images, &t), ssim(&images, &t, family.image_shape()));
+                let versus = (Some(psnr(&images, &t)), Some(ssim(&images, &t, family.image_shape())));
                 teacher_images = Some(t);
-                (Some(versus.0), Some(versus.1))
+                versus
             };
             let result = RunResult {
                 row: row.id.to_string(),
@@ -460,10 +461,11 @@ pub fn run(
             crate::train::atomic_write(&path, &serde_json::to_vec_pretty(&result).expect("json"))?;
         }
     }
-    let rows = aggregate(table, base, base_overrides, out, &teacher_id)?;
+    let done = finished(table, out, &teacher_id)?;
+    let rows = aggregate(table, base, base_overrides, out, &teacher_id, &done)?;
     crate::train::atomic_write(&out.join("results.json"), &serde_json::to_vec_pretty(&rows).expect("json"))?;
     crate::train::atomic_write(&out.join("results.md"), markdown(&rows).as_bytes())?;
-    let judged = claims(table, out, &teacher_id)?;
+    let judged = claims(table, &done);
     crate::train::atomic_write(&out.join("claims.md"), claims_markdown(&judged).as_bytes())?;
     Ok(rows)
 }
@@ -557,13 +559,14 @@ fn read_images(path: &Path, n: usize) -> Option<Vec<f32>> {
         .then(|| bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
-/// Every finished result of `teacher` under `<out>/results/`, as table rows in the paper's order.
+/// The finished results ([`finished`]) as table rows in the paper's order.
 pub fn aggregate(
     which: Table,
     base: &Path,
     base_overrides: &[String],
     out: &Path,
     teacher: &str,
+    done: &Finished,
 ) -> Result<Vec<TableRow>> {
     let mut table = Vec::new();
     let cfg = Config::load(base, base_overrides)?;
@@ -574,10 +577,7 @@ pub fn aggregate(
     // The teacher's FID per seed: each row is compared with the teacher on its own seeds.
     let mut teacher_fid: Vec<(u64, f64)> = Vec::new();
     for row in which.rows() {
-        let results = finished(out, teacher, row.id)?;
-        if results.is_empty() {
-            continue;
-        }
+        let Some(results) = done.get(row.id) else { continue };
         let fid = mean_std(&results.iter().map(|r| r.fid).collect::<Vec<_>>());
         let measured =
             |f: &dyn Fn(&RunResult) -> Option<f64>| -> Option<Vec<f64>> { results.iter().map(f).collect() };
@@ -605,7 +605,7 @@ pub fn aggregate(
             seeds: results.iter().map(|r| r.seed).collect(),
             samples: results[0].samples,
             fid_real_heldout,
-            command: row_command(base, base_overrides, out, row.id, &results),
+            command: row_command(base, base_overrides, out, row.id, results),
             teacher: teacher.to_string(),
         });
     }
@@ -730,10 +730,12 @@ pub fn judge(
 }
 
 /// Every claim of `table` on PSNR, SSIM (vs the teacher) and FID, from the finished results.
-pub fn claims(table: Table, out: &Path, teacher: &str) -> Result<Vec<ClaimResult>> {
+pub fn claims(table: Table, done: &Finished) -> Vec<ClaimResult> {
     let mut judged = Vec::new();
+    let none = Vec::new();
     for claim in table.claims() {
-        let (with, without) = (finished(out, teacher, claim.with)?, finished(out, teacher, claim.without)?);
+        let (with, without) =
+            (done.get(claim.with).unwrap_or(&none), done.get(claim.without).unwrap_or(&none));
         let metrics: [(&'static str, bool, fn(&RunResult) -> Option<f64>); 3] = [
             ("PSNR", true, |r| r.psnr_vs_teacher),
             ("SSIM", true, |r| r.ssim_vs_teacher),
@@ -743,10 +745,10 @@ pub fn claims(table: Table, out: &Path, teacher: &str) -> Result<Vec<ClaimResult
             let per_seed = |rs: &[RunResult]| -> Vec<(u64, f64)> {
                 rs.iter().filter_map(|r| value(r).map(|v| (r.seed, v))).collect()
             };
-            judged.extend(judge(claim, metric, higher, &per_seed(&with), &per_seed(&without)));
+            judged.extend(judge(claim, metric, higher, &per_seed(with), &per_seed(without)));
         }
     }
-    Ok(judged)
+    judged
 }
 
 /// The claims as the Markdown table an experiment's README quotes.
@@ -772,20 +774,29 @@ pub fn claims_markdown(claims: &[ClaimResult]) -> String {
     out
 }
 
-/// Every finished result of `row` on `teacher`, by seed.
-fn finished(out: &Path, teacher: &str, row: &str) -> Result<Vec<RunResult>> {
-    let Ok(entries) = std::fs::read_dir(out.join("results")) else { return Ok(Vec::new()) };
+/// Finished results by row id, each row's in seed order.
+pub type Finished = BTreeMap<String, Vec<RunResult>>;
+
+/// Every finished result of `table`'s rows on `teacher` under `<out>/results/` (stale ones left
+/// out), read once for both the table and the claims.
+fn finished(table: Table, out: &Path, teacher: &str) -> Result<Finished> {
+    let mut done = Finished::new();
+    let Ok(entries) = std::fs::read_dir(out.join("results")) else { return Ok(done) };
     let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
-    let prefix = format!("{row}-seed");
-    let mut results = Vec::new();
     for p in paths {
-        if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)) {
-            results.extend(read_result(&p, teacher)?);
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let Some(row) = table.rows().iter().find(|r| name.starts_with(&format!("{}-seed", r.id))) else {
+            continue;
+        };
+        if let Some(r) = read_result(&p, teacher)? {
+            done.entry(row.id.to_string()).or_default().push(r);
         }
     }
-    results.sort_by_key(|r| r.seed);
-    Ok(results)
+    for results in done.values_mut() {
+        results.sort_by_key(|r| r.seed);
+    }
+    Ok(done)
 }
 
 /// Mean and sample standard deviation (n - 1; 0 for one value).
