@@ -60,6 +60,11 @@ fn student(cfg: &ModelConfig, hadamard: bool, device: &Device) -> (Denoiser, Stu
 
 fn main() {
     msfp::kernels::keep_freed_memory();
+    msfp::kernels::on_pool(bench);
+}
+
+/// Everything `main` runs, on the kernels' thread pool.
+fn bench() {
     let runs: usize = arg("--runs").map_or(3, |v| v.parse().expect("--runs N"));
     let image: usize = arg("--image").map_or(256, |v| v.parse().expect("--image 256|512"));
     let dit = DitConfig::published("DiT-XL/2", image).expect("preset");

@@ -38,6 +38,11 @@ fn time(runs: usize, mut f: impl FnMut()) -> Vec<f64> {
 
 fn main() {
     msfp::kernels::keep_freed_memory();
+    msfp::kernels::on_pool(bench);
+}
+
+/// Everything `main` runs, on the kernels' thread pool.
+fn bench() {
     let latent: usize = arg("--latent").map(|v| v.parse().expect("--latent N")).unwrap_or(64);
     let runs: usize = arg("--runs").map(|v| v.parse().expect("--runs N")).unwrap_or(2);
     let qat = !std::env::args().any(|a| a == "--no-qat");

@@ -63,6 +63,11 @@ fn median_ns(name: &str) -> Option<f64> {
 
 fn main() {
     msfp::kernels::keep_freed_memory();
+    msfp::kernels::on_pool(bench);
+}
+
+/// Everything `main` runs, on the kernels' thread pool.
+fn bench() {
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(std::time::Duration::from_secs(2))

@@ -1,6 +1,6 @@
 //! Fused CPU kernels for the flex backend, each with a hand-written backward: convolution
-//! ([`conv`]), SiLU/GELU ([`activation`]), GroupNorm(+SiLU) and LayerNorm ([`norm`]), and
-//! softmax over the last dimension ([`softmax`]).
+//! ([`conv`]), SiLU/GELU ([`activation`]), GroupNorm(+SiLU) and LayerNorm ([`norm`]),
+//! softmax over the last dimension ([`softmax`]) and nearest 2x upsampling ([`resample`]).
 //!
 //! Burn composes these from generic tensor ops on flex: one tensor-sized temporary per op and
 //! per backward step, scalar `expf`/`erff`, and a convolution whose weight gradient is itself a
@@ -20,6 +20,7 @@ pub mod linear;
 pub mod math;
 pub mod matmul;
 pub mod norm;
+pub mod resample;
 pub mod softmax;
 
 use burn::backend::DispatchDevice;
@@ -38,6 +39,20 @@ pub fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// Runs `f` on a worker of a new rayon pool of the default size (`RAYON_NUM_THREADS`, else one
+/// thread per core), so that every kernel's parallel loop starts inside the pool. Started from
+/// any other thread, each loop hands its work to the pool and the caller sleeps until it is
+/// done: two thread switches per op, about 8% of a one-thread tiny-UNet forward (perf). The
+/// split of work, and so every result, is the same either way. Called by `msfp` and the
+/// benchmarks around everything they run; runs `f` on the calling thread if no pool starts.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // Workers get the main thread's usual stack: model construction and autodiff recurse.
+    match rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build() {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
     }
 }
 

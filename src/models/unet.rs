@@ -226,17 +226,11 @@ impl TinyUnet {
                 h = blocks.next().expect("up block").forward(Tensor::cat(vec![h, skip], 1), emb.clone(), ctx);
             }
             if let Some(us) = self.upsample.get(level) {
-                h = us.forward(upsample_nearest2(h), ctx);
+                h = us.forward(crate::nn::upsample_nearest2(h), ctx);
             }
         }
         self.conv_out.forward(self.norm_out.forward_silu(h), ctx)
     }
-}
-
-/// Nearest-neighbour x2 upsampling by broadcasting (works and differentiates on every backend).
-pub fn upsample_nearest2(x: Tensor<4>) -> Tensor<4> {
-    let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h, 1, w, 1]).expand([b, c, h, 2, w, 2]).reshape([b, c, 2 * h, 2 * w])
 }
 
 impl ResBlock {

@@ -390,7 +390,7 @@ impl SdUnet {
                 }
             }
             for up in &block.upsamplers {
-                h = up.conv.forward(crate::models::unet::upsample_nearest2(h), ctx);
+                h = up.conv.forward(crate::nn::upsample_nearest2(h), ctx);
             }
         }
         self.conv_out.forward(self.conv_norm_out.forward_silu(h), ctx)

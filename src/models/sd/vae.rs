@@ -170,7 +170,7 @@ impl AutoencoderKl {
                 h = resnet.forward(h, None, &ctx);
             }
             for up in &level.upsamplers {
-                h = up.conv.forward(crate::models::unet::upsample_nearest2(h), &ctx);
+                h = up.conv.forward(crate::nn::upsample_nearest2(h), &ctx);
             }
         }
         d.conv_out.forward(d.conv_norm_out.forward_silu(h), &ctx)
