@@ -354,7 +354,7 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
         }
         let factor = learning_rate(&cfg.train, step) / cfg.train.lr;
         let ft = &cfg.finetune;
-        let (updated, grad_norm) = optim.step_flat(model, grads, |path| {
+        let lr_of = |path: &str| {
             factor
                 * match group_of(path) {
                     Some(Group::Adapter) => cfg.train.lr,
@@ -363,7 +363,12 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
                     Some(Group::ActScale) => ft.act_scale_lr,
                     None => 0.0,
                 }
-        });
+        };
+        // Quantizer scales stay positive (zero points may take either sign).
+        let is_scale = |path: &str| {
+            matches!(group_of(path), Some(Group::WeightScale | Group::ActScale)) && path.ends_with(".scale")
+        };
+        let (updated, grad_norm) = optim.step_flat_bounded(model, grads, lr_of, is_scale);
         model = updated;
         last_loss = loss_value;
         let done = step + 1;

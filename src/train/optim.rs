@@ -62,8 +62,25 @@ impl AdamW {
     pub fn step_flat<M: Module>(
         &mut self,
         module: M,
+        flat_grads: BTreeMap<String, Tensor<1>>,
+        lr_of: impl Fn(&str) -> f64,
+    ) -> (M, f64) {
+        self.step_flat_bounded(module, flat_grads, lr_of, |_| false)
+    }
+
+    /// [`Self::step_flat`] where the parameters that `positive` names (quantizer scales) must
+    /// stay positive: one step shrinks each of their elements to half its value at most.
+    ///
+    /// Adam's step is about the learning rate in absolute terms whatever the gradient's size, so
+    /// a scale much smaller than `lr * steps` (an adaLN weight's per-channel scale is ~1e-3
+    /// against 1e-4 per step) could be driven through zero and the student could not be
+    /// exported. Elements the bound does not touch update exactly as without it.
+    pub fn step_flat_bounded<M: Module>(
+        &mut self,
+        module: M,
         mut flat_grads: BTreeMap<String, Tensor<1>>,
         lr_of: impl Fn(&str) -> f64,
+        positive: impl Fn(&str) -> bool,
     ) -> (M, f64) {
         let sq = flat_grads.values().map(|g| g.clone().square().sum()).reduce(|a, b| a + b);
         let norm = sq.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt());
@@ -91,7 +108,7 @@ impl AdamW {
             let p = if self.weight_decay > 0.0 { p.clone() - p * (lr * self.weight_decay) } else { p };
             self.exp_avg.insert(path.to_string(), m);
             self.exp_avg_sq.insert(path.to_string(), v);
-            p - update * lr
+            if positive(path) { (p.clone() - update * lr).max_pair(p * 0.5) } else { p - update * lr }
         });
         (module, norm)
     }
@@ -224,5 +241,41 @@ mod tests {
         }
         let last = loss_of(&layer).into_scalar::<f32>();
         assert!(last < first * 0.01, "{first} -> {last}");
+    }
+
+    /// A bounded parameter pushed towards -inf (loss = its sum) halves at most per step and stays
+    /// positive, where the plain update takes it negative at once; the unbounded weight of the
+    /// same layer updates exactly as without the bound.
+    #[test]
+    fn bounded_parameters_stay_positive_and_the_rest_update_as_before() {
+        let device = Device::flex().autodiff();
+        let layer = Linear::new(3, 2, true, &mut SeededRng::new(1), &device);
+        let small = Tensor::<1>::from_data(TensorData::new(vec![1e-3f32, 5.0], [2]), &device);
+        let layer = Linear { bias: Some(burn::module::Param::from_tensor(small)), ..layer };
+        let run = |bounded: bool| {
+            let (mut layer, mut opt) = (layer.clone(), AdamW::new(0.0, 0.0));
+            let mut biases = Vec::new();
+            for _ in 0..5 {
+                let loss = layer.bias.as_ref().unwrap().val().sum() + layer.weight.val().square().sum();
+                let flat = collect_grads(&layer, &loss.backward());
+                let positive = |path: &str| bounded && path == "bias";
+                layer = opt.step_flat_bounded(layer, flat, |_| 0.01, positive).0;
+                biases.push(layer.bias.as_ref().unwrap().val().into_data().to_vec::<f32>().unwrap());
+            }
+            (biases, layer.weight.val().into_data().to_vec::<f32>().unwrap())
+        };
+        let ((bounded, w_bounded), (plain, w_plain)) = (run(true), run(false));
+        assert!(plain[0][0] < 0.0, "the plain step crosses zero: {:?}", plain[0]);
+        let mut previous = 1e-3f32;
+        for b in &bounded {
+            assert!(b[0] > 0.0 && b[0] >= previous * 0.5, "{previous} -> {}", b[0]);
+            previous = b[0];
+        }
+        // The large bias moves 0.01 a step, far from the bound: the same bits either way.
+        assert_eq!(
+            bounded.iter().map(|b| b[1]).collect::<Vec<_>>(),
+            plain.iter().map(|b| b[1]).collect::<Vec<_>>()
+        );
+        assert_eq!(w_bounded, w_plain);
     }
 }
