@@ -222,19 +222,20 @@ pub const HQDIT_ROWS: &[Row] = &[
     },
     Row {
         id: "hqdit_msfp_ft",
-        what: "HQ-DiT + MSFP fine-tuning (TALoRA 4 x rank 4, DFA, 100 steps)",
+        what: "HQ-DiT + MSFP fine-tuning (TALoRA 4 x rank 4, DFA, step target, 800 steps)",
         w_bits: 4,
         a_bits: 4,
         stage: Stage::Finetune,
         overrides: &[
             "finetune.enabled=true",
+            "finetune.target=\"step\"",
             "lora.rank=4",
             "lora.adapters=4",
             "lora.router=\"range\"",
-            "train.steps=100",
+            "train.steps=800",
             "train.batch_size=4",
             "train.warmup_steps=10",
-            "train.checkpoint_every=25",
+            "train.checkpoint_every=100",
         ],
     },
     Row {
@@ -913,6 +914,7 @@ mod tests {
         assert!(
             !hq.finetune.enabled && ft.finetune.enabled && ft.lora.rank == 4 && ft.quant.hadamard.len() == 4
         );
+        assert_eq!((ft.finetune.target, ft.train.steps), (DistillTarget::Step, 800));
         assert_eq!(cfg("w4a8_hqdit").quant.act, "fp8");
     }
 
