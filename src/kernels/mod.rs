@@ -10,7 +10,9 @@
 //!
 //! Determinism: every kernel splits its work into pieces whose boundaries depend on the shapes
 //! only, never on the thread count, and adds partial sums in a fixed order; results are
-//! bit-identical across runs and thread counts (tested).
+//! bit-identical across runs and thread counts on one processor (tested). Across processors
+//! the matrix products' last bits may differ: gemm sizes its blocks from the caches and picks
+//! its micro-kernel by vector width (AVX-512, AVX2).
 
 pub mod activation;
 pub mod conv;

@@ -260,9 +260,9 @@ mod tests {
                 let flat = collect_grads(&layer, &loss.backward());
                 let positive = |path: &str| bounded && path == "bias";
                 layer = opt.step_flat_bounded(layer, flat, |_| 0.01, positive).0;
-                biases.push(layer.bias.as_ref().unwrap().val().into_data().to_vec::<f32>().unwrap());
+                biases.push(crate::train::params::host_values(layer.bias.as_ref().unwrap().val()));
             }
-            (biases, layer.weight.val().into_data().to_vec::<f32>().unwrap())
+            (biases, crate::train::params::host_values(layer.weight.val()))
         };
         let ((bounded, w_bounded), (plain, w_plain)) = (run(true), run(false));
         assert!(plain[0][0] < 0.0, "the plain step crosses zero: {:?}", plain[0]);
