@@ -49,8 +49,11 @@ pub fn upsample_grad(dy: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> 
     dx
 }
 
-fn upsample_tensor(x: &FlexTensor) -> FlexTensor {
-    let [b, c, h, w]: [usize; 4] = x.layout().shape().to_vec().try_into().expect("a 4-d tensor");
+fn dims(x: &FlexTensor) -> [usize; 4] {
+    x.layout().shape().to_vec().try_into().expect("a 4-d tensor")
+}
+
+fn upsample_tensor(x: &FlexTensor, [b, c, h, w]: [usize; 4]) -> FlexTensor {
     tensor(upsample(&values(x), b * c, h, w), &[b, c, 2 * h, 2 * w])
 }
 
@@ -62,7 +65,7 @@ pub trait ResampleBackend: Backend {
 
 impl ResampleBackend for Flex {
     fn fused_upsample_nearest2(x: FlexTensor) -> FlexTensor {
-        upsample_tensor(&x)
+        upsample_tensor(&x, dims(&x))
     }
 }
 
@@ -85,8 +88,8 @@ impl Backward<Flex, 1> for UpsampleBackward {
 
 impl<C: CheckpointStrategy> ResampleBackend for Autodiff<Flex, C> {
     fn fused_upsample_nearest2(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let out = upsample_tensor(x.primitive());
-        let shape: [usize; 4] = x.primitive().layout().shape().to_vec().try_into().expect("a 4-d tensor");
+        let shape = dims(x.primitive());
+        let out = upsample_tensor(x.primitive(), shape);
         match UpsampleBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(shape, out),
             OpsKind::UnTracked(prep) => prep.finish(out),

@@ -364,11 +364,7 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
                     None => 0.0,
                 }
         };
-        // Quantizer scales stay positive (zero points may take either sign).
-        let is_scale = |path: &str| {
-            matches!(group_of(path), Some(Group::WeightScale | Group::ActScale)) && path.ends_with(".scale")
-        };
-        let (updated, grad_norm) = optim.step_flat_bounded(model, grads, lr_of, is_scale);
+        let (updated, grad_norm) = optim.step_flat_bounded(model, grads, lr_of, student::is_quantizer_scale);
         model = updated;
         last_loss = loss_value;
         let done = step + 1;

@@ -73,6 +73,12 @@ pub fn group_of(path: &str) -> Option<Group> {
     }
 }
 
+/// Whether `path` is a quantizer scale (weight or activation), which must stay positive; zero
+/// points, also in the scale groups, may take either sign.
+pub fn is_quantizer_scale(path: &str) -> bool {
+    matches!(group_of(path), Some(Group::WeightScale | Group::ActScale)) && path.ends_with(".scale")
+}
+
 /// Gives `model` the quantizers of `plan` (placeholder scales: a checkpoint or calibration
 /// sets them) and the adapters and router of `plan.lora`.
 pub fn build(model: &mut Denoiser, plan: &StudentPlan, seed: u64) -> Result<()> {
