@@ -7,56 +7,25 @@
 //! tokens); scales are plausible, not calibrated: the cost does not depend on them. Writes
 //! `experiments/bench-dit-xl2/results.json` (or `$MSFP_BENCH_OUT`).
 //!
-//!     cargo bench --profile dev --bench dit_xl2 -- [--runs 3] [--image 256]
+//! With `--qat`, also one QAT step (median of `--runs`) of the rotated student with MSFP's
+//! adapters (two of rank 16 per layer) and its peak memory; `--model DiT-S/2` (or B/2) runs a
+//! smaller preset.
+//!
+//!     cargo bench --profile dev --bench dit_xl2 -- [--runs 3] [--image 256] [--qat] [--model DiT-XL/2]
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use msfp::config::{DitConfig, ModelConfig, ModelKind};
-use msfp::lora::LoraConfig;
+use burn::tensor::Device;
 use msfp::models::Denoiser;
-use msfp::nn::StepCtx;
-use msfp::pipeline::student::{self, StudentPlan};
-use msfp::quant::hadamard::HadamardSpec;
-use msfp::quant::plan::SiteReport;
 use msfp::rng::SeededRng;
 
-#[path = "common/scales.rs"]
-mod scales;
+#[path = "common/dit_xl2.rs"]
+mod dit;
 #[path = "common/timing.rs"]
 mod timing;
 use timing::{arg, median_ms, peak_rss_mib};
-
-/// The W4A4 student of `cfg` (rotated attention and MLP inputs with `hadamard`) and its plan.
-fn student(cfg: &ModelConfig, hadamard: bool, device: &Device) -> (Denoiser, StudentPlan) {
-    let mut model = Denoiser::new(cfg, &mut SeededRng::new(1), device);
-    let eight_bit = |p: &str| p == "patch_embed" || p == "final_linear";
-    let rotated =
-        |p: &str| hadamard && ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"].iter().any(|k| p.ends_with(k));
-    let sites = model
-        .quant_sites()
-        .into_iter()
-        .filter(|s| s.layer.has_weight())
-        .map(|s| {
-            let format = if eight_bit(&s.path) { "e4m3" } else { "e2m1" };
-            SiteReport {
-                hadamard: rotated(&s.path)
-                    .then(|| HadamardSpec::for_width(s.layer.weight_dims()[1], 7).unwrap()),
-                weight_format: Some(format.into()),
-                act_format: Some(format.into()),
-                path: s.path,
-                ..Default::default()
-            }
-        })
-        .collect();
-    let lora = LoraConfig { rank: 0, ..Default::default() };
-    let plan = StudentPlan { sites, act_timestep_slots: 1, timesteps: 1000, lora };
-    student::build(&mut model, &plan, 0).expect("student");
-    let model = scales::plausible(model, 0.005);
-    (model, plan)
-}
 
 fn main() {
     msfp::kernels::keep_freed_memory();
@@ -67,25 +36,17 @@ fn main() {
 fn bench() {
     let runs: usize = arg("--runs").map_or(3, |v| v.parse().expect("--runs N"));
     let image: usize = arg("--image").map_or(256, |v| v.parse().expect("--image 256|512"));
-    let dit = DitConfig::published("DiT-XL/2", image).expect("preset");
-    let latent = dit.input_size;
-    let cfg = ModelConfig { kind: ModelKind::TinyDit, dit, ..Default::default() };
+    let name = arg("--model").unwrap_or_else(|| "DiT-XL/2".into());
+    let cfg = dit::config(&name, image);
+    let latent = cfg.dit.input_size;
     let device = Device::flex();
     let t0 = Instant::now();
     let teacher = Denoiser::new(&cfg, &mut SeededRng::new(1), &device);
     let build_s = t0.elapsed().as_secs_f64();
     let parameters = teacher.num_params();
-    let mut rng = SeededRng::new(2);
-    let x = Tensor::<4>::from_data(
-        TensorData::new(rng.normals(4 * latent * latent), [1, 4, latent, latent]),
-        &device,
-    );
-    let t = Tensor::<1>::full([1], 500.0, &device);
-    let y = Tensor::<1, Int>::from_ints([207], &device);
+    let inputs = dit::Inputs::new(&cfg, 1, &device);
     let forward = |m: &Denoiser| {
-        let out = m.forward(x.clone(), t.clone(), y.clone(), &StepCtx::at(500));
-        assert_eq!(out.dims(), [1, 4, latent, latent], "eps half of the learned-sigma output");
-        let _ = out.into_data();
+        let _ = inputs.forward(m).into_data();
     };
     let (fp_ms, fp_all) = median_ms(1, runs, || forward(&teacher));
     let rss_fp = peak_rss_mib();
@@ -93,7 +54,7 @@ fn bench() {
     drop(teacher);
     let mut phases = Vec::new();
     for hadamard in [false, true] {
-        let (model, plan) = student(&cfg, hadamard, &device);
+        let (model, plan) = dit::student(&cfg, hadamard, 0, &device);
         let (ms, all) = median_ms(1, runs, || forward(&model));
         let rss = peak_rss_mib();
         eprintln!("W4A4 forward (Hadamard {hadamard}) {ms:.0} ms, peak RSS {rss:.0} MiB");
@@ -108,9 +69,25 @@ fn bench() {
             "packed_vs_fp16": packed as f64 / (parameters as f64 * 2.0),
         }));
     }
+    let qat = std::env::args().any(|a| a == "--qat").then(|| {
+        let ad = device.clone().autodiff();
+        let (model, _) = dit::student(&cfg, true, 16, &ad);
+        let mut model = dit::trainable(model);
+        let trainable: usize =
+            msfp::train::params::collect_trainable(&model).values().map(|t| t.data.len()).sum();
+        let inputs = dit::Inputs::new(&cfg, 1, &ad);
+        let mut optim = msfp::train::optim::AdamW::new(0.0, 1.0);
+        let (ms, all) = median_ms(0, runs, || model = dit::qat_step(model.clone(), &inputs, &mut optim));
+        let rss = peak_rss_mib();
+        eprintln!("QAT step (Hadamard, adapters of rank 16) {ms:.0} ms, peak RSS {rss:.0} MiB");
+        serde_json::json!({ "step_ms": ms, "all_ms": all, "peak_rss_mib": rss, "trainable_parameters": trainable })
+    });
+    let qat_flag = if qat.is_some() { " --qat" } else { "" };
     let out = serde_json::json!({
-        "command": format!("cargo bench --profile dev --bench dit_xl2 -- --runs {runs} --image {image}"),
-        "model": "DiT-XL/2, random weights (DitConfig::published)",
+        "command": format!(
+            "cargo bench --profile dev --bench dit_xl2 -- --runs {runs} --image {image} --model {name}{qat_flag}"
+        ),
+        "model": format!("{name}, random weights (DitConfig::published)"),
         "backend": "flex (CPU)",
         "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into()),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -122,11 +99,13 @@ fn bench() {
         "fp32_all_ms": fp_all,
         "fp32_peak_rss_mib": rss_fp,
         "w4a4": phases,
+        "qat_step_hadamard_lora16": qat,
         "fp16_bytes": parameters as u64 * 2,
     });
-    let path = std::env::var("MSFP_BENCH_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(format!("experiments/bench-dit-xl2/results-{image}.json")));
+    let path = std::env::var("MSFP_BENCH_OUT").map(PathBuf::from).unwrap_or_else(|_| {
+        let stem = if name == "DiT-XL/2" { String::new() } else { name.replace('/', "") + "-" };
+        PathBuf::from(format!("experiments/bench-dit-xl2/results-{stem}{image}.json"))
+    });
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, serde_json::to_vec_pretty(&out).unwrap()).unwrap();
     println!("{}", serde_json::to_string_pretty(&out).unwrap());

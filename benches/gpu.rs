@@ -11,7 +11,13 @@
 //!    timed the way `tools/bench/torch_sd14_qat.py` times PyTorch + diffusers (`--sd-only`: this
 //!    part alone).
 //!
-//!     cargo bench --profile dev --features cuda --bench gpu -- [--parity] [--device cuda] [--elements 268435456] [--sd-latent 64]
+//! 4. with `--dit-image N`, full-size DiT-XL/2 (random weights) at N pixels, batch 2 (a class and
+//!    the null class, as DiT's guided sampler runs it): the fp32 forward, the W4A4 forward without
+//!    and with HQ-DiT's Hadamard rotation, one QAT step of that student with MSFP's adapters, and
+//!    the rotation's cost against its layers' matmuls (`common/rotation.rs`) (`--dit-only`: this
+//!    part alone).
+//!
+//!     cargo bench --profile dev --features cuda --bench gpu -- [--parity] [--device cuda] [--elements 268435456] [--sd-latent 64] [--dit-image 256]
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -23,8 +29,12 @@ use msfp::quant::Format;
 use msfp::quant::fused::fake_quantize_fused;
 use msfp::rng::SeededRng;
 
+#[path = "common/dit_xl2.rs"]
+mod dit;
 #[path = "../tests/common/gpu_parity.rs"]
 mod gpu_parity;
+#[path = "common/rotation.rs"]
+mod rotation;
 #[path = "common/sd14.rs"]
 mod sd14;
 #[path = "common/timing.rs"]
@@ -198,6 +208,68 @@ fn sd14_step(device: &Device, latent: usize, batch: usize, warmup: usize, runs: 
     })
 }
 
+/// Full-size DiT-XL/2 (random weights) at `image` pixels, batch `batch`: the fp32 forward, the
+/// W4A4 forward without and with the Hadamard rotation, one QAT step of the rotated student with
+/// adapters of rank 16 (median of `runs` after `warmup`), and the rotation's cost.
+fn dit_xl2_step(
+    device: &Device,
+    image: usize,
+    batch: usize,
+    warmup: usize,
+    runs: usize,
+) -> serde_json::Value {
+    let cfg = dit::config("DiT-XL/2", image);
+    let wait = |t: Tensor<4>| t.slice([0..1, 0..1, 0..1, 0..1]).into_scalar::<f32>();
+    let teacher = msfp::models::Denoiser::new(&cfg, &mut SeededRng::new(1), device);
+    let parameters = teacher.num_params();
+    let inputs = dit::Inputs::new(&cfg, batch, device);
+    let (fp_ms, fp_all) = median_ms(warmup, runs, || {
+        wait(inputs.forward(&teacher));
+    });
+    eprintln!("dit-xl2 fp32 forward: {fp_ms:.1} ms ({fp_all:?})");
+    drop(teacher);
+    let mut w4a4 = Vec::new();
+    for hadamard in [false, true] {
+        let (model, _) = dit::student(&cfg, hadamard, 0, device);
+        let (ms, all) = median_ms(warmup, runs, || {
+            wait(inputs.forward(&model));
+        });
+        eprintln!("dit-xl2 W4A4 forward (Hadamard {hadamard}): {ms:.1} ms ({all:?})");
+        w4a4.push(serde_json::json!({ "hadamard": hadamard, "forward_ms": ms, "all_ms": all }));
+    }
+    let ad = device.clone().autodiff();
+    let (model, plan) = dit::student(&cfg, true, 16, &ad);
+    let mut model = dit::trainable(model);
+    let trainable: usize =
+        msfp::train::params::collect_trainable(&model).values().map(|t| t.data.len()).sum();
+    let ad_inputs = dit::Inputs::new(&cfg, batch, &ad);
+    let mut optim = msfp::train::optim::AdamW::new(0.0, 1.0);
+    let (qat_ms, qat_all) = median_ms(1, runs, || {
+        model = dit::qat_step(model.clone(), &ad_inputs, &mut optim);
+        // Wait for the device: read one trainable value back.
+        let first = msfp::train::params::collect_trainable(&model).into_values().next();
+        std::hint::black_box(first);
+    });
+    eprintln!("dit-xl2 QAT step: {qat_ms:.1} ms ({qat_all:?})");
+    let gpu_after_qat = gpu_memory_used_mib();
+    drop(model);
+    serde_json::json!({
+        "model": "DiT-XL/2, random weights (DitConfig::published), W4A4 e2m1 (benches/common/dit_xl2.rs)",
+        "image": image,
+        "latent": [cfg.dit.in_channels, cfg.dit.input_size, cfg.dit.input_size],
+        "batch": batch,
+        "parameters": parameters,
+        "rotated_sites": plan.sites.iter().filter(|s| s.hadamard.is_some()).count(),
+        "qat_trainable_parameters": trainable,
+        "fp32_forward_ms": fp_ms,
+        "w4a4": w4a4,
+        "qat_step_hadamard_lora16_ms": qat_ms,
+        "all_ms": { "fp32_forward": fp_all, "qat_step": qat_all },
+        "gpu_memory_used_mib_after_qat_step": gpu_after_qat,
+        "rotation_cost": rotation::cost(device, 20),
+    })
+}
+
 fn main() {
     let spec = arg("--device").unwrap_or_else(|| "cuda".into());
     let elements: usize = arg("--elements").map(|v| v.parse().expect("--elements N")).unwrap_or(1 << 28);
@@ -232,6 +304,10 @@ fn main() {
                 gpu_parity::fused_quantizer_matches_flex(&device, &spec);
                 serde_json::json!("ok")
             }),
+            "hadamard_rotation": check("Hadamard rotation", &|| {
+                gpu_parity::hadamard_rotation_matches_flex(&device, &spec);
+                serde_json::json!("ok")
+            }),
             "qat_losses_flex_vs_gpu": check("quickstart QAT", &|| {
                 serde_json::json!(gpu_parity::quickstart_qat_matches_flex(&spec))
             }),
@@ -239,7 +315,8 @@ fn main() {
         });
     }
     let only_sd = std::env::args().any(|a| a == "--sd-only");
-    let (quant, qat) = if only_sd {
+    let only_dit = std::env::args().any(|a| a == "--dit-only");
+    let (quant, qat) = if only_sd || only_dit {
         (serde_json::Value::Null, serde_json::Value::Null)
     } else {
         let quant = quantizer(&device, elements);
@@ -256,6 +333,10 @@ fn main() {
         }
         None => serde_json::Value::Null,
     };
+    let dit = match arg("--dit-image") {
+        Some(i) => dit_xl2_step(&device, i.parse().expect("--dit-image 256|512"), 2, 2, 5),
+        None => serde_json::Value::Null,
+    };
     let out = serde_json::json!({
         "command": format!(
             "cargo bench --profile dev --features cuda --bench gpu -- {}",
@@ -267,6 +348,7 @@ fn main() {
         "quantizer": quant,
         "qat_step": qat,
         "sd14": sd,
+        "dit_xl2": dit,
     });
     let path = std::env::var("MSFP_BENCH_OUT")
         .map(PathBuf::from)

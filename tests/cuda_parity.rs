@@ -1,7 +1,7 @@
 //! CUDA against the CPU: the tiny UNet and DiT forward close to flex (TF32 tolerance: see
 //! `gpu_parity::forward_tolerance`), the fused
 //! quantizer's CubeCL kernels with the same values (exact ties included) and STE / LSQ gradients,
-//! and four QAT steps of the quickstart with the same losses as on flex. Built only
+//! HQ-DiT's rotation kernel with the same bits, and four QAT steps of the quickstart with the same losses as on flex. Built only
 //! with `--features cuda` (or `cuda-llvm`); on a machine without a CUDA GPU each test prints why
 //! it skipped and passes. `MSFP_REQUIRE_CUDA=1` turns a skip into a failure (the GPU check
 //! script sets it, so a broken driver cannot pass as "no GPU").
@@ -36,6 +36,13 @@ fn tiny_models_on_cuda_match_flex() {
 fn fused_quantizer_on_cuda_matches_flex() {
     if let Some(gpu) = cuda_or_skip("fused_quantizer_on_cuda_matches_flex") {
         gpu_parity::fused_quantizer_matches_flex(&gpu, "cuda");
+    }
+}
+
+#[test]
+fn hadamard_rotation_on_cuda_matches_flex() {
+    if let Some(gpu) = cuda_or_skip("hadamard_rotation_on_cuda_matches_flex") {
+        gpu_parity::hadamard_rotation_matches_flex(&gpu, "cuda");
     }
 }
 

@@ -1,7 +1,7 @@
 //! The GPU code path against the CPU: the tiny UNet and DiT (full precision, perturbed weights)
 //! on `wgpu-cpu` (Mesa lavapipe, the wgpu backend on a machine without a GPU) give the same
 //! output as on flex within 1e-4, and the fused quantizer's kernels the same values and
-//! gradients. Built only with `--features wgpu`.
+//! gradients, and HQ-DiT's rotation kernel the same bits. Built only with `--features wgpu`.
 #![cfg(feature = "wgpu")]
 
 #[path = "common/gpu_parity.rs"]
@@ -20,4 +20,9 @@ fn tiny_models_on_wgpu_cpu_match_flex() {
 #[test]
 fn fused_quantizer_on_wgpu_cpu_matches_flex() {
     gpu_parity::fused_quantizer_matches_flex(&lavapipe(), "wgpu-cpu");
+}
+
+#[test]
+fn hadamard_rotation_on_wgpu_cpu_matches_flex() {
+    gpu_parity::hadamard_rotation_matches_flex(&lavapipe(), "wgpu-cpu");
 }

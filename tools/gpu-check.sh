@@ -9,8 +9,10 @@
 #   3. full-size SD1.4 (random weights): teacher forward, W4A4 student forward and one QAT step at
 #      latent ${SD_LATENT:-64}, batch 2, in PyTorch + diffusers (tools/bench/torch_sd14_qat.py;
 #      diffusers from wheels in .whl/ when the machine lacks it) and in msfp;
-#   4. wgpu (Vulkan) on the GPU when the binary has it.
-# Results go to ${OUT:-experiments}/bench-cuda/ (eight files at most) with the GPU named.
+#   4. full-size DiT-XL/2 (random weights) at ${DIT_IMAGE:-256} px, batch 2: fp32 forward, W4A4 forward
+#      without and with HQ-DiT's Hadamard rotation, one QAT step with adapters, the rotation's cost;
+#   5. wgpu (Vulkan) on the GPU when the binary has it.
+# Results go to ${OUT:-experiments}/bench-cuda/ (ten files at most) with the GPU named.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-experiments}/bench-cuda"
@@ -52,6 +54,8 @@ else
 fi
 MSFP_BENCH_OUT="$out/msfp-sd14.json" timeout "${T_MSFP_SD:-240}" "$bin" --device cuda --sd-only --sd-latent "$latent" 2>&1 \
   | tee "$out/msfp-sd14.log" || status=1
+MSFP_BENCH_OUT="$out/msfp-dit-xl2.json" timeout "${T_MSFP_DIT:-150}" "$bin" --device cuda --dit-only \
+  --dit-image "${DIT_IMAGE:-256}" 2>&1 | tee "$out/msfp-dit-xl2.log" || status=1
 if grep -q wgpu gpu-check/features 2>/dev/null; then
   MSFP_BENCH_OUT="$out/msfp-wgpu.json" timeout 240 "$bin" --device wgpu --elements 67108864 2>&1 \
     | tail -5 || echo "gpu-check: wgpu on the GPU failed"

@@ -153,11 +153,11 @@ fn fake_quant_backward_kernel(
 /// `t` in row-major order: the kernels index every tensor by its logical position. A gap-free
 /// buffer is not enough: a transposed view (attention's keys) has one in another order, and
 /// reading it linearly scrambled the quantized attention inputs on the GPU backends.
-fn contiguous(t: CubeTensor) -> CubeTensor {
+pub(super) fn contiguous(t: CubeTensor) -> CubeTensor {
     if t.is_contiguous() && t.is_contiguous_buffer() { t } else { into_contiguous(t) }
 }
 
-fn empty_like(t: &CubeTensor) -> CubeTensor {
+pub(super) fn empty_like(t: &CubeTensor) -> CubeTensor {
     empty_device_contiguous_dtype(t.client.clone(), t.device.clone(), t.meta.shape().clone(), t.dtype)
 }
 

@@ -7,10 +7,12 @@
 //! over its whole block and the quantizer sees a flatter distribution. `W R^T` is folded into
 //! the weight once (offline: each row `w` becomes `R w`); `R x` is applied online by the layer.
 //!
-//! The online rotation is the fast Walsh-Hadamard transform, O(n log n): on flex one fused
-//! in-place pass per row (rows are independent, so the result does not depend on the thread
-//! count) with its transpose as the backward; elsewhere `log2(block)` butterfly stages of tensor
-//! ops, bit-identical to it.
+//! The online rotation is the fast Walsh-Hadamard transform, O(n log n), one fused operation
+//! with its transpose as the backward: on flex one in-place pass per row (rows are independent,
+//! so the result does not depend on the thread count), on wgpu and cuda one CubeCL kernel
+//! (`hadamard_cube.rs`: a cube per block, butterflies in shared memory). Elsewhere, and for
+//! blocks too wide for shared memory, `log2(block)` butterfly stages of tensor ops. All three
+//! run the same butterflies in the same order, so their bits agree.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -20,10 +22,11 @@ use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, backend_extension};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::host::{values_mut, writable};
 use crate::rng::SeededRng;
 
 /// A rotation as the student plan records it: enough to rebuild it exactly.
@@ -78,7 +81,7 @@ impl Hadamard {
             "Hadamard rotation of width {} on inputs of width {width}",
             self.width()
         );
-        if matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_)) {
+        if has_rotation_kernel(&x.device(), self.spec.block) {
             let out = <Dispatch as HadamardBackend>::hadamard_rotate(
                 x.into_dispatch(),
                 self.signs.clone(),
@@ -102,7 +105,21 @@ impl Hadamard {
     }
 }
 
-#[backend_extension(Autodiff, Flex)]
+/// Whether `device` (with or without autodiff) runs the fused rotation for blocks of `block`.
+fn has_rotation_kernel(device: &Device, block: usize) -> bool {
+    match device.clone().inner().as_dispatch() {
+        DispatchDevice::Flex(_) => true,
+        #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+        DispatchDevice::Cube(_) => block <= super::hadamard_cube::MAX_BLOCK,
+        #[allow(unreachable_patterns)]
+        _ => {
+            let _ = block;
+            false
+        }
+    }
+}
+
+#[backend_extension(Autodiff, Flex, Cube: cfg(any(feature = "wgpu", feature = "cuda-runtime")))]
 pub trait HadamardBackend: Backend {
     /// `H (signs * x)` over the last dimension in normalized blocks of `block`, or with
     /// `transpose` its transpose `signs * (H x)`.
@@ -114,48 +131,67 @@ pub trait HadamardBackend: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// In place: the normalized Walsh-Hadamard transform of each `block`-wide slice of `row`, with
-/// the signs before it (or after it, for the transpose). The same butterflies in the same order
-/// as [`fwht`], so the bits agree.
-fn rotate_row(row: &mut [f32], signs: &[f32], block: usize, transpose: bool) {
-    if !transpose {
-        row.iter_mut().zip(signs).for_each(|(v, s)| *v *= s);
-    }
+/// In place: the normalized Walsh-Hadamard transform of each `block`-wide slice of each row of
+/// `rows` (rows of `signs.len()` values), with the signs before it (or after it, for the
+/// transpose). The same butterflies in the same order as [`fwht`], so the bits agree: the first
+/// three stages run on eight values at a time in registers, the later ones as whole-vector
+/// sums and differences of a group's two halves.
+#[inline(always)]
+fn rotate_rows_body(rows: &mut [f32], signs: &[f32], block: usize, transpose: bool) {
     let norm = (1.0 / (block as f64).sqrt()) as f32;
-    for b in row.chunks_exact_mut(block) {
-        let mut h = 1;
-        while h < block {
-            for group in b.chunks_exact_mut(2 * h) {
-                let (lo, hi) = group.split_at_mut(h);
-                for (a, c) in lo.iter_mut().zip(hi.iter_mut()) {
-                    let (x, y) = (*a, *c);
-                    *a = x + y;
-                    *c = x - y;
-                }
-            }
-            h *= 2;
+    for row in rows.chunks_exact_mut(signs.len()) {
+        if !transpose {
+            row.iter_mut().zip(signs).for_each(|(v, s)| *v *= s);
         }
-        b.iter_mut().for_each(|v| *v *= norm);
-    }
-    if transpose {
-        row.iter_mut().zip(signs).for_each(|(v, s)| *v *= s);
+        for b in row.chunks_exact_mut(block) {
+            let mut h = 1;
+            if block >= 8 {
+                for g in b.chunks_exact_mut(8) {
+                    let mut v = [0.0f32; 8];
+                    v.copy_from_slice(g);
+                    for stage in [1, 2, 4] {
+                        for i in (0..8).filter(|i| i & stage == 0) {
+                            let (x, y) = (v[i], v[i + stage]);
+                            v[i] = x + y;
+                            v[i + stage] = x - y;
+                        }
+                    }
+                    g.copy_from_slice(&v);
+                }
+                h = 8;
+            }
+            while h < block {
+                for group in b.chunks_exact_mut(2 * h) {
+                    let (lo, hi) = group.split_at_mut(h);
+                    for (a, c) in lo.iter_mut().zip(hi.iter_mut()) {
+                        let (x, y) = (*a, *c);
+                        *a = x + y;
+                        *c = x - y;
+                    }
+                }
+                h *= 2;
+            }
+            b.iter_mut().for_each(|v| *v *= norm);
+        }
+        if transpose {
+            row.iter_mut().zip(signs).for_each(|(v, s)| *v *= s);
+        }
     }
 }
 
+crate::kernels::simd_kernel! {
+    /// [`rotate_rows_body`] for the widest vector unit the CPU has.
+    fn rotate_rows(rows: &mut [f32], signs: &[f32], block: usize, transpose: bool) = rotate_rows_body;
+}
+
 impl HadamardBackend for Flex {
+    /// In `x`'s own memory when nothing else holds it, else in one copy; rows in parallel.
     fn hadamard_rotate(x: FlexTensor, signs: Vec<f32>, block: usize, transpose: bool) -> FlexTensor {
-        let shape = x.layout().shape().clone();
+        let mut x = writable(x);
         let width = signs.len();
-        let mut values = match x.as_slice::<f32>() {
-            Some(v) => v.to_vec(),
-            None => x.to_contiguous().as_slice::<f32>().expect("f32 tensor").to_vec(),
-        };
-        values.par_chunks_mut(width * 16).for_each(|rows| {
-            for row in rows.chunks_exact_mut(width) {
-                rotate_row(row, &signs, block, transpose);
-            }
-        });
-        FlexTensor::from_data(TensorData::new(values, shape))
+        let values = values_mut(&mut x).expect("writable tensor");
+        values.par_chunks_mut(width * 16).for_each(|rows| rotate_rows(rows, &signs, block, transpose));
+        x
     }
 }
 
@@ -219,7 +255,6 @@ fn fwht(x: Tensor<2>, block: usize) -> Tensor<2> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Device;
 
     fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         crate::train::params::host_values(t)

@@ -11,6 +11,8 @@ pub mod fused;
 #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
 mod fused_cube;
 pub mod hadamard;
+#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+mod hadamard_cube;
 pub mod layer;
 pub mod mixup;
 pub mod pack;

@@ -126,6 +126,49 @@ pub fn fused_quantizer_matches_flex(gpu: &Device, name: &str) {
     assert_eq!(transposed(gpu), transposed(&Device::flex()), "e2m1 on a transposed view: {name} vs flex");
 }
 
+/// HQ-DiT's online rotation (`quant/hadamard_cube.rs` on the GPU) against flex: the same bits
+/// forward and backward (its transpose) at the widths of the tiny DiT, DiT-XL/2's attention
+/// (1152: nine blocks of 128 per row) and MLP (4608: blocks of 512, several butterfly pairs per
+/// thread), on a transposed view, and on a block too wide for shared memory (the tensor-op path,
+/// whose gradient agrees up to rounding).
+pub fn hadamard_rotation_matches_flex(gpu: &Device, name: &str) {
+    use msfp::quant::hadamard::{Hadamard, HadamardSpec};
+    use msfp::train::params::host_values;
+
+    for (rows, width) in [(5, 48), (3, 1152), (2, 4608), (1, 8192)] {
+        let r = Hadamard::new(HadamardSpec::for_width(width, 9).unwrap(), width);
+        let x0 = SeededRng::new(3).normals(rows * width);
+        let g0 = SeededRng::new(4).normals(rows * width);
+        let run = |device: &Device| {
+            let t = |v: &[f32]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [rows, width]), device);
+            let x = t(&x0).require_grad();
+            let y = r.rotate(x.clone());
+            let grads = (y.clone() * t(&g0)).sum().backward();
+            (host_values(y), host_values(x.grad(&grads).unwrap()))
+        };
+        let (fy, fdx) = run(&Device::flex().autodiff());
+        let (gy, gdx) = run(&gpu.clone().autodiff());
+        // Past the kernel's shared memory, the tensor ops' own backward runs the stages in
+        // reverse order: the same gradient up to rounding.
+        let grad_tol = if width > 4096 { 1e-5 } else { 0.0 };
+        let first_off = |a: &[f32], b: &[f32], tol: f32| {
+            a.iter().zip(b).position(|(p, q)| (p - q).abs() > tol * (1.0 + q.abs())).map(|i| (i, a[i], b[i]))
+        };
+        assert_eq!(first_off(&gy, &fy, 0.0), None, "rotation of width {width}: (index, {name}, flex)");
+        assert_eq!(first_off(&gdx, &fdx, grad_tol), None, "gradient of width {width}: (index, {name}, flex)");
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&gy) - norm(&x0)).abs() < 1e-4 * norm(&x0), "width {width}: the rotation keeps norms");
+    }
+    let r = Hadamard::new(HadamardSpec::for_width(64, 2).unwrap(), 64);
+    let x0 = SeededRng::new(5).normals(64 * 6);
+    let view = |device: &Device| {
+        let x = Tensor::<2>::from_data(TensorData::new(x0.clone(), [64, 6]), device).transpose();
+        host_values(r.rotate(x))
+    };
+    let (a, b) = (view(gpu), view(&Device::flex()));
+    assert!(a == b, "rotation of a transposed view: {name} differs from flex");
+}
+
 /// Calibration and four fine-tuning steps of `configs/quickstart.toml` (relative to the working
 /// directory: the repository root) on `device`, into `out`; the four losses.
 pub fn quickstart_losses(device: &str, out: &std::path::Path) -> Vec<f64> {
