@@ -13,7 +13,7 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::host::{tensor_like, values, values_mut, writable};
+use super::host::{tensor_like, values, values_mut, writable, zeros};
 use super::{math, simd_kernel};
 
 /// The pointwise nonlinearities the models use.
@@ -164,7 +164,7 @@ fn forward(mut x: FlexTensor, kind: Activation) -> FlexTensor {
         return x;
     }
     let xs = values(&x);
-    let mut out = vec![0.0f32; xs.len()];
+    let mut out = zeros(xs.len());
     out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, c)| forward_chunk(kind, c, o));
     tensor_like(out, &x)
 }

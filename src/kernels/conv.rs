@@ -26,7 +26,7 @@ use burn::tensor::ops::ConvOptions;
 use rayon::prelude::*;
 
 use super::gemm::{Mat, SendPtr, inner_threads, matmul};
-use super::host::{tensor, values};
+use super::host::{tensor, values, zeros};
 use super::record;
 
 /// The shapes of one convolution.
@@ -326,7 +326,7 @@ fn padded(width: usize) -> usize {
 /// `y = conv(x, W) + bias`.
 pub fn forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (n, kk, co) = (g.positions(), g.rows(), g.c_out);
-    let mut y = vec![0.0f32; g.batch * co * n];
+    let mut y = zeros(g.batch * co * n);
     if let Some(bias) = bias {
         y.par_chunks_mut(n).enumerate().for_each(|(i, row)| row.fill(bias[i % co]));
     }
@@ -354,7 +354,7 @@ pub fn forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> 
 pub fn input_grad(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let (n, kk, co) = (g.positions(), g.rows(), g.c_out);
     let sample_len = g.c_in * g.h * g.w;
-    let mut dx = vec![0.0f32; g.batch * sample_len];
+    let mut dx = zeros(g.batch * sample_len);
     let threads = inner_threads(g.batch);
     let t = g.tile_rows;
     let wt = Mat { ptr: w.as_ptr(), rs: 1, cs: kk as isize };

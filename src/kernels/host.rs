@@ -1,16 +1,82 @@
 //! Flex tensors as host slices: read in place, overwrite in place when nobody else holds them.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use burn::backend::flex::FlexTensor;
 use burn::tensor::TensorData;
+use rayon::prelude::*;
+
+/// Below this many values a fill or copy stays on the calling thread.
+const PARALLEL_MIN: usize = 1 << 16;
+
+/// Values per parallel work item of a fill or copy.
+const CHUNK: usize = 1 << 15;
 
 /// The values of `t` in logical order (copied only when it is not contiguous).
 pub(crate) fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
     match t.as_slice::<f32>() {
         Some(v) => Cow::Borrowed(v),
-        None => Cow::Owned(t.to_contiguous().as_slice::<f32>().expect("f32 tensor").to_vec()),
+        None => Cow::Owned(gather(t)),
     }
+}
+
+/// A strided view's values in logical order, copied once: rows (the last dimension) in parallel
+/// when it is contiguous along them (a `narrow` or `cat`'s gradient); otherwise flex's own
+/// tiled copy (transposes).
+fn gather(t: &FlexTensor) -> Vec<f32> {
+    let layout = t.layout();
+    let (shape, strides) = (layout.shape(), layout.strides());
+    let n = layout.num_elements();
+    let d = shape.len();
+    if n < PARALLEL_MIN || d == 0 || strides[d - 1] != 1 || !layout.has_positive_strides() {
+        return t.to_contiguous().as_slice::<f32>().expect("f32 tensor").to_vec();
+    }
+    let (storage, start, inner) = (t.storage::<f32>(), layout.start_offset(), shape[d - 1]);
+    let mut out = Vec::with_capacity(n);
+    let rows_per_item = (CHUNK / inner.max(1)).max(1);
+    out.spare_capacity_mut().par_chunks_mut(rows_per_item * inner).enumerate().for_each(|(item, part)| {
+        for (r, row) in part.chunks_mut(inner).enumerate() {
+            // The row's first element: its index over the outer dimensions, times their strides.
+            let (mut rest, mut at) = (item * rows_per_item + r, start as isize);
+            for k in (0..d - 1).rev() {
+                at += (rest % shape[k]) as isize * strides[k];
+                rest /= shape[k];
+            }
+            let src = &storage[at as usize..at as usize + inner];
+            row.iter_mut().zip(src).for_each(|(o, &v)| *o = MaybeUninit::new(v));
+        }
+    });
+    // SAFETY: the rows above cover all `n` values, each written once.
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// `n` zeros, written in parallel when there are many (a `vec![0.0; n]` of reused heap memory is
+/// one `memset` on the calling thread).
+pub(crate) fn zeros(n: usize) -> Vec<f32> {
+    if n < PARALLEL_MIN {
+        return vec![0.0; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut().par_chunks_mut(CHUNK).for_each(|c| c.fill(MaybeUninit::new(0.0)));
+    // SAFETY: every one of the `n` values was just written.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// A copy of `src`, in parallel when it is long.
+fn copied(src: &[f32]) -> Vec<f32> {
+    if src.len() < PARALLEL_MIN {
+        return src.to_vec();
+    }
+    let mut v = Vec::with_capacity(src.len());
+    v.spare_capacity_mut().par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| {
+        d.iter_mut().zip(s).for_each(|(o, &x)| *o = MaybeUninit::new(x));
+    });
+    // SAFETY: the chunks cover all of `src`'s values, each written once.
+    unsafe { v.set_len(src.len()) };
+    v
 }
 
 /// The values of `t` to overwrite in place: `Some` when `t` alone owns exactly its contiguous
@@ -28,14 +94,12 @@ pub(crate) fn writable(mut t: FlexTensor) -> FlexTensor {
     if values_mut(&mut t).is_some() {
         return t;
     }
-    // A strided view (a broadcast gradient) becomes a fresh contiguous tensor of its own.
-    let mut c = t.to_contiguous();
-    drop(t);
-    if values_mut(&mut c).is_some() {
-        return c;
-    }
-    let copy = values(&c).into_owned();
-    tensor_like(copy, &c)
+    // A shared or strided tensor (a broadcast gradient) becomes a fresh contiguous one of its own.
+    let copy = match t.as_slice::<f32>() {
+        Some(v) => copied(v),
+        None => gather(&t),
+    };
+    tensor_like(copy, &t)
 }
 
 /// A new tensor of `like`'s shape holding `values`.
@@ -46,4 +110,52 @@ pub(crate) fn tensor_like(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
 /// A new tensor of shape `shape` holding `values`.
 pub(crate) fn tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `[4, 3, 64, 200]` counting up: large enough for the parallel paths.
+    fn counting() -> FlexTensor {
+        let n = 4 * 3 * 64 * 200;
+        tensor((0..n).map(|i| i as f32).collect(), &[4, 3, 64, 200])
+    }
+
+    fn reference(t: &FlexTensor) -> Vec<f32> {
+        t.to_contiguous().as_slice::<f32>().unwrap().to_vec()
+    }
+
+    /// Views as the backward passes meet them (a `cat`'s gradient is a narrow of the upstream
+    /// one, attention permutes) read back in logical order, each in one copy.
+    #[test]
+    fn strided_views_read_in_logical_order() {
+        let t = counting();
+        let narrowed = t.narrow(1, 1, 2).narrow(3, 10, 160);
+        assert!(narrowed.layout().num_elements() >= PARALLEL_MIN && !narrowed.is_contiguous());
+        assert_eq!(values(&narrowed).into_owned(), reference(&narrowed));
+        let permuted = t.permute(&[0, 2, 1, 3]);
+        assert_eq!(values(&permuted).into_owned(), reference(&permuted));
+        let transposed = t.transpose(2, 3);
+        assert_eq!(values(&transposed).into_owned(), reference(&transposed));
+        let small = tensor((0..24).map(|i| i as f32).collect(), &[2, 3, 4]).narrow(2, 1, 2);
+        assert_eq!(values(&small).into_owned(), reference(&small));
+    }
+
+    /// A tensor someone else holds is copied, never written through; one nobody holds is kept.
+    #[test]
+    fn writable_copies_only_what_is_shared() {
+        let t = counting();
+        let held = t.clone();
+        let mut w = writable(t);
+        values_mut(&mut w).expect("a fresh copy")[0] = -1.0;
+        assert_eq!(held.as_slice::<f32>().unwrap()[0], 0.0, "the held tensor is untouched");
+        assert_eq!(&values(&w)[1..], &reference(&held)[1..]);
+        let narrowed = writable(held.narrow(3, 1, 50));
+        assert_eq!(values(&narrowed).into_owned(), reference(&held.narrow(3, 1, 50)));
+        drop(held);
+        let mut alone = writable(w);
+        assert_eq!(values_mut(&mut alone).unwrap()[0], -1.0, "kept in place");
+        assert!(zeros(PARALLEL_MIN * 3 + 5).iter().all(|&v| v == 0.0));
+    }
 }

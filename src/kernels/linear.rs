@@ -13,7 +13,7 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
 
 use super::gemm::{Mat, matmul};
-use super::host::{tensor, tensor_like, values};
+use super::host::{tensor, tensor_like, values, zeros};
 use super::record;
 
 /// `(rows, d_in, d_out)`: rows the product of `x`'s leading dimensions.
@@ -33,7 +33,7 @@ fn linear_forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>) -> 
             (0..m).for_each(|_| y.extend_from_slice(&b));
             y
         }
-        None => vec![0.0f32; m * d_out],
+        None => zeros(m * d_out),
     };
     // SAFETY: y, xs and ws hold m x d_out, m x d_in and d_out x d_in values.
     unsafe {
@@ -48,7 +48,7 @@ fn linear_forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>) -> 
 
 /// `dx = dy W`.
 fn input_grad(dy: &[f32], w: &[f32], m: usize, d_in: usize, d_out: usize) -> Vec<f32> {
-    let mut dx = vec![0.0f32; m * d_in];
+    let mut dx = zeros(m * d_in);
     // SAFETY: sizes as in the forward.
     unsafe {
         let lhs = Mat { ptr: dy.as_ptr(), rs: d_out as isize, cs: 1 };
@@ -60,7 +60,7 @@ fn input_grad(dy: &[f32], w: &[f32], m: usize, d_in: usize, d_out: usize) -> Vec
 
 /// `(dW, db) = (dy^T x, sum over rows of dy)`.
 fn weight_grad(dy: &[f32], x: &[f32], m: usize, d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut dw = vec![0.0f32; d_out * d_in];
+    let mut dw = zeros(d_out * d_in);
     // SAFETY: sizes as in the forward.
     unsafe {
         let lhs = Mat { ptr: dy.as_ptr(), rs: 1, cs: d_out as isize };

@@ -16,7 +16,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{Mat, SendPtr, inner_threads, matmul as gemm};
-use super::host::{tensor, tensor_like, values};
+use super::host::{tensor, tensor_like, values, zeros};
 use super::record;
 
 /// A tensor's matrices: the base offset of each batch item and the row/column strides, all in
@@ -79,7 +79,7 @@ fn products(
     scale: f32,
     operands: impl Fn(usize) -> (Mat, Mat) + Sync,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; items * m * n];
+    let mut out = zeros(items * m * n);
     products_into(&mut out, m, n, k, items, scale, |i| (i * m * n, n), operands);
     out
 }
@@ -156,7 +156,7 @@ fn merged_forward(p: &FlexTensor, v: &FlexTensor) -> FlexTensor {
     let shape = p.layout().shape();
     let (b, h, n, d) = (shape[0], shape[1], mp.rows, mv.cols);
     let (dp, dv) = (p.storage::<f32>(), v.storage::<f32>());
-    let mut out = vec![0.0f32; b * n * h * d];
+    let mut out = zeros(b * n * h * d);
     let place = |i: usize| ((i / h) * n * h * d + (i % h) * d, h * d);
     products_into(&mut out, n, d, mp.cols, b * h, 1.0, place, |i| (mp.at(dp, i), mv.at(dv, i)));
     tensor(out, &[b, n, h * d])

@@ -1,6 +1,7 @@
 //! Fused CPU kernels for the flex backend, each with a hand-written backward: convolution
 //! ([`conv`]), SiLU/GELU ([`activation`]), GroupNorm(+SiLU) and LayerNorm ([`norm`]),
-//! softmax over the last dimension ([`softmax`]) and nearest 2x upsampling ([`resample`]).
+//! softmax over the last dimension ([`softmax`]), nearest 2x upsampling ([`resample`]) and the
+//! UNets' residual and timestep-shift additions ([`add`]).
 //!
 //! Burn composes these from generic tensor ops on flex: one tensor-sized temporary per op and
 //! per backward step, scalar `expf`/`erff`, and a convolution whose weight gradient is itself a
@@ -15,6 +16,7 @@
 //! its micro-kernel by vector width (AVX-512, AVX2).
 
 pub mod activation;
+pub mod add;
 pub mod conv;
 pub(crate) mod gemm;
 pub(crate) mod host;

@@ -15,14 +15,14 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::host::{tensor, values};
+use super::host::{tensor, values, zeros};
 
 /// Planes per parallel work item (fixed by the shapes: the same split on any thread count).
 const PLANES: usize = 8;
 
 /// `[n, h, w]` planes -> `[n, 2h, 2w]`, each value repeated over a 2x2 block.
 pub fn upsample(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
-    let mut y = vec![0.0f32; planes * 4 * h * w];
+    let mut y = zeros(planes * 4 * h * w);
     y.par_chunks_mut(PLANES * 4 * h * w).zip(x.par_chunks(PLANES * h * w)).for_each(|(y, x)| {
         for (out, row) in y.chunks_mut(4 * w).zip(x.chunks(w)) {
             let (top, bottom) = out.split_at_mut(2 * w);
@@ -37,7 +37,7 @@ pub fn upsample(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
 
 /// The gradient of [`upsample`]: each 2x2 block of `dy` summed, `(0,0) + (0,1) + (1,0) + (1,1)`.
 pub fn upsample_grad(dy: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
-    let mut dx = vec![0.0f32; planes * h * w];
+    let mut dx = zeros(planes * h * w);
     dx.par_chunks_mut(PLANES * h * w).zip(dy.par_chunks(PLANES * 4 * h * w)).for_each(|(dx, dy)| {
         for (row, pair) in dx.chunks_mut(w).zip(dy.chunks(4 * w)) {
             let (top, bottom) = pair.split_at(2 * w);

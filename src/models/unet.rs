@@ -8,7 +8,8 @@ use burn::tensor::{Device, Int, Tensor};
 use crate::config::UnetConfig;
 use crate::lora::Router;
 use crate::nn::{
-    ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, StepCtx, silu, timestep_embedding,
+    ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, StepCtx, add, add_channel_shift, silu,
+    timestep_embedding,
 };
 use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
@@ -45,14 +46,13 @@ impl ResBlock {
 
     fn forward(&self, x: Tensor<4>, emb: Tensor<2>, ctx: &StepCtx) -> Tensor<4> {
         let h = self.conv1.forward(self.norm1.forward_silu(x.clone()), ctx);
-        let [b, c, _, _] = h.dims();
-        let h = h + self.emb_proj.forward(silu(emb), ctx).reshape([b, c, 1, 1]);
+        let h = add_channel_shift(h, self.emb_proj.forward(silu(emb), ctx));
         let h = self.conv2.forward(self.norm2.forward_silu(h), ctx);
         let skip = match &self.skip {
             Some(conv) => conv.forward(x, ctx),
             None => x,
         };
-        skip + h
+        add(skip, h)
     }
 }
 
@@ -75,7 +75,7 @@ impl AttnBlock {
         let [b, c, h, w] = x.dims();
         let tokens = self.norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
         let out = self.attn.forward(tokens, ctx).swap_dims(1, 2).reshape([b, c, h, w]);
-        x + out
+        add(x, out)
     }
 }
 

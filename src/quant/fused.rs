@@ -29,7 +29,7 @@ use burn::tensor::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::format::{Format, Round, Rounder};
-use crate::kernels::host::{tensor_like, values, values_mut, writable};
+use crate::kernels::host::{tensor_like, values, values_mut, writable, zeros};
 
 #[backend_extension(Autodiff, Flex, Cube: cfg(any(feature = "wgpu", feature = "cuda-runtime")))]
 pub trait FusedQuantBackend: Backend {
@@ -238,7 +238,7 @@ impl FusedQuantKernels for Flex {
             return x;
         }
         let xs = values(&x);
-        let mut out = vec![0.0f32; xs.len()];
+        let mut out = zeros(xs.len());
         let chunks = out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).enumerate();
         with_grid!(format, |grid| chunks.for_each(|(c, (oc, xc))| {
             block_runs(c * CHUNK, xc.len(), block, |b, run| {

@@ -8,7 +8,9 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::config::UnetConfig;
 use crate::lora::Router;
-use crate::nn::{Attention, Conv2d, GroupNorm, LayerNorm, Linear, StepCtx, gelu, silu};
+use crate::nn::{
+    Attention, Conv2d, GroupNorm, LayerNorm, Linear, StepCtx, add, add_channel_shift, gelu, silu,
+};
 use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
 
@@ -68,15 +70,14 @@ impl ResnetBlock2D {
     pub fn forward(&self, x: Tensor<4>, temb: Option<Tensor<2>>, ctx: &StepCtx) -> Tensor<4> {
         let mut h = self.conv1.forward(self.norm1.forward_silu(x.clone()), ctx);
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let [b, c] = [h.dims()[0], h.dims()[1]];
-            h = h + proj.forward(silu(temb), ctx).reshape([b, c, 1, 1]);
+            h = add_channel_shift(h, proj.forward(silu(temb), ctx));
         }
         let h = self.conv2.forward(self.norm2.forward_silu(h), ctx);
         let skip = match &self.conv_shortcut {
             Some(conv) => conv.forward(x, ctx),
             None => x,
         };
-        skip + h
+        add(skip, h)
     }
 
     pub fn sites<'a>(&'a mut self, p: &str, out: &mut Vec<QuantSite<'a>>) {
@@ -144,9 +145,9 @@ impl BasicTransformerBlock {
     }
 
     pub fn forward(&self, x: Tensor<3>, context: Tensor<3>, ctx: &StepCtx) -> Tensor<3> {
-        let x = self.attn1.forward(self.norm1.forward(x.clone()), None, ctx) + x;
-        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context), ctx) + x;
-        self.ff.forward(self.norm3.forward(x.clone()), ctx) + x
+        let x = add(self.attn1.forward(self.norm1.forward(x.clone()), None, ctx), x);
+        let x = add(self.attn2.forward(self.norm2.forward(x.clone()), Some(context), ctx), x);
+        add(self.ff.forward(self.norm3.forward(x.clone()), ctx), x)
     }
 
     fn sites<'a>(&'a mut self, p: &str, out: &mut Vec<QuantSite<'a>>) {
@@ -216,7 +217,7 @@ impl Transformer2D {
             Projection::Conv(conv) => conv.forward(to_map(tokens, inner), ctx),
             Projection::Linear(lin) => to_map(lin.forward(tokens, ctx), c),
         };
-        out + x
+        add(out, x)
     }
 
     fn sites<'a>(&'a mut self, p: &str, out: &mut Vec<QuantSite<'a>>) {
