@@ -65,6 +65,24 @@ pub(crate) fn zeros(n: usize) -> Vec<f32> {
     v
 }
 
+/// `row` repeated `n` times (a bias broadcast over a batch), written in parallel when long.
+pub(crate) fn repeat_rows(row: &[f32], n: usize) -> Vec<f32> {
+    let total = row.len() * n;
+    if total < PARALLEL_MIN || row.is_empty() {
+        return row.repeat(n);
+    }
+    let mut v = Vec::with_capacity(total);
+    let rows_per_item = (CHUNK / row.len()).max(1);
+    v.spare_capacity_mut().par_chunks_mut(rows_per_item * row.len()).for_each(|part| {
+        for out in part.chunks_mut(row.len()) {
+            out.iter_mut().zip(row).for_each(|(o, &x)| *o = MaybeUninit::new(x));
+        }
+    });
+    // SAFETY: the chunks cover all `n` rows, each written once.
+    unsafe { v.set_len(total) };
+    v
+}
+
 /// A copy of `src`, in parallel when it is long.
 fn copied(src: &[f32]) -> Vec<f32> {
     if src.len() < PARALLEL_MIN {
@@ -157,5 +175,7 @@ mod tests {
         let mut alone = writable(w);
         assert_eq!(values_mut(&mut alone).unwrap()[0], -1.0, "kept in place");
         assert!(zeros(PARALLEL_MIN * 3 + 5).iter().all(|&v| v == 0.0));
+        let row: Vec<f32> = (0..300).map(|i| i as f32).collect();
+        assert_eq!(repeat_rows(&row, 700), row.repeat(700));
     }
 }

@@ -13,10 +13,15 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
 
 use super::gemm::{Mat, matmul};
-use super::host::{tensor, tensor_like, values, zeros};
+use rayon::prelude::*;
+
+use super::host::{repeat_rows, tensor, tensor_like, values, zeros};
 use super::record;
 
 /// `(rows, d_in, d_out)`: rows the product of `x`'s leading dimensions.
+/// Output columns per parallel work item of the bias gradient.
+const BIAS_COLUMNS: usize = 64;
+
 fn sizes(x: &FlexTensor, w: &FlexTensor) -> (usize, usize, usize) {
     let shape = w.layout().shape();
     let (d_out, d_in) = (shape[0], shape[1]);
@@ -26,13 +31,9 @@ fn sizes(x: &FlexTensor, w: &FlexTensor) -> (usize, usize, usize) {
 fn linear_forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>) -> FlexTensor {
     let (m, d_in, d_out) = sizes(x, w);
     let (xs, ws) = (values(x), values(w));
-    // The bias, row by row (one copy per row: a cycled iterator ran element by element).
+    // The bias in every row, then the product added onto it.
     let mut y = match bias.map(values) {
-        Some(b) => {
-            let mut y = Vec::with_capacity(m * d_out);
-            (0..m).for_each(|_| y.extend_from_slice(&b));
-            y
-        }
+        Some(b) => repeat_rows(&b, m),
         None => zeros(m * d_out),
     };
     // SAFETY: y, xs and ws hold m x d_out, m x d_in and d_out x d_in values.
@@ -67,10 +68,14 @@ fn weight_grad(dy: &[f32], x: &[f32], m: usize, d_in: usize, d_out: usize) -> (V
         let rhs = Mat { ptr: x.as_ptr(), rs: d_in as isize, cs: 1 };
         matmul(d_out, d_in, m, dw.as_mut_ptr(), d_in, false, lhs, rhs, 1.0, rayon::current_num_threads());
     }
+    // Column blocks in parallel, each summing the rows in order (the bits of a serial sum).
     let mut db = vec![0.0f32; d_out];
-    for row in dy.chunks(d_out) {
-        db.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-    }
+    db.par_chunks_mut(BIAS_COLUMNS).enumerate().for_each(|(k, cols)| {
+        let first = k * BIAS_COLUMNS;
+        for row in dy.chunks(d_out) {
+            cols.iter_mut().zip(&row[first..]).for_each(|(a, b)| *a += b);
+        }
+    });
     (dw, db)
 }
 
