@@ -1,7 +1,8 @@
 //! Fused CPU kernels for the flex backend, each with a hand-written backward: convolution
 //! ([`conv`]), SiLU/GELU ([`activation`]), GroupNorm(+SiLU) and LayerNorm ([`norm`]),
 //! softmax over the last dimension ([`softmax`]), nearest 2x upsampling ([`resample`]) and the
-//! UNets' residual and timestep-shift additions ([`add`]).
+//! UNets' residual and timestep-shift additions ([`add`]), and the packed q/k/v projection split
+//! into heads ([`heads`]).
 //!
 //! Burn composes these from generic tensor ops on flex: one tensor-sized temporary per op and
 //! per backward step, scalar `expf`/`erff`, and a convolution whose weight gradient is itself a
@@ -19,6 +20,7 @@ pub mod activation;
 pub mod add;
 pub mod conv;
 pub(crate) mod gemm;
+pub mod heads;
 pub(crate) mod host;
 pub mod linear;
 pub mod math;

@@ -53,14 +53,7 @@ impl SelfAttention {
     }
 
     pub fn forward(&self, x: Tensor<3>, ctx: &StepCtx) -> Tensor<3> {
-        let [b, n, c] = x.dims();
-        let h = self.heads;
-        let d = c / h;
-        // [B, N, 3, H, D] -> [3, B, H, N, D]
-        let qkv = self.qkv.forward(x, ctx).reshape([b, n, 3, h, d]).permute([2, 0, 3, 1, 4]);
-        let q = qkv.clone().slice([0..1]).squeeze_dim::<4>(0);
-        let k = qkv.clone().slice([1..2]).squeeze_dim::<4>(0);
-        let v = qkv.slice([2..3]).squeeze_dim::<4>(0);
+        let [q, k, v] = crate::kernels::heads::split_qkv(self.qkv.forward(x, ctx), self.heads);
         let inputs = [&self.q_in, &self.k_in, &self.probs_in, &self.v_in];
         let out = attend(q, k, v, inputs, None, ctx);
         self.proj.forward(out, ctx)
