@@ -1,6 +1,6 @@
-//! The UNets' two additions onto a feature map: the residual `skip + h` and the timestep
-//! embedding's per-(sample, channel) shift `h + e[:, :, None, None]`, each one parallel pass in
-//! the memory of an operand nobody else holds. Burn's versions run on the calling thread, and the
+//! Additions onto a residual stream: the UNets' `skip + h` and timestep-embedding shift
+//! `h + e[:, :, None, None]`, and DiT's gated residual `x + gate[:, None, :] * h`, each one
+//! parallel pass in the memory of an operand nobody else holds. Burn's versions run on the calling thread, and the
 //! shift's backward is a serial reduction over the broadcast dimensions: together about 4% of a
 //! two-thread tiny-UNet step with the second core idle (perf).
 //!
@@ -18,7 +18,7 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::host::{tensor, values, values_mut, writable};
+use super::host::{tensor, values, values_mut, writable, zeros};
 
 /// Values per parallel work item.
 const CHUNK: usize = 1 << 14;
@@ -67,12 +67,56 @@ fn plane_sums(g: &[f32], plane: usize) -> Vec<f32> {
         .collect()
 }
 
+/// `x + gate[:, None, :] * h` for `x, h: [b, n, c]`, `gate: [b, c]` (DiT's gated residual), the
+/// product rounded before the sum as in the tensor ops; into `x`'s memory when it can.
+fn gated_tensor(x: FlexTensor, gate: &FlexTensor, h: &FlexTensor) -> FlexTensor {
+    let [_, n, c] = dims3(&x);
+    let mut out = writable(x);
+    let (gate, h) = (values(gate), values(h));
+    let xs = values_mut(&mut out).expect("writable tensor");
+    xs.par_chunks_mut(n * c).zip(h.par_chunks(n * c)).zip(gate.par_chunks(c)).for_each(|((x, h), g)| {
+        for (x, h) in x.chunks_mut(c).zip(h.chunks(c)) {
+            x.iter_mut().zip(h).zip(g).for_each(|((x, &h), &g)| *x += g * h);
+        }
+    });
+    out
+}
+
+/// The gradients of [`gated_tensor`] for `h` and `gate`: `dy * gate`, and `dy * h` summed over
+/// the tokens in order from zero (the bits of flex's own middle-dimension sum).
+fn gated_grads(dy: &[f32], gate: &[f32], h: &[f32], [b, n, c]: [usize; 3]) -> (Vec<f32>, Vec<f32>) {
+    let mut dh = zeros(b * n * c);
+    let mut dgate = vec![0.0f32; b * c];
+    dh.par_chunks_mut(n * c)
+        .zip(dgate.par_chunks_mut(c))
+        .zip(dy.par_chunks(n * c).zip(h.par_chunks(n * c)).zip(gate.par_chunks(c)))
+        .for_each(|((dh, dg), ((dy, h), g))| {
+            for ((dh, dy), h) in dh.chunks_mut(c).zip(dy.chunks(c)).zip(h.chunks(c)) {
+                for i in 0..c {
+                    dh[i] = dy[i] * g[i];
+                    dg[i] += dy[i] * h[i];
+                }
+            }
+        });
+    (dh, dgate)
+}
+
+fn dims3(t: &FlexTensor) -> [usize; 3] {
+    t.layout().shape().to_vec().try_into().expect("a 3-d tensor")
+}
+
 #[backend_extension(Autodiff, Flex)]
 pub trait AddBackend: Backend {
     /// `a + b`, same shapes.
     fn fused_add(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `x + shift[:, :, None, None]` for `x: [b, c, h, w]`, `shift: [b, c]`.
     fn fused_channel_shift(x: FloatTensor<Self>, shift: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `x + gate[:, None, :] * h` for `x, h: [b, n, c]`, `gate: [b, c]`.
+    fn fused_add_gated(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 impl AddBackend for Flex {
@@ -82,6 +126,35 @@ impl AddBackend for Flex {
 
     fn fused_channel_shift(x: FlexTensor, shift: FlexTensor) -> FlexTensor {
         shift_tensor(x, &shift)
+    }
+
+    fn fused_add_gated(x: FlexTensor, gate: FlexTensor, h: FlexTensor) -> FlexTensor {
+        gated_tensor(x, &gate, &h)
+    }
+}
+
+/// Keeps `gate` and `h`.
+#[derive(Debug)]
+struct GatedBackward;
+
+impl Backward<Flex, 3> for GatedBackward {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gate, node_h] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (gate, h) = ops.state;
+        let shape = dims3(&h);
+        let (dh, dgate) = gated_grads(&values(&grad), &values(&gate), &values(&h), shape);
+        if let Some(node) = node_h {
+            grads.register::<Flex>(node.id, tensor(dh, &shape));
+        }
+        if let Some(node) = node_gate {
+            grads.register::<Flex>(node.id, tensor(dgate, &[shape[0], shape[2]]));
+        }
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, grad);
+        }
     }
 }
 
@@ -120,6 +193,20 @@ impl Backward<Flex, 2> for ShiftBackward {
 }
 
 impl<C: CheckpointStrategy> AddBackend for Autodiff<Flex, C> {
+    fn fused_add_gated(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let nodes = [x.node(), gate.node(), h.node()];
+        let (g, hp) = (gate.primitive().clone(), h.primitive().clone());
+        let out = gated_tensor(x.into_primitive(), &g, &hp);
+        match GatedBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((g, hp), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
     fn fused_add(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         let nodes = [a.node(), b.node()];
         // Unwrapped by value: an operand nothing else holds can take the sum.
@@ -137,6 +224,19 @@ impl<C: CheckpointStrategy> AddBackend for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
+}
+
+/// `x + gate[:, None, :] * h` (`x, h: [b, n, c]`, `gate: [b, c]`): DiT's gated residual, one
+/// parallel pass on flex, tensor ops elsewhere.
+pub fn add_gated(x: Tensor<3>, gate: Tensor<2>, h: Tensor<3>) -> Tensor<3> {
+    if !super::on_flex(&x.device()) || x.dims() != h.dims() {
+        return x + gate.unsqueeze_dim::<3>(1) * h;
+    }
+    Tensor::from_dispatch(<Dispatch as AddBackend>::fused_add_gated(
+        x.into_dispatch(),
+        gate.into_dispatch(),
+        h.into_dispatch(),
+    ))
 }
 
 /// `a + b` for tensors of the same shape: one parallel pass on flex, burn's add elsewhere.
@@ -167,6 +267,33 @@ mod tests {
     use crate::rng::SeededRng;
     use crate::train::params::host_values;
     use burn::tensor::{Device, TensorData};
+
+    /// DiT's gated residual against the tensor ops, bit for bit: values, and the gradients of
+    /// x, h and the gate (the gate's summed over tokens in flex's order).
+    #[test]
+    fn fused_gated_residual_matches_the_tensor_ops() {
+        let device = Device::flex().autodiff();
+        let mut rng = SeededRng::new(9);
+        let (b, n, c) = (3, 70, 48);
+        let (x0, h0, g0, dy0) =
+            (rng.normals(b * n * c), rng.normals(b * n * c), rng.normals(b * c), rng.normals(b * n * c));
+        let run = |fused: bool| {
+            let t3 = |v: &[f32]| Tensor::<3>::from_data(TensorData::new(v.to_vec(), [b, n, c]), &device);
+            let (x, h) = (t3(&x0).require_grad(), t3(&h0).require_grad());
+            let g = Tensor::<2>::from_data(TensorData::new(g0.clone(), [b, c]), &device).require_grad();
+            let (xi, hi) = (x.clone() * 1.0, h.clone() * 1.0);
+            let out =
+                if fused { add_gated(xi, g.clone(), hi) } else { xi + g.clone().unsqueeze_dim::<3>(1) * hi };
+            let grads = (out.clone() * t3(&dy0)).sum().backward();
+            let grad3 = |t: &Tensor<3>| host_values(t.grad(&grads).unwrap());
+            (host_values(out), grad3(&x), grad3(&h), host_values(g.grad(&grads).unwrap()))
+        };
+        let (f, t) = (run(true), run(false));
+        assert_eq!(f.0, t.0, "values");
+        assert_eq!(f.1, t.1, "dx");
+        assert_eq!(f.2, t.2, "dh");
+        assert_eq!(f.3, t.3, "dgate");
+    }
 
     /// Values (the same bits: one f32 add each) and gradients against burn's broadcasting add,
     /// with planes spanning several work items and a transposed operand; the shift's gradient

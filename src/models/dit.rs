@@ -9,7 +9,8 @@ use crate::config::DitConfig;
 use crate::kernels::norm::layer_norm_modulate;
 use crate::lora::Router;
 use crate::nn::{
-    ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, gelu, gelu_tanh, silu, timestep_embedding_shifted,
+    ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, add_gated, gelu, gelu_tanh, silu,
+    timestep_embedding_shifted,
 };
 use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
@@ -37,11 +38,11 @@ impl DitBlock {
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp]: [Tensor<2>; 6] =
             mods.try_into().expect("six modulation chunks");
         let h = self.attn.forward(layer_norm_modulate(x.clone(), shift_msa, scale_msa, 1e-6), ctx);
-        let x = x + gate_msa.unsqueeze_dim::<3>(1) * h;
+        let x = add_gated(x, gate_msa, h);
         let h = layer_norm_modulate(x.clone(), shift_mlp, scale_mlp, 1e-6);
         let h = self.mlp.fc1.forward(h, ctx);
         let h = self.mlp.fc2.forward(if self.gelu_tanh { gelu_tanh(h) } else { gelu(h) }, ctx);
-        x + gate_mlp.unsqueeze_dim::<3>(1) * h
+        add_gated(x, gate_mlp, h)
     }
 }
 

@@ -10,7 +10,7 @@ pub mod linear;
 pub mod norm;
 
 pub use crate::kernels::activation::{gelu, gelu_tanh, silu};
-pub use crate::kernels::add::{add, add_channel_shift};
+pub use crate::kernels::add::{add, add_channel_shift, add_gated};
 pub use crate::kernels::resample::upsample_nearest2;
 pub use attention::{Attention, SelfAttention};
 pub use conv::Conv2d;
