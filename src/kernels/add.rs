@@ -1,8 +1,8 @@
 //! Additions onto a residual stream: the UNets' `skip + h` and timestep-embedding shift
 //! `h + e[:, :, None, None]`, and DiT's gated residual `x + gate[:, None, :] * h`, each one
-//! parallel pass in the memory of an operand nobody else holds. Burn's versions run on the calling thread, and the
-//! shift's backward is a serial reduction over the broadcast dimensions: together about 4% of a
-//! two-thread tiny-UNet step with the second core idle (perf).
+//! parallel pass in the memory of an operand nobody else holds. Burn's versions run on the
+//! calling thread, and the shift's backward is a serial reduction over the broadcast dimensions:
+//! together about 4% of a two-thread tiny-UNet step with the second core idle (perf).
 //!
 //! Backward: the sum passes its gradient to both operands unchanged (no copy); the shift's
 //! gradient is each plane's sum, in a fixed order (the same bits on any thread count).

@@ -18,8 +18,9 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
-use super::host::{tensor, values, zeros};
+use super::host::{filled, tensor, values, write, zeros};
 
 /// The split's sizes: `[b, n, parts * c]` in, `[b, heads, n, c / heads]` out.
 #[derive(Debug, Clone, Copy)]
@@ -52,16 +53,16 @@ impl Split {
 
 /// `[b, n, width] -> [b, h, n, d]` for one part: each (sample, head) plane in parallel.
 fn take(x: &[f32], s: Split) -> Vec<f32> {
-    let mut out = zeros(s.b * s.heads * s.n * s.d);
-    out.par_chunks_mut(s.n * s.d).enumerate().for_each(|(bh, plane)| {
+    let fill = |bh: usize, plane: &mut [MaybeUninit<f32>]| {
         let (b, h) = (bh / s.heads, bh % s.heads);
         let first = s.column(h);
         for (i, row) in plane.chunks_mut(s.d).enumerate() {
             let at = (b * s.n + i) * s.width() + first;
-            row.copy_from_slice(&x[at..at + s.d]);
+            write(row, &x[at..at + s.d]);
         }
-    });
-    out
+    };
+    // SAFETY: each run is one (sample, head) plane of `n` rows of `d` values, each row written.
+    unsafe { filled(s.b * s.heads * s.n * s.d, s.n * s.d, fill) }
 }
 
 /// The gradient of [`take`]: `g` scattered back into zeros shaped like the packed input.

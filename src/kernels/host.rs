@@ -21,6 +21,28 @@ pub(crate) fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
     }
 }
 
+/// `n` values written on the pool, `item` at a time: `fill(k, run)` gets the `k`-th run of `item`
+/// values (the last may be shorter).
+///
+/// # Safety
+/// `fill` must write every value of the run it is given.
+pub(crate) unsafe fn filled(
+    n: usize,
+    item: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n].par_chunks_mut(item.max(1)).enumerate().for_each(|(k, run)| fill(k, run));
+    // SAFETY: the runs cover the first `n` values and the caller's `fill` wrote each of them.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// Writes `src` into `out` (the same length).
+pub(crate) fn write(out: &mut [MaybeUninit<f32>], src: &[f32]) {
+    out.iter_mut().zip(src).for_each(|(o, &x)| *o = MaybeUninit::new(x));
+}
+
 /// A strided view's values in logical order, copied once: rows (the last dimension) in parallel
 /// when it is contiguous along them (a `narrow` or `cat`'s gradient); otherwise flex's own
 /// tiled copy (transposes).
@@ -33,9 +55,8 @@ fn gather(t: &FlexTensor) -> Vec<f32> {
         return t.to_contiguous().as_slice::<f32>().expect("f32 tensor").to_vec();
     }
     let (storage, start, inner) = (t.storage::<f32>(), layout.start_offset(), shape[d - 1]);
-    let mut out = Vec::with_capacity(n);
     let rows_per_item = (CHUNK / inner.max(1)).max(1);
-    out.spare_capacity_mut().par_chunks_mut(rows_per_item * inner).enumerate().for_each(|(item, part)| {
+    let fill = |item: usize, part: &mut [MaybeUninit<f32>]| {
         for (r, row) in part.chunks_mut(inner).enumerate() {
             // The row's first element: its index over the outer dimensions, times their strides.
             let (mut rest, mut at) = (item * rows_per_item + r, start as isize);
@@ -43,13 +64,11 @@ fn gather(t: &FlexTensor) -> Vec<f32> {
                 at += (rest % shape[k]) as isize * strides[k];
                 rest /= shape[k];
             }
-            let src = &storage[at as usize..at as usize + inner];
-            row.iter_mut().zip(src).for_each(|(o, &v)| *o = MaybeUninit::new(v));
+            write(row, &storage[at as usize..at as usize + inner]);
         }
-    });
-    // SAFETY: the rows above cover all `n` values, each written once.
-    unsafe { out.set_len(n) };
-    out
+    };
+    // SAFETY: each run is whole rows of `inner` values, each row written.
+    unsafe { filled(n, rows_per_item * inner, fill) }
 }
 
 /// `n` zeros, written in parallel when there are many (a `vec![0.0; n]` of reused heap memory is
@@ -58,11 +77,8 @@ pub(crate) fn zeros(n: usize) -> Vec<f32> {
     if n < PARALLEL_MIN {
         return vec![0.0; n];
     }
-    let mut v = Vec::with_capacity(n);
-    v.spare_capacity_mut().par_chunks_mut(CHUNK).for_each(|c| c.fill(MaybeUninit::new(0.0)));
-    // SAFETY: every one of the `n` values was just written.
-    unsafe { v.set_len(n) };
-    v
+    // SAFETY: each run is filled whole.
+    unsafe { filled(n, CHUNK, |_, run| run.fill(MaybeUninit::new(0.0))) }
 }
 
 /// `row` repeated `n` times (a bias broadcast over a batch), written in parallel when long.
@@ -71,16 +87,13 @@ pub(crate) fn repeat_rows(row: &[f32], n: usize) -> Vec<f32> {
     if total < PARALLEL_MIN || row.is_empty() {
         return row.repeat(n);
     }
-    let mut v = Vec::with_capacity(total);
     let rows_per_item = (CHUNK / row.len()).max(1);
-    v.spare_capacity_mut().par_chunks_mut(rows_per_item * row.len()).for_each(|part| {
-        for out in part.chunks_mut(row.len()) {
-            out.iter_mut().zip(row).for_each(|(o, &x)| *o = MaybeUninit::new(x));
-        }
-    });
-    // SAFETY: the chunks cover all `n` rows, each written once.
-    unsafe { v.set_len(total) };
-    v
+    // SAFETY: each run is whole rows of `row.len()` values, each row written.
+    unsafe {
+        filled(total, rows_per_item * row.len(), |_, run| {
+            run.chunks_mut(row.len()).for_each(|out| write(out, row))
+        })
+    }
 }
 
 /// A copy of `src`, in parallel when it is long.
@@ -88,13 +101,8 @@ fn copied(src: &[f32]) -> Vec<f32> {
     if src.len() < PARALLEL_MIN {
         return src.to_vec();
     }
-    let mut v = Vec::with_capacity(src.len());
-    v.spare_capacity_mut().par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| {
-        d.iter_mut().zip(s).for_each(|(o, &x)| *o = MaybeUninit::new(x));
-    });
-    // SAFETY: the chunks cover all of `src`'s values, each written once.
-    unsafe { v.set_len(src.len()) };
-    v
+    // SAFETY: run `k` is as long as `src`'s `k`-th chunk, all of which is written.
+    unsafe { filled(src.len(), CHUNK, |k, run| write(run, &src[k * CHUNK..][..run.len()])) }
 }
 
 /// The values of `t` to overwrite in place: `Some` when `t` alone owns exactly its contiguous

@@ -12,16 +12,16 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
 
-use super::gemm::{Mat, matmul};
 use rayon::prelude::*;
 
+use super::gemm::{Mat, matmul};
 use super::host::{repeat_rows, tensor, tensor_like, values, zeros};
 use super::record;
 
-/// `(rows, d_in, d_out)`: rows the product of `x`'s leading dimensions.
 /// Output columns per parallel work item of the bias gradient.
 const BIAS_COLUMNS: usize = 64;
 
+/// `(rows, d_in, d_out)`: rows the product of `x`'s leading dimensions.
 fn sizes(x: &FlexTensor, w: &FlexTensor) -> (usize, usize, usize) {
     let shape = w.layout().shape();
     let (d_out, d_in) = (shape[0], shape[1]);
