@@ -19,6 +19,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::host::{tensor, values, values_mut, writable, zeros};
+use super::record;
 
 /// Values per parallel work item.
 const CHUNK: usize = 1 << 14;
@@ -201,10 +202,7 @@ impl<C: CheckpointStrategy> AddBackend for Autodiff<Flex, C> {
         let nodes = [x.node(), gate.node(), h.node()];
         let (g, hp) = (gate.primitive().clone(), h.primitive().clone());
         let out = gated_tensor(x.into_primitive(), &g, &hp);
-        match GatedBackward.prepare::<C>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((g, hp), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        record!(GatedBackward, nodes, (g, hp), out)
     }
 
     fn fused_add(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -219,10 +217,7 @@ impl<C: CheckpointStrategy> AddBackend for Autodiff<Flex, C> {
         let state = ([dims[0], dims[1]], dims[2] * dims[3]);
         let nodes = [x.node(), shift.node()];
         let out = shift_tensor(x.into_primitive(), shift.primitive());
-        match ShiftBackward.prepare::<C>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(state, out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        record!(ShiftBackward, nodes, state, out)
     }
 }
 

@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::host::{filled, tensor, values, write, zeros};
+use super::record;
 
 /// The split's sizes: `[b, n, parts * c]` in, `[b, heads, n, c / heads]` out.
 #[derive(Debug, Clone, Copy)]
@@ -115,10 +116,7 @@ impl<C: CheckpointStrategy> HeadsBackend for Autodiff<Flex, C> {
     fn fused_take_heads(x: FloatTensor<Self>, parts: usize, part: usize, heads: usize) -> FloatTensor<Self> {
         let s = Split::new(x.primitive(), parts, part, heads);
         let out = take_tensor(x.primitive(), s);
-        match TakeBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(s, out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        record!(TakeBackward, [x.node()], s, out)
     }
 }
 

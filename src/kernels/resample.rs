@@ -16,6 +16,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::host::{tensor, values, zeros};
+use super::record;
 
 /// Planes per parallel work item (fixed by the shapes: the same split on any thread count).
 const PLANES: usize = 8;
@@ -90,10 +91,7 @@ impl<C: CheckpointStrategy> ResampleBackend for Autodiff<Flex, C> {
     fn fused_upsample_nearest2(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let shape = dims(x.primitive());
         let out = upsample_tensor(x.primitive(), shape);
-        match UpsampleBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(shape, out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        record!(UpsampleBackward, [x.node()], shape, out)
     }
 }
 
