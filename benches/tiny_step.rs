@@ -9,51 +9,20 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor, TensorData};
 use criterion::Criterion;
-use msfp::config::Config;
-use msfp::data::{Mnist, Split};
-use msfp::diffusion::NoiseSchedule;
 use msfp::models::Denoiser;
-use msfp::pipeline::pretrain::diffusion_loss;
 use msfp::rng::SeededRng;
 use msfp::train::optim::AdamW;
 
 #[path = "common/alloc.rs"]
 mod counting_alloc;
 use counting_alloc::{Counting, LIVE, PEAK};
+#[path = "common/tiny.rs"]
+mod tiny;
+use tiny::{forward, setup, step};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-struct Setup {
-    cfg: Config,
-    data: Mnist,
-    schedule: NoiseSchedule,
-    device: Device,
-}
-
-fn setup(config: &str) -> Setup {
-    let cfg = Config::load(Path::new(config), &[]).expect("config");
-    let data = Mnist::from_config(&cfg.data, Split::Train).expect("data");
-    Setup { schedule: NoiseSchedule::new(&cfg.diffusion), data, device: Device::flex().autodiff(), cfg }
-}
-
-fn step(s: &Setup, model: Denoiser, optim: &mut AdamW, rng: &mut SeededRng) -> Denoiser {
-    let idx: Vec<usize> = (0..s.cfg.train.batch_size).map(|_| rng.below(s.data.len())).collect();
-    let loss = diffusion_loss(&model, &s.schedule, &s.data, &idx, 0.1, rng, &s.device);
-    let grads = loss.backward();
-    optim.step(model, &grads, 1e-4).0
-}
-
-fn forward(s: &Setup, model: &Denoiser, rng: &mut SeededRng) -> f32 {
-    let b = s.cfg.train.batch_size;
-    let dev = s.device.clone().inner();
-    let x = Tensor::<4>::from_data(TensorData::new(rng.normals(b * 1024), [b, 1, 32, 32]), &dev);
-    let t = Tensor::<1>::full([b], 500.0, &dev);
-    let y = Tensor::<1, burn::tensor::Int>::zeros([b], &dev);
-    model.forward(x, t, y, &msfp::nn::StepCtx::at(500)).sum().into_scalar::<f32>()
-}
 
 fn median_ns(name: &str) -> Option<f64> {
     let p = Path::new("target/criterion").join(name).join("new/estimates.json");
@@ -74,9 +43,7 @@ fn bench() {
         .measurement_time(std::time::Duration::from_secs(20))
         .configure_from_args();
     let mut rows = Vec::new();
-    for (name, config) in
-        [("tiny_unet", "configs/tiny_unet_mnist.toml"), ("tiny_dit", "configs/tiny_dit_mnist.toml")]
-    {
+    for (name, config) in tiny::MODELS {
         let s = setup(config);
         let mut rng = SeededRng::new(0);
         let mut model = Some(Denoiser::new(&s.cfg.model, &mut rng, &s.device));

@@ -1,17 +1,20 @@
 //! 2-D convolution (NCHW, square kernel, one group, no dilation: every conv the models have)
-//! on flex as im2col + one matrix product per tile, with both gradients as matrix products:
+//! on flex as matrix products, in two ways:
 //!
-//! - forward: `y_b[o, :] = W[o, K] col_b[K, :] + bias[o]`, written straight into the output
-//!   (no reordering pass), `col_b` the unfolded input of sample `b` (`K = c_in k k` rows, one
-//!   per input channel and kernel tap; a 1x1 convolution uses the input itself);
-//! - input gradient: `dx_b = fold(W^T dy_b)`;
-//! - weight gradient: `dW = sum_b dy_b col_b^T` (burn computes it as a convolution with the
-//!   gradient map as kernel, a badly shaped product), bias gradient `sum_b dy_b 1`.
+//! - unfolded (any geometry): `y_b[o, :] = W[o, K] col_b[K, :] + bias[o]`, written straight into
+//!   the output, `col_b` the unfolded input of sample `b` (`K = c_in k k` rows, one per input
+//!   channel and kernel tap; a 1x1 convolution uses the input itself); input gradient
+//!   `dx_b = fold(W^T dy_b)`; weight gradient `dW = sum_b dy_b col_b^T` (burn computes it as a
+//!   convolution with the gradient map as kernel, a badly shaped product), bias `sum_b dy_b 1`;
+//! - on a bordered grid (stride-1 "same" convolutions, where it is faster: see [`Shifted`]):
+//!   the maps laid once with a zero border, each kernel tap a product that reads them shifted in
+//!   place, so neither the nine-fold unfolded copy nor the gemm's repacking of it is made.
 //!
 //! The unfolded input is built a tile of whole output rows at a time (at most ~8 MB), so the
 //! memory stays bounded at SD's sizes. Tiles of the forward and samples of the input gradient
-//! run in parallel; the weight gradient is summed over a fixed split of the tiles (set by the
-//! shapes alone) and the parts are added in order, so results do not depend on the thread count.
+//! run in parallel; the weight gradient is summed over a fixed split of the tiles or samples
+//! (set by the shapes alone) and the parts are added in order, so results do not depend on the
+//! thread count. Which path runs is set by the shapes alone too.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -91,6 +94,16 @@ impl ConvGeometry {
     /// Stride 1 with the output as large as the input (3x3 with padding 1, 1x1, 5x5 with 2).
     fn same(&self) -> bool {
         self.stride == 1 && self.w_out == self.w && self.h_out == self.h
+    }
+
+    /// Whether [`weight_grad`] takes [`weight_grad_shifted`] for these shapes.
+    pub fn shifted_weight_grad(&self) -> bool {
+        Shifted::pays(self)
+    }
+
+    /// Whether [`forward`] and [`input_grad`] run on the [`Shifted`] grid for these shapes.
+    pub fn on_grid(&self) -> bool {
+        Shifted::pays_on_grid(self)
     }
 
     /// The work items `(sample, first output row, rows)`, in order.
@@ -325,6 +338,11 @@ fn padded(width: usize) -> usize {
 
 /// `y = conv(x, W) + bias`.
 pub fn forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    if g.on_grid() { forward_grid(g, x, w, bias) } else { forward_unfolded(g, x, w, bias) }
+}
+
+/// [`forward`] through the unfolded input, for any geometry.
+pub fn forward_unfolded(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (n, kk, co) = (g.positions(), g.rows(), g.c_out);
     let mut y = zeros(g.batch * co * n);
     if let Some(bias) = bias {
@@ -350,8 +368,13 @@ pub fn forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> 
     y
 }
 
-/// `dx = fold(W^T dy)`, one sample per parallel item.
+/// `dx = conv^T(dy, W)`.
 pub fn input_grad(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    if g.on_grid() { input_grad_grid(g, dy, w) } else { input_grad_unfolded(g, dy, w) }
+}
+
+/// [`input_grad`] as `fold(W^T dy)`, one sample per parallel item, for any geometry.
+pub fn input_grad_unfolded(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let (n, kk, co) = (g.positions(), g.rows(), g.c_out);
     let sample_len = g.c_in * g.h * g.w;
     let mut dx = zeros(g.batch * sample_len);
@@ -394,6 +417,11 @@ pub fn input_grad(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
 
 /// `(dW, dbias) = (sum_b dy_b col_b^T, sum_b dy_b 1)`, summed over a fixed split of the tiles.
 pub fn weight_grad(g: &ConvGeometry, dy: &[f32], x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    if g.shifted_weight_grad() { weight_grad_shifted(g, dy, x) } else { weight_grad_unfolded(g, dy, x) }
+}
+
+/// [`weight_grad`] through the unfolded input, for any geometry.
+pub fn weight_grad_unfolded(g: &ConvGeometry, dy: &[f32], x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let (n, kk, co) = (g.positions(), g.rows(), g.c_out);
     let tiles = g.tiles();
     let parts = tiles.len().min(MAX_PARTS).min((PARTIAL_BYTES / (4 * co * kk)).max(1));
@@ -430,6 +458,241 @@ pub fn weight_grad(g: &ConvGeometry, dy: &[f32], x: &[f32]) -> (Vec<f32>, Vec<f3
         db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
     }
     (dw, db)
+}
+
+/// Bytes of one sample's input, laid positions-major, up to which the weight gradient of a
+/// "same" convolution takes [`weight_grad_shifted`] (per part of the split; larger maps unfold
+/// a tile at a time).
+const SHIFTED_BYTES: usize = 32 << 20;
+
+/// A "same" convolution's maps laid positions-major on a grid `wp = w + k - 1` columns wide, the
+/// input with a zero border of `p` on every side: output position `q = oh wp + ow` meets kernel
+/// tap `(kh, kw)` at grid position `q + kh wp + kw` (`ow >= w` are the border columns, where the
+/// output gradient is zero).
+struct Shifted {
+    wp: usize,
+    /// Output positions on the grid: `h wp`.
+    positions: usize,
+    /// Grid positions of the bordered input, with the last taps' overrun.
+    grid: usize,
+}
+
+impl Shifted {
+    fn new(g: &ConvGeometry) -> Self {
+        let (k, wp) = (g.kernel, g.w + g.kernel - 1);
+        Self { wp, positions: g.h * wp, grid: (g.h + k - 1) * wp + k - 1 }
+    }
+
+    /// Whether [`weight_grad_shifted`] beats [`weight_grad_unfolded`] (`cargo bench --bench
+    /// conv_paths`, the tiny UNet's and SD's shapes, one thread): a "same" convolution with at least 8
+    /// channels in and out (fewer make products too thin to keep the vector unit busy), whose
+    /// per-sample product is at least as deep as it has rows per tap (`positions >= c_in`; else
+    /// reading and writing the partial sums per sample dominates: SD's 640- and 1280-channel
+    /// layers at 16x16 and 8x8 ran 1.5x and 2.5x slower), and whose bordered input stays within
+    /// [`SHIFTED_BYTES`].
+    fn pays(g: &ConvGeometry) -> bool {
+        if !g.same() || g.kernel == 1 || g.c_in < 8 || g.c_out < 8 {
+            return false;
+        }
+        let s = Self::new(g);
+        s.positions >= g.c_in && 4 * g.c_in * s.grid <= SHIFTED_BYTES
+    }
+
+    /// Whether [`forward_grid`] and [`input_grad_grid`] beat the unfolded paths (`cargo bench
+    /// --bench conv_paths`): a "same" convolution wider than 1x1 with at least 8 input channels
+    /// on maps of at least 32 grid positions per channel (the tiny UNet's 32x32 layers: 0.53-0.93x
+    /// the unfolded time). Per tap the product is only `c_in` deep and rewrites its output:
+    /// fewer positions per channel (16x16 and 8x8 maps, SD's deeper layers) ran up to 5x slower.
+    fn pays_on_grid(g: &ConvGeometry) -> bool {
+        let s = Self::new(g);
+        g.same()
+            && g.kernel > 1
+            && g.c_in >= 8
+            && s.positions >= 32 * g.c_in.max(g.c_out)
+            && 4 * g.c_in.max(g.c_out) * s.grid <= SHIFTED_BYTES
+    }
+}
+
+super::simd_kernel! {
+    /// `dst[(first + i stride + j) ch + c] = src[c h w + i w + j]`: channel-major maps
+    /// `[ch, h, w]` laid positions-major, row `i` of the maps at grid position
+    /// `first + i stride`, through 16x16 tiles (one cache line per position and channel block).
+    fn positions_major(src: &[f32], ch: usize, h: usize, w: usize, dst: &mut [f32], first: usize, stride: usize)
+        = positions_major_body;
+}
+
+fn positions_major_body(
+    src: &[f32],
+    ch: usize,
+    h: usize,
+    w: usize,
+    dst: &mut [f32],
+    first: usize,
+    stride: usize,
+) {
+    let plane = h * w;
+    let mut tile = [[0f32; 16]; 16];
+    for c0 in (0..ch).step_by(16) {
+        let nc = (ch - c0).min(16);
+        for i in 0..h {
+            for j0 in (0..w).step_by(16) {
+                let nj = (w - j0).min(16);
+                for (c, row) in tile.iter_mut().enumerate().take(nc) {
+                    row[..nj].copy_from_slice(&src[(c0 + c) * plane + i * w + j0..][..nj]);
+                }
+                for j in 0..nj {
+                    let at = (first + i * stride + j0 + j) * ch + c0;
+                    for (d, row) in dst[at..at + nc].iter_mut().zip(&tile) {
+                        *d = row[j];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The weight gradient of a "same" convolution without unfolding the input. On the
+/// [`Shifted`] grid, for one kernel row `kh` the taps' rows `(kw, c)` are consecutive floats of
+/// the input at grid position `q + kh wp`, so `dW[kh] = sum_q xt[q + kh wp, (kw, c)] dyt[q, o]`
+/// is one product whose operands are both read along their contiguous dimension. (`dy col^T`
+/// reads the unfolded input across its rows: gemm's packing of it, and the nine copies of the
+/// input, took more time than the arithmetic.) Summed per sample over a fixed split of the
+/// batch; the parts are added in order.
+pub fn weight_grad_shifted(g: &ConvGeometry, dy: &[f32], x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (k, ci, co, n) = (g.kernel, g.c_in, g.c_out, g.positions());
+    let grid = Shifted::new(g);
+    let (kk, block) = (g.rows(), k * ci * co);
+    let parts = g.batch.min(MAX_PARTS).min((PARTIAL_BYTES / (4 * co * kk)).max(1));
+    let samples: Vec<usize> = (0..g.batch).collect();
+    let threads = inner_threads(parts);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = samples
+        .par_chunks(g.batch.div_ceil(parts))
+        .map(|part| {
+            // dw laid [kh][kw][c][o]; the borders of xt and dyt stay zero.
+            let (mut dw, mut db) = (vec![0.0f32; kk * co], vec![0.0f32; co]);
+            let mut xt = vec![0.0f32; grid.grid * ci];
+            let mut dyt = vec![0.0f32; grid.positions * co];
+            for &b in part {
+                let (x_b, dy_b) = (&x[b * ci * n..(b + 1) * ci * n], &dy[b * co * n..(b + 1) * co * n]);
+                positions_major(x_b, ci, g.h, g.w, &mut xt, g.padding * (grid.wp + 1), grid.wp);
+                positions_major(dy_b, co, g.h, g.w, &mut dyt, 0, grid.wp);
+                for (o, d) in db.iter_mut().enumerate() {
+                    *d += dy_b[o * n..(o + 1) * n].iter().sum::<f32>();
+                }
+                for kh in 0..k {
+                    // SAFETY: dw is this part's own buffer; the largest grid position read,
+                    // (h wp - 1) + kh wp + (k - 1), is inside xt.
+                    unsafe {
+                        let lhs = Mat { ptr: xt.as_ptr().add(kh * grid.wp * ci), rs: 1, cs: ci as isize };
+                        let rhs = Mat { ptr: dyt.as_ptr(), rs: co as isize, cs: 1 };
+                        let dst = dw.as_mut_ptr().add(kh * block);
+                        matmul(k * ci, co, grid.positions, dst, co, true, lhs, rhs, 1.0, threads);
+                    }
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let mut parts = partials.into_iter();
+    let (mut sum, mut db) = parts.next().expect("at least one sample");
+    for (pw, pb) in parts {
+        sum.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+    }
+    // [kh][kw][c][o] -> [o][c][kh][kw]
+    let mut dw = vec![0.0f32; co * kk];
+    for (t, taps) in sum.chunks(ci * co).enumerate() {
+        for (c, row) in taps.chunks(co).enumerate() {
+            for (o, v) in row.iter().enumerate() {
+                dw[o * kk + c * k * k + t] = *v;
+            }
+        }
+    }
+    (dw, db)
+}
+
+/// A "same" convolution on the [`Shifted`] grid: `out[o, q] = sum_t M_t[o, :] in[:, q + shift_t]`
+/// for grid positions `q`, `in` the maps laid channel-major with the zero border. Each tap is one
+/// product reading the bordered maps in place (no unfolded copy: rows `grid` apart, positions
+/// contiguous, as gemm reads its operands without repacking them); the border columns of `out`
+/// are dropped when it is laid back `[n_out, h, w]`, `bias` added there. One sample per
+/// parallel item; `mats` is `[taps, n_out, n_in]`.
+fn grid_conv(
+    g: &ConvGeometry,
+    input: &[f32],
+    n_in: usize,
+    mats: &[f32],
+    n_out: usize,
+    shifts: &[usize],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let grid = Shifted::new(g);
+    let (w, plane) = (g.w, g.h * g.w);
+    let first = g.padding * (grid.wp + 1);
+    let mut out = zeros(g.batch * n_out * plane);
+    let threads = inner_threads(g.batch);
+    out.par_chunks_mut(n_out * plane).enumerate().for_each_init(
+        || (vec![0.0f32; n_in * grid.grid], Vec::new()),
+        |(padded, acc), (b, out_b)| {
+            // The border of `padded` is never written: it stays zero.
+            let in_b = &input[b * n_in * plane..(b + 1) * n_in * plane];
+            for (src, dst) in in_b.chunks(plane).zip(padded.chunks_mut(grid.grid)) {
+                for (row, line) in src.chunks(w).enumerate() {
+                    dst[first + row * grid.wp..][..w].copy_from_slice(line);
+                }
+            }
+            acc.resize(n_out * grid.positions, 0.0);
+            for (t, &shift) in shifts.iter().enumerate() {
+                // SAFETY: acc is this item's own buffer; the largest position read,
+                // shift + h wp - 1, is inside each channel's bordered map.
+                unsafe {
+                    let lhs = Mat { ptr: mats[t * n_out * n_in..].as_ptr(), rs: n_in as isize, cs: 1 };
+                    let rhs = Mat { ptr: padded.as_ptr().add(shift), rs: grid.grid as isize, cs: 1 };
+                    let dst = acc.as_mut_ptr();
+                    matmul(n_out, grid.positions, n_in, dst, grid.positions, t > 0, lhs, rhs, 1.0, threads);
+                }
+            }
+            for (o, (dst, src)) in out_b.chunks_mut(plane).zip(acc.chunks(grid.positions)).enumerate() {
+                let shift = bias.map_or(0.0, |b| b[o]);
+                for (line, row) in dst.chunks_mut(w).zip(src.chunks(grid.wp)) {
+                    for (d, v) in line.iter_mut().zip(&row[..w]) {
+                        *d = v + shift;
+                    }
+                }
+            }
+        },
+    );
+    out
+}
+
+/// [`forward`] of a "same" convolution on the grid: tap `(kh, kw)` reads grid position
+/// `q + kh wp + kw` with the weights `W[:, :, kh, kw]`.
+pub fn forward_grid(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let (k, ci, co) = (g.kernel, g.c_in, g.c_out);
+    let wp = Shifted::new(g).wp;
+    let taps = k * k;
+    let mut mats = vec![0.0f32; taps * co * ci];
+    for (i, v) in w.iter().enumerate() {
+        let (o, c, t) = (i / (ci * taps), (i / taps) % ci, i % taps);
+        mats[(t * co + o) * ci + c] = *v;
+    }
+    let shifts: Vec<usize> = (0..taps).map(|t| (t / k) * wp + t % k).collect();
+    grid_conv(g, x, ci, &mats, co, &shifts, bias)
+}
+
+/// [`input_grad`] of a "same" convolution on the grid: the output gradient, bordered, meets
+/// `W[:, :, kh, kw]^T` at grid position `q + (k - 1 - kh) wp + (k - 1 - kw)`.
+pub fn input_grad_grid(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let (k, ci, co) = (g.kernel, g.c_in, g.c_out);
+    let wp = Shifted::new(g).wp;
+    let taps = k * k;
+    let mut mats = vec![0.0f32; taps * ci * co];
+    for (i, v) in w.iter().enumerate() {
+        let (o, c, t) = (i / (ci * taps), (i / taps) % ci, i % taps);
+        mats[(t * ci + c) * co + o] = *v;
+    }
+    let shifts: Vec<usize> = (0..taps).map(|t| (k - 1 - t / k) * wp + (k - 1 - t % k)).collect();
+    grid_conv(g, dy, co, &mats, ci, &shifts, None)
 }
 
 fn geometry(x: &FlexTensor, w: &FlexTensor, stride: usize, padding: usize) -> ConvGeometry {
@@ -589,6 +852,10 @@ mod tests {
             // Maps a multiple of 512 bytes wide: the weight gradient reads padded rows (1x1 too).
             (2, 3, 16, 16, 4, 1, 1, 0, true),
             (2, 2, 16, 8, 3, 3, 1, 1, false),
+            // On the bordered grid: forward and input gradient (8 -> 4 at 16x16, 5x5 at 20x18),
+            // weight gradient (both).
+            (2, 8, 16, 16, 4, 3, 1, 1, true),
+            (1, 8, 20, 18, 8, 5, 1, 2, false),
         ];
         for (b, ci, h, w, co, k, s, p, with_bias) in cases {
             let xs = rng.normals(b * ci * h * w);
@@ -678,20 +945,95 @@ mod tests {
         }
     }
 
+    /// The forward and input gradient on the bordered grid equal the unfolded ones (up to
+    /// summation order) for 3x3 and 5x5 kernels on non-square maps, with and without bias, and
+    /// `forward` / `input_grad` take them where they pay.
+    #[test]
+    fn grid_forward_and_input_grad_match_the_unfolded_ones() {
+        let mut rng = SeededRng::new(10);
+        // (batch, c_in, c_out, k, h, w)
+        for (b, ci, co, k, h, w) in
+            [(2, 8, 3, 3, 16, 18), (3, 9, 8, 3, 5, 7), (2, 8, 6, 5, 20, 13), (1, 1, 4, 3, 6, 6)]
+        {
+            let g = ConvGeometry::new(&[b, ci, h, w], &[co, ci, k, k], 1, k / 2);
+            let x = rng.normals(b * ci * h * w);
+            let wt = rng.normals(co * ci * k * k);
+            let bias = rng.normals(co);
+            let dy = rng.normals(b * co * h * w);
+            for (what, grid, unfolded) in [
+                (
+                    "forward",
+                    forward_grid(&g, &x, &wt, Some(&bias)),
+                    forward_unfolded(&g, &x, &wt, Some(&bias)),
+                ),
+                (
+                    "forward without bias",
+                    forward_grid(&g, &x, &wt, None),
+                    forward_unfolded(&g, &x, &wt, None),
+                ),
+                ("input gradient", input_grad_grid(&g, &dy, &wt), input_grad_unfolded(&g, &dy, &wt)),
+            ] {
+                assert_eq!(grid.len(), unfolded.len(), "{what}");
+                for (i, (a, r)) in grid.iter().zip(&unfolded).enumerate() {
+                    assert!(
+                        (a - r).abs() <= 1e-5 * (1.0 + r.abs()),
+                        "c{ci}->{co} k{k} {h}x{w}: {what}[{i}] {a} vs {r}"
+                    );
+                }
+            }
+            let wide = h * (w + k - 1) >= 32 * ci.max(co);
+            assert_eq!(g.on_grid(), ci >= 8 && wide, "c{ci}->{co} k{k} {h}x{w}");
+        }
+        for (ci, co, k, s, p) in [(8, 4, 3, 2, 1), (8, 4, 1, 1, 0), (8, 4, 3, 1, 0)] {
+            assert!(!ConvGeometry::new(&[2, ci, 16, 16], &[co, ci, k, k], s, p).on_grid());
+        }
+    }
+
+    /// The weight gradient on the shifted grid equals the unfolded one's (up to summation order;
+    /// the bias gradient bit for bit) for 3x3 and 5x5 kernels on non-square maps, and
+    /// `weight_grad` takes it where it pays.
+    #[test]
+    fn shifted_weight_grad_matches_the_unfolded_one() {
+        let mut rng = SeededRng::new(9);
+        // (batch, c_in, c_out, k, h, w)
+        for (b, ci, co, k, h, w) in
+            [(3, 8, 9, 3, 7, 5), (2, 17, 8, 3, 4, 12), (2, 8, 8, 5, 9, 6), (1, 3, 2, 3, 5, 5)]
+        {
+            let g = ConvGeometry::new(&[b, ci, h, w], &[co, ci, k, k], 1, k / 2);
+            let x = rng.normals(b * ci * h * w);
+            let dy = rng.normals(b * co * h * w);
+            let (shifted, unfolded) = (weight_grad_shifted(&g, &dy, &x), weight_grad_unfolded(&g, &dy, &x));
+            assert_eq!(shifted.1, unfolded.1, "c{ci}->{co} k{k}: bias gradient");
+            for (i, (a, r)) in shifted.0.iter().zip(&unfolded.0).enumerate() {
+                assert!(
+                    (a - r).abs() <= 1e-5 * (1.0 + r.abs()),
+                    "c{ci}->{co} k{k} {h}x{w}: dw[{i}] {a} vs {r}"
+                );
+            }
+            assert_eq!(g.shifted_weight_grad(), ci >= 8 && h * (w + k - 1) >= ci, "c{ci} k{k} {h}x{w}");
+        }
+        // Strided, 1x1 and thin convolutions keep the unfolded path.
+        for (ci, co, k, s, p) in [(8, 8, 3, 2, 1), (8, 8, 1, 1, 0), (8, 4, 3, 1, 1), (8, 8, 3, 1, 0)] {
+            assert!(!ConvGeometry::new(&[2, ci, 8, 8], &[co, ci, k, k], s, p).shifted_weight_grad());
+        }
+    }
+
     /// The same bits with one thread and with several, and whether the products run side by
     /// side or each is split across threads (batch 1 against batch 4).
     #[test]
     fn fused_conv2d_is_bit_identical_across_thread_counts() {
         let mut rng = SeededRng::new(2);
-        for batch in [1, 4] {
-            let g = ConvGeometry::new(&[batch, 8, 12, 12], &[16, 8, 3, 3], 1, 1);
-            let x = rng.normals(batch * 8 * 144);
-            let w = rng.normals(16 * 72);
-            let dy = rng.normals(batch * 16 * 144);
+        // (batch, c_out, side): the second on the bordered grid (forward, input gradient).
+        for (batch, co, side) in [(1, 16, 12), (4, 16, 12), (1, 4, 16), (4, 4, 16)] {
+            let g = ConvGeometry::new(&[batch, 8, side, side], &[co, 8, 3, 3], 1, 1);
+            assert_eq!(g.on_grid(), co == 4);
+            let x = rng.normals(batch * 8 * side * side);
+            let w = rng.normals(co * 72);
+            let dy = rng.normals(batch * co * side * side);
             let run = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 pool.install(|| {
-                    (forward(&g, &x, &w, Some(&w[..16])), input_grad(&g, &dy, &w), weight_grad(&g, &dy, &x))
+                    (forward(&g, &x, &w, Some(&w[..co])), input_grad(&g, &dy, &w), weight_grad(&g, &dy, &x))
                 })
             };
             let one = run(1);

@@ -303,6 +303,36 @@ def linear_alphas_cumprod(timesteps=1000, beta_start=1e-4, beta_end=0.02):
     return torch.cumprod(1.0 - betas, 0)
 
 
+def step_and_forward(model, opt, data, labels_all, ac, batch):
+    """The timed functions: one training step on a random batch (diffusion loss, backward,
+    clipping, AdamW) and one no-grad forward at t = 500, as benches/tiny_step.rs times msfp."""
+    def step():
+        idx = torch.randint(0, data.shape[0], (batch,))
+        x0, y = data[idx], labels_all[idx]
+        t = torch.randint(0, 1000, (batch,))
+        noise = torch.randn(batch, 1, 32, 32)
+        keep = (torch.rand(batch) >= 0.1).long()
+        y = y * keep + (1 - keep) * 10
+        a = ac[t].float().reshape(batch, 1, 1, 1)
+        xt = x0 * a.sqrt() + noise * (1 - a).sqrt()
+        pred = model(xt, t.float(), y)
+        loss = (pred - noise).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    def forward():
+        with torch.no_grad():
+            x = torch.randn(batch, 1, 32, 32)
+            t = torch.full((batch,), 500.0)
+            y = torch.zeros(batch, dtype=torch.long)
+            return model(x, t, y).sum().item()
+
+    return step, forward
+
+
 def main():
     global NATIVE_NORM
     ap = argparse.ArgumentParser()
@@ -329,29 +359,7 @@ def main():
         n_params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
-        def step():
-            idx = torch.randint(0, data.shape[0], (batch,))
-            x0, y = data[idx], labels_all[idx]
-            t = torch.randint(0, 1000, (batch,))
-            noise = torch.randn(batch, 1, 32, 32)
-            keep = (torch.rand(batch) >= 0.1).long()
-            y = y * keep + (1 - keep) * 10
-            a = ac[t].float().reshape(batch, 1, 1, 1)
-            xt = x0 * a.sqrt() + noise * (1 - a).sqrt()
-            pred = model(xt, t.float(), y)
-            loss = (pred - noise).square().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            return loss.item()
-
-        def forward():
-            with torch.no_grad():
-                x = torch.randn(batch, 1, 32, 32)
-                t = torch.full((batch,), 500.0)
-                y = torch.zeros(batch, dtype=torch.long)
-                return model(x, t, y).sum().item()
+        step, forward = step_and_forward(model, opt, data, labels_all, ac, batch)
 
         def timeit(fn):
             for _ in range(args.warmup):
