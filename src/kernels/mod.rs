@@ -32,19 +32,30 @@ pub mod softmax;
 use burn::backend::DispatchDevice;
 use burn::tensor::Device;
 
-/// Keeps freed blocks of up to 256 MB on the heap instead of handing them back to the OS.
+/// Keeps freed memory in the process instead of handing it back to the OS.
 ///
 /// glibc serves large allocations with fresh `mmap`s and trims the heap top when it is freed, so
 /// a training step re-faults and re-zeroes every tensor-sized temporary it allocates: 10-30% of a
 /// tiny teacher's step went to page faults (measured with `GLIBC_TUNABLES`: UNet step 682 -> 610
-/// ms, DiT 637 -> 457 ms at one thread). The process keeps its peak heap instead. Called first
-/// thing by `msfp` and the benchmarks; a no-op on other C libraries.
+/// ms, DiT 637 -> 457 ms at one thread). Three settings:
+/// - blocks up to 32 MB come from the heap (the largest threshold glibc accepts: half its 64 MB
+///   per-thread heap; a larger value is refused and leaves glibc's own, rising threshold);
+/// - the main heap's top is not trimmed below 1 GB;
+/// - a thread's arena keeps an emptied 64 MB heap unless more than 64 MB are free below it.
+///   Without this pad glibc unmaps such a heap whatever the trim threshold, and a step whose
+///   high-water mark crosses a heap boundary maps, faults and unmaps it again every time: runs
+///   of the tiny UNet's step fell into that mode or not from one process to the next (232k
+///   against 36k page faults for 26 steps at two threads, 0.7 against 0.2 s of system time).
+///
+/// The process keeps its peak heap instead. Called first thing by `msfp` and the benchmarks; a
+/// no-op on other C libraries.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before other threads allocate.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
 }
 
