@@ -460,13 +460,12 @@ pub fn weight_grad_unfolded(g: &ConvGeometry, dy: &[f32], x: &[f32]) -> (Vec<f32
     (dw, db)
 }
 
-/// Bytes of one sample's input, laid positions-major, up to which the weight gradient of a
-/// "same" convolution takes [`weight_grad_shifted`] (per part of the split; larger maps unfold
-/// a tile at a time).
+/// Bytes of one sample's bordered maps (per parallel item) up to which a "same" convolution may
+/// run on the grid; larger maps unfold a tile at a time, which keeps the memory bounded.
 const SHIFTED_BYTES: usize = 32 << 20;
 
-/// A "same" convolution's maps laid positions-major on a grid `wp = w + k - 1` columns wide, the
-/// input with a zero border of `p` on every side: output position `q = oh wp + ow` meets kernel
+/// A "same" convolution's maps on a grid `wp = w + k - 1` columns wide (laid channel- or
+/// positions-major), the input with a zero border of `p` on every side: output position `q = oh wp + ow` meets kernel
 /// tap `(kh, kw)` at grid position `q + kh wp + kw` (`ow >= w` are the border columns, where the
 /// output gradient is zero).
 struct Shifted {
@@ -488,7 +487,7 @@ impl Shifted {
     /// channels in and out (fewer make products too thin to keep the vector unit busy), whose
     /// per-sample product is at least as deep as it has rows per tap (`positions >= c_in`; else
     /// reading and writing the partial sums per sample dominates: SD's 640- and 1280-channel
-    /// layers at 16x16 and 8x8 ran 1.5x and 2.5x slower), and whose bordered input stays within
+    /// layers at 16x16 and 8x8 ran 1.4-1.5x and 2.5-4x slower), and whose bordered input stays within
     /// [`SHIFTED_BYTES`].
     fn pays(g: &ConvGeometry) -> bool {
         if !g.same() || g.kernel == 1 || g.c_in < 8 || g.c_out < 8 {
@@ -500,9 +499,9 @@ impl Shifted {
 
     /// Whether [`forward_grid`] and [`input_grad_grid`] beat the unfolded paths (`cargo bench
     /// --bench conv_paths`): a "same" convolution wider than 1x1 with at least 8 input channels
-    /// on maps of at least 32 grid positions per channel (the tiny UNet's 32x32 layers: 0.53-0.93x
+    /// on maps of at least 32 grid positions per channel (the tiny UNet's 32x32 layers: 0.51-0.90x
     /// the unfolded time). Per tap the product is only `c_in` deep and rewrites its output:
-    /// fewer positions per channel (16x16 and 8x8 maps, SD's deeper layers) ran up to 5x slower.
+    /// fewer positions per channel (16x16 and 8x8 maps, SD's deeper layers) ran up to 5.7x slower.
     fn pays_on_grid(g: &ConvGeometry) -> bool {
         let s = Self::new(g);
         g.same()
