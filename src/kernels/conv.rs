@@ -652,10 +652,10 @@ fn grid_conv(
                 }
             }
             for (o, (dst, src)) in out_b.chunks_mut(plane).zip(acc.chunks(grid.positions)).enumerate() {
-                let shift = bias.map_or(0.0, |b| b[o]);
+                let bias_o = bias.map_or(0.0, |b| b[o]);
                 for (line, row) in dst.chunks_mut(w).zip(src.chunks(grid.wp)) {
                     for (d, v) in line.iter_mut().zip(&row[..w]) {
-                        *d = v + shift;
+                        *d = v + bias_o;
                     }
                 }
             }
