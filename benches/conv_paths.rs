@@ -26,10 +26,7 @@ fn pair(runs: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64) {
         b();
         ms[1].push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let [mut x, mut y] = ms;
-    x.sort_by(f64::total_cmp);
-    y.sort_by(f64::total_cmp);
-    (x[runs / 2], y[runs / 2])
+    (timing::median(&ms[0]), timing::median(&ms[1]))
 }
 
 /// Largest `|a - b| / (1 + |a|)`.

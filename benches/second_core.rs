@@ -21,7 +21,7 @@ use msfp::train::optim::AdamW;
 
 #[path = "common/timing.rs"]
 mod timing;
-use timing::arg;
+use timing::{arg, median};
 #[path = "common/tiny.rs"]
 mod tiny;
 
@@ -49,12 +49,6 @@ fn child(model: &str, warmup: usize, runs: usize) {
         serde_json::json!({"train_step": step, "forward": forward})
     });
     println!("{out}");
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -16,16 +16,21 @@ pub fn median_ms(warmup: usize, runs: usize, mut f: impl FnMut()) -> (f64, Vec<f
     for _ in 0..warmup {
         f();
     }
-    let mut ts: Vec<f64> = (0..runs)
+    let ts: Vec<f64> = (0..runs)
         .map(|_| {
             let t0 = Instant::now();
             f();
             t0.elapsed().as_secs_f64() * 1e3
         })
         .collect();
-    let all = ts.clone();
-    ts.sort_by(f64::total_cmp);
-    (ts[ts.len() / 2], all)
+    (median(&ts), ts)
+}
+
+/// The median (upper middle value for an even count) of `v`.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Peak resident set of this process so far (VmHWM), MiB.

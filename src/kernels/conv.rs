@@ -451,8 +451,14 @@ pub fn weight_grad_unfolded(g: &ConvGeometry, dy: &[f32], x: &[f32]) -> (Vec<f32
             (dw, db)
         })
         .collect();
+    sum_in_order(partials)
+}
+
+/// The weight and bias gradients' partial sums added in the parts' order (fixed by the shapes,
+/// so the result does not depend on the thread count).
+fn sum_in_order(partials: Vec<(Vec<f32>, Vec<f32>)>) -> (Vec<f32>, Vec<f32>) {
     let mut parts = partials.into_iter();
-    let (mut dw, mut db) = parts.next().expect("at least one tile");
+    let (mut dw, mut db) = parts.next().expect("at least one part");
     for (pw, pb) in parts {
         dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
         db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
@@ -592,12 +598,7 @@ pub fn weight_grad_shifted(g: &ConvGeometry, dy: &[f32], x: &[f32]) -> (Vec<f32>
             (dw, db)
         })
         .collect();
-    let mut parts = partials.into_iter();
-    let (mut sum, mut db) = parts.next().expect("at least one sample");
-    for (pw, pb) in parts {
-        sum.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
-        db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
-    }
+    let (sum, db) = sum_in_order(partials);
     // [kh][kw][c][o] -> [o][c][kh][kw]
     let mut dw = vec![0.0f32; co * kk];
     for (t, taps) in sum.chunks(ci * co).enumerate() {
@@ -667,31 +668,35 @@ fn grid_conv(
 /// [`forward`] of a "same" convolution on the grid: tap `(kh, kw)` reads grid position
 /// `q + kh wp + kw` with the weights `W[:, :, kh, kw]`.
 pub fn forward_grid(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    let (k, ci, co) = (g.kernel, g.c_in, g.c_out);
-    let wp = Shifted::new(g).wp;
-    let taps = k * k;
-    let mut mats = vec![0.0f32; taps * co * ci];
-    for (i, v) in w.iter().enumerate() {
-        let (o, c, t) = (i / (ci * taps), (i / taps) % ci, i % taps);
-        mats[(t * co + o) * ci + c] = *v;
-    }
-    let shifts: Vec<usize> = (0..taps).map(|t| (t / k) * wp + t % k).collect();
-    grid_conv(g, x, ci, &mats, co, &shifts, bias)
+    grid_taps(g, x, w, false, bias)
 }
 
 /// [`input_grad`] of a "same" convolution on the grid: the output gradient, bordered, meets
 /// `W[:, :, kh, kw]^T` at grid position `q + (k - 1 - kh) wp + (k - 1 - kw)`.
 pub fn input_grad_grid(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    grid_taps(g, dy, w, true, None)
+}
+
+/// [`grid_conv`] with the kernel taps of `W` (`[c_out, c_in, k, k]`): as they are, or
+/// `transposed` and mirrored (the convolution's transpose, for the input gradient).
+fn grid_taps(g: &ConvGeometry, input: &[f32], w: &[f32], transposed: bool, bias: Option<&[f32]>) -> Vec<f32> {
     let (k, ci, co) = (g.kernel, g.c_in, g.c_out);
     let wp = Shifted::new(g).wp;
     let taps = k * k;
-    let mut mats = vec![0.0f32; taps * ci * co];
+    let (n_in, n_out) = if transposed { (co, ci) } else { (ci, co) };
+    let mut mats = vec![0.0f32; taps * co * ci];
     for (i, v) in w.iter().enumerate() {
         let (o, c, t) = (i / (ci * taps), (i / taps) % ci, i % taps);
-        mats[(t * ci + c) * co + o] = *v;
+        let (row, col) = if transposed { (c, o) } else { (o, c) };
+        mats[(t * n_out + row) * n_in + col] = *v;
     }
-    let shifts: Vec<usize> = (0..taps).map(|t| (k - 1 - t / k) * wp + (k - 1 - t % k)).collect();
-    grid_conv(g, dy, co, &mats, ci, &shifts, None)
+    let shifts: Vec<usize> = (0..taps)
+        .map(|t| {
+            let (kh, kw) = (t / k, t % k);
+            if transposed { (k - 1 - kh) * wp + (k - 1 - kw) } else { kh * wp + kw }
+        })
+        .collect();
+    grid_conv(g, input, n_in, &mats, n_out, &shifts, bias)
 }
 
 fn geometry(x: &FlexTensor, w: &FlexTensor, stride: usize, padding: usize) -> ConvGeometry {

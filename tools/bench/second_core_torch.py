@@ -30,23 +30,8 @@ def child(name, threads, warmup, runs):
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
-    batch = 32
-    data = torch.rand(9000, 1, 32, 32) * 2 - 1
-    labels_all = torch.randint(0, 10, (9000,))
-    model = replica.TinyUnet() if name == "tiny_unet" else replica.TinyDit()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    step, forward = replica.step_and_forward(model, opt, data, labels_all, replica.linear_alphas_cumprod(), batch)
-    model.train()
-    out = {}
-    for key, fn in (("train_step", step), ("forward", forward)):
-        for _ in range(warmup):
-            fn()
-        ts = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        out[key] = ts
+    _, step, forward = replica.step_and_forward(name, *replica.bench_data(), 32)
+    out = {key: replica.time_runs(fn, warmup, runs) for key, fn in (("train_step", step), ("forward", forward))}
     print(json.dumps(out))
 
 

@@ -303,9 +303,33 @@ def linear_alphas_cumprod(timesteps=1000, beta_start=1e-4, beta_end=0.02):
     return torch.cumprod(1.0 - betas, 0)
 
 
-def step_and_forward(model, opt, data, labels_all, ac, batch):
-    """The timed functions: one training step on a random batch (diffusion loss, backward,
-    clipping, AdamW) and one no-grad forward at t = 500, as benches/tiny_step.rs times msfp."""
+def bench_data():
+    """Stand-ins for MNIST (values don't affect timing) and the linear schedule's alpha-bars."""
+    data = torch.rand(9000, 1, 32, 32) * 2 - 1
+    labels_all = torch.randint(0, 10, (9000,))
+    return data, labels_all, linear_alphas_cumprod()
+
+
+def time_runs(fn, warmup, runs):
+    """Every run's wall time (ms) of `fn` over `runs` runs after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return ts
+
+
+def step_and_forward(name, data, labels_all, ac, batch):
+    """The model `name` with its AdamW optimizer, and the timed functions: one training step on a
+    random batch (diffusion loss, backward, clipping, AdamW) and one no-grad forward at t = 500,
+    as benches/tiny_step.rs times msfp."""
+    model = TinyUnet() if name == "tiny_unet" else TinyDit()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    model.train()
+
     def step():
         idx = torch.randint(0, data.shape[0], (batch,))
         x0, y = data[idx], labels_all[idx]
@@ -330,7 +354,7 @@ def step_and_forward(model, opt, data, labels_all, ac, batch):
             y = torch.zeros(batch, dtype=torch.long)
             return model(x, t, y).sum().item()
 
-    return step, forward
+    return model, step, forward
 
 
 def main():
@@ -349,29 +373,17 @@ def main():
     torch.manual_seed(0)
 
     batch = 32
-    data = torch.rand(9000, 1, 32, 32) * 2 - 1  # stands in for MNIST (values don't affect timing)
-    labels_all = torch.randint(0, 10, (9000,))
-    ac = linear_alphas_cumprod()
+    data, labels_all, ac = bench_data()
 
     rows = []
     for name in args.models.split(","):
-        model = TinyUnet() if name == "tiny_unet" else TinyDit()
+        model, step, forward = step_and_forward(name, data, labels_all, ac, batch)
         n_params = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-
-        step, forward = step_and_forward(model, opt, data, labels_all, ac, batch)
 
         def timeit(fn):
-            for _ in range(args.warmup):
-                fn()
-            ts = []
-            for _ in range(args.runs):
-                t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
+            ts = time_runs(fn, args.warmup, args.runs)
             return statistics.median(ts), min(ts), ts
 
-        model.train()
         st_med, st_min, st_all = timeit(step)
         fw_med, fw_min, fw_all = timeit(forward)
         row = dict(model=name, threads=args.threads, native_norm=NATIVE_NORM, parameters=n_params,
