@@ -620,6 +620,39 @@ fn sd_job_runs_end_to_end_on_the_tiny_sd() {
         sample("tests/fixtures/sd/tiny/compvis/sd-tiny.ckpt", "non_ema", &dir.path().join("ckpt.png"));
     let ema = sample("tests/fixtures/sd/tiny/compvis/sd-tiny.ckpt", "auto", &dir.path().join("ema.png"));
     assert!(from_dir == from_ckpt, "the CompVis checkpoint samples like the diffusers directory");
+    // pytorch-lightning 1.9's shape, torch.save's legacy container and a file carrying objects
+    // that would run a command outside `state_dict` sample the same image; nothing runs.
+    for file in ["sd-tiny-pl19.ckpt", "sd-tiny-legacy.ckpt", "hostile-outside.ckpt"] {
+        let png = sample(
+            &format!("tests/fixtures/sd/tiny/compvis/{file}"),
+            "non_ema",
+            &dir.path().join("other.png"),
+        );
+        assert!(png == from_ckpt, "{file} samples like sd-tiny.ckpt");
+    }
+    assert!(!Path::new("/tmp/msfp-pickle-was-executed").exists(), "a fixture's pickle ran its command");
+    // (the non-EMA UNet is the one whose `out.2.weight` was replaced; `auto` would read the
+    // intact EMA copy and never ask for it)
+    let hostile = repo().join("tests/fixtures/sd/tiny/compvis/hostile-inside.ckpt");
+    assert_fails(
+        &msfp(&[
+            "sample",
+            "--config",
+            c,
+            "--prompt",
+            "a fox",
+            "--n",
+            "1",
+            "--out",
+            dir.path().join("x.png").to_str().unwrap(),
+            "--set",
+            &format!("model.weights={:?}", hostile.to_str().unwrap()),
+            "--set",
+            "model.sd.ema=\"non_ema\"",
+        ]),
+        2,
+        &["hostile-inside.ckpt", "model.diffusion_model.out.2.weight", "not a tensor"],
+    );
     assert!(ema != from_ckpt, "with EMA weights present, `auto` samples from them");
 }
 

@@ -11,9 +11,10 @@ tensors):
                              scheduler/scheduler_config.json, model_index.json
   tiny/vae_legacy_attn/      the same tiny VAE saved with the legacy attention names that the
                              published SD1.4/1.5 `vae/` files use (query/key/value/proj_attn)
-  tiny/compvis/sd-tiny.ckpt  the same weights as a PyTorch-Lightning style checkpoint (CompVis
+  tiny/compvis/sd-tiny.ckpt  the same weights as a pytorch-lightning 1.4 checkpoint (CompVis
                              names, model_ema.* EMA copy of the UNet = UNet + 0.001, DDPM schedule
-                             buffers, position_ids), written with torch.save
+                             buffers, position_ids; callbacks keyed by class), written with
+                             torch.save (tools/gen_lightning_fixtures.py writes its other shapes)
   tiny/compvis/sd-tiny.safetensors   its state_dict as a single safetensors file
   tiny/parity.safetensors    inputs and reference outputs of the tiny UNet, VAE and CLIP
   sd14_keys/*.txt            names and shapes of every tensor of the full-size SD1.4 files
@@ -504,28 +505,18 @@ def write_compvis(compvis_sd):
     d.mkdir(parents=True, exist_ok=True)
     # an OrderedDict, as nn.Module.state_dict() gives and real Lightning checkpoints hold
     sd = collections.OrderedDict((k, v.detach().clone().contiguous()) for k, v in sorted(compvis_sd.items()))
-    ckpt = {
-        "epoch": 6,
-        "global_step": 470000,
-        "pytorch-lightning_version": "1.4.2",
-        "state_dict": sd,
-        "callbacks": {
-            "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 10000, "
-            "'every_n_epochs': None, 'train_time_interval': None, 'save_on_train_epoch_end': True}": {
-                "monitor": None,
-                "best_model_score": None,
-                "best_model_path": "/logs/checkpoints/last.ckpt",
-                "current_score": None,
-                "dirpath": "/logs/checkpoints",
-            },
-            "LearningRateMonitor": {"logging_interval": "step", "lr": 1.0e-4, "warmup_steps": 10000},
-        },
-    }
+    # pytorch-lightning 1.4's shape, as sd-v1-4.ckpt has it (callbacks keyed by class); the
+    # other Lightning shapes and the hostile files: tools/gen_lightning_fixtures.py
+    from gen_lightning_fixtures import lightning_14
+
+    ckpt = lightning_14(sd)
     torch.save(ckpt, d / "sd-tiny.ckpt")
     save_file(sd, str(d / "sd-tiny.safetensors"), metadata={"format": "pt"})
 
     # read both back (the ckpt without running pickle code beyond torch's safe allow-list)
-    back = torch.load(d / "sd-tiny.ckpt", map_location="cpu", weights_only=True)
+    # (weights_only=True refuses the class key, as it refuses sd-v1-4.ckpt; the stand-in
+    # classes exist in this process, so the plain load runs nothing foreign)
+    back = torch.load(d / "sd-tiny.ckpt", map_location="cpu", weights_only=False)
     assert set(back) == {"epoch", "global_step", "pytorch-lightning_version", "state_dict", "callbacks"}
     assert_same_sd(back["state_dict"], sd, "ckpt reload")
     assert_same_sd(load_file(str(d / "sd-tiny.safetensors")), sd, "compvis safetensors reload")

@@ -7,6 +7,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use super::pickle::{Id, Pickle, Value};
+use super::torch::{DType, Entry, TensorRef, TorchFile};
 use crate::error::{Error, Result, io_err};
 use crate::train::params::HostTensor;
 
@@ -42,16 +44,18 @@ enum Source {
     /// Absolute byte offset of each tensor (same order as `infos`); the file is read at those.
     Safetensors { file: Mutex<File>, offsets: Vec<u64> },
     /// Lazy tensors of a PyTorch checkpoint (same order as `infos`).
-    Pytorch { tensors: Vec<pytorch_reader::Tensor> },
+    Pytorch { file: TorchFile, tensors: Vec<TensorRef> },
 }
 
 /// An opened checkpoint: a safetensors file or a PyTorch (`torch.save`) checkpoint, told apart
-/// by content. For a checkpoint holding a `state_dict` entry (Lightning), only the tensors under
+/// by content. For a checkpoint holding a `state_dict` entry (Lightning), only the entries under
 /// it are listed, without the `state_dict.` prefix; everything else in the file is ignored.
 pub struct Checkpoint {
     path: PathBuf,
     infos: Vec<TensorInfo>,
     index: HashMap<String, usize>,
+    /// Entries of a PyTorch state dict that are not tensors, with what they are instead.
+    objects: Vec<(String, String)>,
     source: Source,
 }
 
@@ -103,10 +107,27 @@ impl Checkpoint {
         self.index.get(name).map(|&i| &self.infos[i])
     }
 
+    /// Entries of the state dict that are not tensors (an int, a Python object), sorted by
+    /// name, with what each is; [`Checkpoint::read_f32`] refuses them by name.
+    pub fn objects(&self) -> &[(String, String)] {
+        &self.objects
+    }
+
+    /// The name of every entry, tensors first, then the other objects.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.infos.iter().map(|t| t.name.as_str()).chain(self.objects.iter().map(|o| o.0.as_str()))
+    }
+
     /// Reads one float tensor as f32 (f64/f16/bf16 converted), checking that it is finite.
     pub fn read_f32(&self, name: &str) -> Result<HostTensor> {
         let path = &self.path;
         let Some(&i) = self.index.get(name) else {
+            if let Some((_, what)) = self.objects.iter().find(|o| o.0 == name) {
+                return Err(Error::usage(format!(
+                    "{}: `{name}` is {what}, not a tensor; this is not a plain checkpoint of the model's weights: use the file as published",
+                    path.display()
+                )));
+            }
             return Err(Error::usage(format!("{}: has no tensor `{name}`", path.display())));
         };
         let info = &self.infos[i];
@@ -128,17 +149,12 @@ impl Checkpoint {
                     .map_err(|e| corrupt(path, format!("tensor `{name}` could not be read ({e})")))?;
                 (buf, true)
             }
-            Source::Pytorch { tensors } => {
-                let buf = tensors[i]
-                    .read()
+            Source::Pytorch { file, tensors } => {
+                let (buf, little_endian) = file
+                    .read(&tensors[i])
                     .map_err(|e| corrupt(path, format!("tensor `{name}` could not be read ({e})")))?;
-                if buf.len() != byte_len {
-                    return Err(corrupt(
-                        path,
-                        format!("tensor `{name}` holds {} bytes, expected {byte_len}", buf.len()),
-                    ));
-                }
-                (buf, cfg!(target_endian = "little"))
+                debug_assert_eq!(buf.len(), byte_len);
+                (buf, little_endian)
             }
         };
         let data = decode_f32(&bytes, info.dtype, little_endian);
@@ -158,7 +174,7 @@ impl Checkpoint {
         let order: Vec<usize> = entries.iter().map(|e| e.1).collect();
         let infos: Vec<TensorInfo> = entries.into_iter().map(|e| e.0).collect();
         let index = infos.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Self { path: path.to_path_buf(), infos, index, source: source(order) }
+        Self { path: path.to_path_buf(), infos, index, objects: Vec::new(), source: source(order) }
     }
 
     fn open_safetensors(path: &Path, mut file: File) -> Result<Self> {
@@ -222,26 +238,85 @@ impl Checkpoint {
     }
 
     fn open_pytorch(path: &Path) -> Result<Self> {
-        let reader = pytorch_reader::PytorchReader::new(path)
+        let file = TorchFile::open(path)
             .map_err(|e| corrupt(path, format!("cannot be read as a PyTorch checkpoint ({e})")))?;
-        let mut tensors: Vec<(String, pytorch_reader::Tensor)> = reader.into_tensors().into_iter().collect();
+        let p = &file.pickle;
+        if !matches!(p.value(p.root), Value::Dict(_)) {
+            return Err(Error::usage(format!(
+                "{}: holds {}, not a dict of tensors; expected a state_dict or a Lightning checkpoint",
+                path.display(),
+                p.describe(p.root)
+            )));
+        }
         // A Lightning checkpoint keeps the weights under `state_dict`, beside training state.
-        if tensors.iter().any(|(n, _)| n.starts_with("state_dict.")) {
-            tensors = tensors
-                .into_iter()
-                .filter_map(|(n, t)| n.strip_prefix("state_dict.").map(|s| (s.to_string(), t)))
-                .collect();
+        let weights =
+            p.get(p.root, "state_dict").filter(|&id| matches!(p.value(id), Value::Dict(_))).unwrap_or(p.root);
+        let mut found = Vec::new();
+        collect_leaves(p, weights, &mut Vec::new(), &mut Vec::new(), &mut found);
+        let mut entries = Vec::new();
+        let mut lazy = Vec::new();
+        let mut objects = Vec::new();
+        for (name, id) in found {
+            match file.entry(id) {
+                Entry::Tensor(t) => {
+                    let info = TensorInfo { name, shape: t.shape.clone(), dtype: torch_dtype(t.dtype) };
+                    entries.push((info, lazy.len()));
+                    lazy.push(Some(t));
+                }
+                Entry::Other(what) => objects.push((name, what)),
+            }
         }
-        let mut entries = Vec::with_capacity(tensors.len());
-        let mut lazy: Vec<Option<pytorch_reader::Tensor>> = Vec::with_capacity(tensors.len());
-        for (i, (name, t)) in tensors.into_iter().enumerate() {
-            entries
-                .push((TensorInfo { name, shape: t.shape().to_vec(), dtype: pytorch_dtype(t.dtype()) }, i));
-            lazy.push(Some(t));
-        }
-        Ok(Self::from_infos(path, entries, |order| Source::Pytorch {
+        objects.sort();
+        let mut ckpt = Self::from_infos(path, entries, |order| Source::Pytorch {
             tensors: order.iter().map(|&i| lazy[i].take().expect("each tensor once")).collect(),
-        }))
+            file,
+        });
+        ckpt.objects = objects;
+        Ok(ckpt)
+    }
+}
+
+/// The leaves under `id` with their dotted paths: dicts descended by key (a str, an int, a
+/// class by its name), lists and tuples by index, as `state_dict()` names nested modules. Every
+/// other value, a tensor or not, is a leaf; a container met again on its own path (a pickle
+/// can build cycles) is not descended twice, nor one nested deeper than any checkpoint nests.
+fn collect_leaves(
+    p: &Pickle,
+    id: Id,
+    path: &mut Vec<String>,
+    open: &mut Vec<Id>,
+    out: &mut Vec<(String, Id)>,
+) {
+    const MAX_DEPTH: usize = 64;
+    let children: Vec<(Option<String>, Id)> = match p.value(id) {
+        Value::Dict(pairs) => pairs.iter().map(|&(k, v)| (key_name(p, k), v)).collect(),
+        Value::List(items) | Value::Tuple(items) => {
+            items.iter().enumerate().map(|(i, &v)| (Some(i.to_string()), v)).collect()
+        }
+        _ => {
+            out.push((path.join("."), id));
+            return;
+        }
+    };
+    if open.contains(&id) || path.len() >= MAX_DEPTH {
+        return;
+    }
+    open.push(id);
+    for (key, child) in children {
+        let Some(key) = key else { continue };
+        path.push(key);
+        collect_leaves(p, child, path, open, out);
+        path.pop();
+    }
+    open.pop();
+}
+
+fn key_name(p: &Pickle, key: Id) -> Option<String> {
+    match p.value(key) {
+        Value::Str(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::Bool(b) => Some(if *b { "True" } else { "False" }.into()),
+        _ => p.global_name(key),
     }
 }
 
@@ -291,22 +366,18 @@ fn safetensors_dtype(s: &str) -> Option<ElemType> {
     })
 }
 
-fn pytorch_dtype(t: pytorch_reader::DType) -> ElemType {
-    use pytorch_reader::DType as D;
+fn torch_dtype(t: DType) -> ElemType {
     match t {
-        D::F64 => ElemType::F64,
-        D::F32 => ElemType::F32,
-        D::F16 => ElemType::F16,
-        D::BF16 => ElemType::BF16,
-        D::I64 => ElemType::Other("I64"),
-        D::U64 => ElemType::Other("U64"),
-        D::I32 => ElemType::Other("I32"),
-        D::U32 => ElemType::Other("U32"),
-        D::I16 => ElemType::Other("I16"),
-        D::U16 => ElemType::Other("U16"),
-        D::I8 => ElemType::Other("I8"),
-        D::U8 => ElemType::Other("U8"),
-        D::Bool => ElemType::Other("BOOL"),
+        DType::F64 => ElemType::F64,
+        DType::F32 => ElemType::F32,
+        DType::F16 => ElemType::F16,
+        DType::BF16 => ElemType::BF16,
+        DType::I64 => ElemType::Other("I64"),
+        DType::I32 => ElemType::Other("I32"),
+        DType::I16 => ElemType::Other("I16"),
+        DType::I8 => ElemType::Other("I8"),
+        DType::U8 => ElemType::Other("U8"),
+        DType::Bool => ElemType::Other("BOOL"),
     }
 }
 
@@ -493,8 +564,81 @@ pub(crate) mod tests {
         let mut p = Pickle::new();
         p.global("os", "system").str(&format!("touch {}", marker.display())).op(0x85).op(b'R');
         write_torch_zip(&path, &p.finish(), &[]);
-        assert_usage_naming(Checkpoint::open(&path).err().unwrap(), &path, &["truncated or corrupt"]);
+        assert_usage_naming(
+            Checkpoint::open(&path).err().unwrap(),
+            &path,
+            &["a Python object built by os.system", "not a dict of tensors"],
+        );
         assert!(!marker.exists());
+    }
+
+    /// pytorch-lightning 1.4 keys `callbacks` by the callback's class; inside `state_dict` a
+    /// class key names its entry, a self-containing list is walked once, and a non-tensor entry
+    /// is listed as an object that `read_f32` refuses by name.
+    #[test]
+    fn class_keys_cycles_and_objects_in_a_lightning_dict() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pl14.ckpt");
+        let mut p = Pickle::new();
+        p.op(b'}').mark();
+        p.str("callbacks")
+            .op(b'}')
+            .global("pytorch_lightning.callbacks", "ModelCheckpoint")
+            .op(b'}')
+            .op(b's');
+        p.str("state_dict").op(b'}').mark();
+        p.str("a.weight").tensor("FloatStorage", "0", 2, 0, &[2], &[1]);
+        p.global("some.module", "Key").int(5);
+        p.str("loop").op(b']').op(b'q').0.push(7);
+        p.op(b'h').0.push(7);
+        p.op(b'a');
+        p.str("hp")
+            .global("pl", "AttributeDict")
+            .op(b')')
+            .op(0x81)
+            .str("lr")
+            .int(1)
+            .op(b's')
+            .op(b'}')
+            .op(b'b');
+        p.op(b'u');
+        p.op(b'u');
+        write_torch_zip(
+            &path,
+            &p.finish(),
+            &[("0", [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect())],
+        );
+        let ckpt = Checkpoint::open(&path).unwrap();
+        assert_eq!(ckpt.tensors().len(), 1);
+        assert_eq!(ckpt.read_f32("a.weight").unwrap().data, vec![1.0, 2.0]);
+        let objects: Vec<&str> = ckpt.objects().iter().map(|o| o.0.as_str()).collect();
+        assert_eq!(objects, ["hp", "some.module.Key"]);
+        let names: Vec<&str> = ckpt.names().collect();
+        assert_eq!(names, ["a.weight", "hp", "some.module.Key"]);
+        assert_usage_naming(
+            ckpt.read_f32("hp").unwrap_err(),
+            &path,
+            &["`hp`", "a Python object built by pl.AttributeDict", "not a tensor"],
+        );
+        assert_usage_naming(ckpt.read_f32("some.module.Key").unwrap_err(), &path, &["an int"]);
+    }
+
+    /// A view that reaches past its storage is refused when listed (named as what it is), and a
+    /// storage entry missing from the archive fails when read, naming the tensor.
+    #[test]
+    fn views_past_their_storage_and_missing_storages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.ckpt");
+        let mut p = Pickle::new();
+        p.op(b'}').mark();
+        p.str("long").tensor("FloatStorage", "0", 4, 2, &[3], &[1]);
+        p.str("gone").tensor("FloatStorage", "1", 4, 0, &[4], &[1]);
+        p.op(b'u');
+        write_torch_zip(&path, &p.finish(), &[("0", vec![0u8; 16])]);
+        let ckpt = Checkpoint::open(&path).unwrap();
+        assert_eq!(ckpt.tensors().len(), 1);
+        assert_usage_naming(ckpt.read_f32("long").unwrap_err(), &path, &["reaches past its storage"]);
+        assert_usage_naming(ckpt.read_f32("gone").unwrap_err(), &path, &["gone", "data/1", "missing"]);
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub fn load_sd_vae(path: &Path, device: &Device) -> Result<crate::models::sd::va
 
 fn read_all(path: &Path) -> Result<NamedTensors> {
     let ckpt = Checkpoint::open(path)?;
-    ckpt.tensors().iter().map(|info| Ok((info.name.clone(), ckpt.read_f32(&info.name)?))).collect()
+    ckpt.names().map(|name| Ok((name.to_string(), ckpt.read_f32(name)?))).collect()
 }
 
 /// Our name of each facebookresearch tensor.

@@ -8,8 +8,8 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 
 /// How many heads each level's attention has: a fixed count (diffusers' SD1.x configs call it
-/// `attention_head_dim`, but it is the number of heads: 8) or a fixed head width (CompVis LDM's
-/// `num_head_channels`, e.g. 32 for `cin256-v2`).
+/// `attention_head_dim`, but it is the number of heads: 8; CompVis' `num_heads`) or a fixed head
+/// width (CompVis' `num_head_channels`, which overrides `num_heads` when set).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Heads {
     Count(usize),
@@ -81,7 +81,8 @@ impl UnetConfig {
 
     /// CompVis LDM-4 ImageNet (`cin256-v2.yaml`): class-conditional through a 512-d class token
     /// in cross-attention, 192 channels, multipliers (1, 2, 3, 5), attention at downsampling
-    /// factors 2, 4, 8 with 32-wide heads, on VQ-f4 latents (3 x 64 x 64).
+    /// factors 2, 4, 8, on VQ-f4 latents (3 x 64 x 64). The yaml sets `num_heads: 1` and no
+    /// `num_head_channels`, so openaimodel builds ONE head as wide as the layer (384, 576, 960).
     pub fn ldm_cin256_v2() -> Self {
         Self {
             in_channels: 3,
@@ -89,7 +90,7 @@ impl UnetConfig {
             block_out_channels: vec![192, 384, 576, 960],
             cross_attention: vec![false, true, true, true],
             layers_per_block: 2,
-            heads: Heads::Width(32),
+            heads: Heads::Count(1),
             norm_num_groups: 32,
             norm_eps: 1e-5,
             cross_attention_dim: 512,
@@ -270,4 +271,21 @@ struct DiffusersVae {
     latent_channels: usize,
     norm_num_groups: usize,
     scaling_factor: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `cin256-v2.yaml`'s `num_heads: 1` without `num_head_channels`: one full-width head at
+    /// every attention level (shapes cannot tell this from 32-wide heads).
+    #[test]
+    fn cin256_v2_attends_with_one_full_width_head() {
+        let cfg = UnetConfig::ldm_cin256_v2();
+        for (&c, &attn) in cfg.block_out_channels.iter().zip(&cfg.cross_attention) {
+            if attn {
+                assert_eq!(cfg.heads.split(c), (1, c), "level of {c} channels");
+            }
+        }
+    }
 }

@@ -176,7 +176,7 @@ pub fn load_compvis_file(
     parts: Parts,
 ) -> Result<SdWeights> {
     let ckpt = Checkpoint::open(path)?;
-    let names = || ckpt.tensors().iter().map(|t| t.name.as_str());
+    let names = || ckpt.names();
     if ckpt.tensors().is_empty() {
         return Err(Error::usage(format!(
             "{}: holds no tensors; expected a Stable Diffusion checkpoint (a `state_dict` of tensors)",
@@ -276,9 +276,20 @@ mod tests {
         assert!(!diffusers.text_encoder.contains_key(keymap::TEXT_ENCODER_POSITION_IDS));
         assert_eq!(diffusers.vae["encoder.mid_block.attentions.0.to_q.weight"].shape.len(), 2);
 
-        for file in ["sd-tiny.ckpt", "sd-tiny.safetensors"] {
+        // pytorch-lightning 1.4 (a class as a dict key) and 1.9 shapes, torch.save's legacy
+        // container, and objects that would run a command placed outside `state_dict`: all read
+        // the same tensors (tools/gen_lightning_fixtures.py).
+        let marker = Path::new(HOSTILE_MARKER);
+        for file in [
+            "sd-tiny.ckpt",
+            "sd-tiny-pl19.ckpt",
+            "sd-tiny-legacy.ckpt",
+            "hostile-outside.ckpt",
+            "sd-tiny.safetensors",
+        ] {
             let path = root.join("compvis").join(file);
             let plain = load_sd_weights(&path, 2, EmaChoice::NonEma).unwrap();
+            assert!(!marker.exists(), "{file}: reading it ran its pickle's command");
             assert_bit_identical(&format!("{file} unet"), &plain.unet, &diffusers.unet);
             assert_bit_identical(&format!("{file} vae"), &plain.vae, &diffusers.vae);
             assert_bit_identical(
@@ -483,10 +494,31 @@ mod tests {
         assert_usage(err, &[&path.display().to_string(), "model.diffusion_model.extra.weight"]);
     }
 
+    /// What the hostile fixtures' command would create, were it ever run.
+    const HOSTILE_MARKER: &str = "/tmp/msfp-pickle-was-executed";
+
+    /// A command-running object where a tensor must be: one usage line naming the entry and
+    /// what it is; nothing runs.
+    #[test]
+    fn an_object_in_place_of_a_tensor_is_named_and_never_run() {
+        let path = fixtures().join("tiny/compvis/hostile-inside.ckpt");
+        let err = load_sd_weights(&path, 2, EmaChoice::NonEma).unwrap_err();
+        assert_usage(
+            err,
+            &[
+                &path.display().to_string(),
+                "model.diffusion_model.out.2.weight",
+                "posix.system",
+                "not a tensor",
+            ],
+        );
+        assert!(!Path::new(HOSTILE_MARKER).exists());
+    }
+
     #[test]
     fn truncated_and_missing_checkpoints_are_usage_errors_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        for file in ["sd-tiny.ckpt", "sd-tiny.safetensors"] {
+        for file in ["sd-tiny.ckpt", "sd-tiny-legacy.ckpt", "sd-tiny.safetensors"] {
             let bytes = std::fs::read(fixtures().join("tiny/compvis").join(file)).unwrap();
             let path = dir.path().join(file);
             std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
