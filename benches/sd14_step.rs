@@ -11,7 +11,8 @@
 //!     cargo bench --profile dev --bench sd14_step -- [--latent 64] [--runs 2] [--no-qat]
 //!
 //! `--no-qat` measures the two forwards only (a QAT step's activations at latent 64 do not fit in
-//! 24 GB beside the teacher).
+//! 24 GB beside the teacher). `--qat-only` builds the student and times its QAT steps alone,
+//! writing no results: the window a profiler (`perf record`) should see.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -48,6 +49,15 @@ fn bench() {
     let qat = !std::env::args().any(|a| a == "--no-qat");
     let cfg = sd14::config(latent);
     let device = Device::flex();
+    if std::env::args().any(|a| a == "--qat-only") {
+        let ad = device.autodiff();
+        let (mut model, _, _) = sd14::student(&cfg, &ad);
+        let inputs = sd14::Inputs::new(1, latent, &ad);
+        let mut optim = msfp::train::optim::AdamW::new(0.0, 1.0);
+        let qat_s = time(runs, || model = sd14::qat_step(model.clone(), &inputs, &mut optim));
+        eprintln!("QAT step: {qat_s:?} s, peak RSS {:.0} MiB", peak_rss_mib());
+        return;
+    }
     let t0 = Instant::now();
     let teacher = msfp::pipeline::sample::load_model(&cfg, None, &device).expect("SD UNet");
     let build_s = t0.elapsed().as_secs_f64();

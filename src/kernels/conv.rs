@@ -431,7 +431,7 @@ pub fn weight_grad_unfolded(g: &ConvGeometry, dy: &[f32], x: &[f32]) -> (Vec<f32
     let partials: Vec<(Vec<f32>, Vec<f32>)> = tiles
         .par_chunks(per_part)
         .map(|part| {
-            let (mut dw, mut db) = (vec![0.0f32; co * kk], vec![0.0f32; co]);
+            let (mut dw, mut db) = (zeros(co * kk), vec![0.0f32; co]);
             let mut col = Vec::new();
             for &(b, oh0, rows) in part {
                 let x_b = &x[b * sample_len..(b + 1) * sample_len];
@@ -574,9 +574,9 @@ pub fn weight_grad_shifted(g: &ConvGeometry, dy: &[f32], x: &[f32]) -> (Vec<f32>
         .par_chunks(g.batch.div_ceil(parts))
         .map(|part| {
             // dw laid [kh][kw][c][o]; the borders of xt and dyt stay zero.
-            let (mut dw, mut db) = (vec![0.0f32; kk * co], vec![0.0f32; co]);
-            let mut xt = vec![0.0f32; grid.grid * ci];
-            let mut dyt = vec![0.0f32; grid.positions * co];
+            let (mut dw, mut db) = (zeros(kk * co), vec![0.0f32; co]);
+            let mut xt = zeros(grid.grid * ci);
+            let mut dyt = zeros(grid.positions * co);
             for &b in part {
                 let (x_b, dy_b) = (&x[b * ci * n..(b + 1) * ci * n], &dy[b * co * n..(b + 1) * co * n]);
                 positions_major(x_b, ci, g.h, g.w, &mut xt, g.padding * (grid.wp + 1), grid.wp);

@@ -15,7 +15,7 @@ use crate::nn::silu;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{Linear, StepCtx, timestep_embedding};
+use crate::nn::{Linear, Route, StepCtx, timestep_embedding};
 use crate::rng::SeededRng;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -89,19 +89,18 @@ impl Router {
         }
     }
 
-    /// The route `[K]` for timestep `t`: one-hot; for the learned router
-    /// `one_hot + softmax - detach(softmax)` (value one-hot, gradient the softmax's).
-    pub fn route(&self, t: usize, device: &Device) -> Tensor<1> {
-        let hard = self.one_hot(self.choice(t, device), device);
-        match self.logits(t, device) {
-            None => hard,
-            Some(l) => {
-                let soft = softmax(l, 0);
-                // `soft - soft` is exactly 0, so the value is exactly one-hot (`(hard + soft) -
-                // soft` would not be: the packed model relies on exact selection).
-                hard + (soft.clone() - soft.detach())
-            }
-        }
+    /// The route for timestep `t`: the chosen adapter and, for the learned router, the
+    /// straight-through `one_hot + softmax - detach(softmax)` (value one-hot, gradient the
+    /// softmax's).
+    pub fn route(&self, t: usize, device: &Device) -> Route {
+        let adapter = self.choice(t, device);
+        let straight_through = self.logits(t, device).map(|l| {
+            let soft = softmax(l, 0);
+            // `soft - soft` is exactly 0, so the value is exactly one-hot (`(hard + soft) -
+            // soft` would not be: the packed model relies on exact selection).
+            self.one_hot(adapter, device) + (soft.clone() - soft.detach())
+        });
+        Route { adapter, straight_through }
     }
 
     /// `ctx` with its route set, when it has a timestep.
@@ -120,7 +119,9 @@ mod tests {
         let r = Router::new(RouterKind::Range, 4, 0, 1000, &mut SeededRng::new(0), &device);
         let picks: Vec<usize> = [0, 249, 250, 999, 5000].iter().map(|&t| r.choice(t, &device)).collect();
         assert_eq!(picks, [0, 0, 1, 3, 3]);
-        assert_eq!(r.route(600, &device).into_data().try_into_vec::<f32>().unwrap(), [0.0, 0.0, 1.0, 0.0]);
+        let route = r.route(600, &device);
+        assert_eq!(route.adapter, 2);
+        assert!(route.straight_through.is_none(), "the range router has nothing to learn");
     }
 
     #[test]
@@ -130,7 +131,7 @@ mod tests {
         for t in [0, 400, 999] {
             assert_eq!(r.choice(t, &device), r.range_choice(t));
         }
-        let route = r.route(500, &device);
+        let route = r.route(500, &device).straight_through.expect("learned route");
         assert_eq!(
             route.clone().into_data().try_into_vec::<f32>().unwrap(),
             [0.0, 1.0, 0.0],

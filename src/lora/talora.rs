@@ -14,7 +14,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{StepCtx, init};
+use crate::nn::{Route, StepCtx, init};
 use crate::rng::SeededRng;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -61,19 +61,19 @@ impl Talora {
         self.a.dims()[0]
     }
 
-    /// The weight update `scaling * sum_k route_k B_k A_k`, `[out, fan_in]`. With a one-hot
-    /// route its value is exactly the chosen adapter's update (the other terms are `0 * finite`);
-    /// a straight-through route still sends each adapter's gradient to the router.
+    /// The weight update `scaling * B_k A_k` of the routed adapter, `[out, fan_in]` (merged
+    /// placement). With a learned router's straight-through route it is `scaling * sum_j
+    /// route_j B_j A_j`, the same value (the other terms are `0 * finite`) with each adapter's
+    /// gradient sent to the router.
     pub fn delta(&self, ctx: &StepCtx) -> Tensor<2> {
         let [k, out, _] = self.b.dims();
         let fan_in = self.a.dims()[2];
-        let all = self.b.val().matmul(self.a.val()); // [K, out, fan_in]
-        let mixed = match (&ctx.route, k) {
-            (_, 1) => all,
-            (Some(route), _) => (all * route.clone().reshape([k, 1, 1])).sum_dim(0),
-            (None, _) => {
-                panic!("a TALoRA bank of {k} adapters needs a route: the model sets it from the timestep")
+        let mixed = match self.choice(ctx) {
+            Choice::One(j) => {
+                let (a, b) = (self.a.val().slice([j..j + 1]), self.b.val().slice([j..j + 1]));
+                b.matmul(a)
             }
+            Choice::All(route) => (self.b.val().matmul(self.a.val()) * route.reshape([k, 1, 1])).sum_dim(0),
         };
         mixed.reshape([out, fan_in]) * self.scaling
     }
@@ -82,6 +82,43 @@ impl Talora {
     pub fn delta_like<const D: usize>(&self, ctx: &StepCtx, dims: [usize; D]) -> Tensor<D> {
         self.delta(ctx).reshape(dims)
     }
+
+    /// The branch placement's factors for this step, `down: [m, fan_in]` and `up: [out, m]`
+    /// with the scaling (and a straight-through route) folded into `up`, so that the update is
+    /// `up · down`: the layer runs its input through `down` (a rank-m layer of its own kernel
+    /// shape) and then `up` (a 1x1), at about m/out of a full-size pass and with no weight-sized
+    /// temporary. m = r for the routed adapter; K*r, every adapter weighed by the route, when a
+    /// learned router needs the gradient.
+    pub fn factors(&self, ctx: &StepCtx) -> (Tensor<2>, Tensor<2>) {
+        let [k, out, r] = self.b.dims();
+        let fan_in = self.a.dims()[2];
+        let (down, up, m) = match self.choice(ctx) {
+            Choice::One(j) => (self.a.val().slice([j..j + 1]), self.b.val().slice([j..j + 1]), r),
+            Choice::All(route) => (self.a.val(), self.b.val() * route.reshape([k, 1, 1]), k * r),
+        };
+        // [K', out, r] -> [out, K' * r], matching down's [K' * r, fan_in] rows.
+        let up = up.swap_dims(0, 1).reshape([out, m]) * self.scaling;
+        (down.reshape([m, fan_in]), up)
+    }
+
+    fn choice(&self, ctx: &StepCtx) -> Choice {
+        let k = self.adapters();
+        match (&ctx.route, k) {
+            (_, 1) => Choice::One(0),
+            (Some(Route { straight_through: Some(route), .. }), _) => Choice::All(route.clone()),
+            (Some(route), _) => Choice::One(route.adapter),
+            (None, _) => {
+                panic!("a TALoRA bank of {k} adapters needs a route: the model sets it from the timestep")
+            }
+        }
+    }
+}
+
+/// Which adapters a step computes with.
+enum Choice {
+    One(usize),
+    /// Every adapter, weighed by the straight-through route.
+    All(Tensor<1>),
 }
 
 #[cfg(test)]
@@ -103,9 +140,20 @@ mod tests {
         for k in 0..3 {
             let mut route = vec![0.0f32; 3];
             route[k] = 1.0;
-            let ctx =
-                StepCtx { timestep: Some(0), route: Some(Tensor::from_floats(route.as_slice(), &device)) };
-            assert_eq!(bank.delta(&ctx).into_data(), only(k).into_data(), "adapter {k}");
+            let straight_through = Some(Tensor::from_floats(route.as_slice(), &device));
+            let ctx = StepCtx { timestep: Some(0), route: Some(Route { adapter: k, straight_through }) };
+            assert_eq!(bank.delta(&ctx).into_data(), only(k).into_data(), "adapter {k}, all weighed");
+            let fixed = StepCtx::with_adapter(Some(0), k);
+            assert_eq!(bank.delta(&fixed).into_data(), only(k).into_data(), "adapter {k} alone");
+            // The branch factors multiply to the same update (to rounding: another order).
+            for ctx in [&ctx, &fixed] {
+                let (down, up) = bank.factors(ctx);
+                let got = crate::train::params::host_values(up.matmul(down));
+                let want = crate::train::params::host_values(only(k));
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{g} vs {w}");
+                }
+            }
         }
     }
 

@@ -50,9 +50,15 @@ impl Conv2d {
     pub fn forward(&self, x: Tensor<4>, ctx: &StepCtx) -> Tensor<4> {
         use crate::kernels::conv::conv2d;
         let (s, p) = (self.stride, self.padding);
-        let (w, branch) =
-            super::layer_weight(self.weight.val(), self.quant.as_ref(), self.lora.as_ref(), ctx);
-        let low_rank = branch.map(|d| conv2d(x.clone(), d, None, s, p));
+        let w = super::quantized_weight(self.weight.val(), self.quant.as_ref(), self.lora.as_ref(), ctx);
+        // The branch adapter as a rank-m convolution with the layer's kernel, then a 1x1.
+        let low_rank = super::branch(self.lora.as_ref()).map(|l| {
+            let [c_out, c_in, kh, kw] = self.weight.dims();
+            let (down, up) = l.factors(ctx);
+            let m = down.dims()[0];
+            let h = conv2d(x.clone(), down.reshape([m, c_in, kh, kw]), None, s, p);
+            conv2d(h, up.reshape([c_out, m, 1, 1]), None, 1, 0)
+        });
         let x = match &self.quant {
             Some(q) => q.input(x, ctx),
             None => x,

@@ -70,9 +70,11 @@ impl Linear {
             Some(h) => h.rotate(x),
             None => x,
         };
-        let (w, branch) =
-            super::layer_weight(self.weight.val(), self.quant.as_ref(), self.lora.as_ref(), ctx);
-        let low_rank = branch.map(|d| linear(x.clone(), d, None));
+        let w = super::quantized_weight(self.weight.val(), self.quant.as_ref(), self.lora.as_ref(), ctx);
+        let low_rank = super::branch(self.lora.as_ref()).map(|l| {
+            let (down, up) = l.factors(ctx);
+            linear(linear(x.clone(), down, None), up, None)
+        });
         let x = match &self.quant {
             Some(q) => q.input(x, ctx),
             None => x,

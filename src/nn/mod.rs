@@ -18,18 +18,10 @@ pub use embedding::{ClassEmbedding, Embedding, timestep_embedding, timestep_embe
 pub use linear::Linear;
 pub use norm::{GroupNorm, LayerNorm, layer_norm};
 
-/// The weight a layer computes with and, for the `branch` TALoRA placement, the full-precision
-/// low-rank update the layer applies to its unquantized input.
-pub fn layer_weight<const D: usize>(
-    w0: burn::tensor::Tensor<D>,
-    quant: Option<&crate::quant::layer::LayerQuant>,
-    lora: Option<&crate::lora::Talora>,
-    ctx: &StepCtx,
-) -> (burn::tensor::Tensor<D>, Option<burn::tensor::Tensor<D>>) {
-    let dims = w0.dims();
-    let branch =
-        lora.filter(|l| l.placement == crate::lora::Placement::Branch).map(|l| l.delta_like(ctx, dims));
-    (quantized_weight(w0, quant, lora, ctx), branch)
+/// The `branch` TALoRA placement's adapters of a layer, when it has them (its full-precision
+/// low-rank path beside the quantized weight).
+pub fn branch(lora: Option<&crate::lora::Talora>) -> Option<&crate::lora::Talora> {
+    lora.filter(|l| l.placement == crate::lora::Placement::Branch)
 }
 
 /// The (quantized) weight: `Q(W0 + B_k A_k)` for the merged placement, `Q(W0)` otherwise, or
@@ -62,13 +54,27 @@ pub fn quantized_weight<const D: usize>(
 pub struct StepCtx {
     /// The training-schedule timestep shared by the whole batch, when there is one.
     pub timestep: Option<usize>,
-    /// TALoRA: the adapter mix `[K]` the router chose for this step (one-hot in the forward
-    /// pass; straight-through gradients for a learned router). Set by the model, read by layers.
-    pub route: Option<burn::tensor::Tensor<1>>,
+    /// TALoRA: the adapter the router chose for this step. Set by the model, read by layers.
+    pub route: Option<Route>,
 }
 
 impl StepCtx {
     pub fn at(timestep: usize) -> Self {
         Self { timestep: Some(timestep), route: None }
     }
+
+    /// Routed to adapter `adapter` (a fixed choice, no router gradient).
+    pub fn with_adapter(timestep: Option<usize>, adapter: usize) -> Self {
+        Self { timestep, route: Some(Route { adapter, straight_through: None }) }
+    }
+}
+
+/// TALoRA's choice for one step. The forward pass always computes with exactly one adapter;
+/// a learned router also hands over its straight-through route `[K]` (value one-hot at
+/// `adapter`, gradient the softmax's), which layers weigh every adapter by so that the router
+/// learns. Without it (the range router, a deployed model) only the chosen adapter is computed.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub adapter: usize,
+    pub straight_through: Option<burn::tensor::Tensor<1>>,
 }

@@ -43,12 +43,6 @@ fn weight_sets(lora: Option<&crate::lora::Talora>) -> usize {
     }
 }
 
-fn one_hot(k: usize, n: usize, device: &Device) -> Tensor<1> {
-    let mut v = vec![0.0f32; n];
-    v[k] = 1.0;
-    Tensor::from_data(TensorData::new(v, [n]), device)
-}
-
 /// Makes a quantized layer compute with fixed weight sets `[sets, rows, fan_in]` (the deployed
 /// form) instead of re-quantizing its weight every call; merged adapters are folded into them.
 fn install_weight_sets(site: &mut crate::quant::site::QuantSite<'_>, values: Tensor<3>) {
@@ -81,12 +75,11 @@ pub fn deploy(student: &Denoiser) -> Denoiser {
 /// adapter for the merged placement (each with its adapter folded in), else one.
 fn deployed_weights(site: &crate::quant::site::QuantSite<'_>) -> (Vec<f32>, [usize; 3]) {
     let sets = weight_sets(site.layer.lora());
-    let device = site.layer.device();
     let dims = site.layer.weight_dims();
     let (rows, fan_in) = (dims[0], dims[1..].iter().product::<usize>());
     let mut values = Vec::with_capacity(sets * rows * fan_in);
     for k in 0..sets {
-        let ctx = StepCtx { timestep: None, route: (sets > 1).then(|| one_hot(k, sets, &device)) };
+        let ctx = StepCtx::with_adapter(None, k);
         values.extend(site.layer.effective_weight_host(&ctx).data);
     }
     (values, [sets, rows, fan_in])

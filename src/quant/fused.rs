@@ -125,39 +125,77 @@ impl<R: Round> Grid<R> {
         }
     }
 
+    /// `(dx, ds term, dz term)` of one element with upstream gradient `g`, with selects, not
+    /// branches (a quarter of a typical tensor is clipped, at random).
+    #[inline(always)]
+    fn terms(&self, s: f32, z: f32, g: f32, v: f32) -> (f32, f32, f32) {
+        let u = (v - z) / s;
+        let r = self.code(u);
+        let inside = (u >= self.lo) & (u <= self.hi);
+        let dx = if inside { g } else { 0.0 };
+        (dx, g * (r - if inside { u } else { 0.0 }), g - dx)
+    }
+
     /// The backward over one run of one scale block: overwrites `g` with `dx` and returns this
     /// run's `(ds, dz)`, summed in LANES running sums (a fixed order that vectorises).
     #[inline(always)]
     fn backward(&self, s: f32, z: f32, g: &mut [f32], xs: &[f32]) -> (f32, f32) {
-        let (lo, hi) = (self.lo, self.hi);
-        // (dx, ds term, dz term) of one element, with selects, not branches (a quarter of a
-        // typical tensor is clipped, at random).
-        let grads = |g: f32, v: f32| {
-            let u = (v - z) / s;
-            let r = self.code(u);
-            let inside = (u >= lo) & (u <= hi);
-            let dx = if inside { g } else { 0.0 };
-            (dx, g * (r - if inside { u } else { 0.0 }), g - dx)
-        };
         let (mut sum_s, mut sum_z) = ([0.0f32; LANES], [0.0f32; LANES]);
         let mut g_lanes = g.chunks_exact_mut(LANES);
         let mut x_lanes = xs.chunks_exact(LANES);
         for (gl, xl) in (&mut g_lanes).zip(&mut x_lanes) {
             for l in 0..LANES {
-                let (dx, ds, dz) = grads(gl[l], xl[l]);
+                let (dx, ds, dz) = self.terms(s, z, gl[l], xl[l]);
                 gl[l] = dx;
                 sum_s[l] += ds;
                 sum_z[l] += dz;
             }
         }
         for (g, &v) in g_lanes.into_remainder().iter_mut().zip(x_lanes.remainder()) {
-            let (dx, ds, dz) = grads(*g, v);
+            let (dx, ds, dz) = self.terms(s, z, *g, v);
             *g = dx;
             sum_s[0] += ds;
             sum_z[0] += dz;
         }
         (sum_s.iter().sum(), sum_z.iter().sum())
     }
+
+    /// [`Self::backward`]'s `(ds, dz)` alone, in the same order (the same bits), reading `g`
+    /// only: for an input nothing needs `dx` of (a frozen weight).
+    #[inline(always)]
+    fn sums(&self, s: f32, z: f32, g: &[f32], xs: &[f32]) -> (f32, f32) {
+        let (mut sum_s, mut sum_z) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let (g_lanes, x_lanes) = (g.chunks_exact(LANES), xs.chunks_exact(LANES));
+        let rest = g_lanes.remainder().iter().zip(x_lanes.remainder());
+        for (gl, xl) in g_lanes.zip(x_lanes) {
+            for l in 0..LANES {
+                let (_, ds, dz) = self.terms(s, z, gl[l], xl[l]);
+                sum_s[l] += ds;
+                sum_z[l] += dz;
+            }
+        }
+        for (&g, &v) in rest {
+            let (_, ds, dz) = self.terms(s, z, g, v);
+            sum_s[0] += ds;
+            sum_z[0] += dz;
+        }
+        (sum_s.iter().sum(), sum_z.iter().sum())
+    }
+}
+
+/// `(block, ds, dz)` of each scale-block run of chunk `c` (`len` elements), from `run_sums`.
+fn chunk_sums(
+    c: usize,
+    len: usize,
+    block: usize,
+    mut run_sums: impl FnMut(usize, Range<usize>) -> (f32, f32),
+) -> Vec<(usize, f32, f32)> {
+    let mut sums = Vec::new();
+    block_runs(c * CHUNK, len, block, |b, run| {
+        let (ds, dz) = run_sums(b, run);
+        sums.push((b, ds, dz));
+    });
+    sums
 }
 
 /// The run kernels compiled for AVX2 (8 lanes instead of the x86-64 baseline's 4), chosen at
@@ -194,6 +232,7 @@ mod dispatch {
     kernel!(quantize_in_place, quantize_in_place_avx2, (s: f32, z: f32, xs: &mut [f32]) -> ());
     kernel!(quantize, quantize_avx2, (s: f32, z: f32, xs: &[f32], out: &mut [f32]) -> ());
     kernel!(backward, backward_avx2, (s: f32, z: f32, g: &mut [f32], xs: &[f32]) -> (f32, f32));
+    kernel!(sums, sums_avx2, (s: f32, z: f32, g: &[f32], xs: &[f32]) -> (f32, f32));
 }
 
 /// The quantizer's two passes on one backend's own tensors: flex here, the CubeCL backends in
@@ -207,14 +246,16 @@ pub trait FusedQuantKernels: Backend {
         format: &Format,
     ) -> FloatTensor<Self>;
 
-    /// `(dx, ds, dz)` for the upstream gradient `grad` (STE for `x`, LSQ for scale and zero).
+    /// `(dx, ds, dz)` for the upstream gradient `grad` (STE for `x`, LSQ for scale and zero);
+    /// `dx` only when `want_dx` (a frozen weight needs none).
     fn fake_quant_backward(
         grad: FloatTensor<Self>,
         x: &FloatTensor<Self>,
         scale: &FloatTensor<Self>,
         zero: &FloatTensor<Self>,
         format: &Format,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+        want_dx: bool,
+    ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// Flex: each pass is one loop over the tensor's own memory, in fixed chunks on rayon's pool.
@@ -248,31 +289,45 @@ impl FusedQuantKernels for Flex {
         tensor_like(out, &x)
     }
 
-    /// `(dx, ds, dz)` for the upstream gradient `grad`; `dx` takes over `grad`'s memory when it can.
-    /// Each chunk sums its part of every block it touches; the parts are added in chunk order.
+    /// `(dx, ds, dz)` for the upstream gradient `grad`; `dx` takes over `grad`'s memory when it
+    /// can, and without `want_dx` the pass only reads. Each chunk sums its part of every block
+    /// it touches; the parts are added in chunk order (the same bits with or without `dx`).
     fn fake_quant_backward(
         grad: FlexTensor,
         x: &FlexTensor,
         scale: &FlexTensor,
         zero: &FlexTensor,
         format: &Format,
-    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        want_dx: bool,
+    ) -> (Option<FlexTensor>, FlexTensor, FlexTensor) {
         let (xs, s, z) = (values(x), values(scale), values(zero));
         let block = block_len(x, scale);
-        let mut dx = writable(grad);
-        let chunks =
-            values_mut(&mut dx).expect("writable tensor").par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK));
-        let parts: Vec<Vec<(usize, f32, f32)>> = with_grid!(format, |grid| chunks
-            .enumerate()
-            .map(|(c, (gc, xc))| {
-                let mut sums = Vec::new();
-                block_runs(c * CHUNK, gc.len(), block, |b, run| {
-                    let (ds, dz) = dispatch::backward(&grid, s[b], z[b], &mut gc[run.clone()], &xc[run]);
-                    sums.push((b, ds, dz));
-                });
-                sums
-            })
-            .collect());
+        let (dx, parts): (_, Vec<Vec<(usize, f32, f32)>>) = if want_dx {
+            let mut dx = writable(grad);
+            let chunks =
+                values_mut(&mut dx).expect("writable tensor").par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK));
+            let parts = with_grid!(format, |grid| chunks
+                .enumerate()
+                .map(|(c, (gc, xc))| {
+                    chunk_sums(c, gc.len(), block, |b, run| {
+                        dispatch::backward(&grid, s[b], z[b], &mut gc[run.clone()], &xc[run])
+                    })
+                })
+                .collect());
+            (Some(dx), parts)
+        } else {
+            let gs = values(&grad);
+            let chunks = gs.par_chunks(CHUNK).zip(xs.par_chunks(CHUNK));
+            let parts = with_grid!(format, |grid| chunks
+                .enumerate()
+                .map(|(c, (gc, xc))| {
+                    chunk_sums(c, gc.len(), block, |b, run| {
+                        dispatch::sums(&grid, s[b], z[b], &gc[run.clone()], &xc[run])
+                    })
+                })
+                .collect());
+            (None, parts)
+        };
         let mut ds = vec![0.0f32; s.len()];
         let mut dz = vec![0.0f32; z.len()];
         for (b, sum_s, sum_z) in parts.into_iter().flatten() {
@@ -318,8 +373,8 @@ impl<B: FusedQuantKernels> Backward<B, 3> for FusedQuantBackward {
         let [node_x, node_s, node_z] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (x, scale, zero) = ops.state;
-        let (dx, ds, dz) = B::fake_quant_backward(grad, &x, &scale, &zero, &self.format);
-        if let Some(node) = node_x {
+        let (dx, ds, dz) = B::fake_quant_backward(grad, &x, &scale, &zero, &self.format, node_x.is_some());
+        if let (Some(node), Some(dx)) = (node_x, dx) {
             grads.register::<B>(node.id, dx);
         }
         if let Some(node) = node_s {
@@ -462,6 +517,33 @@ mod tests {
                 assert!(fdx.iter().any(|&d| d == 0.0) && fdx.iter().any(|&d| d != 0.0), "{spec}: clipping");
             }
         }
+    }
+
+    /// A frozen input (a weight nobody trains) gets no `dx`, and its scale and zero-point
+    /// gradients are the same bits as when `dx` is computed beside them; over several chunks.
+    #[test]
+    fn a_frozen_input_skips_dx_with_the_same_scale_gradients() {
+        let device = Device::flex().autodiff();
+        let format = Format::parse("ue2m2").unwrap();
+        let n = 3 * CHUNK + 77;
+        let x0: Vec<f32> = SeededRng::new(4).normals(n);
+        let g0 = SeededRng::new(5).normals(n);
+        let run = |train_x: bool| {
+            let x = Tensor::<2>::from_data(TensorData::new(x0.clone(), [1, n]), &device);
+            let x = if train_x { x.require_grad() } else { x };
+            let s = Tensor::<2>::from_data(TensorData::new(vec![0.4f32], [1, 1]), &device).require_grad();
+            let z = Tensor::<2>::from_data(TensorData::new(vec![-0.3f32], [1, 1]), &device).require_grad();
+            let q = fake_quantize_fused(x.clone(), &format, &s, Some(&z)).unwrap_or_else(|_| panic!("fused"));
+            let g = Tensor::<2>::from_data(TensorData::new(g0.clone(), [1, n]), &device);
+            let grads = (q * g).sum().backward();
+            let dx = x.grad(&grads).map(host_values);
+            (dx, host_values(s.grad(&grads).unwrap()), host_values(z.grad(&grads).unwrap()))
+        };
+        let (dx, ds, dz) = run(true);
+        let (none, frozen_ds, frozen_dz) = run(false);
+        assert!(dx.is_some() && none.is_none());
+        assert_eq!(ds[0].to_bits(), frozen_ds[0].to_bits());
+        assert_eq!(dz[0].to_bits(), frozen_dz[0].to_bits());
     }
 
     /// A transposed view (attention quantizes K^T) is quantized at its logical positions, with

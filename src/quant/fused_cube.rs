@@ -212,7 +212,8 @@ impl FusedQuantKernels for CubeBackend {
         scale: &CubeTensor,
         zero: &CubeTensor,
         format: &Format,
-    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        _want_dx: bool,
+    ) -> (Option<CubeTensor>, CubeTensor, CubeTensor) {
         let (g, x) = (contiguous(grad), contiguous(x.clone()));
         let (s, z) = (contiguous(scale.clone()), contiguous(zero.clone()));
         let (dx, ds_terms, dz_terms) = (empty_like(&x), empty_like(&x), empty_like(&x));
@@ -233,6 +234,6 @@ impl FusedQuantKernels for CubeBackend {
             block,
             GridArgs::launch(format),
         );
-        (dx, block_sums(ds_terms, blocks, scale), block_sums(dz_terms, blocks, zero))
+        (Some(dx), block_sums(ds_terms, blocks, scale), block_sums(dz_terms, blocks, zero))
     }
 }

@@ -155,18 +155,17 @@ impl LayerQuant {
     }
 }
 
-/// The weight set the step's route selects from `[sets, out, fan_in]` (exact for a one-hot
-/// route), as `[out, fan_in]`.
+/// The weight set the step's route selects from `[sets, out, fan_in]`, as `[out, fan_in]`.
 pub fn select_weight_set(sets: Tensor<3>, ctx: &StepCtx) -> Tensor<2> {
     let [n, out, fan_in] = sets.dims();
-    let mixed = match (&ctx.route, n) {
-        (_, 1) => sets,
-        (Some(route), _) => (sets * route.clone().reshape([n, 1, 1])).sum_dim(0),
+    let k = match (&ctx.route, n) {
+        (_, 1) => 0,
+        (Some(route), _) => route.adapter,
         (None, _) => {
             panic!("a deployed layer with {n} weight sets needs a route: the model sets it from the timestep")
         }
     };
-    mixed.reshape([out, fan_in])
+    sets.slice([k..k + 1]).reshape([out, fan_in])
 }
 
 /// Absmax of each output channel of a weight `[C_out, ...]`, as the initial scale for `format`
