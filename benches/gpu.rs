@@ -95,9 +95,14 @@ fn qat_step(device_spec: &str, device: &Device) -> serde_json::Value {
     let ad = device.clone().autodiff();
     let schedule = msfp::diffusion::NoiseSchedule::new(&cfg.diffusion);
     let sampler = msfp::pipeline::finetune::trajectory_sampler(&cfg, &schedule);
-    let (mut model, plan) =
-        msfp::pipeline::finetune::calibrate_student(&cfg, &msfp::models::Family::tiny(device), &sampler, &ad)
-            .expect("calibration");
+    let (mut model, plan) = msfp::pipeline::finetune::calibrate_student(
+        msfp::pipeline::sample::load_model(&cfg, None, device).expect("teacher"),
+        &cfg,
+        &msfp::models::Family::tiny(device),
+        &sampler,
+        &ad,
+    )
+    .expect("calibration");
     let mut optim = msfp::train::optim::AdamW::new(cfg.train.weight_decay, cfg.train.grad_clip);
     let b = 2 * cfg.train.batch_size;
     let mut rng = SeededRng::new(0);

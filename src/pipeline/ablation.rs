@@ -418,8 +418,13 @@ pub fn run(
                     let sampler = trajectory_sampler(&cfg, &NoiseSchedule::new(&cfg.diffusion));
                     let mut ptq_cfg = cfg.clone();
                     ptq_cfg.lora.rank = 0;
-                    let (student, _) =
-                        calibrate_student(&ptq_cfg, &family, &sampler, &device.clone().autodiff())?;
+                    let (student, _) = calibrate_student(
+                        teacher.clone(),
+                        &ptq_cfg,
+                        &family,
+                        &sampler,
+                        &device.clone().autodiff(),
+                    )?;
                     super::export::deploy(&student.valid())
                 }
                 Stage::Finetune => super::export::deploy(&fit(&cfg, Resume::Auto)?.student),
