@@ -70,7 +70,7 @@ fn bench() {
     eprintln!("teacher forward: {teacher_s:?} s, peak RSS {rss_teacher:.0} MiB");
 
     let ad = device.clone().autodiff();
-    let (mut model, plan, trainable) = sd14::student_of(teacher.clone(), &cfg, &ad);
+    let (mut model, plan, trainable) = sd14::student_of(teacher.clone(), &cfg);
     let valid = model.valid();
     let student_s = time(runs, || {
         let _ = inputs.forward(&valid).into_data();

@@ -67,14 +67,13 @@ impl Inputs {
 /// The W4A4 student on `device` (an autodiff device) with its adapters and quantizer scales
 /// trainable; also the plan (for export) and the number of trainable parameters.
 pub fn student(cfg: &msfp::Config, device: &Device) -> (Denoiser, StudentPlan, usize) {
-    student_of(msfp::pipeline::sample::load_model(cfg, None, device).expect("SD UNet"), cfg, device)
+    student_of(msfp::pipeline::sample::load_model(cfg, None, device).expect("SD UNet"), cfg)
 }
 
 /// [`student`] built on `teacher`'s own weights: autodiff enabled on the same tensors, so the
 /// frozen base weights are one copy in memory.
-pub fn student_of(teacher: Denoiser, cfg: &msfp::Config, device: &Device) -> (Denoiser, StudentPlan, usize) {
+pub fn student_of(teacher: Denoiser, cfg: &msfp::Config) -> (Denoiser, StudentPlan, usize) {
     use burn::module::Module;
-    let _ = device;
     let mut model = teacher.train();
     let eight_bit = |p: &str| p == "conv_in" || p == "conv_out";
     let sites: Vec<SiteReport> = model

@@ -504,40 +504,35 @@ impl Machine {
                     let pid = self.new_value(Value::Str(line));
                     self.push(Value::Persistent(pid));
                 }
-                b'q' => {
-                    let k = read_u8(r)? as u64;
-                    self.memo_put(k)?;
-                }
-                b'r' => {
-                    let k = u32::from_le_bytes(read_n(r)?) as u64;
-                    self.memo_put(k)?;
-                }
-                b'p' => {
-                    let line = read_line(r)?;
-                    let k = line.parse().map_err(|_| PickleError(format!("pickle PUT `{line}`")))?;
+                b'q' | b'r' | b'p' => {
+                    let k = memo_key(op, r)?;
                     self.memo_put(k)?;
                 }
                 0x94 => {
                     let k = self.memo.len() as u64;
                     self.memo_put(k)?;
                 }
-                b'h' => {
-                    let k = read_u8(r)? as u64;
-                    self.memo_get(k)?;
-                }
-                b'j' => {
-                    let k = u32::from_le_bytes(read_n(r)?) as u64;
-                    self.memo_get(k)?;
-                }
-                b'g' => {
-                    let line = read_line(r)?;
-                    let k = line.parse().map_err(|_| PickleError(format!("pickle GET `{line}`")))?;
+                b'h' | b'j' | b'g' => {
+                    let k = memo_key(op, r)?;
                     self.memo_get(k)?;
                 }
                 0x82..=0x84 => return bad("pickle uses the copyreg extension registry (EXT opcodes)"),
                 0x97 | 0x98 => return bad("pickle uses out-of-band buffers (protocol 5 buffers)"),
                 other => return bad(format!("byte 0x{other:02x} is not a pickle opcode")),
             }
+        }
+    }
+}
+
+/// The memo index after a PUT/GET opcode: one byte (`BINPUT`/`BINGET`), four
+/// (`LONG_BINPUT`/`LONG_BINGET`) or a text line (protocol 0's `PUT`/`GET`).
+fn memo_key(op: u8, r: &mut impl BufRead) -> Result<u64> {
+    match op {
+        b'q' | b'h' => Ok(read_u8(r)? as u64),
+        b'r' | b'j' => Ok(u32::from_le_bytes(read_n(r)?) as u64),
+        _ => {
+            let line = read_line(r)?;
+            line.parse().map_err(|_| PickleError(format!("pickle memo index `{line}`")))
         }
     }
 }
