@@ -40,6 +40,20 @@ fn fused_quantizer_on_cuda_matches_flex() {
 }
 
 #[test]
+fn fused_quantizer_long_blocks_on_cuda_match_flex() {
+    if let Some(gpu) = cuda_or_skip("fused_quantizer_long_blocks_on_cuda_match_flex") {
+        gpu_parity::fused_quantizer_long_blocks_match_flex(&gpu, "cuda");
+    }
+}
+
+#[test]
+fn adamw_step_on_cuda_matches_flex() {
+    if let Some(gpu) = cuda_or_skip("adamw_step_on_cuda_matches_flex") {
+        gpu_parity::adamw_step_matches_flex(&gpu, "cuda");
+    }
+}
+
+#[test]
 fn hadamard_rotation_on_cuda_matches_flex() {
     if let Some(gpu) = cuda_or_skip("hadamard_rotation_on_cuda_matches_flex") {
         gpu_parity::hadamard_rotation_matches_flex(&gpu, "cuda");

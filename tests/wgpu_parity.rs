@@ -23,6 +23,16 @@ fn fused_quantizer_on_wgpu_cpu_matches_flex() {
 }
 
 #[test]
+fn fused_quantizer_long_blocks_on_wgpu_cpu_match_flex() {
+    gpu_parity::fused_quantizer_long_blocks_match_flex(&lavapipe(), "wgpu-cpu");
+}
+
+#[test]
+fn adamw_step_on_wgpu_cpu_matches_flex() {
+    gpu_parity::adamw_step_matches_flex(&lavapipe(), "wgpu-cpu");
+}
+
+#[test]
 fn hadamard_rotation_on_wgpu_cpu_matches_flex() {
     gpu_parity::hadamard_rotation_matches_flex(&lavapipe(), "wgpu-cpu");
 }

@@ -32,7 +32,7 @@ pub fn config(latent: usize) -> msfp::Config {
     .expect("configs/msfp_sd14.toml (run from the repository root)")
 }
 
-/// The UNet's inputs at t = 500: latents, timesteps, a random 77 x 768 text context, and a
+/// The UNet's inputs at t = 500: latents, timesteps, a random 77-token text context, and a
 /// target for the QAT loss.
 pub struct Inputs {
     pub x: Tensor<4>,
@@ -44,6 +44,11 @@ pub struct Inputs {
 impl Inputs {
     /// Seeded: the same values on every device.
     pub fn new(batch: usize, latent: usize, device: &Device) -> Self {
+        Self::with_context(batch, latent, 768, device)
+    }
+
+    /// [`Self::new`] with a text context of width `context_dim` (the tiny SD's is 32).
+    pub fn with_context(batch: usize, latent: usize, context_dim: usize, device: &Device) -> Self {
         let mut rng = SeededRng::new(1);
         let n = batch * 4 * latent * latent;
         let shape = [batch, 4, latent, latent];
@@ -51,7 +56,7 @@ impl Inputs {
             x: Tensor::from_data(TensorData::new(rng.normals(n), shape), device),
             t: Tensor::full([batch], 500.0, device),
             context: Tensor::from_data(
-                TensorData::new(rng.normals(batch * 77 * 768), [batch, 77, 768]),
+                TensorData::new(rng.normals(batch * 77 * context_dim), [batch, 77, context_dim]),
                 device,
             ),
             target: Tensor::from_data(TensorData::new(rng.normals(n), shape), device),
@@ -107,9 +112,14 @@ pub fn student_of(teacher: Denoiser, cfg: &msfp::Config) -> (Denoiser, StudentPl
     (model, plan, trainable)
 }
 
-/// One QAT step: forward, MSE against the target, backward, AdamW on the student's groups.
+/// One QAT step as fine-tuning runs it: forward, MSE against the target, backward, AdamW on the
+/// student's groups, then the loss and the gradient norm read in one read (the step's only one).
 pub fn qat_step(model: Denoiser, inputs: &Inputs, optim: &mut AdamW) -> Denoiser {
     let pred = inputs.forward(&model);
-    let grads = (pred - inputs.target.clone()).square().mean().backward();
-    optim.step_groups(model, &grads, |p| if group_of(p).is_some() { 1e-5 } else { 0.0 }).0
+    let loss = (pred - inputs.target.clone()).square().mean();
+    let grads = params::collect_grads(&model, &loss.backward());
+    let lr = |p: &str| if group_of(p).is_some() { 1e-5 } else { 0.0 };
+    let (model, squared_norm) = optim.step_deferred(model, grads, lr, |_| false);
+    let _ = params::host_values(Tensor::cat(vec![loss.inner().reshape([1]), squared_norm], 0));
+    model
 }

@@ -64,7 +64,7 @@ pub fn train_classifier(cfg: &Config) -> Result<ClassifierSummary> {
         augment(&mut px, &mut rng);
         let x = Tensor::<4>::from_data(TensorData::new(px, [idx.len(), 1, 32, 32]), &device);
         let loss = log_softmax(model.forward(x), 1).gather(1, y.unsqueeze_dim::<2>(1)).mean().neg();
-        let value = loss.clone().into_scalar::<f32>();
+        let value = crate::train::params::host_scalar(loss.clone());
         if !value.is_finite() {
             return Err(Error::runtime(format!(
                 "classifier loss became {value} at step {}; lower train.lr",

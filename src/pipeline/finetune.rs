@@ -343,16 +343,8 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
             DistillTarget::Guided => Target::Guided(sampler.guidance_scale),
             DistillTarget::Step => Target::Step(&sampler, sampler_step),
         };
-        let (loss_value, grads) =
-            distill_grads(&model, &batch, weights[position], target, cfg.finetune.micro_batch, &ad);
-        if !loss_value.is_finite() {
-            return Err(Error::runtime(format!(
-                "loss became {loss_value} at step {} (t = {}); lower train.lr (now {}) or the finetune.*_lr rates",
-                step + 1,
-                sampler_step.t,
-                cfg.train.lr
-            )));
-        }
+        let (losses, grads) =
+            distill_grads_unread(&model, &batch, weights[position], target, cfg.finetune.micro_batch, &ad);
         let factor = learning_rate(&cfg.train, step) / cfg.train.lr;
         let ft = &cfg.finetune;
         let lr_of = |path: &str| {
@@ -365,7 +357,17 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
                     None => 0.0,
                 }
         };
-        let (updated, grad_norm) = optim.step_flat_bounded(model, grads, lr_of, student::is_quantizer_scale);
+        let (updated, squared_norm) = optim.step_deferred(model, grads, lr_of, student::is_quantizer_scale);
+        // The step's one read from the device: its passes' losses and the gradient norm.
+        let (loss_value, grad_norm) = read_step(losses, squared_norm);
+        if !loss_value.is_finite() {
+            return Err(Error::runtime(format!(
+                "loss became {loss_value} at step {} (t = {}); lower train.lr (now {}) or the finetune.*_lr rates",
+                step + 1,
+                sampler_step.t,
+                cfg.train.lr
+            )));
+        }
         model = updated;
         last_loss = loss_value;
         let done = step + 1;
@@ -479,14 +481,23 @@ enum Target<'a> {
 /// batch runs in passes of that many samples (whole pairs for a pair target, at least one) whose
 /// gradients are summed (each pass's loss is its share of the whole batch's mean), so only one
 /// pass's activations are alive at a time; 0 runs it in one pass.
-fn distill_grads(
+/// The summed loss of a step's passes and the global gradient norm, in one read.
+fn read_step(losses: Vec<Tensor<1>>, squared_norm: Tensor<1>) -> (f64, f64) {
+    let mut values = params::host_values(Tensor::cat([losses, vec![squared_norm]].concat(), 0));
+    let squared = values.pop().expect("the norm") as f64;
+    (values.iter().map(|&v| v as f64).sum(), squared.sqrt())
+}
+
+/// The distillation loss of each pass over the batch (`[1]` each, on the device, unread) and the
+/// gradients summed over the passes.
+fn distill_grads_unread(
     model: &Denoiser,
     batch: &Batch,
     weight: f64,
     target: Target,
     micro_batch: usize,
     ad: &Device,
-) -> (f64, BTreeMap<String, Tensor<1>>) {
+) -> (Vec<Tensor<1>>, BTreeMap<String, Tensor<1>>) {
     // Guided and step targets compare conditional/unconditional pairs.
     let paired = !matches!(target, Target::CondUncond);
     let n = batch.x.dims()[0];
@@ -539,7 +550,7 @@ fn distill_grads(
         } else {
             (pred - teacher).square().sum() * (weight / share)
         };
-        let value = loss.clone().into_scalar::<f32>() as f64;
+        let value = loss.clone().inner().reshape([1]);
         (value, params::collect_grads(model, &loss.backward()))
     };
     // Passes over samples, or over conditional/unconditional pairs.
@@ -547,10 +558,10 @@ fn distill_grads(
         false => (n, if micro_batch == 0 { n } else { micro_batch.min(n) }),
         true => (pairs, if micro_batch == 0 { pairs } else { (micro_batch / 2).clamp(1, pairs) }),
     };
-    let mut total = (0.0, BTreeMap::new());
+    let mut total = (Vec::new(), BTreeMap::new());
     for start in (0..units).step_by(chunk) {
         let (value, grads) = run(start, chunk.min(units - start));
-        total.0 += value;
+        total.0.push(value);
         for (path, g) in grads {
             let sum = match total.1.remove(&path) {
                 Some(acc) => acc + g,
@@ -639,6 +650,14 @@ mod tests {
     use super::*;
     use burn::tensor::Int;
 
+    /// The summed loss of [`distill_grads_unread`]'s passes, read, and its gradients.
+    fn read_loss(
+        (losses, grads): (Vec<Tensor<1>>, BTreeMap<String, Tensor<1>>),
+    ) -> (f64, BTreeMap<String, Tensor<1>>) {
+        let values = params::host_values(Tensor::cat(losses, 0));
+        (values.iter().map(|&v| v as f64).sum(), grads)
+    }
+
     /// The guided loss is the MSE of `u + g (c - u)` against the teacher's, and passes of one
     /// conditional/unconditional pair each sum to the same gradients as the whole batch.
     #[test]
@@ -652,8 +671,9 @@ mod tests {
         let labels = Tensor::<1, Int>::from_ints([3, 7, 10, 10], &ad);
         let batch = Batch { x: normal(4), t: 420, cond: Cond::Labels(labels), target: normal(4) };
         let (g, w) = (2.0, 0.7);
-        let (whole, grads) = distill_grads(&model, &batch, w, Target::Guided(g), 0, &ad);
-        let (paired, paired_grads) = distill_grads(&model, &batch, w, Target::Guided(g), 2, &ad);
+        let (whole, grads) = read_loss(distill_grads_unread(&model, &batch, w, Target::Guided(g), 0, &ad));
+        let (paired, paired_grads) =
+            read_loss(distill_grads_unread(&model, &batch, w, Target::Guided(g), 2, &ad));
 
         let pred = model.forward(
             batch.x.clone(),
@@ -667,7 +687,7 @@ mod tests {
             (guide(pred) - guide(batch.target.clone())).square().mean().into_scalar::<f32>() as f64 * w;
         assert!((whole - expect).abs() <= 1e-6 * expect, "{whole} vs {expect}");
         assert!((paired - whole).abs() <= 1e-5 * whole, "{paired} vs {whole}");
-        let (plain, _) = distill_grads(&model, &batch, w, Target::CondUncond, 0, &ad);
+        let (plain, _) = read_loss(distill_grads_unread(&model, &batch, w, Target::CondUncond, 0, &ad));
         assert!((plain - whole).abs() > 1e-3 * whole, "the guided loss is another loss");
         assert_eq!(grads.keys().collect::<Vec<_>>(), paired_grads.keys().collect::<Vec<_>>());
         let (mut size, mut off) = (0.0f32, 0.0f32);
@@ -690,8 +710,10 @@ mod tests {
         let sampler = Sampler::new(&NoiseSchedule::new(&crate::config::DiffusionConfig::default()), &sc);
         let step = *sampler.steps.iter().find(|s| s.t <= 420).unwrap();
         let batch = Batch { t: step.t, ..batch };
-        let (value, _) = distill_grads(&model, &batch, w, Target::Step(&sampler, step), 0, &ad);
-        let (paired, _) = distill_grads(&model, &batch, w, Target::Step(&sampler, step), 2, &ad);
+        let (value, _) =
+            read_loss(distill_grads_unread(&model, &batch, w, Target::Step(&sampler, step), 0, &ad));
+        let (paired, _) =
+            read_loss(distill_grads_unread(&model, &batch, w, Target::Step(&sampler, step), 2, &ad));
         let pred = model.forward(
             batch.x.clone(),
             Tensor::<1>::full([4], step.t as f32, &ad),

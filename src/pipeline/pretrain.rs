@@ -184,7 +184,7 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
         let indices = stream.next_batch(cfg.train.batch_size);
         let loss =
             diffusion_loss(&model, &schedule, &data, &indices, cfg.train.label_dropout, &mut rng, &device);
-        let loss_value = loss.clone().into_scalar::<f32>() as f64;
+        let loss_value = crate::train::params::host_scalar(loss.clone()) as f64;
         if !loss_value.is_finite() {
             return Err(Error::runtime(format!(
                 "loss became {loss_value} at step {}; lower train.lr (now {}) or raise train.warmup_steps",

@@ -247,7 +247,8 @@ pub trait FusedQuantKernels: Backend {
     ) -> FloatTensor<Self>;
 
     /// `(dx, ds, dz)` for the upstream gradient `grad` (STE for `x`, LSQ for scale and zero);
-    /// `dx` only when `want_dx` (a frozen weight needs none).
+    /// `dx` only when `want_dx` (a frozen weight needs none), `dz` only when `want_dz` (a
+    /// signed format's zero point is a constant zero).
     fn fake_quant_backward(
         grad: FloatTensor<Self>,
         x: &FloatTensor<Self>,
@@ -255,7 +256,8 @@ pub trait FusedQuantKernels: Backend {
         zero: &FloatTensor<Self>,
         format: &Format,
         want_dx: bool,
-    ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>);
+        want_dz: bool,
+    ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, Option<FloatTensor<Self>>);
 }
 
 /// Flex: each pass is one loop over the tensor's own memory, in fixed chunks on rayon's pool.
@@ -299,7 +301,8 @@ impl FusedQuantKernels for Flex {
         zero: &FlexTensor,
         format: &Format,
         want_dx: bool,
-    ) -> (Option<FlexTensor>, FlexTensor, FlexTensor) {
+        want_dz: bool,
+    ) -> (Option<FlexTensor>, FlexTensor, Option<FlexTensor>) {
         let (xs, s, z) = (values(x), values(scale), values(zero));
         let block = block_len(x, scale);
         let (dx, parts): (_, Vec<Vec<(usize, f32, f32)>>) = if want_dx {
@@ -334,7 +337,7 @@ impl FusedQuantKernels for Flex {
             ds[b] += sum_s;
             dz[b] += sum_z;
         }
-        (dx, tensor_like(ds, scale), tensor_like(dz, zero))
+        (dx, tensor_like(ds, scale), want_dz.then(|| tensor_like(dz, zero)))
     }
 }
 
@@ -373,14 +376,15 @@ impl<B: FusedQuantKernels> Backward<B, 3> for FusedQuantBackward {
         let [node_x, node_s, node_z] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (x, scale, zero) = ops.state;
-        let (dx, ds, dz) = B::fake_quant_backward(grad, &x, &scale, &zero, &self.format, node_x.is_some());
+        let (dx, ds, dz) =
+            B::fake_quant_backward(grad, &x, &scale, &zero, &self.format, node_x.is_some(), node_z.is_some());
         if let (Some(node), Some(dx)) = (node_x, dx) {
             grads.register::<B>(node.id, dx);
         }
         if let Some(node) = node_s {
             grads.register::<B>(node.id, ds);
         }
-        if let Some(node) = node_z {
+        if let (Some(node), Some(dz)) = (node_z, dz) {
             grads.register::<B>(node.id, dz);
         }
     }

@@ -2,9 +2,12 @@
 //! passes as the flex version in [`super::fused`], one thread per element.
 //!
 //! Forward: `q = round(clamp((x - z) / s)) * s + z`, one read of `x` and one write of `q`.
-//! Backward: one pass writes `dx` and the per-element LSQ terms of the scale and zero-point
-//! gradients; burn's own reduction sums those terms over each scale's block. The tensor-op
-//! version this replaces records about ten elementwise ops per forward and as many per backward.
+//! Backward: one pass writes `dx` (only where the input is trained) and sums the LSQ terms of
+//! the scale and zero-point gradients inside the kernel: each cube reduces a part of one scale's
+//! block in shared memory and writes one partial sum, and a small second reduction adds a
+//! block's parts. No full-size temporary, and no thread sums a whole tensor (a per-tensor
+//! activation scale over millions of values). The tensor-op version this replaces records about
+//! ten elementwise ops per forward and as many per backward.
 //!
 //! Rounding is the bit-pattern rounding of [`super::format::Rounder`], written out for the
 //! kernel, so every backend rounds on the grid in the same way.
@@ -117,8 +120,41 @@ fn fake_quant_forward_kernel(
     out[i] = r * s + z;
 }
 
-/// `dx = g * in`, and the terms `g * (r - in * u)` (scale) and `g * (1 - in)` (zero point) that
-/// the caller sums over each block.
+/// Threads per cube of the backward kernel, at most (a power of two: its sums halve across the
+/// cube).
+const UNITS: usize = 256;
+
+/// Elements each thread of the backward sums, at most: a block longer than a cube's share is
+/// split into parts, each summed by its own cube, and the parts' sums added by a second, small
+/// reduction.
+const PER_THREAD: usize = 16;
+
+/// One element's share of the backward: `dx = g * in` and the LSQ terms `g * (r - in * u)`
+/// (scale) and `g * (1 - in)` (zero point), `in` being whether `u` lies inside the grid.
+#[derive(CubeType)]
+struct Terms {
+    dx: f32,
+    ds: f32,
+    dz: f32,
+}
+
+#[cube]
+fn element_terms(gi: f32, u: f32, grid: &GridArgs) -> Terms {
+    let r = grid_code(u, grid);
+    let mut dx = 0.0f32;
+    let mut ds = gi * r;
+    let mut dz = gi;
+    if u >= grid.lo && u <= grid.hi {
+        dx = gi;
+        ds = gi * (r - u);
+        dz = 0.0f32;
+    }
+    Terms { dx, ds, dz }
+}
+
+/// One cube per part of a block: its threads stride over the part (writing `dx` where wanted),
+/// then halve their sums in shared memory; thread 0 writes the part's scale and zero-point sums.
+/// Nothing is written full size but `dx`, and no thread sums more than its stride.
 #[cube(launch)]
 fn fake_quant_backward_kernel(
     g: &[f32],
@@ -126,27 +162,66 @@ fn fake_quant_backward_kernel(
     scale: &[f32],
     zero: &[f32],
     dx: &mut [f32],
-    ds_terms: &mut [f32],
-    dz_terms: &mut [f32],
+    ds_parts: &mut [f32],
+    dz_parts: &mut [f32],
     block: usize,
+    parts: usize,
+    cubes: usize,
     grid: &GridArgs,
+    #[comptime] units: usize,
+    #[comptime] want_dx: bool,
+    #[comptime] want_dz: bool,
 ) {
-    let i = ABSOLUTE_POS;
-    if i >= dx.len() {
+    let cube = CUBE_POS;
+    if cube >= cubes {
         terminate!();
     }
-    let b = i / block;
-    let u = (x[i] - zero[b]) / scale[b];
-    let r = grid_code(u, grid);
-    let gi = g[i];
-    if u >= grid.lo && u <= grid.hi {
-        dx[i] = gi;
-        ds_terms[i] = gi * (r - u);
-        dz_terms[i] = 0.0f32;
-    } else {
-        dx[i] = 0.0f32;
-        ds_terms[i] = gi * r;
-        dz_terms[i] = gi;
+    let b = cube / parts;
+    let part = cube % parts;
+    let len = (block + parts - 1) / parts;
+    let start = b * block + part * len;
+    let mut end = start + len;
+    if end > b * block + block {
+        end = b * block + block;
+    }
+    let (s, z) = (scale[b], zero[b]);
+    let stride = CUBE_DIM_X as usize;
+    let mut ds = 0.0f32;
+    let mut dz = 0.0f32;
+    let mut i = start + UNIT_POS_X as usize;
+    while i < end {
+        let e = element_terms(g[i], (x[i] - z) / s, grid);
+        ds += e.ds;
+        dz += e.dz;
+        if want_dx {
+            dx[i] = e.dx;
+        }
+        i += stride;
+    }
+    let mut s_sums = Shared::<[f32]>::new_slice(units);
+    let mut z_sums = Shared::<[f32]>::new_slice(units);
+    let t = UNIT_POS_X as usize;
+    s_sums[t] = ds;
+    z_sums[t] = dz;
+    sync_cube();
+    let mut h = stride / 2;
+    while h > 0 {
+        if t < h {
+            let (a, c) = (s_sums[t], s_sums[t + h]);
+            s_sums[t] = a + c;
+            if want_dz {
+                let (a, c) = (z_sums[t], z_sums[t + h]);
+                z_sums[t] = a + c;
+            }
+        }
+        sync_cube();
+        h /= 2;
+    }
+    if t == 0 {
+        ds_parts[cube] = s_sums[0];
+        if want_dz {
+            dz_parts[cube] = z_sums[0];
+        }
     }
 }
 
@@ -173,12 +248,28 @@ fn launch_dims(t: &CubeTensor) -> (CubeCount, CubeDim) {
     (calculate_cube_count_elemwise(&t.client, n, cube_dim), cube_dim)
 }
 
-/// Sums `terms` (shaped like `x`) over each block into a tensor shaped like `like`.
-fn block_sums(terms: CubeTensor, blocks: usize, like: &CubeTensor) -> CubeTensor {
-    let n = terms.meta.num_elements();
-    let grouped = CubeBackend::float_reshape(terms, Shape::new([blocks, n / blocks]));
-    let sums = CubeBackend::float_sum_dim(grouped, 1);
+/// Adds each block's `parts` partial sums (`[blocks * parts]`, block-major) into a tensor shaped
+/// like `like`; one part is the sum already.
+fn add_parts(partials: CubeTensor, parts: usize, like: &CubeTensor) -> CubeTensor {
+    let sums = match parts {
+        1 => partials,
+        _ => {
+            let blocks = partials.meta.num_elements() / parts;
+            let grouped = CubeBackend::float_reshape(partials, Shape::new([blocks, parts]));
+            CubeBackend::float_sum_dim(grouped, 1)
+        }
+    };
     CubeBackend::float_reshape(sums, like.meta.shape().clone())
+}
+
+/// A buffer of `n` floats on `like`'s device (a one-float stand-in where a kernel writes none).
+fn empty_floats(like: &CubeTensor, n: usize) -> CubeTensor {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::new([n.max(1)]),
+        like.dtype,
+    )
 }
 
 impl FusedQuantKernels for CubeBackend {
@@ -212,16 +303,24 @@ impl FusedQuantKernels for CubeBackend {
         scale: &CubeTensor,
         zero: &CubeTensor,
         format: &Format,
-        _want_dx: bool,
-    ) -> (Option<CubeTensor>, CubeTensor, CubeTensor) {
+        want_dx: bool,
+        want_dz: bool,
+    ) -> (Option<CubeTensor>, CubeTensor, Option<CubeTensor>) {
         let (g, x) = (contiguous(grad), contiguous(x.clone()));
         let (s, z) = (contiguous(scale.clone()), contiguous(zero.clone()));
-        let (dx, ds_terms, dz_terms) = (empty_like(&x), empty_like(&x), empty_like(&x));
-        let (count, dim) = launch_dims(&x);
+        let dx = if want_dx { empty_like(&x) } else { empty_floats(&x, 1) };
         let block = block_len(&x, &s);
         let blocks = s.meta.num_elements();
+        let client = x.client.clone();
+        // A short block (per-group weight scales) gets a cube as narrow as 32 threads.
+        let units = block.next_power_of_two().clamp(32, UNITS);
+        let parts = block.div_ceil(units * PER_THREAD);
+        let cubes = blocks * parts;
+        let (ds, dz) = (empty_floats(&x, cubes), empty_floats(&x, if want_dz { cubes } else { 1 }));
+        let dim = CubeDim::new_1d(units as u32);
+        let count = calculate_cube_count_elemwise(&client, cubes * units, dim);
         fake_quant_backward_kernel::launch(
-            &x.client.clone(),
+            &client,
             count,
             dim,
             g.into_buffer_arg(),
@@ -229,11 +328,17 @@ impl FusedQuantKernels for CubeBackend {
             s.into_buffer_arg(),
             z.into_buffer_arg(),
             dx.clone().into_buffer_arg(),
-            ds_terms.clone().into_buffer_arg(),
-            dz_terms.clone().into_buffer_arg(),
+            ds.clone().into_buffer_arg(),
+            dz.clone().into_buffer_arg(),
             block,
+            parts,
+            cubes,
             GridArgs::launch(format),
+            units,
+            want_dx,
+            want_dz,
         );
-        (Some(dx), block_sums(ds_terms, blocks, scale), block_sums(dz_terms, blocks, zero))
+        let dz = want_dz.then(|| add_parts(dz, parts, zero));
+        (want_dx.then_some(dx), add_parts(ds, parts, scale), dz)
     }
 }

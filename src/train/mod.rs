@@ -1,6 +1,8 @@
 //! What every training loop shares: named parameters, the optimizer, checkpoints, metrics and
 //! progress reporting.
 
+#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+mod adamw_cube;
 pub mod checkpoint;
 pub mod metrics;
 pub mod optim;

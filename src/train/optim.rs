@@ -23,6 +23,21 @@ fn for_each_maybe_parallel<T: Send, R: Send>(
     if parallel { items.into_par_iter().map(&f).collect() } else { items.into_iter().map(f).collect() }
 }
 
+/// Whether `device` is a CubeCL GPU device (wgpu, cuda).
+#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+fn on_cube(device: &burn::tensor::Device) -> bool {
+    matches!(device.clone().inner().as_dispatch(), burn::backend::DispatchDevice::Cube(_))
+}
+
+/// The factor gradients are scaled by before the update (global-norm clipping).
+enum Clip {
+    None,
+    /// Computed on the host from the read norm (flex).
+    Host(f64),
+    /// `[1]`, on the device (a GPU: no read inside the step).
+    Device(Tensor<1>),
+}
+
 #[derive(Debug, Clone)]
 pub struct AdamW {
     pub beta1: f64,
@@ -92,17 +107,40 @@ impl AdamW {
         lr_of: impl Fn(&str) -> f64 + Sync,
         positive: impl Fn(&str) -> bool + Sync,
     ) -> (M, f64) {
+        let (module, squared) = self.step_deferred(module, flat_grads, lr_of, positive);
+        (module, (super::params::host_scalar(squared) as f64).sqrt())
+    }
+
+    /// [`Self::step_flat_bounded`] that hands back the squared global gradient norm (`[1]`)
+    /// unread: on a GPU the clipping factor is computed on the device, so the step queues
+    /// without waiting for it, and the caller reads the norm with whatever else it logs (one
+    /// host sync per step). On flex the factor is computed on the host as always (the same bits).
+    pub fn step_deferred<M: Module>(
+        &mut self,
+        module: M,
+        flat_grads: BTreeMap<String, Tensor<1>>,
+        lr_of: impl Fn(&str) -> f64 + Sync,
+        positive: impl Fn(&str) -> bool + Sync,
+    ) -> (M, Tensor<1>) {
         // Each parameter's update is a chain of small tensor ops that flex runs on the calling
         // thread; on flex the parameters are updated concurrently on the pool (5% of a two-thread
         // tiny-DiT step had the second core idle here). Each parameter's arithmetic is the same
         // either way, and the norm's terms are added in path order: the same bits.
-        let parallel = flat_grads.values().next().is_some_and(|g| crate::kernels::on_flex(&g.device()));
-        let squares =
-            for_each_maybe_parallel(parallel, flat_grads.iter().collect(), |(_, g)| g.clone().square().sum());
-        let sq = squares.into_iter().reduce(|a, b| a + b);
-        let norm = sq.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt());
-        let clip =
-            if self.grad_clip > 0.0 && norm > self.grad_clip { self.grad_clip / (norm + 1e-6) } else { 1.0 };
+        let device = flat_grads.values().next().map(|g| g.device());
+        let on_flex = device.as_ref().is_some_and(crate::kernels::on_flex);
+        let parallel = on_flex;
+        let squared = self.squared_norm(&flat_grads, parallel, device.as_ref());
+        let clip = match (self.grad_clip > 0.0, on_flex) {
+            (false, _) => Clip::None,
+            (true, true) => {
+                let norm = (super::params::host_scalar(squared.clone()) as f64).sqrt();
+                if norm > self.grad_clip { Clip::Host(self.grad_clip / (norm + 1e-6)) } else { Clip::None }
+            }
+            // min(1, c / (norm + 1e-6)): 1 exactly where the norm is within the bound.
+            (true, false) => Clip::Device(
+                (squared.clone().sqrt() + 1e-6).recip().mul_scalar(self.grad_clip).clamp_max(1.0),
+            ),
+        };
         self.step += 1;
         let mut params = BTreeMap::new();
         let module = map_params(module, |path, p| {
@@ -121,7 +159,7 @@ impl AdamW {
             .collect();
         let this = &*self;
         let updated = for_each_maybe_parallel(parallel, work, |(path, p, g, m, v)| {
-            let (p, m, v) = this.update(p, g, m, v, clip, lr_of(&path), positive(&path));
+            let (p, m, v) = this.update(p, g, m, v, &clip, lr_of(&path), positive(&path));
             (path, p, m, v)
         });
         let mut new_params = BTreeMap::new();
@@ -131,7 +169,25 @@ impl AdamW {
             new_params.insert(path, p);
         }
         let module = map_params(module, |path, p| new_params.remove(path).unwrap_or(p));
-        (module, norm)
+        (module, squared)
+    }
+
+    /// The squared global norm of `grads` (`[1]`), terms added in path order.
+    fn squared_norm(
+        &self,
+        grads: &BTreeMap<String, Tensor<1>>,
+        parallel: bool,
+        device: Option<&burn::tensor::Device>,
+    ) -> Tensor<1> {
+        let zero = || Tensor::zeros([1], &device.cloned().unwrap_or_else(burn::tensor::Device::flex));
+        // A GPU adds each gradient's squares onto the running sum in one kernel.
+        #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+        if device.is_some_and(on_cube) {
+            return grads.values().fold(zero(), |acc, g| super::adamw_cube::sum_squares_onto(acc, g.clone()));
+        }
+        let squares =
+            for_each_maybe_parallel(parallel, grads.iter().collect(), |(_, g)| g.clone().square().sum());
+        squares.into_iter().reduce(|a, b| a + b).unwrap_or_else(zero)
     }
 
     /// One parameter's AdamW update: `(p, exp_avg, exp_avg_sq)` after the step.
@@ -142,14 +198,39 @@ impl AdamW {
         g: Tensor<1>,
         m: Option<Tensor<1>>,
         v: Option<Tensor<1>>,
-        clip: f64,
+        clip: &Clip,
         lr: f64,
         positive: bool,
     ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - b1.powi(self.step as i32);
         let bc2 = 1.0 - b2.powi(self.step as i32);
-        let g = if clip < 1.0 { g * clip } else { g };
+        // A GPU runs the whole update as one kernel (flex keeps the tensor ops and their bits).
+        #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+        if let (true, Clip::None | Clip::Device(_)) = (on_cube(&p.device()), clip) {
+            let step = super::adamw_cube::AdamStep {
+                lr: lr as f32,
+                beta1: b1 as f32,
+                beta2: b2 as f32,
+                one_minus_beta1: (1.0 - b1) as f32,
+                one_minus_beta2: (1.0 - b2) as f32,
+                correction1: bc1 as f32,
+                correction2: bc2 as f32,
+                eps: self.eps as f32,
+                decay: (lr * self.weight_decay) as f32,
+                positive,
+            };
+            let clip = match clip {
+                Clip::Device(c) => Some(c.clone()),
+                _ => None,
+            };
+            return super::adamw_cube::update(p, g, m.zip(v), clip, step);
+        }
+        let g = match clip {
+            Clip::None => g,
+            Clip::Host(c) => g * *c,
+            Clip::Device(c) => g * c.clone(),
+        };
         let m = match m {
             Some(m) => m * b1 + g.clone() * (1.0 - b1),
             None => g.clone() * (1.0 - b1),
@@ -315,12 +396,13 @@ mod tests {
         let serial = |opt: &mut AdamW, module: Vec<Linear>, mut flat: BTreeMap<String, Tensor<1>>| {
             let sq = flat.values().map(|g| g.clone().square().sum()).reduce(|a, b| a + b);
             let norm = sq.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt());
-            let clip = if norm > opt.grad_clip { opt.grad_clip / (norm + 1e-6) } else { 1.0 };
+            let clip =
+                if norm > opt.grad_clip { Clip::Host(opt.grad_clip / (norm + 1e-6)) } else { Clip::None };
             opt.step += 1;
             let module = map_params(module, |path, p| {
                 let Some(g) = flat.remove(path) else { return p };
                 let (m, v) = (opt.exp_avg.remove(path), opt.exp_avg_sq.remove(path));
-                let (p, m, v) = opt.update(p, g, m, v, clip, lr_of(path), false);
+                let (p, m, v) = opt.update(p, g, m, v, &clip, lr_of(path), false);
                 opt.exp_avg.insert(path.to_string(), m);
                 opt.exp_avg_sq.insert(path.to_string(), v);
                 p

@@ -18,9 +18,32 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
+thread_local! {
+    /// Reads to the host through [`host_values`] and [`host_scalar`] on this thread. On a GPU each
+    /// one waits for the device to finish everything queued before it (a sync), so the benches
+    /// count them per step. Per thread, so that concurrent work (tests) does not add to a count.
+    static HOST_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many reads [`host_values`] and [`host_scalar`] have made on this thread.
+pub fn host_reads() -> usize {
+    HOST_READS.with(|n| n.get())
+}
+
+fn count_read() {
+    HOST_READS.with(|n| n.set(n.get() + 1));
+}
+
 /// A tensor's values on the host as f32, row-major.
 pub fn host_values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    count_read();
     t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
+}
+
+/// A one-element tensor's value on the host (a loss, a norm).
+pub fn host_scalar<const D: usize>(t: Tensor<D>) -> f32 {
+    count_read();
+    t.into_scalar::<f32>()
 }
 
 impl HostTensor {

@@ -126,6 +126,103 @@ pub fn fused_quantizer_matches_flex(gpu: &Device, name: &str) {
     assert_eq!(transposed(gpu), transposed(&Device::flex()), "e2m1 on a transposed view: {name} vs flex");
 }
 
+/// The quantizer's backward on blocks long enough for its in-kernel reduction: one cube per
+/// block (per-row scales over 3000 values), several cubes per block whose partial sums a second
+/// reduction adds (one scale over 3 x 7000 values, as a per-tensor activation scale), each with
+/// and without a zero point, and for a frozen input (no `dx`): the same `dx` bits as flex and
+/// the same scale and zero-point gradients up to summation order.
+pub fn fused_quantizer_long_blocks_match_flex(gpu: &Device, name: &str) {
+    use msfp::quant::Format;
+    use msfp::quant::fused::fake_quantize_fused;
+    use msfp::train::params::host_values;
+
+    for (rows, cols, per_tensor) in [(4, 3000, false), (3, 7000, true)] {
+        let x0: Vec<f32> = SeededRng::new(11).normals(rows * cols).iter().map(|v| v * 3.0).collect();
+        let g0 = SeededRng::new(12).normals(rows * cols);
+        let blocks = if per_tensor { 1 } else { rows };
+        let s0: Vec<f32> = (0..blocks).map(|i| 0.4 + 0.1 * i as f32).collect();
+        let z0: Vec<f32> = (0..blocks).map(|i| -0.2 - 0.05 * i as f32).collect();
+        for (spec, zero, frozen) in [("e2m1", false, false), ("ue2m2", true, false), ("e2m1", false, true)] {
+            let format = Format::parse(spec).unwrap();
+            let run = |device: &Device| {
+                let t = |v: &[f32], shape: [usize; 2]| {
+                    Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), device)
+                };
+                let x = t(&x0, [rows, cols]);
+                let x = if frozen { x } else { x.require_grad() };
+                let s = t(&s0, [blocks, 1]).require_grad();
+                let z = zero.then(|| t(&z0, [blocks, 1]).require_grad());
+                let q = fake_quantize_fused(x.clone(), &format, &s, z.as_ref())
+                    .unwrap_or_else(|_| panic!("{spec}: the fused path applies on {device:?}"));
+                let grads = (q * t(&g0, [rows, cols])).sum().backward();
+                let dx = x.grad(&grads).map(host_values);
+                let dz = z.map(|z| host_values(z.grad(&grads).unwrap()));
+                (dx, host_values(s.grad(&grads).unwrap()), dz)
+            };
+            let (fdx, fds, fdz) = run(&Device::flex().autodiff());
+            let (gdx, gds, gdz) = run(&gpu.clone().autodiff());
+            let what = format!("{spec} over [{rows}, {cols}] (per tensor: {per_tensor}, frozen: {frozen})");
+            assert_eq!(gdx.is_none(), frozen, "{what}: dx only for a trained input");
+            assert_eq!(gdx, fdx, "{what}: dx on {name} vs flex");
+            // Sums of thousands of terms in another order: relative to the sum of their sizes.
+            let close = |a: &[f32], b: &[f32], what: &str| {
+                assert_eq!(a.len(), b.len());
+                for (a, b) in a.iter().zip(b) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{what}: {name} {a} vs flex {b}");
+                }
+            };
+            close(&gds, &fds, &format!("{what} ds"));
+            if let (Some(g), Some(f)) = (&gdz, &fdz) {
+                close(g, f, &format!("{what} dz"));
+            }
+        }
+    }
+}
+
+/// AdamW's step on a GPU (`AdamW::step_deferred`: the clipping factor on the device, each
+/// parameter's update one kernel, `train/adamw_cube.rs`) against flex's tensor ops: the same
+/// parameters within f32 rounding over three clipped steps (weight decay on, first-step moments,
+/// one parameter under the positivity bound), and on the GPU no read to the host in the step.
+pub fn adamw_step_matches_flex(gpu: &Device, name: &str) {
+    use msfp::nn::Linear;
+    use msfp::train::optim::AdamW;
+    use msfp::train::params::{collect_grads, host_reads, host_values};
+
+    let run = |device: &Device| {
+        let mut layer = Linear::new(6, 5, true, &mut SeededRng::new(4), device);
+        let x = Tensor::<2>::from_data(TensorData::new(SeededRng::new(5).normals(8 * 6), [8, 6]), device);
+        let mut opt = AdamW::new(0.01, 0.5);
+        let mut reads = 0;
+        let mut norms = Vec::new();
+        for _ in 0..3 {
+            // Large gradients, so that the 0.5 bound clips every step.
+            let loss = (layer.forward(x.clone(), &StepCtx::default()) * 40.0).square().mean();
+            let grads = collect_grads(&layer, &loss.backward());
+            let before = host_reads();
+            // The bias as a quantizer scale would be: bounded to half its value per step (a rate
+            // large enough for the bound to bite).
+            let lr = |p: &str| if p == "bias" { 1.0 } else { 0.01 };
+            let (next, squared) = opt.step_deferred(layer, grads, lr, |p| p == "bias");
+            reads += host_reads() - before;
+            norms.push(host_values(squared)[0].sqrt());
+            layer = next;
+        }
+        let mut values = host_values(layer.weight.val().flatten::<1>(0, 1));
+        values.extend(host_values(layer.bias.as_ref().expect("bias").val()));
+        (values, norms, reads)
+    };
+    let (f, fnorms, _) = run(&Device::flex().autodiff());
+    let (g, gnorms, greads) = run(&gpu.clone().autodiff());
+    assert!(fnorms.iter().all(|&n| n > 0.5), "every step clips: norms {fnorms:?}");
+    assert_eq!(greads, 0, "{name}: the step itself reads nothing back");
+    for (a, b) in gnorms.iter().zip(&fnorms) {
+        assert!((a - b).abs() <= 1e-5 * b, "gradient norm: {name} {a} vs flex {b}");
+    }
+    for (i, (a, b)) in g.iter().zip(&f).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "parameter {i}: {name} {a} vs flex {b}");
+    }
+}
+
 /// HQ-DiT's online rotation (`quant/hadamard_cube.rs` on the GPU) against flex: the same bits
 /// forward and backward (its transpose) at the widths of the tiny DiT, DiT-XL/2's attention
 /// (1152: nine blocks of 128 per row) and MLP (4608: blocks of 512, several butterfly pairs per
