@@ -16,6 +16,7 @@
 //! (`fused_cube.rs`) under the same autodiff backward.
 
 use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -38,6 +39,14 @@ pub trait FusedQuantBackend: Backend {
         x: FloatTensor<Self>,
         scale: FloatTensor<Self>,
         zero_point: FloatTensor<Self>,
+        format: Format,
+    ) -> FloatTensor<Self>;
+
+    /// [`Self::fused_fake_quant`] without a zero point (signed formats): no zero tensor to
+    /// allocate per call (on a GPU a kernel) nor a gradient for it.
+    fn fused_fake_quant_symmetric(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
         format: Format,
     ) -> FloatTensor<Self>;
 }
@@ -242,18 +251,18 @@ pub trait FusedQuantKernels: Backend {
     fn fake_quant_forward(
         x: FloatTensor<Self>,
         scale: &FloatTensor<Self>,
-        zero: &FloatTensor<Self>,
+        zero: Option<&FloatTensor<Self>>,
         format: &Format,
     ) -> FloatTensor<Self>;
 
     /// `(dx, ds, dz)` for the upstream gradient `grad` (STE for `x`, LSQ for scale and zero);
-    /// `dx` only when `want_dx` (a frozen weight needs none), `dz` only when `want_dz` (a
-    /// signed format's zero point is a constant zero).
+    /// `dx` only when `want_dx` (a frozen weight needs none), `dz` only when `want_dz` (and a
+    /// zero point is given: without one it is zero).
     fn fake_quant_backward(
         grad: FloatTensor<Self>,
         x: &FloatTensor<Self>,
         scale: &FloatTensor<Self>,
-        zero: &FloatTensor<Self>,
+        zero: Option<&FloatTensor<Self>>,
         format: &Format,
         want_dx: bool,
         want_dz: bool,
@@ -267,10 +276,11 @@ impl FusedQuantKernels for Flex {
     fn fake_quant_forward(
         mut x: FlexTensor,
         scale: &FlexTensor,
-        zero: &FlexTensor,
+        zero: Option<&FlexTensor>,
         format: &Format,
     ) -> FlexTensor {
-        let (s, z) = (values(scale), values(zero));
+        let s = values(scale);
+        let z = zero.map(values).unwrap_or_else(|| vec![0.0f32; s.len()].into());
         let block = block_len(&x, scale);
         if let Some(xs) = values_mut(&mut x) {
             with_grid!(format, |grid| xs.par_chunks_mut(CHUNK).enumerate().for_each(|(c, xc)| {
@@ -298,12 +308,13 @@ impl FusedQuantKernels for Flex {
         grad: FlexTensor,
         x: &FlexTensor,
         scale: &FlexTensor,
-        zero: &FlexTensor,
+        zero: Option<&FlexTensor>,
         format: &Format,
         want_dx: bool,
         want_dz: bool,
     ) -> (Option<FlexTensor>, FlexTensor, Option<FlexTensor>) {
-        let (xs, s, z) = (values(x), values(scale), values(zero));
+        let (xs, s) = (values(x), values(scale));
+        let z = zero.map(values).unwrap_or_else(|| vec![0.0f32; s.len()].into());
         let block = block_len(x, scale);
         let (dx, parts): (_, Vec<Vec<(usize, f32, f32)>>) = if want_dx {
             let mut dx = writable(grad);
@@ -337,7 +348,7 @@ impl FusedQuantKernels for Flex {
             ds[b] += sum_s;
             dz[b] += sum_z;
         }
-        (dx, tensor_like(ds, scale), want_dz.then(|| tensor_like(dz, zero)))
+        (dx, tensor_like(ds, scale), zero.filter(|_| want_dz).map(|zero| tensor_like(dz, zero)))
     }
 }
 
@@ -348,7 +359,11 @@ impl FusedQuantBackend for Flex {
         zero_point: FlexTensor,
         format: Format,
     ) -> FlexTensor {
-        Self::fake_quant_forward(x, &scale, &zero_point, &format)
+        Self::fake_quant_forward(x, &scale, Some(&zero_point), &format)
+    }
+
+    fn fused_fake_quant_symmetric(x: FlexTensor, scale: FlexTensor, format: Format) -> FlexTensor {
+        Self::fake_quant_forward(x, &scale, None, &format)
     }
 }
 
@@ -360,7 +375,15 @@ impl FusedQuantBackend for burn_cubecl::CubeBackend {
         zero_point: FloatTensor<Self>,
         format: Format,
     ) -> FloatTensor<Self> {
-        Self::fake_quant_forward(x, &scale, &zero_point, &format)
+        Self::fake_quant_forward(x, &scale, Some(&zero_point), &format)
+    }
+
+    fn fused_fake_quant_symmetric(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        format: Format,
+    ) -> FloatTensor<Self> {
+        Self::fake_quant_forward(x, &scale, None, &format)
     }
 }
 
@@ -369,24 +392,46 @@ struct FusedQuantBackward {
     format: Format,
 }
 
+/// Registers the gradients of one fused quantizer call with the nodes that want them.
+fn register<B: FusedQuantKernels>(
+    format: &Format,
+    grads: &mut Gradients,
+    grad: FloatTensor<B>,
+    (node_x, node_s, node_z): (Option<NodeId>, Option<NodeId>, Option<NodeId>),
+    (x, scale, zero): (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>),
+) {
+    let (dx, ds, dz) =
+        B::fake_quant_backward(grad, &x, &scale, zero.as_ref(), format, node_x.is_some(), node_z.is_some());
+    if let (Some(node), Some(dx)) = (node_x, dx) {
+        grads.register::<B>(node, dx);
+    }
+    if let Some(node) = node_s {
+        grads.register::<B>(node, ds);
+    }
+    if let (Some(node), Some(dz)) = (node_z, dz) {
+        grads.register::<B>(node, dz);
+    }
+}
+
 impl<B: FusedQuantKernels> Backward<B, 3> for FusedQuantBackward {
     type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_s, node_z] = ops.parents;
+        let [x_id, s_id, z_id] = ops.parents.map(|n| n.map(|n| n.id));
         let grad = grads.consume::<B>(&ops.node);
         let (x, scale, zero) = ops.state;
-        let (dx, ds, dz) =
-            B::fake_quant_backward(grad, &x, &scale, &zero, &self.format, node_x.is_some(), node_z.is_some());
-        if let (Some(node), Some(dx)) = (node_x, dx) {
-            grads.register::<B>(node.id, dx);
-        }
-        if let Some(node) = node_s {
-            grads.register::<B>(node.id, ds);
-        }
-        if let (Some(node), Some(dz)) = (node_z, dz) {
-            grads.register::<B>(node.id, dz);
-        }
+        register::<B>(&self.format, grads, grad, (x_id, s_id, z_id), (x, scale, Some(zero)));
+    }
+}
+
+impl<B: FusedQuantKernels> Backward<B, 2> for FusedQuantBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [x_id, s_id] = ops.parents.map(|n| n.map(|n| n.id));
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, scale) = ops.state;
+        register::<B>(&self.format, grads, grad, (x_id, s_id, None), (x, scale, None));
     }
 }
 
@@ -398,19 +443,40 @@ impl<B: FusedQuantKernels, C: CheckpointStrategy> FusedQuantBackend for Autodiff
         format: Format,
     ) -> FloatTensor<Self> {
         let backward = FusedQuantBackward { format: format.clone() };
-        match backward.prepare::<C>([x.node(), scale.node(), zero_point.node()]).compute_bound().stateful() {
+        match Backward::<B, 3>::prepare::<C>(backward, [x.node(), scale.node(), zero_point.node()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let (x, s, z) =
                     (x.primitive().clone(), scale.primitive().clone(), zero_point.primitive().clone());
-                let out = B::fake_quant_forward(x.clone(), &s, &z, &format);
+                let out = B::fake_quant_forward(x.clone(), &s, Some(&z), &format);
                 prep.finish((x, s, z), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::fake_quant_forward(
                 x.into_primitive(),
                 scale.primitive(),
-                zero_point.primitive(),
+                Some(zero_point.primitive()),
                 &format,
             )),
+        }
+    }
+
+    fn fused_fake_quant_symmetric(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        format: Format,
+    ) -> FloatTensor<Self> {
+        let backward = FusedQuantBackward { format: format.clone() };
+        match Backward::<B, 2>::prepare::<C>(backward, [x.node(), scale.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (x, s) = (x.primitive().clone(), scale.primitive().clone());
+                let out = B::fake_quant_forward(x.clone(), &s, None, &format);
+                prep.finish((x, s), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::fake_quant_forward(x.into_primitive(), scale.primitive(), None, &format))
+            }
         }
     }
 }
@@ -448,16 +514,19 @@ pub fn fake_quantize_fused<const D: usize>(
     {
         return Err(x);
     }
-    let zero = match zero_point {
-        Some(z) => z.clone(),
-        None => Tensor::zeros(scale.dims(), &device),
+    let out = match zero_point {
+        Some(z) => <Dispatch as FusedQuantBackend>::fused_fake_quant(
+            x.into_dispatch(),
+            scale.clone().into_dispatch(),
+            z.clone().into_dispatch(),
+            format.clone(),
+        ),
+        None => <Dispatch as FusedQuantBackend>::fused_fake_quant_symmetric(
+            x.into_dispatch(),
+            scale.clone().into_dispatch(),
+            format.clone(),
+        ),
     };
-    let out = <Dispatch as FusedQuantBackend>::fused_fake_quant(
-        x.into_dispatch(),
-        scale.clone().into_dispatch(),
-        zero.into_dispatch(),
-        format.clone(),
-    );
     Ok(Tensor::from_dispatch(out))
 }
 

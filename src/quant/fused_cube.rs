@@ -109,13 +109,18 @@ fn fake_quant_forward_kernel(
     out: &mut [f32],
     block: usize,
     grid: &GridArgs,
+    #[comptime] has_zero: bool,
 ) {
     let i = ABSOLUTE_POS;
     if i >= out.len() {
         terminate!();
     }
     let b = i / block;
-    let (s, z) = (scale[b], zero[b]);
+    let s = scale[b];
+    let mut z = 0.0f32;
+    if has_zero {
+        z = zero[b];
+    }
     let r = grid_code((x[i] - z) / s, grid);
     out[i] = r * s + z;
 }
@@ -169,6 +174,7 @@ fn fake_quant_backward_kernel(
     cubes: usize,
     grid: &GridArgs,
     #[comptime] units: usize,
+    #[comptime] has_zero: bool,
     #[comptime] want_dx: bool,
     #[comptime] want_dz: bool,
 ) {
@@ -184,7 +190,11 @@ fn fake_quant_backward_kernel(
     if end > b * block + block {
         end = b * block + block;
     }
-    let (s, z) = (scale[b], zero[b]);
+    let s = scale[b];
+    let mut z = 0.0f32;
+    if has_zero {
+        z = zero[b];
+    }
     let stride = CUBE_DIM_X as usize;
     let mut ds = 0.0f32;
     let mut dz = 0.0f32;
@@ -276,10 +286,12 @@ impl FusedQuantKernels for CubeBackend {
     fn fake_quant_forward(
         x: CubeTensor,
         scale: &CubeTensor,
-        zero: &CubeTensor,
+        zero: Option<&CubeTensor>,
         format: &Format,
     ) -> CubeTensor {
-        let (x, s, z) = (contiguous(x), contiguous(scale.clone()), contiguous(zero.clone()));
+        let (x, s) = (contiguous(x), contiguous(scale.clone()));
+        // Without a zero point the scale stands in for it (the kernel reads none).
+        let z = contiguous(zero.unwrap_or(scale).clone());
         let out = empty_like(&x);
         let (count, dim) = launch_dims(&x);
         let block = block_len(&x, &s);
@@ -293,6 +305,7 @@ impl FusedQuantKernels for CubeBackend {
             out.clone().into_buffer_arg(),
             block,
             GridArgs::launch(format),
+            zero.is_some(),
         );
         out
     }
@@ -301,13 +314,14 @@ impl FusedQuantKernels for CubeBackend {
         grad: CubeTensor,
         x: &CubeTensor,
         scale: &CubeTensor,
-        zero: &CubeTensor,
+        zero: Option<&CubeTensor>,
         format: &Format,
         want_dx: bool,
         want_dz: bool,
     ) -> (Option<CubeTensor>, CubeTensor, Option<CubeTensor>) {
         let (g, x) = (contiguous(grad), contiguous(x.clone()));
-        let (s, z) = (contiguous(scale.clone()), contiguous(zero.clone()));
+        let (s, z) = (contiguous(scale.clone()), contiguous(zero.unwrap_or(scale).clone()));
+        let want_dz = want_dz && zero.is_some();
         let dx = if want_dx { empty_like(&x) } else { empty_floats(&x, 1) };
         let block = block_len(&x, &s);
         let blocks = s.meta.num_elements();
@@ -335,10 +349,11 @@ impl FusedQuantKernels for CubeBackend {
             cubes,
             GridArgs::launch(format),
             units,
+            zero.is_some(),
             want_dx,
             want_dz,
         );
-        let dz = want_dz.then(|| add_parts(dz, parts, zero));
+        let dz = zero.filter(|_| want_dz).map(|zero| add_parts(dz, parts, zero));
         (want_dx.then_some(dx), add_parts(ds, parts, scale), dz)
     }
 }

@@ -85,7 +85,12 @@ impl ActQuant {
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>, ctx: &StepCtx) -> Tensor<D> {
         let slot = self.slot(ctx);
-        let pick = |p: &Param<Tensor<1>>| p.val().slice([slot..slot + 1]).reshape([1; D]);
+        // One slot is the whole parameter: no slice (on a GPU a slice costs a kernel forward and
+        // two backward, a zeroed gradient and the assignment into it).
+        let pick = |p: &Param<Tensor<1>>| match self.slots() {
+            1 => p.val().reshape([1; D]),
+            _ => p.val().slice([slot..slot + 1]).reshape([1; D]),
+        };
         fake_quantize(x, &self.format, pick(&self.scale), self.zero_point.as_ref().map(pick))
     }
 }
