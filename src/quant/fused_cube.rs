@@ -101,15 +101,36 @@ fn grid_code(u: f32, grid: &GridArgs) -> f32 {
     r + 0.0f32
 }
 
+/// Element `i` (row-major logical position) of `t`: directly, or through `t`'s strides where it
+/// is a permutation of a dense buffer (a transposed weight gradient, a channels-last
+/// convolution gradient), which saves a copy kernel and a pass over memory.
+#[cube]
+fn read(t: &Tensor<f32>, i: usize, #[comptime] strided: bool) -> f32 {
+    let mut offset = i;
+    if strided {
+        let rank = t.rank();
+        let mut rest = i;
+        offset = 0;
+        for k in 0..rank {
+            let d = rank - k - 1;
+            let shape = t.shape(d);
+            offset += (rest % shape) * t.stride(d);
+            rest /= shape;
+        }
+    }
+    t[offset]
+}
+
 #[cube(launch)]
 fn fake_quant_forward_kernel(
-    x: &[f32],
+    x: &Tensor<f32>,
     scale: &[f32],
     zero: &[f32],
     out: &mut [f32],
     block: usize,
     grid: &GridArgs,
     #[comptime] has_zero: bool,
+    #[comptime] x_strided: bool,
 ) {
     let i = ABSOLUTE_POS;
     if i >= out.len() {
@@ -121,7 +142,7 @@ fn fake_quant_forward_kernel(
     if has_zero {
         z = zero[b];
     }
-    let r = grid_code((x[i] - z) / s, grid);
+    let r = grid_code((read(x, i, x_strided) - z) / s, grid);
     out[i] = r * s + z;
 }
 
@@ -162,8 +183,8 @@ fn element_terms(gi: f32, u: f32, grid: &GridArgs) -> Terms {
 /// Nothing is written full size but `dx`, and no thread sums more than its stride.
 #[cube(launch)]
 fn fake_quant_backward_kernel(
-    g: &[f32],
-    x: &[f32],
+    g: &Tensor<f32>,
+    x: &Tensor<f32>,
     scale: &[f32],
     zero: &[f32],
     dx: &mut [f32],
@@ -177,6 +198,8 @@ fn fake_quant_backward_kernel(
     #[comptime] has_zero: bool,
     #[comptime] want_dx: bool,
     #[comptime] want_dz: bool,
+    #[comptime] g_strided: bool,
+    #[comptime] x_strided: bool,
 ) {
     let cube = CUBE_POS;
     if cube >= cubes {
@@ -200,7 +223,7 @@ fn fake_quant_backward_kernel(
     let mut dz = 0.0f32;
     let mut i = start + UNIT_POS_X as usize;
     while i < end {
-        let e = element_terms(g[i], (x[i] - z) / s, grid);
+        let e = element_terms(read(g, i, g_strided), (read(x, i, x_strided) - z) / s, grid);
         ds += e.ds;
         dz += e.dz;
         if want_dx {
@@ -240,6 +263,17 @@ fn fake_quant_backward_kernel(
 /// reading it linearly scrambled the quantized attention inputs on the GPU backends.
 pub(super) fn contiguous(t: CubeTensor) -> CubeTensor {
     if t.is_contiguous() && t.is_contiguous_buffer() { t } else { into_contiguous(t) }
+}
+
+/// `t` as the quantizer's kernels read it, and whether through its strides: a permutation of a
+/// dense buffer is read in place, anything else (a broadcast, a view into a larger buffer) copied
+/// into row-major order first.
+fn readable(t: CubeTensor) -> (CubeTensor, bool) {
+    match (t.is_contiguous(), t.is_contiguous_buffer() && t.is_nonoverlapping()) {
+        (true, true) => (t, false),
+        (false, true) => (t, true),
+        _ => (into_contiguous(t), false),
+    }
 }
 
 pub(super) fn empty_like(t: &CubeTensor) -> CubeTensor {
@@ -289,7 +323,7 @@ impl FusedQuantKernels for CubeBackend {
         zero: Option<&CubeTensor>,
         format: &Format,
     ) -> CubeTensor {
-        let (x, s) = (contiguous(x), contiguous(scale.clone()));
+        let ((x, x_strided), s) = (readable(x), contiguous(scale.clone()));
         // Without a zero point the scale stands in for it (the kernel reads none).
         let z = contiguous(zero.unwrap_or(scale).clone());
         let out = empty_like(&x);
@@ -299,13 +333,14 @@ impl FusedQuantKernels for CubeBackend {
             &x.client.clone(),
             count,
             dim,
-            x.into_buffer_arg(),
+            x.into_tensor_arg(),
             s.into_buffer_arg(),
             z.into_buffer_arg(),
             out.clone().into_buffer_arg(),
             block,
             GridArgs::launch(format),
             zero.is_some(),
+            x_strided,
         );
         out
     }
@@ -319,7 +354,7 @@ impl FusedQuantKernels for CubeBackend {
         want_dx: bool,
         want_dz: bool,
     ) -> (Option<CubeTensor>, CubeTensor, Option<CubeTensor>) {
-        let (g, x) = (contiguous(grad), contiguous(x.clone()));
+        let ((g, g_strided), (x, x_strided)) = (readable(grad), readable(x.clone()));
         let (s, z) = (contiguous(scale.clone()), contiguous(zero.unwrap_or(scale).clone()));
         let want_dz = want_dz && zero.is_some();
         let dx = if want_dx { empty_like(&x) } else { empty_floats(&x, 1) };
@@ -337,8 +372,8 @@ impl FusedQuantKernels for CubeBackend {
             &client,
             count,
             dim,
-            g.into_buffer_arg(),
-            x.into_buffer_arg(),
+            g.into_tensor_arg(),
+            x.into_tensor_arg(),
             s.into_buffer_arg(),
             z.into_buffer_arg(),
             dx.clone().into_buffer_arg(),
@@ -352,6 +387,8 @@ impl FusedQuantKernels for CubeBackend {
             zero.is_some(),
             want_dx,
             want_dz,
+            g_strided,
+            x_strided,
         );
         let dz = zero.filter(|_| want_dz).map(|zero| add_parts(dz, parts, zero));
         (want_dx.then_some(dx), add_parts(ds, parts, scale), dz)

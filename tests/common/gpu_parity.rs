@@ -129,8 +129,9 @@ pub fn fused_quantizer_matches_flex(gpu: &Device, name: &str) {
 /// The quantizer's backward on blocks long enough for its in-kernel reduction: one cube per
 /// block (per-row scales over 3000 values), several cubes per block whose partial sums a second
 /// reduction adds (one scale over 3 x 7000 values, as a per-tensor activation scale), each with
-/// and without a zero point, and for a frozen input (no `dx`): the same `dx` bits as flex and
-/// the same scale and zero-point gradients up to summation order.
+/// and without a zero point, for a frozen input (no `dx`) and for a transposed input and gradient
+/// (read through their strides): the same `dx` bits as flex and the same scale and zero-point
+/// gradients up to summation order.
 pub fn fused_quantizer_long_blocks_match_flex(gpu: &Device, name: &str) {
     use msfp::quant::Format;
     use msfp::quant::fused::fake_quantize_fused;
@@ -142,26 +143,37 @@ pub fn fused_quantizer_long_blocks_match_flex(gpu: &Device, name: &str) {
         let blocks = if per_tensor { 1 } else { rows };
         let s0: Vec<f32> = (0..blocks).map(|i| 0.4 + 0.1 * i as f32).collect();
         let z0: Vec<f32> = (0..blocks).map(|i| -0.2 - 0.05 * i as f32).collect();
-        for (spec, zero, frozen) in [("e2m1", false, false), ("ue2m2", true, false), ("e2m1", false, true)] {
+        let cases = [
+            ("e2m1", false, false, false),
+            ("ue2m2", true, false, false),
+            ("e2m1", false, true, false),
+            ("ue2m2", true, false, true),
+        ];
+        for (spec, zero, frozen, transposed) in cases {
             let format = Format::parse(spec).unwrap();
             let run = |device: &Device| {
                 let t = |v: &[f32], shape: [usize; 2]| {
                     Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), device)
                 };
-                let x = t(&x0, [rows, cols]);
+                // Transposed views (read through their strides by the GPU kernels): the input,
+                // and so the gradient that reaches the quantizer.
+                let x = if transposed { t(&x0, [cols, rows]).transpose() } else { t(&x0, [rows, cols]) };
                 let x = if frozen { x } else { x.require_grad() };
                 let s = t(&s0, [blocks, 1]).require_grad();
                 let z = zero.then(|| t(&z0, [blocks, 1]).require_grad());
                 let q = fake_quantize_fused(x.clone(), &format, &s, z.as_ref())
                     .unwrap_or_else(|_| panic!("{spec}: the fused path applies on {device:?}"));
-                let grads = (q * t(&g0, [rows, cols])).sum().backward();
+                let g = if transposed { t(&g0, [cols, rows]).transpose() } else { t(&g0, [rows, cols]) };
+                let grads = (q * g).sum().backward();
                 let dx = x.grad(&grads).map(host_values);
                 let dz = z.map(|z| host_values(z.grad(&grads).unwrap()));
                 (dx, host_values(s.grad(&grads).unwrap()), dz)
             };
             let (fdx, fds, fdz) = run(&Device::flex().autodiff());
             let (gdx, gds, gdz) = run(&gpu.clone().autodiff());
-            let what = format!("{spec} over [{rows}, {cols}] (per tensor: {per_tensor}, frozen: {frozen})");
+            let what = format!(
+                "{spec} over [{rows}, {cols}] (per tensor: {per_tensor}, frozen: {frozen}, transposed: {transposed})"
+            );
             assert_eq!(gdx.is_none(), frozen, "{what}: dx only for a trained input");
             assert_eq!(gdx, fdx, "{what}: dx on {name} vs flex");
             // Sums of thousands of terms in another order: relative to the sum of their sizes.
