@@ -54,6 +54,13 @@ fn adamw_step_on_cuda_matches_flex() {
 }
 
 #[test]
+fn group_norm_on_cuda_matches_flex() {
+    if let Some(gpu) = cuda_or_skip("group_norm_on_cuda_matches_flex") {
+        gpu_parity::group_norm_matches_flex(&gpu, "cuda");
+    }
+}
+
+#[test]
 fn hadamard_rotation_on_cuda_matches_flex() {
     if let Some(gpu) = cuda_or_skip("hadamard_rotation_on_cuda_matches_flex") {
         gpu_parity::hadamard_rotation_matches_flex(&gpu, "cuda");

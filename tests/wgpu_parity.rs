@@ -33,6 +33,11 @@ fn adamw_step_on_wgpu_cpu_matches_flex() {
 }
 
 #[test]
+fn group_norm_on_wgpu_cpu_matches_flex() {
+    gpu_parity::group_norm_matches_flex(&lavapipe(), "wgpu-cpu");
+}
+
+#[test]
 fn hadamard_rotation_on_wgpu_cpu_matches_flex() {
     gpu_parity::hadamard_rotation_matches_flex(&lavapipe(), "wgpu-cpu");
 }

@@ -26,6 +26,8 @@ pub mod linear;
 pub mod math;
 pub mod matmul;
 pub mod norm;
+#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+mod norm_cube;
 pub mod resample;
 pub mod softmax;
 
@@ -71,6 +73,13 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         Ok(pool) => pool.install(f),
         Err(_) => f(),
     }
+}
+
+/// Whether `device` (with or without autodiff) is a CubeCL GPU device (wgpu, cuda), where the
+/// `*_cube` kernels run.
+#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+pub fn on_cube(device: &Device) -> bool {
+    matches!(device.clone().inner().as_dispatch(), DispatchDevice::Cube(_))
 }
 
 /// Whether `device` (with or without autodiff) is flex, where these kernels run.

@@ -544,6 +544,10 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Tensor<4> {
+    #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+    if super::on_cube(&x.device()) {
+        return super::norm_cube::group_norm(x, gamma, beta, groups, eps, silu);
+    }
     if !super::on_flex(&x.device()) {
         let y = group_norm_ops(x, gamma, beta, groups, eps);
         return if silu {

@@ -23,12 +23,6 @@ fn for_each_maybe_parallel<T: Send, R: Send>(
     if parallel { items.into_par_iter().map(&f).collect() } else { items.into_iter().map(f).collect() }
 }
 
-/// Whether `device` is a CubeCL GPU device (wgpu, cuda).
-#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
-fn on_cube(device: &burn::tensor::Device) -> bool {
-    matches!(device.clone().inner().as_dispatch(), burn::backend::DispatchDevice::Cube(_))
-}
-
 /// The factor gradients are scaled by before the update (global-norm clipping).
 enum Clip {
     None,
@@ -182,7 +176,7 @@ impl AdamW {
         let zero = || Tensor::zeros([1], &device.cloned().unwrap_or_else(burn::tensor::Device::flex));
         // A GPU adds each gradient's squares onto the running sum in one kernel.
         #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
-        if device.is_some_and(on_cube) {
+        if device.is_some_and(crate::kernels::on_cube) {
             return grads.values().fold(zero(), |acc, g| super::adamw_cube::sum_squares_onto(acc, g.clone()));
         }
         let squares =
@@ -207,7 +201,7 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.step as i32);
         // A GPU runs the whole update as one kernel (flex keeps the tensor ops and their bits).
         #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
-        if let (true, Clip::None | Clip::Device(_)) = (on_cube(&p.device()), clip) {
+        if let (true, Clip::None | Clip::Device(_)) = (crate::kernels::on_cube(&p.device()), clip) {
             let step = super::adamw_cube::AdamStep {
                 lr: lr as f32,
                 beta1: b1 as f32,

@@ -235,6 +235,53 @@ pub fn adamw_step_matches_flex(gpu: &Device, name: &str) {
     }
 }
 
+/// GroupNorm(+SiLU) on a GPU (`kernels/norm_cube.rs`: one kernel forward, one backward) against
+/// flex's fused version: outputs and the gradients of the input, scale and shift, with and
+/// without SiLU, over one and two samples, groups of 2 to 10 channels and odd spatial sizes.
+pub fn group_norm_matches_flex(gpu: &Device, name: &str) {
+    use msfp::kernels::norm::group_norm;
+    use msfp::train::params::host_values;
+
+    for (b, c, h, w, groups, silu) in
+        [(2, 8, 5, 7, 4, true), (1, 20, 3, 3, 2, false), (2, 64, 16, 16, 32, true)]
+    {
+        let n = b * c * h * w;
+        let x0: Vec<f32> = SeededRng::new(21).normals(n).iter().map(|v| v * 2.0 + 0.5).collect();
+        let g0 = SeededRng::new(22).normals(n);
+        let gamma0: Vec<f32> = SeededRng::new(23).normals(c).iter().map(|v| 1.0 + 0.2 * v).collect();
+        let beta0: Vec<f32> = SeededRng::new(24).normals(c).iter().map(|v| 0.1 * v).collect();
+        let run = |device: &Device| {
+            let x = Tensor::<4>::from_data(TensorData::new(x0.clone(), [b, c, h, w]), device).require_grad();
+            let gamma = Tensor::<1>::from_data(TensorData::new(gamma0.clone(), [c]), device).require_grad();
+            let beta = Tensor::<1>::from_data(TensorData::new(beta0.clone(), [c]), device).require_grad();
+            let y = group_norm(x.clone(), gamma.clone(), beta.clone(), groups, 1e-5, silu);
+            let upstream = Tensor::<4>::from_data(TensorData::new(g0.clone(), [b, c, h, w]), device);
+            let grads = (y.clone() * upstream).sum().backward();
+            (
+                host_values(y),
+                host_values(x.grad(&grads).expect("dx")),
+                host_values(gamma.grad(&grads).expect("dgamma")),
+                host_values(beta.grad(&grads).expect("dbeta")),
+            )
+        };
+        let flex = run(&Device::flex().autodiff());
+        let other = run(&gpu.clone().autodiff());
+        let what = format!("GroupNorm [{b}, {c}, {h}, {w}] / {groups} (silu: {silu})");
+        for (label, a, f) in [
+            ("y", &other.0, &flex.0),
+            ("dx", &other.1, &flex.1),
+            ("dgamma", &other.2, &flex.2),
+            ("dbeta", &other.3, &flex.3),
+        ] {
+            assert_eq!(a.len(), f.len());
+            let scale = f.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            for (i, (a, f)) in a.iter().zip(f.iter()).enumerate() {
+                assert!((a - f).abs() <= 1e-4 * scale, "{what} {label}[{i}]: {name} {a} vs flex {f}");
+            }
+        }
+    }
+}
+
 /// HQ-DiT's online rotation (`quant/hadamard_cube.rs` on the GPU) against flex: the same bits
 /// forward and backward (its transpose) at the widths of the tiny DiT, DiT-XL/2's attention
 /// (1152: nine blocks of 128 per row) and MLP (4608: blocks of 512, several butterfly pairs per

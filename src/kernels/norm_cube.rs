@@ -1,0 +1,370 @@
+//! GroupNorm (optionally followed by SiLU) as one CubeCL kernel forward and one backward, for the
+//! GPU backends (wgpu, cuda). burn has no fused GroupNorm: as tensor ops it is a reshape, two
+//! means, a square, a square root, a division and the affine (about ten launches and as many
+//! passes over the activation forward, twice that backward, SiLU's on top), and every UNet block
+//! runs two or three of them.
+//!
+//! One cube per (sample, group): its threads stride over the group, sum in shared memory (the
+//! mean, then the variance about it, as flex does), and write the output; the backward's cube
+//! sums each channel's `(sum g, sum g xh)` (the affine parameters' gradients, per sample: added
+//! over the batch after) and the group's closed-form terms, then writes `dx` (see `norm.rs`).
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, backend_extension};
+use burn::tensor::{Shape, Tensor};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise, prelude::*};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+
+/// Threads per cube (a power of two: the sums halve).
+const UNITS: usize = 256;
+
+#[backend_extension(Autodiff, Cube: cfg(any(feature = "wgpu", feature = "cuda-runtime")))]
+pub trait GroupNormGpu: Backend {
+    /// GroupNorm over `[B, C, ..]` with per-channel affine, then SiLU when `silu`.
+    fn gpu_group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> FloatTensor<Self>;
+}
+
+/// GroupNorm(+SiLU) of `x: [B, C, H, W]` on a GPU device, with or without autodiff.
+pub fn group_norm(
+    x: Tensor<4>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as GroupNormGpu>::gpu_group_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        groups,
+        eps,
+        silu,
+    ))
+}
+
+/// `value` summed over the cube's threads (every thread gets the total); `buf` holds one slot
+/// per thread and is free again on return.
+#[cube]
+fn cube_sum(buf: &mut Shared<[f32]>, value: f32, t: usize, units: usize) -> f32 {
+    buf[t] = value;
+    sync_cube();
+    let mut h = units / 2;
+    while h > 0 {
+        if t < h {
+            let (a, c) = (buf[t], buf[t + h]);
+            buf[t] = a + c;
+        }
+        sync_cube();
+        h /= 2;
+    }
+    let total = buf[0];
+    sync_cube();
+    total
+}
+
+#[cube]
+fn sigmoid(v: f32) -> f32 {
+    1.0f32 / (1.0f32 + f32::exp(-v))
+}
+
+/// Group sizes of one launch: channels, groups, elements per channel.
+#[derive(CubeLaunch, CubeType, Clone, Copy)]
+struct Layout {
+    channels: usize,
+    groups: usize,
+    spatial: usize,
+}
+
+#[cube(launch)]
+fn group_norm_forward_kernel(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    out: &mut [f32],
+    stats: &mut [f32],
+    layout: &Layout,
+    eps: f32,
+    #[comptime] units: usize,
+    #[comptime] silu: bool,
+) {
+    let cube = CUBE_POS;
+    if cube >= stats.len() / 2 {
+        terminate!();
+    }
+    let per_group = layout.channels / layout.groups;
+    let len = per_group * layout.spatial;
+    let base = cube * len;
+    let first = (cube % layout.groups) * per_group;
+    let t = UNIT_POS_X as usize;
+    let stride = CUBE_DIM_X as usize;
+    let n = f32::cast_from(len);
+    let mut buf = Shared::<[f32]>::new_slice(units);
+    let mut acc = 0.0f32;
+    let mut i = t;
+    while i < len {
+        acc += x[base + i];
+        i += stride;
+    }
+    let mean = cube_sum(&mut buf, acc, t, stride) / n;
+    let mut sq = 0.0f32;
+    i = t;
+    while i < len {
+        let d = x[base + i] - mean;
+        sq += d * d;
+        i += stride;
+    }
+    let rstd = 1.0f32 / f32::sqrt(cube_sum(&mut buf, sq, t, stride) / n + eps);
+    i = t;
+    while i < len {
+        let c = first + i / layout.spatial;
+        let mut v = (x[base + i] - mean) * rstd * gamma[c] + beta[c];
+        if silu {
+            v *= sigmoid(v);
+        }
+        out[base + i] = v;
+        i += stride;
+    }
+    if t == 0 {
+        stats[2 * cube] = mean;
+        stats[2 * cube + 1] = rstd;
+    }
+}
+
+/// The gradient of the normalised-and-scaled value at one element (through SiLU when `silu`).
+#[cube]
+fn pre_activation_grad(g: f32, xh: f32, a: f32, b: f32, #[comptime] silu: bool) -> f32 {
+    let mut gy = g;
+    if silu {
+        let v = xh * a + b;
+        let s = sigmoid(v);
+        gy *= s + v * s * (1.0f32 - s);
+    }
+    gy
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn group_norm_backward_kernel(
+    g: &[f32],
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    stats: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+    layout: &Layout,
+    #[comptime] units: usize,
+    #[comptime] silu: bool,
+) {
+    let cube = CUBE_POS;
+    if cube >= stats.len() / 2 {
+        terminate!();
+    }
+    let per_group = layout.channels / layout.groups;
+    let spatial = layout.spatial;
+    let len = per_group * spatial;
+    let base = cube * len;
+    let sample = cube / layout.groups;
+    let first = (cube % layout.groups) * per_group;
+    let t = UNIT_POS_X as usize;
+    let stride = CUBE_DIM_X as usize;
+    let (mean, rstd) = (stats[2 * cube], stats[2 * cube + 1]);
+    let mut buf = Shared::<[f32]>::new_slice(units);
+    let mut ma = 0.0f32;
+    let mut mb = 0.0f32;
+    for k in 0..per_group {
+        let c = first + k;
+        let (a, b) = (gamma[c], beta[c]);
+        let mut sg = 0.0f32;
+        let mut sgx = 0.0f32;
+        let mut j = t;
+        while j < spatial {
+            let idx = base + k * spatial + j;
+            let xh = (x[idx] - mean) * rstd;
+            let gy = pre_activation_grad(g[idx], xh, a, b, silu);
+            sg += gy;
+            sgx += gy * xh;
+            j += stride;
+        }
+        let sg = cube_sum(&mut buf, sg, t, stride);
+        let sgx = cube_sum(&mut buf, sgx, t, stride);
+        if t == 0 {
+            dbeta[sample * layout.channels + c] = sg;
+            dgamma[sample * layout.channels + c] = sgx;
+        }
+        ma += sg * a;
+        mb += sgx * a;
+    }
+    let n = f32::cast_from(len);
+    ma /= n;
+    mb /= n;
+    let mut i = t;
+    while i < len {
+        let c = first + i / spatial;
+        let (a, b) = (gamma[c], beta[c]);
+        let xh = (x[base + i] - mean) * rstd;
+        let gy = pre_activation_grad(g[base + i], xh, a, b, silu);
+        dx[base + i] = rstd * (gy * a - ma - xh * mb);
+        i += stride;
+    }
+}
+
+fn contiguous(t: CubeTensor) -> CubeTensor {
+    if t.is_contiguous() && t.is_contiguous_buffer() { t } else { into_contiguous(t) }
+}
+
+fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
+}
+
+/// `[B, C, ..]` as its layout and the number of (sample, group) cubes.
+fn layout_of(x: &CubeTensor, groups: usize) -> (usize, usize, usize, usize) {
+    let shape = x.meta.shape();
+    let (b, c) = (shape[0], shape[1]);
+    (b, c, x.meta.num_elements() / (b * c).max(1), b * groups)
+}
+
+fn launch_cubes(x: &CubeTensor, cubes: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new_1d(UNITS as u32);
+    (calculate_cube_count_elemwise(&x.client, cubes * UNITS, dim), dim)
+}
+
+/// The output and the `[B * groups, 2]` (mean, rstd) of each (sample, group).
+fn forward(
+    x: &CubeTensor,
+    gamma: &CubeTensor,
+    beta: &CubeTensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> (CubeTensor, CubeTensor) {
+    let (_, channels, spatial, cubes) = layout_of(x, groups);
+    let out = empty(x, x.meta.shape().clone());
+    let stats = empty(x, Shape::new([cubes, 2]));
+    let (count, dim) = launch_cubes(x, cubes);
+    group_norm_forward_kernel::launch(
+        &x.client.clone(),
+        count,
+        dim,
+        x.clone().into_buffer_arg(),
+        gamma.clone().into_buffer_arg(),
+        beta.clone().into_buffer_arg(),
+        out.clone().into_buffer_arg(),
+        stats.clone().into_buffer_arg(),
+        LayoutLaunch::new(channels, groups, spatial),
+        eps as f32,
+        UNITS,
+        silu,
+    );
+    (out, stats)
+}
+
+impl GroupNormGpu for CubeBackend {
+    fn gpu_group_norm(
+        x: CubeTensor,
+        gamma: CubeTensor,
+        beta: CubeTensor,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> CubeTensor {
+        forward(&contiguous(x), &contiguous(gamma), &contiguous(beta), groups, eps, silu).0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct GroupNormState {
+    x: CubeTensor,
+    gamma: CubeTensor,
+    beta: CubeTensor,
+    stats: CubeTensor,
+    groups: usize,
+    silu: bool,
+}
+
+#[derive(Debug)]
+struct GroupNormBackward;
+
+impl Backward<CubeBackend, 3> for GroupNormBackward {
+    type State = GroupNormState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let grad = contiguous(grads.consume::<CubeBackend>(&ops.node));
+        let st = ops.state;
+        let (batch, channels, spatial, cubes) = layout_of(&st.x, st.groups);
+        let dx = empty(&st.x, st.x.meta.shape().clone());
+        let (dgamma, dbeta) =
+            (empty(&st.x, Shape::new([batch, channels])), empty(&st.x, Shape::new([batch, channels])));
+        let (count, dim) = launch_cubes(&st.x, cubes);
+        group_norm_backward_kernel::launch(
+            &st.x.client.clone(),
+            count,
+            dim,
+            grad.into_buffer_arg(),
+            st.x.clone().into_buffer_arg(),
+            st.gamma.clone().into_buffer_arg(),
+            st.beta.clone().into_buffer_arg(),
+            st.stats.clone().into_buffer_arg(),
+            dx.clone().into_buffer_arg(),
+            dgamma.clone().into_buffer_arg(),
+            dbeta.clone().into_buffer_arg(),
+            LayoutLaunch::new(channels, st.groups, spatial),
+            UNITS,
+            st.silu,
+        );
+        // Per sample -> per channel (one sample: the sums already).
+        let over_batch = |t: CubeTensor| {
+            let t = if batch > 1 { CubeBackend::float_sum_dim(t, 0) } else { t };
+            CubeBackend::float_reshape(t, Shape::new([channels]))
+        };
+        for (node, g) in [(node_x, dx), (node_gamma, over_batch(dgamma)), (node_beta, over_batch(dbeta))] {
+            if let Some(node) = node {
+                grads.register::<CubeBackend>(node.id, g);
+            }
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> GroupNormGpu for Autodiff<CubeBackend, C> {
+    fn gpu_group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        let prep = GroupNormBackward.prepare::<C>([x.node(), gamma.node(), beta.node()]);
+        let (xp, gp, bp) = (
+            contiguous(x.primitive().clone()),
+            contiguous(gamma.primitive().clone()),
+            contiguous(beta.primitive().clone()),
+        );
+        match prep.compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (out, stats) = forward(&xp, &gp, &bp, groups, eps, silu);
+                prep.finish(GroupNormState { x: xp, gamma: gp, beta: bp, stats, groups, silu }, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(&xp, &gp, &bp, groups, eps, silu).0),
+        }
+    }
+}
