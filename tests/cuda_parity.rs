@@ -54,9 +54,9 @@ fn adamw_step_on_cuda_matches_flex() {
 }
 
 #[test]
-fn group_norm_on_cuda_matches_flex() {
-    if let Some(gpu) = cuda_or_skip("group_norm_on_cuda_matches_flex") {
-        gpu_parity::group_norm_matches_flex(&gpu, "cuda");
+fn norms_on_cuda_match_flex() {
+    if let Some(gpu) = cuda_or_skip("norms_on_cuda_match_flex") {
+        gpu_parity::norms_match_flex(&gpu, "cuda");
     }
 }
 

@@ -33,8 +33,8 @@ fn adamw_step_on_wgpu_cpu_matches_flex() {
 }
 
 #[test]
-fn group_norm_on_wgpu_cpu_matches_flex() {
-    gpu_parity::group_norm_matches_flex(&lavapipe(), "wgpu-cpu");
+fn norms_on_wgpu_cpu_match_flex() {
+    gpu_parity::norms_match_flex(&lavapipe(), "wgpu-cpu");
 }
 
 #[test]

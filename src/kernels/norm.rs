@@ -576,6 +576,10 @@ pub fn layer_norm_ops<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
 
 /// LayerNorm over the last dimension without affine.
 pub fn layer_norm<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
+    #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+    if super::on_cube(&x.device()) {
+        return super::norm_cube::layer_norm(x, eps);
+    }
     if !super::on_flex(&x.device()) {
         return layer_norm_ops(x, eps);
     }

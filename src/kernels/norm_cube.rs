@@ -4,6 +4,9 @@
 //! passes over the activation forward, twice that backward, SiLU's on top), and every UNet block
 //! runs two or three of them.
 //!
+//! LayerNorm without affine (SD's transformer blocks, CLIP, DiT) is the same kernel with one
+//! group per row and no affine.
+//!
 //! One cube per (sample, group): its threads stride over the group, sum in shared memory (the
 //! mean, then the variance about it, as flex does), and write the output; the backward's cube
 //! sums each channel's `(sum g, sum g xh)` (the affine parameters' gradients, per sample: added
@@ -38,6 +41,14 @@ pub trait GroupNormGpu: Backend {
         eps: f64,
         silu: bool,
     ) -> FloatTensor<Self>;
+
+    /// LayerNorm over the last dimension, no affine.
+    fn gpu_layer_norm(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
+}
+
+/// LayerNorm over the last dimension without affine on a GPU device, with or without autodiff.
+pub fn layer_norm<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as GroupNormGpu>::gpu_layer_norm(x.into_dispatch(), eps))
 }
 
 /// GroupNorm(+SiLU) of `x: [B, C, H, W]` on a GPU device, with or without autodiff.
@@ -103,6 +114,7 @@ fn group_norm_forward_kernel(
     eps: f32,
     #[comptime] units: usize,
     #[comptime] silu: bool,
+    #[comptime] affine: bool,
 ) {
     let cube = CUBE_POS;
     if cube >= stats.len() / 2 {
@@ -133,8 +145,11 @@ fn group_norm_forward_kernel(
     let rstd = 1.0f32 / f32::sqrt(cube_sum(&mut buf, sq, t, stride) / n + eps);
     i = t;
     while i < len {
-        let c = first + i / layout.spatial;
-        let mut v = (x[base + i] - mean) * rstd * gamma[c] + beta[c];
+        let mut v = (x[base + i] - mean) * rstd;
+        if affine {
+            let c = first + i / layout.spatial;
+            v = v * gamma[c] + beta[c];
+        }
         if silu {
             v *= sigmoid(v);
         }
@@ -173,6 +188,7 @@ fn group_norm_backward_kernel(
     layout: &Layout,
     #[comptime] units: usize,
     #[comptime] silu: bool,
+    #[comptime] affine: bool,
 ) {
     let cube = CUBE_POS;
     if cube >= stats.len() / 2 {
@@ -192,7 +208,12 @@ fn group_norm_backward_kernel(
     let mut mb = 0.0f32;
     for k in 0..per_group {
         let c = first + k;
-        let (a, b) = (gamma[c], beta[c]);
+        let mut a = 1.0f32;
+        let mut b = 0.0f32;
+        if affine {
+            a = gamma[c];
+            b = beta[c];
+        }
         let mut sg = 0.0f32;
         let mut sgx = 0.0f32;
         let mut j = t;
@@ -206,7 +227,7 @@ fn group_norm_backward_kernel(
         }
         let sg = cube_sum(&mut buf, sg, t, stride);
         let sgx = cube_sum(&mut buf, sgx, t, stride);
-        if t == 0 {
+        if affine && t == 0 {
             dbeta[sample * layout.channels + c] = sg;
             dgamma[sample * layout.channels + c] = sgx;
         }
@@ -218,8 +239,13 @@ fn group_norm_backward_kernel(
     mb /= n;
     let mut i = t;
     while i < len {
-        let c = first + i / spatial;
-        let (a, b) = (gamma[c], beta[c]);
+        let mut a = 1.0f32;
+        let mut b = 0.0f32;
+        if affine {
+            let c = first + i / spatial;
+            a = gamma[c];
+            b = beta[c];
+        }
         let xh = (x[base + i] - mean) * rstd;
         let gy = pre_activation_grad(g[base + i], xh, a, b, silu);
         dx[base + i] = rstd * (gy * a - ma - xh * mb);
@@ -235,31 +261,56 @@ fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
 }
 
-/// `[B, C, ..]` as its layout and the number of (sample, group) cubes.
-fn layout_of(x: &CubeTensor, groups: usize) -> (usize, usize, usize, usize) {
-    let shape = x.meta.shape();
-    let (b, c) = (shape[0], shape[1]);
-    (b, c, x.meta.num_elements() / (b * c).max(1), b * groups)
+/// How a normalisation groups its input: `batch` samples of `channels` channels of `spatial`
+/// elements, normalised in `groups` groups of consecutive channels per sample (GroupNorm), or a
+/// LayerNorm's rows as one sample of one-channel groups.
+#[derive(Debug, Clone, Copy)]
+struct Grouping {
+    batch: usize,
+    channels: usize,
+    spatial: usize,
+    groups: usize,
 }
 
-fn launch_cubes(x: &CubeTensor, cubes: usize) -> (CubeCount, CubeDim) {
-    let dim = CubeDim::new_1d(UNITS as u32);
-    (calculate_cube_count_elemwise(&x.client, cubes * UNITS, dim), dim)
+impl Grouping {
+    /// GroupNorm of `[B, C, ..]`.
+    fn channels(x: &CubeTensor, groups: usize) -> Self {
+        let shape = x.meta.shape();
+        let (batch, channels) = (shape[0], shape[1]);
+        Self { batch, channels, spatial: x.meta.num_elements() / (batch * channels).max(1), groups }
+    }
+
+    /// LayerNorm over the last dimension.
+    fn rows(x: &CubeTensor) -> Self {
+        let d = *x.meta.shape().last().expect("a dimension");
+        let rows = x.meta.num_elements() / d.max(1);
+        Self { batch: 1, channels: rows, spatial: d, groups: rows }
+    }
+
+    fn cubes(&self) -> usize {
+        self.batch * self.groups
+    }
+
+    fn launch(&self, x: &CubeTensor) -> (CubeCount, CubeDim, LayoutLaunch) {
+        let dim = CubeDim::new_1d(UNITS as u32);
+        let count = calculate_cube_count_elemwise(&x.client, self.cubes() * UNITS, dim);
+        (count, dim, LayoutLaunch::new(self.channels, self.groups, self.spatial))
+    }
 }
 
-/// The output and the `[B * groups, 2]` (mean, rstd) of each (sample, group).
+/// The output and the `[cubes, 2]` (mean, rstd) of each group; `affine` is (gamma, beta).
 fn forward(
     x: &CubeTensor,
-    gamma: &CubeTensor,
-    beta: &CubeTensor,
-    groups: usize,
+    affine: Option<(&CubeTensor, &CubeTensor)>,
+    grouping: Grouping,
     eps: f64,
     silu: bool,
 ) -> (CubeTensor, CubeTensor) {
-    let (_, channels, spatial, cubes) = layout_of(x, groups);
     let out = empty(x, x.meta.shape().clone());
-    let stats = empty(x, Shape::new([cubes, 2]));
-    let (count, dim) = launch_cubes(x, cubes);
+    let stats = empty(x, Shape::new([grouping.cubes(), 2]));
+    let (count, dim, layout) = grouping.launch(x);
+    // Without affine the input stands in for gamma and beta (the kernel reads neither).
+    let (gamma, beta) = affine.unwrap_or((x, x));
     group_norm_forward_kernel::launch(
         &x.client.clone(),
         count,
@@ -269,10 +320,11 @@ fn forward(
         beta.clone().into_buffer_arg(),
         out.clone().into_buffer_arg(),
         stats.clone().into_buffer_arg(),
-        LayoutLaunch::new(channels, groups, spatial),
+        layout,
         eps as f32,
         UNITS,
         silu,
+        affine.is_some(),
     );
     (out, stats)
 }
@@ -286,60 +338,91 @@ impl GroupNormGpu for CubeBackend {
         eps: f64,
         silu: bool,
     ) -> CubeTensor {
-        forward(&contiguous(x), &contiguous(gamma), &contiguous(beta), groups, eps, silu).0
+        let x = contiguous(x);
+        let grouping = Grouping::channels(&x, groups);
+        forward(&x, Some((&contiguous(gamma), &contiguous(beta))), grouping, eps, silu).0
+    }
+
+    fn gpu_layer_norm(x: CubeTensor, eps: f64) -> CubeTensor {
+        let x = contiguous(x);
+        let grouping = Grouping::rows(&x);
+        forward(&x, None, grouping, eps, false).0
     }
 }
 
 #[derive(Debug, Clone)]
-struct GroupNormState {
+struct NormState {
     x: CubeTensor,
-    gamma: CubeTensor,
-    beta: CubeTensor,
+    affine: Option<(CubeTensor, CubeTensor)>,
     stats: CubeTensor,
-    groups: usize,
+    grouping: Grouping,
     silu: bool,
 }
 
-#[derive(Debug)]
-struct GroupNormBackward;
-
-impl Backward<CubeBackend, 3> for GroupNormBackward {
-    type State = GroupNormState;
-
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_gamma, node_beta] = ops.parents;
-        let grad = contiguous(grads.consume::<CubeBackend>(&ops.node));
-        let st = ops.state;
-        let (batch, channels, spatial, cubes) = layout_of(&st.x, st.groups);
-        let dx = empty(&st.x, st.x.meta.shape().clone());
-        let (dgamma, dbeta) =
-            (empty(&st.x, Shape::new([batch, channels])), empty(&st.x, Shape::new([batch, channels])));
-        let (count, dim) = launch_cubes(&st.x, cubes);
+impl NormState {
+    /// `dx`, and with affine `(dgamma, dbeta)`.
+    fn grads(&self, grad: CubeTensor) -> (CubeTensor, Option<(CubeTensor, CubeTensor)>) {
+        let grad = contiguous(grad);
+        let Grouping { batch, channels, .. } = self.grouping;
+        let x = &self.x;
+        let dx = empty(x, x.meta.shape().clone());
+        let parts = if self.affine.is_some() { batch * channels } else { 1 };
+        let (dgamma, dbeta) = (empty(x, Shape::new([parts])), empty(x, Shape::new([parts])));
+        let (count, dim, layout) = self.grouping.launch(x);
+        let (gamma, beta) = self.affine.clone().unwrap_or((x.clone(), x.clone()));
         group_norm_backward_kernel::launch(
-            &st.x.client.clone(),
+            &x.client.clone(),
             count,
             dim,
             grad.into_buffer_arg(),
-            st.x.clone().into_buffer_arg(),
-            st.gamma.clone().into_buffer_arg(),
-            st.beta.clone().into_buffer_arg(),
-            st.stats.clone().into_buffer_arg(),
+            x.clone().into_buffer_arg(),
+            gamma.into_buffer_arg(),
+            beta.into_buffer_arg(),
+            self.stats.clone().into_buffer_arg(),
             dx.clone().into_buffer_arg(),
             dgamma.clone().into_buffer_arg(),
             dbeta.clone().into_buffer_arg(),
-            LayoutLaunch::new(channels, st.groups, spatial),
+            layout,
             UNITS,
-            st.silu,
+            self.silu,
+            self.affine.is_some(),
         );
         // Per sample -> per channel (one sample: the sums already).
         let over_batch = |t: CubeTensor| {
+            let t = CubeBackend::float_reshape(t, Shape::new([batch, channels]));
             let t = if batch > 1 { CubeBackend::float_sum_dim(t, 0) } else { t };
             CubeBackend::float_reshape(t, Shape::new([channels]))
         };
-        for (node, g) in [(node_x, dx), (node_gamma, over_batch(dgamma)), (node_beta, over_batch(dbeta))] {
+        (dx, self.affine.is_some().then(|| (over_batch(dgamma), over_batch(dbeta))))
+    }
+}
+
+#[derive(Debug)]
+struct NormBackward;
+
+impl Backward<CubeBackend, 3> for NormBackward {
+    type State = NormState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let (dx, affine) = ops.state.grads(grads.consume::<CubeBackend>(&ops.node));
+        let (dgamma, dbeta) = affine.expect("GroupNorm has an affine");
+        for (node, g) in [(node_x, dx), (node_gamma, dgamma), (node_beta, dbeta)] {
             if let Some(node) = node {
                 grads.register::<CubeBackend>(node.id, g);
             }
+        }
+    }
+}
+
+impl Backward<CubeBackend, 1> for NormBackward {
+    type State = NormState;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let (dx, _) = ops.state.grads(grads.consume::<CubeBackend>(&ops.node));
+        if let Some(node) = node_x {
+            grads.register::<CubeBackend>(node.id, dx);
         }
     }
 }
@@ -353,18 +436,33 @@ impl<C: CheckpointStrategy> GroupNormGpu for Autodiff<CubeBackend, C> {
         eps: f64,
         silu: bool,
     ) -> FloatTensor<Self> {
-        let prep = GroupNormBackward.prepare::<C>([x.node(), gamma.node(), beta.node()]);
+        let prep =
+            Backward::<CubeBackend, 3>::prepare::<C>(NormBackward, [x.node(), gamma.node(), beta.node()]);
         let (xp, gp, bp) = (
             contiguous(x.primitive().clone()),
             contiguous(gamma.primitive().clone()),
             contiguous(beta.primitive().clone()),
         );
+        let grouping = Grouping::channels(&xp, groups);
         match prep.compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (out, stats) = forward(&xp, &gp, &bp, groups, eps, silu);
-                prep.finish(GroupNormState { x: xp, gamma: gp, beta: bp, stats, groups, silu }, out)
+                let (out, stats) = forward(&xp, Some((&gp, &bp)), grouping, eps, silu);
+                prep.finish(NormState { x: xp, affine: Some((gp, bp)), stats, grouping, silu }, out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(forward(&xp, &gp, &bp, groups, eps, silu).0),
+            OpsKind::UnTracked(prep) => prep.finish(forward(&xp, Some((&gp, &bp)), grouping, eps, silu).0),
+        }
+    }
+
+    fn gpu_layer_norm(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let prep = Backward::<CubeBackend, 1>::prepare::<C>(NormBackward, [x.node()]);
+        let xp = contiguous(x.primitive().clone());
+        let grouping = Grouping::rows(&xp);
+        match prep.compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (out, stats) = forward(&xp, None, grouping, eps, false);
+                prep.finish(NormState { x: xp, affine: None, stats, grouping, silu: false }, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(&xp, None, grouping, eps, false).0),
         }
     }
 }

@@ -235,11 +235,12 @@ pub fn adamw_step_matches_flex(gpu: &Device, name: &str) {
     }
 }
 
-/// GroupNorm(+SiLU) on a GPU (`kernels/norm_cube.rs`: one kernel forward, one backward) against
-/// flex's fused version: outputs and the gradients of the input, scale and shift, with and
-/// without SiLU, over one and two samples, groups of 2 to 10 channels and odd spatial sizes.
-pub fn group_norm_matches_flex(gpu: &Device, name: &str) {
-    use msfp::kernels::norm::group_norm;
+/// GroupNorm(+SiLU) and LayerNorm on a GPU (`kernels/norm_cube.rs`: one kernel forward, one
+/// backward) against flex's fused versions: outputs and the gradients of the input (and
+/// GroupNorm's scale and shift), with and without SiLU, over one and two samples, groups of 2 to
+/// 10 channels, odd spatial sizes and rows of 48 and 320.
+pub fn norms_match_flex(gpu: &Device, name: &str) {
+    use msfp::kernels::norm::{group_norm, layer_norm};
     use msfp::train::params::host_values;
 
     for (b, c, h, w, groups, silu) in
@@ -264,8 +265,7 @@ pub fn group_norm_matches_flex(gpu: &Device, name: &str) {
                 host_values(beta.grad(&grads).expect("dbeta")),
             )
         };
-        let flex = run(&Device::flex().autodiff());
-        let other = run(&gpu.clone().autodiff());
+        let (flex, other) = (run(&Device::flex().autodiff()), run(&gpu.clone().autodiff()));
         let what = format!("GroupNorm [{b}, {c}, {h}, {w}] / {groups} (silu: {silu})");
         for (label, a, f) in [
             ("y", &other.0, &flex.0),
@@ -277,6 +277,29 @@ pub fn group_norm_matches_flex(gpu: &Device, name: &str) {
             let scale = f.iter().fold(1.0f32, |m, v| m.max(v.abs()));
             for (i, (a, f)) in a.iter().zip(f.iter()).enumerate() {
                 assert!((a - f).abs() <= 1e-4 * scale, "{what} {label}[{i}]: {name} {a} vs flex {f}");
+            }
+        }
+    }
+    for shape in [[2, 7, 48], [1, 3, 320]] {
+        let n = shape.iter().product();
+        let x0: Vec<f32> = SeededRng::new(25).normals(n).iter().map(|v| v * 3.0 - 1.0).collect();
+        let g0 = SeededRng::new(26).normals(n);
+        let run = |device: &Device| {
+            let x = Tensor::<3>::from_data(TensorData::new(x0.clone(), shape), device).require_grad();
+            let y = layer_norm(x.clone(), 1e-6);
+            let grads = (y.clone() * Tensor::<3>::from_data(TensorData::new(g0.clone(), shape), device))
+                .sum()
+                .backward();
+            (host_values(y), host_values(x.grad(&grads).expect("dx")))
+        };
+        let (flex, other) = (run(&Device::flex().autodiff()), run(&gpu.clone().autodiff()));
+        for (label, a, f) in [("y", &other.0, &flex.0), ("dx", &other.1, &flex.1)] {
+            let scale = f.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            for (i, (a, f)) in a.iter().zip(f.iter()).enumerate() {
+                assert!(
+                    (a - f).abs() <= 1e-4 * scale,
+                    "LayerNorm {shape:?} {label}[{i}]: {name} {a} vs flex {f}"
+                );
             }
         }
     }
