@@ -61,6 +61,13 @@ fn norms_on_cuda_match_flex() {
 }
 
 #[test]
+fn softmax_on_cuda_matches_flex() {
+    if let Some(gpu) = cuda_or_skip("softmax_on_cuda_matches_flex") {
+        gpu_parity::softmax_matches_flex(&gpu, "cuda");
+    }
+}
+
+#[test]
 fn hadamard_rotation_on_cuda_matches_flex() {
     if let Some(gpu) = cuda_or_skip("hadamard_rotation_on_cuda_matches_flex") {
         gpu_parity::hadamard_rotation_matches_flex(&gpu, "cuda");

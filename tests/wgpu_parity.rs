@@ -38,6 +38,11 @@ fn norms_on_wgpu_cpu_match_flex() {
 }
 
 #[test]
+fn softmax_on_wgpu_cpu_matches_flex() {
+    gpu_parity::softmax_matches_flex(&lavapipe(), "wgpu-cpu");
+}
+
+#[test]
 fn hadamard_rotation_on_wgpu_cpu_matches_flex() {
     gpu_parity::hadamard_rotation_matches_flex(&lavapipe(), "wgpu-cpu");
 }

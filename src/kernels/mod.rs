@@ -28,8 +28,12 @@ pub mod matmul;
 pub mod norm;
 #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
 mod norm_cube;
+#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+mod reduce_cube;
 pub mod resample;
 pub mod softmax;
+#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+mod softmax_cube;
 
 use burn::backend::DispatchDevice;
 use burn::tensor::Device;

@@ -23,12 +23,9 @@ use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{Shape, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise, prelude::*};
-use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-/// Threads per cube (a power of two: the sums halve).
-const UNITS: usize = 256;
+use super::reduce_cube::{UNITS, contiguous, cube_sum, empty};
 
 #[backend_extension(Autodiff, Cube: cfg(any(feature = "wgpu", feature = "cuda-runtime")))]
 pub trait GroupNormGpu: Backend {
@@ -68,26 +65,6 @@ pub fn group_norm(
         eps,
         silu,
     ))
-}
-
-/// `value` summed over the cube's threads (every thread gets the total); `buf` holds one slot
-/// per thread and is free again on return.
-#[cube]
-fn cube_sum(buf: &mut Shared<[f32]>, value: f32, t: usize, units: usize) -> f32 {
-    buf[t] = value;
-    sync_cube();
-    let mut h = units / 2;
-    while h > 0 {
-        if t < h {
-            let (a, c) = (buf[t], buf[t + h]);
-            buf[t] = a + c;
-        }
-        sync_cube();
-        h /= 2;
-    }
-    let total = buf[0];
-    sync_cube();
-    total
 }
 
 #[cube]
@@ -251,14 +228,6 @@ fn group_norm_backward_kernel(
         dx[base + i] = rstd * (gy * a - ma - xh * mb);
         i += stride;
     }
-}
-
-fn contiguous(t: CubeTensor) -> CubeTensor {
-    if t.is_contiguous() && t.is_contiguous_buffer() { t } else { into_contiguous(t) }
-}
-
-fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
-    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
 }
 
 /// How a normalisation groups its input: `batch` samples of `channels` channels of `spatial`

@@ -127,8 +127,13 @@ impl<C: CheckpointStrategy> SoftmaxBackend for Autodiff<Flex, C> {
     }
 }
 
-/// Softmax over the last dimension: the fused kernel on flex, burn's tensor ops elsewhere.
+/// Softmax over the last dimension: the fused kernel on flex and on the GPU backends
+/// (`softmax_cube`), burn's tensor ops elsewhere.
 pub fn softmax<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+    if super::on_cube(&x.device()) {
+        return super::softmax_cube::softmax(x);
+    }
     if !super::on_flex(&x.device()) {
         return burn::tensor::activation::softmax(x, D - 1);
     }

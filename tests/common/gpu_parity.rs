@@ -305,6 +305,39 @@ pub fn norms_match_flex(gpu: &Device, name: &str) {
     }
 }
 
+/// Softmax over the last dimension on a GPU (`kernels/softmax_cube.rs`: one kernel forward, one
+/// backward) against flex's fused version: values and gradients on rows of 19 and 300 (wider
+/// than a cube), large logits and a masked (-inf) entry.
+pub fn softmax_matches_flex(gpu: &Device, name: &str) {
+    use msfp::kernels::softmax::softmax;
+    use msfp::train::params::host_values;
+
+    for shape in [[3, 50, 19], [2, 4, 300]] {
+        let n: usize = shape.iter().product();
+        let mut x0: Vec<f32> = SeededRng::new(31).normals(n).iter().map(|v| v * 6.0 + 30.0).collect();
+        x0[5] = f32::NEG_INFINITY;
+        let g0 = SeededRng::new(32).normals(n);
+        let run = |device: &Device| {
+            let x = Tensor::<3>::from_data(TensorData::new(x0.clone(), shape), device).require_grad();
+            let y = softmax(x.clone());
+            let grads = (y.clone() * Tensor::<3>::from_data(TensorData::new(g0.clone(), shape), device))
+                .sum()
+                .backward();
+            (host_values(y), host_values(x.grad(&grads).expect("dx")))
+        };
+        let (flex, other) = (run(&Device::flex().autodiff()), run(&gpu.clone().autodiff()));
+        assert_eq!(other.0[5], 0.0, "{name}: a masked entry has probability 0");
+        for (label, a, f) in [("y", &other.0, &flex.0), ("dx", &other.1, &flex.1)] {
+            for (i, (a, f)) in a.iter().zip(f.iter()).enumerate() {
+                assert!(
+                    (a - f).abs() <= 1e-5 * (1.0 + f.abs()),
+                    "softmax {shape:?} {label}[{i}]: {name} {a} vs flex {f}"
+                );
+            }
+        }
+    }
+}
+
 /// HQ-DiT's online rotation (`quant/hadamard_cube.rs` on the GPU) against flex: the same bits
 /// forward and backward (its transpose) at the widths of the tiny DiT, DiT-XL/2's attention
 /// (1152: nine blocks of 128 per row) and MLP (4608: blocks of 512, several butterfly pairs per
