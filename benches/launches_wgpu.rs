@@ -5,7 +5,7 @@
 //! (`configs/msfp_sd_tiny.toml`'s UNet from its fixture, W4A4 with TALoRA branch adapters as in
 //! `common/sd14.rs`), batch 2 (conditional + unconditional) at latent 8, one step = forward, MSE,
 //! backward, AdamW, counted phase by phase. Steps run until the counts repeat (the first compiles
-//! kernels). Writes
+//! kernels); three more are timed. Writes
 //! experiments/bench-gpu-launches/results-wgpu-cpu.json.
 //!
 //!     cargo bench --profile dev --features wgpu --bench launches_wgpu [-- --device wgpu-cpu]
@@ -53,6 +53,7 @@ fn main() {
     let mut observe = |model: msfp::models::Denoiser| {
         let reads = msfp::train::params::host_reads();
         let mut phases = Vec::new();
+        let started = std::time::Instant::now();
         let mut phase = |f: &mut dyn FnMut()| {
             device.sync().expect("device sync");
             let launches = Arc::new(Launches::default());
@@ -80,20 +81,29 @@ fn main() {
             let _ = params::host_values(Tensor::cat(vec![loss.clone().inner().reshape([1]), squared], 0));
             next = Some(m);
         });
-        (next.expect("stepped"), phases, msfp::train::params::host_reads() - reads)
+        let seconds = started.elapsed().as_secs_f64();
+        (next.expect("stepped"), phases, msfp::train::params::host_reads() - reads, seconds)
     };
     let names = ["forward", "backward", "optimizer"];
     let mut steps: Vec<(Vec<BTreeMap<String, usize>>, usize)> = Vec::new();
+    let mut seconds = Vec::new();
     for _ in 0..6 {
-        let (next, phases, reads) = observe(model);
+        let (next, phases, reads, s) = observe(model);
         model = next;
         let total: usize = phases.iter().flat_map(|p| p.values()).sum();
-        eprintln!("step {}: {total} launches, {reads} host reads", steps.len() + 1);
+        eprintln!("step {}: {total} launches, {reads} host reads, {s:.3} s", steps.len() + 1);
         let repeated = steps.last().is_some_and(|(last, r)| last == &phases && *r == reads);
         steps.push((phases, reads));
+        seconds.push(s);
         if repeated {
             break;
         }
+    }
+    // Wall time of further steps (each ends with a sync), after the counted ones.
+    for _ in 0..3 {
+        let (next, _, _, s) = observe(model);
+        model = next;
+        seconds.push(s);
     }
     let (phases, reads) = steps.last().cloned().expect("a step");
     let sum = |m: &BTreeMap<String, usize>| m.values().sum::<usize>();
@@ -119,6 +129,8 @@ fn main() {
         "launches_per_step": sum(&all),
         "launches_per_phase": names.iter().zip(&phases).map(|(n, p)| (n.to_string(), sum(p))).collect::<BTreeMap<_, _>>(),
         "host_reads_per_step": reads,
+        "step_seconds": seconds,
+        "step_seconds_note": "wall time of each step with its syncs on this device; on lavapipe a CPU runs the kernels, so this is a proxy for issue and pass overhead, not a GPU's time",
         "launches_by_kernel": sorted(&all),
         "launches_by_kernel_per_phase": names.iter().zip(&phases).map(|(n, p)| (n.to_string(), sorted(p))).collect::<BTreeMap<_, _>>(),
     });
