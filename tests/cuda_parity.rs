@@ -68,6 +68,13 @@ fn softmax_on_cuda_matches_flex() {
 }
 
 #[test]
+fn slot_on_cuda_matches_flex() {
+    if let Some(gpu) = cuda_or_skip("slot_on_cuda_matches_flex") {
+        gpu_parity::slot_matches_flex(&gpu, "cuda");
+    }
+}
+
+#[test]
 fn hadamard_rotation_on_cuda_matches_flex() {
     if let Some(gpu) = cuda_or_skip("hadamard_rotation_on_cuda_matches_flex") {
         gpu_parity::hadamard_rotation_matches_flex(&gpu, "cuda");

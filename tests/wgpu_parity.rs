@@ -43,6 +43,11 @@ fn softmax_on_wgpu_cpu_matches_flex() {
 }
 
 #[test]
+fn slot_on_wgpu_cpu_matches_flex() {
+    gpu_parity::slot_matches_flex(&lavapipe(), "wgpu-cpu");
+}
+
+#[test]
 fn hadamard_rotation_on_wgpu_cpu_matches_flex() {
     gpu_parity::hadamard_rotation_matches_flex(&lavapipe(), "wgpu-cpu");
 }

@@ -8,7 +8,9 @@
 //! per backward step, scalar `expf`/`erff`, and a convolution whose weight gradient is itself a
 //! convolution with the gradient map as kernel. Here each is one pass over the tensors' own
 //! memory on the rayon pool, with vectorised math. The layers in `crate::nn` call them on flex
-//! (with or without autodiff) and keep burn's tensor ops on every other backend.
+//! (with or without autodiff). On the GPU backends (wgpu, cuda) GroupNorm(+SiLU), LayerNorm and
+//! softmax run as CubeCL kernels with their own backward (`norm_cube`, `softmax_cube`), the rest
+//! as burn's tensor ops.
 //!
 //! Determinism: every kernel splits its work into pieces whose boundaries depend on the shapes
 //! only, never on the thread count, and adds partial sums in a fixed order; results are
@@ -19,6 +21,8 @@
 pub mod activation;
 pub mod add;
 pub mod conv;
+#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+pub(crate) mod cube;
 pub(crate) mod gemm;
 pub mod heads;
 pub(crate) mod host;
@@ -28,9 +32,9 @@ pub mod matmul;
 pub mod norm;
 #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
 mod norm_cube;
-#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
-mod reduce_cube;
 pub mod resample;
+#[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+mod slot_cube;
 pub mod softmax;
 #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
 mod softmax_cube;
@@ -84,6 +88,16 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
 pub fn on_cube(device: &Device) -> bool {
     matches!(device.clone().inner().as_dispatch(), DispatchDevice::Cube(_))
+}
+
+/// `x[j..j + 1]` along the first dimension: one slot of a stacked parameter (TALoRA's routed
+/// adapter). On the GPU backends its backward is one kernel (`slot_cube`), elsewhere burn's.
+pub fn slot<const D: usize>(x: burn::tensor::Tensor<D>, j: usize) -> burn::tensor::Tensor<D> {
+    #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+    if on_cube(&x.device()) {
+        return slot_cube::slot(x, j);
+    }
+    x.slice([j..j + 1])
 }
 
 /// Whether `device` (with or without autodiff) is flex, where these kernels run.

@@ -25,7 +25,7 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise, prelude::*};
 use burn_cubecl::tensor::CubeTensor;
 
-use super::reduce_cube::{UNITS, contiguous, cube_sum, empty};
+use super::cube::{UNITS, contiguous, cube_sum, empty};
 
 #[backend_extension(Autodiff, Cube: cfg(any(feature = "wgpu", feature = "cuda-runtime")))]
 pub trait GroupNormGpu: Backend {

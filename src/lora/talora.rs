@@ -14,6 +14,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::slot;
 use crate::nn::{Route, StepCtx, init};
 use crate::rng::SeededRng;
 
@@ -70,7 +71,7 @@ impl Talora {
         let fan_in = self.a.dims()[2];
         let mixed = match self.choice(ctx) {
             Choice::One(j) => {
-                let (a, b) = (self.a.val().slice([j..j + 1]), self.b.val().slice([j..j + 1]));
+                let (a, b) = (slot(self.a.val(), j), slot(self.b.val(), j));
                 b.matmul(a)
             }
             Choice::All(route) => (self.b.val().matmul(self.a.val()) * route.reshape([k, 1, 1])).sum_dim(0),
@@ -93,7 +94,7 @@ impl Talora {
         let [k, out, r] = self.b.dims();
         let fan_in = self.a.dims()[2];
         let (down, up, m) = match self.choice(ctx) {
-            Choice::One(j) => (self.a.val().slice([j..j + 1]), self.b.val().slice([j..j + 1]), r),
+            Choice::One(j) => (slot(self.a.val(), j), slot(self.b.val(), j), r),
             Choice::All(route) => (self.a.val(), self.b.val() * route.reshape([k, 1, 1]), k * r),
         };
         // [K', out, r] -> [out, K' * r], matching down's [K' * r, fan_in] rows.

@@ -16,12 +16,12 @@ use burn::backend::ops::FloatTensorOps;
 use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise, prelude::*};
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::format::Format;
 use super::fused::FusedQuantKernels;
+use crate::kernels::cube::{contiguous, read, readable};
 
 /// The format's grid as the kernels round on it (host-computed constants).
 #[derive(CubeLaunch, CubeType, Clone, Copy)]
@@ -99,26 +99,6 @@ fn grid_code(u: f32, grid: &GridArgs) -> f32 {
         r = -r;
     }
     r + 0.0f32
-}
-
-/// Element `i` (row-major logical position) of `t`: directly, or through `t`'s strides where it
-/// is a permutation of a dense buffer (a transposed weight gradient, a channels-last
-/// convolution gradient), which saves a copy kernel and a pass over memory.
-#[cube]
-fn read(t: &Tensor<f32>, i: usize, #[comptime] strided: bool) -> f32 {
-    let mut offset = i;
-    if strided {
-        let rank = t.rank();
-        let mut rest = i;
-        offset = 0;
-        for k in 0..rank {
-            let d = rank - k - 1;
-            let shape = t.shape(d);
-            offset += (rest % shape) * t.stride(d);
-            rest /= shape;
-        }
-    }
-    t[offset]
 }
 
 #[cube(launch)]
@@ -255,24 +235,6 @@ fn fake_quant_backward_kernel(
         if want_dz {
             dz_parts[cube] = z_sums[0];
         }
-    }
-}
-
-/// `t` in row-major order: the kernels index every tensor by its logical position. A gap-free
-/// buffer is not enough: a transposed view (attention's keys) has one in another order, and
-/// reading it linearly scrambled the quantized attention inputs on the GPU backends.
-pub(super) fn contiguous(t: CubeTensor) -> CubeTensor {
-    if t.is_contiguous() && t.is_contiguous_buffer() { t } else { into_contiguous(t) }
-}
-
-/// `t` as the quantizer's kernels read it, and whether through its strides: a permutation of a
-/// dense buffer is read in place, anything else (a broadcast, a view into a larger buffer) copied
-/// into row-major order first.
-fn readable(t: CubeTensor) -> (CubeTensor, bool) {
-    match (t.is_contiguous(), t.is_contiguous_buffer() && t.is_nonoverlapping()) {
-        (true, true) => (t, false),
-        (false, true) => (t, true),
-        _ => (into_contiguous(t), false),
     }
 }
 

@@ -16,8 +16,9 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise, prelude::*};
 use burn_cubecl::tensor::CubeTensor;
 
-use super::fused_cube::{contiguous, empty_like};
+use super::fused_cube::empty_like;
 use super::hadamard::HadamardBackend;
+use crate::kernels::cube::contiguous;
 
 /// The widest block the kernel holds in shared memory (4096 f32 = 16 KB).
 pub const MAX_BLOCK: usize = 4096;

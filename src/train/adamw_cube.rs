@@ -12,9 +12,10 @@ use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::Tensor;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise, prelude::*};
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
+
+use crate::kernels::cube::contiguous;
 
 /// The step's constants, as the tensor version applies them (f32, as burn casts its scalars).
 #[derive(Debug, Clone, Copy)]
@@ -193,10 +194,6 @@ fn sum_squares_kernel(acc: &[f32], g: &[f32], out: &mut [f32], #[comptime] units
     if t == 0 {
         out[0] = acc[0] + sums[0];
     }
-}
-
-fn contiguous(t: CubeTensor) -> CubeTensor {
-    if t.is_contiguous() && t.is_contiguous_buffer() { t } else { into_contiguous(t) }
 }
 
 impl FusedAdamW for CubeBackend {

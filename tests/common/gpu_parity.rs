@@ -338,6 +338,35 @@ pub fn softmax_matches_flex(gpu: &Device, name: &str) {
     }
 }
 
+/// One slot of a stacked parameter (`kernels::slot`, TALoRA's routed adapter; on a GPU with a
+/// one-kernel backward): the same values and gradient bits as flex's slice, at every slot.
+pub fn slot_matches_flex(gpu: &Device, name: &str) {
+    use msfp::kernels::slot;
+    use msfp::train::params::host_values;
+
+    let shape = [3, 4, 5];
+    let x0 = SeededRng::new(41).normals(60);
+    let g0 = SeededRng::new(42).normals(20);
+    // Used as is, and transposed (its gradient then arrives as a permuted view).
+    for (j, transposed) in [(0, false), (1, false), (2, false), (1, true)] {
+        let run = |device: &Device| {
+            let x = Tensor::<3>::from_data(TensorData::new(x0.clone(), shape), device).require_grad();
+            let y = slot(x.clone(), j);
+            let loss = match transposed {
+                false => y.clone() * Tensor::<3>::from_data(TensorData::new(g0.clone(), [1, 4, 5]), device),
+                true => {
+                    y.clone().swap_dims(1, 2)
+                        * Tensor::<3>::from_data(TensorData::new(g0.clone(), [1, 5, 4]), device)
+                }
+            };
+            let grads = loss.sum().backward();
+            (host_values(y), host_values(x.grad(&grads).expect("dx")))
+        };
+        let what = format!("slot {j} (transposed: {transposed})");
+        assert_eq!(run(&gpu.clone().autodiff()), run(&Device::flex().autodiff()), "{what}: {name} vs flex");
+    }
+}
+
 /// HQ-DiT's online rotation (`quant/hadamard_cube.rs` on the GPU) against flex: the same bits
 /// forward and backward (its transpose) at the widths of the tiny DiT, DiT-XL/2's attention
 /// (1152: nine blocks of 128 per row) and MLP (4608: blocks of 512, several butterfly pairs per
