@@ -4,7 +4,9 @@
 //! 2. one QAT step of the quickstart's W4A4 student (tiny UNet, TALoRA, batch 2 x 4 as in
 //!    fine-tuning) on the device, timed the way `tools/bench/torch_tiny_qat.py` times PyTorch.
 //! With `--parity` it first runs the checks of `tests/cuda_parity.rs` (the same code), so one
-//! carried binary does the whole GPU check. Writes JSON to `$MSFP_BENCH_OUT` (default `experiments/bench-cuda/msfp.json`).
+//! carried binary does the whole GPU check. Then the kernel launches, host reads and time of the
+//! tiny-SD QAT step (`common/launches.rs`, as `experiments/bench-gpu-launches/` counts them on
+//! lavapipe). Writes JSON to `$MSFP_BENCH_OUT` (default `experiments/bench-cuda/msfp.json`).
 //!
 //! 3. with `--sd-latent N`, full-size SD1.4 (random weights): teacher forward, W4A4 student
 //!    forward and one QAT step at latent N, batch `--sd-batch` (2: conditional + unconditional),
@@ -33,6 +35,8 @@ use msfp::rng::SeededRng;
 mod dit;
 #[path = "../tests/common/gpu_parity.rs"]
 mod gpu_parity;
+#[path = "common/launches.rs"]
+mod launches;
 #[path = "common/rotation.rs"]
 mod rotation;
 #[path = "common/sd14.rs"]
@@ -313,6 +317,26 @@ fn main() {
                 gpu_parity::hadamard_rotation_matches_flex(&device, &spec);
                 serde_json::json!("ok")
             }),
+            "fused_quantizer_long_blocks": check("fused quantizer, long blocks", &|| {
+                gpu_parity::fused_quantizer_long_blocks_match_flex(&device, &spec);
+                serde_json::json!("ok")
+            }),
+            "norms": check("GroupNorm and LayerNorm", &|| {
+                gpu_parity::norms_match_flex(&device, &spec);
+                serde_json::json!("ok")
+            }),
+            "softmax": check("softmax", &|| {
+                gpu_parity::softmax_matches_flex(&device, &spec);
+                serde_json::json!("ok")
+            }),
+            "slot": check("adapter slot", &|| {
+                gpu_parity::slot_matches_flex(&device, &spec);
+                serde_json::json!("ok")
+            }),
+            "adamw": check("AdamW step", &|| {
+                gpu_parity::adamw_step_matches_flex(&device, &spec);
+                serde_json::json!("ok")
+            }),
             "qat_losses_flex_vs_gpu": check("quickstart QAT", &|| {
                 serde_json::json!(gpu_parity::quickstart_qat_matches_flex(&spec))
             }),
@@ -321,14 +345,20 @@ fn main() {
     }
     let only_sd = std::env::args().any(|a| a == "--sd-only");
     let only_dit = std::env::args().any(|a| a == "--dit-only");
-    let (quant, qat) = if only_sd || only_dit {
-        (serde_json::Value::Null, serde_json::Value::Null)
+    let (quant, qat, counts) = if only_sd || only_dit {
+        (serde_json::Value::Null, serde_json::Value::Null, serde_json::Value::Null)
     } else {
         let quant = quantizer(&device, elements);
         eprintln!("quantizer: {quant}");
         let qat = qat_step(&spec, &device);
         eprintln!("qat step: {qat}");
-        (quant, qat)
+        // What experiments/bench-gpu-launches counts on lavapipe, here on the GPU (with autotune).
+        let counts = launches::tiny_sd_step(&spec, &device);
+        eprintln!(
+            "tiny SD QAT step: {} launches, {} host reads",
+            counts["launches_per_step"], counts["host_reads_per_step"]
+        );
+        (quant, qat, counts)
     };
     let sd = match arg("--sd-latent") {
         Some(l) => {
@@ -352,6 +382,7 @@ fn main() {
         "parity": parity,
         "quantizer": quant,
         "qat_step": qat,
+        "tiny_sd_launches": counts,
         "sd14": sd,
         "dit_xl2": dit,
     });

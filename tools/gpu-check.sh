@@ -37,7 +37,7 @@ echo "gpu-check: CUDA_PATH=${CUDA_PATH:-unset} nvrtc in ${nvrtc_dirs:-nowhere fo
 bin=gpu-check/msfp-gpu
 [ -x "$bin" ] || { xz -dkf gpu-check/msfp-gpu.xz && chmod +x "$bin"; } || { echo "gpu-check: no $bin(.xz): run tools/build-gpu-check.sh first"; exit 2; }
 status=0
-MSFP_REQUIRE_CUDA=1 MSFP_BENCH_OUT="$out/msfp-cuda.json" timeout "${T_MSFP:-200}" "$bin" --parity --device cuda 2>&1 \
+MSFP_REQUIRE_CUDA=1 MSFP_BENCH_OUT="$out/msfp-cuda.json" timeout "${T_MSFP:-300}" "$bin" --parity --device cuda 2>&1 \
   | tee "$out/msfp-cuda.log" || status=1
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
   if ! python3 -c 'import diffusers' 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
