@@ -10,17 +10,28 @@ use burn_cubecl::tensor::CubeTensor;
 /// Threads per cube of the row and group kernels (a power of two: the reductions halve).
 pub(super) const UNITS: usize = 256;
 
-/// `value` summed over the cube's threads (every thread gets the total); `buf` holds one slot
-/// per thread and is free again on return. A fixed tree: the same bits every run.
+/// `value` summed (or, with `max`, maximised) over the cube's threads, every thread getting the
+/// result; `buf` holds one slot per thread and is free again on return. A fixed tree: the same
+/// bits every run.
 #[cube]
-pub(super) fn cube_sum(buf: &mut Shared<[f32]>, value: f32, t: usize, units: usize) -> f32 {
+pub(crate) fn cube_reduce(
+    buf: &mut Shared<[f32]>,
+    value: f32,
+    t: usize,
+    units: usize,
+    #[comptime] max: bool,
+) -> f32 {
     buf[t] = value;
     sync_cube();
     let mut h = units / 2;
     while h > 0 {
         if t < h {
             let (a, c) = (buf[t], buf[t + h]);
-            buf[t] = a + c;
+            if max {
+                buf[t] = f32::max(a, c);
+            } else {
+                buf[t] = a + c;
+            }
         }
         sync_cube();
         h /= 2;
@@ -30,23 +41,10 @@ pub(super) fn cube_sum(buf: &mut Shared<[f32]>, value: f32, t: usize, units: usi
     total
 }
 
-/// [`cube_sum`] with the maximum.
+/// [`cube_reduce`]'s sum.
 #[cube]
-pub(super) fn cube_max(buf: &mut Shared<[f32]>, value: f32, t: usize, units: usize) -> f32 {
-    buf[t] = value;
-    sync_cube();
-    let mut h = units / 2;
-    while h > 0 {
-        if t < h {
-            let (a, c) = (buf[t], buf[t + h]);
-            buf[t] = f32::max(a, c);
-        }
-        sync_cube();
-        h /= 2;
-    }
-    let total = buf[0];
-    sync_cube();
-    total
+pub(crate) fn cube_sum(buf: &mut Shared<[f32]>, value: f32, t: usize, units: usize) -> f32 {
+    cube_reduce(buf, value, t, units, false)
 }
 
 /// `t` in row-major order: the kernels index every tensor by its logical position. A gap-free

@@ -15,7 +15,7 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise, prelude::*};
 use burn_cubecl::tensor::CubeTensor;
 
-use super::cube::{UNITS, contiguous, cube_max, cube_sum, empty};
+use super::cube::{UNITS, contiguous, cube_reduce, cube_sum, empty};
 
 #[backend_extension(Autodiff, Cube: cfg(any(feature = "wgpu", feature = "cuda-runtime")))]
 pub trait SoftmaxGpu: Backend {
@@ -45,7 +45,7 @@ fn softmax_forward_kernel(x: &[f32], y: &mut [f32], width: usize, #[comptime] un
         m = f32::max(m, x[base + i]);
         i += stride;
     }
-    let m = cube_max(&mut buf, m, t, stride);
+    let m = cube_reduce(&mut buf, m, t, stride, true);
     let mut sum = 0.0f32;
     i = t;
     while i < width {

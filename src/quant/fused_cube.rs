@@ -21,7 +21,7 @@ use burn_cubecl::tensor::CubeTensor;
 
 use super::format::Format;
 use super::fused::FusedQuantKernels;
-use crate::kernels::cube::{contiguous, read, readable};
+use crate::kernels::cube::{contiguous, cube_sum, read, readable};
 
 /// The format's grid as the kernels round on it (host-computed constants).
 #[derive(CubeLaunch, CubeType, Clone, Copy)]
@@ -211,29 +211,17 @@ fn fake_quant_backward_kernel(
         }
         i += stride;
     }
-    let mut s_sums = Shared::<[f32]>::new_slice(units);
-    let mut z_sums = Shared::<[f32]>::new_slice(units);
+    let mut buf = Shared::<[f32]>::new_slice(units);
     let t = UNIT_POS_X as usize;
-    s_sums[t] = ds;
-    z_sums[t] = dz;
-    sync_cube();
-    let mut h = stride / 2;
-    while h > 0 {
-        if t < h {
-            let (a, c) = (s_sums[t], s_sums[t + h]);
-            s_sums[t] = a + c;
-            if want_dz {
-                let (a, c) = (z_sums[t], z_sums[t + h]);
-                z_sums[t] = a + c;
-            }
-        }
-        sync_cube();
-        h /= 2;
+    let ds = cube_sum(&mut buf, ds, t, stride);
+    let mut total_dz = 0.0f32;
+    if want_dz {
+        total_dz = cube_sum(&mut buf, dz, t, stride);
     }
     if t == 0 {
-        ds_parts[cube] = s_sums[0];
+        ds_parts[cube] = ds;
         if want_dz {
-            dz_parts[cube] = z_sums[0];
+            dz_parts[cube] = total_dz;
         }
     }
 }

@@ -15,7 +15,7 @@ use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise, prelude::*};
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-use crate::kernels::cube::contiguous;
+use crate::kernels::cube::{contiguous, cube_sum};
 
 /// The step's constants, as the tensor version applies them (f32, as burn casts its scalars).
 #[derive(Debug, Clone, Copy)]
@@ -179,20 +179,10 @@ fn sum_squares_kernel(acc: &[f32], g: &[f32], out: &mut [f32], #[comptime] units
         sum += v * v;
         i += stride;
     }
-    let mut sums = Shared::<[f32]>::new_slice(units);
-    sums[t] = sum;
-    sync_cube();
-    let mut h = stride / 2;
-    while h > 0 {
-        if t < h {
-            let (a, c) = (sums[t], sums[t + h]);
-            sums[t] = a + c;
-        }
-        sync_cube();
-        h /= 2;
-    }
+    let mut buf = Shared::<[f32]>::new_slice(units);
+    let total = cube_sum(&mut buf, sum, t, stride);
     if t == 0 {
-        out[0] = acc[0] + sums[0];
+        out[0] = acc[0] + total;
     }
 }
 
