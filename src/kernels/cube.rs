@@ -8,7 +8,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
 /// Threads per cube of the row and group kernels (a power of two: the reductions halve).
-pub(super) const UNITS: usize = 256;
+pub(crate) const UNITS: usize = 256;
 
 /// `value` summed (or, with `max`, maximised) over the cube's threads, every thread getting the
 /// result; `buf` holds one slot per thread and is free again on return. A fixed tree: the same
@@ -55,7 +55,7 @@ pub(crate) fn contiguous(t: CubeTensor) -> CubeTensor {
 }
 
 /// An uninitialised row-major tensor of `shape` on `like`'s device.
-pub(super) fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
+pub(crate) fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
 }
 

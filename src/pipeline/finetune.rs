@@ -475,12 +475,6 @@ enum Target<'a> {
     Step(&'a Sampler, crate::diffusion::sampler::SamplerStep),
 }
 
-/// The weighted MSE of the student against the teacher on `batch`, and its gradients by
-/// parameter path: on both halves, or (guided and step targets) on the guided noise of each
-/// conditional / unconditional pair or the sampler update it gives. With `micro_batch` > 0 the
-/// batch runs in passes of that many samples (whole pairs for a pair target, at least one) whose
-/// gradients are summed (each pass's loss is its share of the whole batch's mean), so only one
-/// pass's activations are alive at a time; 0 runs it in one pass.
 /// The summed loss of a step's passes and the global gradient norm, in one read.
 fn read_step(losses: Vec<Tensor<1>>, squared_norm: Tensor<1>) -> (f64, f64) {
     let mut values = params::host_values(Tensor::cat([losses, vec![squared_norm]].concat(), 0));
@@ -488,8 +482,15 @@ fn read_step(losses: Vec<Tensor<1>>, squared_norm: Tensor<1>) -> (f64, f64) {
     (values.iter().map(|&v| v as f64).sum(), squared.sqrt())
 }
 
-/// The distillation loss of each pass over the batch (`[1]` each, on the device, unread) and the
-/// gradients summed over the passes.
+/// The weighted MSE of the student against the teacher on `batch`, and its gradients by
+/// parameter path: on both halves, or (guided and step targets) on the guided noise of each
+/// conditional / unconditional pair or the sampler update it gives. With `micro_batch` > 0 the
+/// batch runs in passes of that many samples (whole pairs for a pair target, at least one) whose
+/// gradients are summed (each pass's loss is its share of the whole batch's mean), so only one
+/// pass's activations are alive at a time; 0 runs it in one pass.
+///
+/// Returns each pass's loss (`[1]`, on the device, unread: the step reads them with the gradient
+/// norm, [`read_step`]).
 fn distill_grads_unread(
     model: &Denoiser,
     batch: &Batch,
@@ -650,12 +651,12 @@ mod tests {
     use super::*;
     use burn::tensor::Int;
 
-    /// The summed loss of [`distill_grads_unread`]'s passes, read, and its gradients.
+    /// The summed loss of [`distill_grads_unread`]'s passes as the step reads it, and its gradients.
     fn read_loss(
         (losses, grads): (Vec<Tensor<1>>, BTreeMap<String, Tensor<1>>),
     ) -> (f64, BTreeMap<String, Tensor<1>>) {
-        let values = params::host_values(Tensor::cat(losses, 0));
-        (values.iter().map(|&v| v as f64).sum(), grads)
+        let no_norm = Tensor::zeros([1], &losses[0].device());
+        (read_step(losses, no_norm).0, grads)
     }
 
     /// The guided loss is the MSE of `u + g (c - u)` against the teacher's, and passes of one

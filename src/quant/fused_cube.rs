@@ -16,12 +16,11 @@ use burn::backend::ops::FloatTensorOps;
 use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise, prelude::*};
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::format::Format;
 use super::fused::FusedQuantKernels;
-use crate::kernels::cube::{contiguous, cube_sum, read, readable};
+use crate::kernels::cube::{UNITS, contiguous, cube_sum, empty, read, readable};
 
 /// The format's grid as the kernels round on it (host-computed constants).
 #[derive(CubeLaunch, CubeType, Clone, Copy)]
@@ -126,10 +125,6 @@ fn fake_quant_forward_kernel(
     out[i] = r * s + z;
 }
 
-/// Threads per cube of the backward kernel, at most (a power of two: its sums halve across the
-/// cube).
-const UNITS: usize = 256;
-
 /// Elements each thread of the backward sums, at most: a block longer than a cube's share is
 /// split into parts, each summed by its own cube, and the parts' sums added by a second, small
 /// reduction.
@@ -226,10 +221,6 @@ fn fake_quant_backward_kernel(
     }
 }
 
-pub(super) fn empty_like(t: &CubeTensor) -> CubeTensor {
-    empty_device_contiguous_dtype(t.client.clone(), t.device.clone(), t.meta.shape().clone(), t.dtype)
-}
-
 /// Elements of `x` per scale block (scales are per tensor or per leading-dimension block).
 fn block_len(x: &CubeTensor, scale: &CubeTensor) -> usize {
     let n = x.meta.num_elements();
@@ -256,16 +247,6 @@ fn add_parts(partials: CubeTensor, parts: usize, like: &CubeTensor) -> CubeTenso
     CubeBackend::float_reshape(sums, like.meta.shape().clone())
 }
 
-/// A buffer of `n` floats on `like`'s device (a one-float stand-in where a kernel writes none).
-fn empty_floats(like: &CubeTensor, n: usize) -> CubeTensor {
-    empty_device_contiguous_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::new([n.max(1)]),
-        like.dtype,
-    )
-}
-
 impl FusedQuantKernels for CubeBackend {
     fn fake_quant_forward(
         x: CubeTensor,
@@ -276,7 +257,7 @@ impl FusedQuantKernels for CubeBackend {
         let ((x, x_strided), s) = (readable(x), contiguous(scale.clone()));
         // Without a zero point the scale stands in for it (the kernel reads none).
         let z = contiguous(zero.unwrap_or(scale).clone());
-        let out = empty_like(&x);
+        let out = empty(&x, x.meta.shape().clone());
         let (count, dim) = launch_dims(&x);
         let block = block_len(&x, &s);
         fake_quant_forward_kernel::launch(
@@ -307,7 +288,7 @@ impl FusedQuantKernels for CubeBackend {
         let ((g, g_strided), (x, x_strided)) = (readable(grad), readable(x.clone()));
         let (s, z) = (contiguous(scale.clone()), contiguous(zero.unwrap_or(scale).clone()));
         let want_dz = want_dz && zero.is_some();
-        let dx = if want_dx { empty_like(&x) } else { empty_floats(&x, 1) };
+        let dx = if want_dx { empty(&x, x.meta.shape().clone()) } else { empty(&x, Shape::new([1])) };
         let block = block_len(&x, &s);
         let blocks = s.meta.num_elements();
         let client = x.client.clone();
@@ -315,7 +296,8 @@ impl FusedQuantKernels for CubeBackend {
         let units = block.next_power_of_two().clamp(32, UNITS);
         let parts = block.div_ceil(units * PER_THREAD);
         let cubes = blocks * parts;
-        let (ds, dz) = (empty_floats(&x, cubes), empty_floats(&x, if want_dz { cubes } else { 1 }));
+        let (ds, dz) =
+            (empty(&x, Shape::new([cubes])), empty(&x, Shape::new([if want_dz { cubes } else { 1 }])));
         let dim = CubeDim::new_1d(units as u32);
         let count = calculate_cube_count_elemwise(&client, cubes * units, dim);
         fake_quant_backward_kernel::launch(

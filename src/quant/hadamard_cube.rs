@@ -16,9 +16,8 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise, prelude::*};
 use burn_cubecl::tensor::CubeTensor;
 
-use super::fused_cube::empty_like;
 use super::hadamard::HadamardBackend;
-use crate::kernels::cube::contiguous;
+use crate::kernels::cube::{contiguous, empty};
 
 /// The widest block the kernel holds in shared memory (4096 f32 = 16 KB).
 pub const MAX_BLOCK: usize = 4096;
@@ -87,7 +86,7 @@ impl HadamardBackend for CubeBackend {
         let x = contiguous(x);
         let width = signs.len();
         let signs = CubeBackend::float_from_data(TensorData::new(signs, [width]), &x.device);
-        let out = empty_like(&x);
+        let out = empty(&x, x.meta.shape().clone());
         let cubes = x.meta.num_elements() / block;
         let units = (block / 2).clamp(1, UNITS);
         let dim = CubeDim::new_1d(units as u32);

@@ -12,10 +12,9 @@ use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::Tensor;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise, prelude::*};
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-use crate::kernels::cube::{contiguous, cube_sum};
+use crate::kernels::cube::{UNITS, contiguous, cube_sum, empty};
 
 /// The step's constants, as the tensor version applies them (f32, as burn casts its scalars).
 #[derive(Debug, Clone, Copy)]
@@ -164,9 +163,6 @@ fn adamw_kernel(
     v_out[i] = vi;
 }
 
-/// Threads of the one cube that sums a gradient's squares (a power of two: the sums halve).
-const UNITS: usize = 256;
-
 /// One cube: each thread strides over `g`, then the threads' sums halve in shared memory.
 #[cube(launch)]
 fn sum_squares_kernel(acc: &[f32], g: &[f32], out: &mut [f32], #[comptime] units: usize) {
@@ -208,10 +204,8 @@ impl FusedAdamW for CubeBackend {
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
         let (p, g) = (contiguous(p), contiguous(g));
         let (m, v, clip) = (contiguous(m), contiguous(v), contiguous(clip));
-        let empty = || {
-            empty_device_contiguous_dtype(p.client.clone(), p.device.clone(), p.meta.shape().clone(), p.dtype)
-        };
-        let (p_out, m_out, v_out) = (empty(), empty(), empty());
+        let like = || empty(&p, p.meta.shape().clone());
+        let (p_out, m_out, v_out) = (like(), like(), like());
         let n = p.meta.num_elements();
         let client = p.client.clone();
         let dim = CubeDim::new(&client, n);
@@ -249,12 +243,7 @@ impl FusedAdamW for CubeBackend {
 
     fn sum_squares_onto(acc: CubeTensor, g: CubeTensor) -> CubeTensor {
         let (acc, g) = (contiguous(acc), contiguous(g));
-        let out = empty_device_contiguous_dtype(
-            acc.client.clone(),
-            acc.device.clone(),
-            acc.meta.shape().clone(),
-            acc.dtype,
-        );
+        let out = empty(&acc, acc.meta.shape().clone());
         sum_squares_kernel::launch(
             &acc.client.clone(),
             CubeCount::Static(1, 1, 1),

@@ -23,6 +23,23 @@ fn for_each_maybe_parallel<T: Send, R: Send>(
     if parallel { items.into_par_iter().map(&f).collect() } else { items.into_iter().map(f).collect() }
 }
 
+/// The squared global norm of `grads` (`[1]`), terms added in path order; on the pool when `parallel`.
+fn squared_norm(
+    grads: &BTreeMap<String, Tensor<1>>,
+    parallel: bool,
+    device: Option<&burn::tensor::Device>,
+) -> Tensor<1> {
+    let zero = || Tensor::zeros([1], &device.cloned().unwrap_or_else(burn::tensor::Device::flex));
+    // A GPU adds each gradient's squares onto the running sum in one kernel.
+    #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+    if device.is_some_and(crate::kernels::on_cube) {
+        return grads.values().fold(zero(), |acc, g| super::adamw_cube::sum_squares_onto(acc, g.clone()));
+    }
+    let squares =
+        for_each_maybe_parallel(parallel, grads.iter().collect(), |(_, g)| g.clone().square().sum());
+    squares.into_iter().reduce(|a, b| a + b).unwrap_or_else(zero)
+}
+
 /// The factor gradients are scaled by before the update (global-norm clipping).
 enum Clip {
     None,
@@ -122,8 +139,7 @@ impl AdamW {
         // either way, and the norm's terms are added in path order: the same bits.
         let device = flat_grads.values().next().map(|g| g.device());
         let on_flex = device.as_ref().is_some_and(crate::kernels::on_flex);
-        let parallel = on_flex;
-        let squared = self.squared_norm(&flat_grads, parallel, device.as_ref());
+        let squared = squared_norm(&flat_grads, on_flex, device.as_ref());
         let clip = match (self.grad_clip > 0.0, on_flex) {
             (false, _) => Clip::None,
             (true, true) => {
@@ -152,7 +168,7 @@ impl AdamW {
             })
             .collect();
         let this = &*self;
-        let updated = for_each_maybe_parallel(parallel, work, |(path, p, g, m, v)| {
+        let updated = for_each_maybe_parallel(on_flex, work, |(path, p, g, m, v)| {
             let (p, m, v) = this.update(p, g, m, v, &clip, lr_of(&path), positive(&path));
             (path, p, m, v)
         });
@@ -164,24 +180,6 @@ impl AdamW {
         }
         let module = map_params(module, |path, p| new_params.remove(path).unwrap_or(p));
         (module, squared)
-    }
-
-    /// The squared global norm of `grads` (`[1]`), terms added in path order.
-    fn squared_norm(
-        &self,
-        grads: &BTreeMap<String, Tensor<1>>,
-        parallel: bool,
-        device: Option<&burn::tensor::Device>,
-    ) -> Tensor<1> {
-        let zero = || Tensor::zeros([1], &device.cloned().unwrap_or_else(burn::tensor::Device::flex));
-        // A GPU adds each gradient's squares onto the running sum in one kernel.
-        #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
-        if device.is_some_and(crate::kernels::on_cube) {
-            return grads.values().fold(zero(), |acc, g| super::adamw_cube::sum_squares_onto(acc, g.clone()));
-        }
-        let squares =
-            for_each_maybe_parallel(parallel, grads.iter().collect(), |(_, g)| g.clone().square().sum());
-        squares.into_iter().reduce(|a, b| a + b).unwrap_or_else(zero)
     }
 
     /// One parameter's AdamW update: `(p, exp_avg, exp_avg_sq)` after the step.
