@@ -1,6 +1,6 @@
 //! Stable Diffusion v1.4 at full size (random weights: `model.sd.random_weights`), on flex: the
 //! teacher UNet's forward, the W4A4 student's forward and one QAT step (forward, backward, AdamW
-//! on the adapters and quantizer scales) at one latent size and batch 1, with the peak resident
+//! on the adapters and quantizer scales) at one latent size and batch (1 unless `--batch`), with the peak resident
 //! memory after each phase, the parameter count and the packed size against fp16. The student is
 //! the job's structure (`configs/msfp_sd14.toml`: signed FP4 e2m1 weights per output channel,
 //! unsigned ue2m2 + zero point inputs after SiLU/GELU/softmax and e2m1 elsewhere, conv_in and
@@ -8,10 +8,9 @@
 //! of calibrated ones: the cost does not depend on the values. Writes
 //! `experiments/bench-sd14-step/results.json` (or `$MSFP_BENCH_OUT`).
 //!
-//!     cargo bench --profile dev --bench sd14_step -- [--latent 64] [--runs 2] [--no-qat]
+//!     cargo bench --profile dev --bench sd14_step -- [--latent 64] [--batch 2] [--runs 2] [--no-qat]
 //!
-//! `--no-qat` measures the two forwards only (a QAT step's activations at latent 64 do not fit in
-//! 24 GB beside the teacher). `--qat-only` builds the student and times its QAT steps alone,
+//! `--no-qat` measures the forwards only. `--qat-only` builds the student and times its QAT steps alone,
 //! writing no results: the window a profiler (`perf record`) should see.
 
 use std::path::PathBuf;
@@ -46,13 +45,14 @@ fn main() {
 fn bench() {
     let latent: usize = arg("--latent").map(|v| v.parse().expect("--latent N")).unwrap_or(64);
     let runs: usize = arg("--runs").map(|v| v.parse().expect("--runs N")).unwrap_or(2);
+    let batch: usize = arg("--batch").map(|v| v.parse().expect("--batch N")).unwrap_or(1);
     let qat = !std::env::args().any(|a| a == "--no-qat");
     let cfg = sd14::config(latent);
     let device = Device::flex();
     if std::env::args().any(|a| a == "--qat-only") {
         let ad = device.autodiff();
         let (mut model, _, _) = sd14::student(&cfg, &ad);
-        let inputs = sd14::Inputs::new(1, latent, &ad);
+        let inputs = sd14::Inputs::new(batch, latent, &ad);
         let mut optim = msfp::train::optim::AdamW::new(0.0, 1.0);
         let qat_s = time(runs, || model = sd14::qat_step(model.clone(), &inputs, &mut optim));
         eprintln!("QAT step: {qat_s:?} s, peak RSS {:.0} MiB", peak_rss_mib());
@@ -62,7 +62,7 @@ fn bench() {
     let teacher = msfp::pipeline::sample::load_model(&cfg, None, &device).expect("SD UNet");
     let build_s = t0.elapsed().as_secs_f64();
     let parameters = teacher.num_params();
-    let inputs = sd14::Inputs::new(1, latent, &device);
+    let inputs = sd14::Inputs::new(batch, latent, &device);
     let teacher_s = time(runs, || {
         let _ = inputs.forward(&teacher).into_data();
     });
@@ -87,7 +87,7 @@ fn bench() {
     eprintln!("deployed student forward: {deployed_s:?} s");
 
     let mut optim = msfp::train::optim::AdamW::new(0.0, 1.0);
-    let ad_inputs = sd14::Inputs::new(1, latent, &ad);
+    let ad_inputs = sd14::Inputs::new(batch, latent, &ad);
     let qat_s = time(if qat { runs } else { 0 }, || {
         model = sd14::qat_step(model.clone(), &ad_inputs, &mut optim);
     });
@@ -108,14 +108,14 @@ fn bench() {
     };
     let out = serde_json::json!({
         "command": format!(
-            "cargo bench --profile dev --bench sd14_step -- --latent {latent} --runs {runs}{}",
+            "cargo bench --profile dev --bench sd14_step -- --latent {latent} --batch {batch} --runs {runs}{}",
             if qat { "" } else { " --no-qat" }
         ),
         "backend": "flex (CPU)",
         "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into()),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "latent": [4, latent, latent],
-        "batch": 1,
+        "batch": batch,
         "unet_parameters": parameters,
         "student_trainable_parameters": trainable,
         "build_unet_s": build_s,
@@ -130,7 +130,8 @@ fn bench() {
         "packed_vs_fp16": packed_bytes as f64 / (parameters as f64 * 2.0),
     });
     let path = std::env::var("MSFP_BENCH_OUT").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(format!("experiments/bench-sd14-step/results-latent{latent}.json"))
+        let suffix = if batch == 1 { String::new() } else { format!("-batch{batch}") };
+        PathBuf::from(format!("experiments/bench-sd14-step/results-latent{latent}{suffix}.json"))
     });
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, serde_json::to_vec_pretty(&out).unwrap()).unwrap();

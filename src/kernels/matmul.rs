@@ -21,12 +21,12 @@ use super::record;
 
 /// A tensor's matrices: the base offset of each batch item and the row/column strides, all in
 /// elements of its storage.
-struct Matrices {
-    offsets: Vec<usize>,
-    rows: usize,
-    cols: usize,
-    rs: isize,
-    cs: isize,
+pub(super) struct Matrices {
+    pub offsets: Vec<usize>,
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: isize,
+    pub cs: isize,
 }
 
 impl Matrices {
@@ -48,18 +48,18 @@ impl Matrices {
         Some(Self { offsets, rows: shape[d - 2], cols: shape[d - 1], rs: strides[d - 2], cs: strides[d - 1] })
     }
 
-    fn at(&self, data: &[f32], i: usize) -> Mat {
+    pub fn at(&self, data: &[f32], i: usize) -> Mat {
         Mat { ptr: data[self.offsets[i]..].as_ptr(), rs: self.rs, cs: self.cs }
     }
 
     /// The transposed view of item `i`.
-    fn at_t(&self, data: &[f32], i: usize) -> Mat {
+    pub fn at_t(&self, data: &[f32], i: usize) -> Mat {
         Mat { ptr: data[self.offsets[i]..].as_ptr(), rs: self.cs, cs: self.rs }
     }
 }
 
 /// The tensor itself when its strides are usable, else a contiguous copy.
-fn strided(t: &FlexTensor) -> (FlexTensor, Matrices) {
+pub(super) fn strided(t: &FlexTensor) -> (FlexTensor, Matrices) {
     match Matrices::of(t) {
         Some(m) => (t.clone(), m),
         None => {

@@ -1,8 +1,9 @@
 //! Fused CPU kernels for the flex backend, each with a hand-written backward: convolution
 //! ([`conv`]), SiLU/GELU ([`activation`]), GroupNorm(+SiLU) and LayerNorm ([`norm`]),
-//! softmax over the last dimension ([`softmax`]), nearest 2x upsampling ([`resample`]) and the
-//! UNets' residual and timestep-shift additions ([`add`]), and the packed q/k/v projection split
-//! into heads ([`heads`]).
+//! softmax over the last dimension ([`softmax`]), attention with its probabilities' quantizer
+//! inside and the scores recomputed in the backward ([`attention`]), nearest 2x upsampling
+//! ([`resample`]) and the UNets' residual and timestep-shift additions ([`add`]), and the packed
+//! q/k/v projection split into heads ([`heads`]).
 //!
 //! Burn composes these from generic tensor ops on flex: one tensor-sized temporary per op and
 //! per backward step, scalar `expf`/`erff`, and a convolution whose weight gradient is itself a
@@ -20,6 +21,7 @@
 
 pub mod activation;
 pub mod add;
+pub mod attention;
 pub mod conv;
 #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
 pub(crate) mod cube;

@@ -2,11 +2,16 @@
 //! `P V`) so that their four inputs can carry activation quantizers: [`SelfAttention`] with one
 //! fused `qkv` projection (the tiny models), [`Attention`] with separate projections and an
 //! optional context (diffusers' layout: SD's self- and cross-attention, the VAE's mid block).
+//! On flex the two products, the softmax and the probabilities' quantizer run as one operation
+//! that never stores the scores (`kernels::attention`).
 
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
 
+use std::sync::Arc;
+
 use super::{GroupNorm, Linear, StepCtx};
+use crate::kernels::attention::ProbsQuant;
 use crate::quant::layer::LayerQuant;
 use crate::rng::SeededRng;
 
@@ -88,6 +93,18 @@ pub fn attend(
     let d = q.dims()[3];
     let [q_in, k_in, probs_in, v_in] = inputs;
     let (q, k, v) = (q_in.forward(q, ctx), k_in.forward(k, ctx), v_in.forward(v, ctx));
+    // One operation on flex, the scores never stored; composed where a mask applies or the
+    // probabilities are being observed (calibration).
+    let observed = probs_in.quant.as_ref().is_some_and(|q| q.observer.is_some());
+    if mask.is_none() && !observed {
+        let probs = probs_in.quant.as_ref().and_then(|q| q.act.as_ref()).map(|act| {
+            let (scale, zero_point) = act.params(ctx);
+            ProbsQuant { rows: Arc::new(act.format.clone()), scale, zero_point }
+        });
+        if let Some(out) = crate::kernels::attention::attention(&q, &k, &v, probs.as_ref()) {
+            return out;
+        }
+    }
     let scores = crate::kernels::matmul::matmul_div(q, k.transpose(), (d as f64).sqrt());
     let scores = match mask {
         Some(m) => scores.mask_fill(m, f32::NEG_INFINITY),
@@ -183,5 +200,91 @@ impl Attention {
         out.push(QuantSite::matmul(format!("{prefix}.probs_in"), &mut self.probs_in, true, &device));
         out.push(QuantSite::matmul(format!("{prefix}.v_in"), &mut self.v_in, false, &device));
         out.push(QuantSite::linear(format!("{prefix}.to_out.0"), &mut self.to_out[0], false));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::layer::{ActQuant, LayerQuant};
+    use crate::train::params::host_values;
+    use burn::tensor::TensorData;
+
+    /// The fused attention (flex, no mask) against the composed one (the same call with a mask
+    /// that masks nothing): values, the gradients of `Q`, `K`, `V` (strided views of one
+    /// projection) and of the probabilities' quantizer scale and zero point, with and without
+    /// that quantizer; `(n, m) = (300, 3600)` splits the query rows into two blocks.
+    #[test]
+    fn fused_attention_matches_composed() {
+        let device = Device::flex().autodiff();
+        for (n, m, quantized) in [(6, 5, true), (6, 5, false), (300, 3600, true)] {
+            let (b, h, d) = if n > 100 { (1, 1, 4) } else { (2, 3, 4) };
+            let mut rng = SeededRng::new(40);
+            let (q0, kv0, up) =
+                (rng.normals(b * n * h * d), rng.normals(b * m * 2 * h * d), rng.normals(b * n * h * d));
+            let run = |fused: bool| {
+                let qt = Tensor::<3>::from_data(TensorData::new(q0.clone(), [b, n, h * d]), &device)
+                    .require_grad();
+                let kvt = Tensor::<3>::from_data(TensorData::new(kv0.clone(), [b, m, 2 * h * d]), &device)
+                    .require_grad();
+                let q = split_heads(qt.clone(), h);
+                let kv = kvt.clone().reshape([b, m, 2, h, d]).permute([2, 0, 3, 1, 4]);
+                let k = kv.clone().slice([0..1]).squeeze_dim::<4>(0);
+                let v = kv.slice([1..2]).squeeze_dim::<4>(0);
+                let scale =
+                    Tensor::<1>::from_data(TensorData::new(vec![0.3f32, 0.02], [2]), &device).require_grad();
+                let zero =
+                    Tensor::<1>::from_data(TensorData::new(vec![0.1f32, -0.01], [2]), &device).require_grad();
+                let act = ActQuant::new("ue2m2".parse().unwrap(), scale, Some(zero), 1000);
+                let probs_in = MatmulInput {
+                    quant: quantized.then(|| LayerQuant {
+                        weight: None,
+                        act: Some(act),
+                        observer: None,
+                        weight_sets: None,
+                    }),
+                };
+                let none = MatmulInput::default();
+                let mask = (!fused).then(|| {
+                    Tensor::<4, Bool>::from_data(TensorData::new(vec![false; n * m], [1, 1, n, m]), &device)
+                });
+                if fused {
+                    let direct = crate::kernels::attention::attention(&q, &k, &v, None);
+                    assert!(direct.is_some(), "the fused path applies on flex");
+                }
+                let out = attend(q, k, v, [&none, &none, &probs_in, &none], mask, &StepCtx::at(900));
+                let up = Tensor::<3>::from_data(TensorData::new(up.clone(), [b, n, h * d]), &device);
+                let grads = (out.clone() * up).sum().backward();
+                let quant = probs_in.quant.as_ref().and_then(|q| q.act.as_ref());
+                let ds = quant.map(|a| host_values(a.scale.grad(&grads).unwrap()));
+                let dz = quant.map(|a| host_values(a.zero_point.as_ref().unwrap().grad(&grads).unwrap()));
+                (
+                    host_values(out),
+                    host_values(qt.grad(&grads).unwrap()),
+                    host_values(kvt.grad(&grads).unwrap()),
+                    ds,
+                    dz,
+                )
+            };
+            let (f, c) = (run(true), run(false));
+            if n < 100 {
+                assert_eq!(f.0, c.0, "n {n}: one block is the composed version's products, bit for bit");
+            }
+            let close = |what: &str, a: &[f32], r: &[f32], tol: f32| {
+                assert_eq!(a.len(), r.len());
+                for (i, (a, r)) in a.iter().zip(r).enumerate() {
+                    assert!((a - r).abs() <= tol * (1.0 + r.abs()), "n {n} {what}[{i}]: {a} vs {r}");
+                }
+            };
+            close("values", &f.0, &c.0, 1e-5);
+            close("dQ", &f.1, &c.1, 1e-4);
+            close("dK, dV", &f.2, &c.2, 1e-4);
+            if quantized {
+                let (ds, dz) = (f.3.unwrap(), f.4.unwrap());
+                close("d scale", &ds, &c.3.unwrap(), 1e-3);
+                close("d zero", &dz, &c.4.unwrap(), 1e-3);
+                assert!(ds[1] != 0.0 && ds[0] == 0.0, "timestep 900 trains slot 1 only: {ds:?}");
+            }
+        }
     }
 }

@@ -244,6 +244,18 @@ mod dispatch {
     kernel!(sums, sums_avx2, (s: f32, z: f32, g: &[f32], xs: &[f32]) -> (f32, f32));
 }
 
+/// The probabilities' quantizer inside the fused attention (`kernels::attention`), one row at a
+/// time with the same run kernels (the same bits per element as [`FusedQuantKernels`]).
+impl crate::kernels::attention::RowQuantizer for Format {
+    fn quantize(&self, s: f32, z: f32, row: &mut [f32]) {
+        with_grid!(self, |grid| dispatch::quantize_in_place(&grid, s, z, row))
+    }
+
+    fn backward(&self, s: f32, z: f32, g: &mut [f32], x: &[f32]) -> (f32, f32) {
+        with_grid!(self, |grid| dispatch::backward(&grid, s, z, g, x))
+    }
+}
+
 /// The quantizer's two passes on one backend's own tensors: flex here, the CubeCL backends in
 /// `fused_cube`. Scales (and zero points) are per tensor or per leading-dimension block.
 pub trait FusedQuantKernels: Backend {

@@ -84,14 +84,20 @@ impl ActQuant {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>, ctx: &StepCtx) -> Tensor<D> {
+        let (scale, zero) = self.params(ctx);
+        fake_quantize(x, &self.format, scale.reshape([1; D]), zero.map(|z| z.reshape([1; D])))
+    }
+
+    /// The scale and zero point (`[1]` each) of the step's slot.
+    pub fn params(&self, ctx: &StepCtx) -> (Tensor<1>, Option<Tensor<1>>) {
         let slot = self.slot(ctx);
         // One slot is the whole parameter: no slice (on a GPU a slice costs a kernel forward and
         // two backward, a zeroed gradient and the assignment into it).
         let pick = |p: &Param<Tensor<1>>| match self.slots() {
-            1 => p.val().reshape([1; D]),
-            _ => p.val().slice([slot..slot + 1]).reshape([1; D]),
+            1 => p.val(),
+            _ => p.val().slice([slot..slot + 1]),
         };
-        fake_quantize(x, &self.format, pick(&self.scale), self.zero_point.as_ref().map(pick))
+        (pick(&self.scale), self.zero_point.as_ref().map(pick))
     }
 }
 
