@@ -1,10 +1,8 @@
 //! The full-size SD1.4 UNet (random weights) and its W4A4 student as the benches measure them
 //! (`sd14_step` on flex, `gpu --sd-latent` on CUDA): the job's structure
-//! (`configs/msfp_sd14.toml`: signed FP4 e2m1 weights per output channel, unsigned ue2m2 + zero
-//! point inputs after SiLU/GELU/softmax and e2m1 elsewhere, conv_in and conv_out at e4m3, TALoRA
-//! 2 adapters of rank 16, branch placement) with plausible scales instead of calibrated ones:
-//! the cost does not depend on the values. `tools/bench/torch_sd14_qat.py` builds the same
-//! student in PyTorch + diffusers.
+//! (`configs/msfp_sd14.toml`, built by `student.rs`: conv_in and conv_out at e4m3, TALoRA 2
+//! adapters of rank 16, branch placement) with plausible scales instead of calibrated ones.
+//! `tools/bench/torch_sd14_qat.py` builds the same student in PyTorch + diffusers.
 
 #![allow(dead_code)] // each bench uses part of it
 
@@ -14,14 +12,13 @@ use burn::tensor::{Device, Tensor, TensorData};
 use msfp::lora::{LoraConfig, Placement, RouterKind};
 use msfp::models::{Cond, Denoiser};
 use msfp::nn::StepCtx;
-use msfp::pipeline::student::{self, StudentPlan, group_of};
-use msfp::quant::plan::SiteReport;
+use msfp::pipeline::student::{StudentPlan, group_of};
 use msfp::rng::SeededRng;
 use msfp::train::optim::AdamW;
 use msfp::train::params;
 
-#[path = "scales.rs"]
-mod scales;
+#[path = "student.rs"]
+mod student;
 
 /// `configs/msfp_sd14.toml` with random weights at `latent` (the image is 8x larger).
 pub fn config(latent: usize) -> msfp::Config {
@@ -78,25 +75,6 @@ pub fn student(cfg: &msfp::Config, device: &Device) -> (Denoiser, StudentPlan, u
 /// [`student`] built on `teacher`'s own weights: autodiff enabled on the same tensors, so the
 /// frozen base weights are one copy in memory.
 pub fn student_of(teacher: Denoiser, cfg: &msfp::Config) -> (Denoiser, StudentPlan, usize) {
-    use burn::module::Module;
-    let mut model = teacher.train();
-    let eight_bit = |p: &str| p == "conv_in" || p == "conv_out";
-    let sites: Vec<SiteReport> = model
-        .quant_sites()
-        .into_iter()
-        .filter(|s| s.layer.has_weight())
-        .map(|s| SiteReport {
-            weight_format: Some(if eight_bit(&s.path) { "e4m3" } else { "e2m1" }.into()),
-            act_format: Some(match (eight_bit(&s.path), s.after_activation) {
-                (true, _) => "e4m3".into(),
-                (false, true) => "ue2m2".into(),
-                (false, false) => "e2m1".into(),
-            }),
-            act_zero_point: s.after_activation.then_some(-0.28),
-            path: s.path,
-            ..Default::default()
-        })
-        .collect();
     let lora = LoraConfig {
         rank: 16,
         adapters: 2,
@@ -104,12 +82,7 @@ pub fn student_of(teacher: Denoiser, cfg: &msfp::Config) -> (Denoiser, StudentPl
         placement: Placement::Branch,
         ..cfg.lora.clone()
     };
-    let plan = StudentPlan { sites, act_timestep_slots: 1, timesteps: 1000, lora };
-    student::build(&mut model, &plan, 0).expect("student");
-    let model = scales::plausible(model, 0.01);
-    let model = params::set_trainable(model, |p| group_of(p).is_some());
-    let trainable = params::collect_trainable(&model).values().map(|t| t.data.len()).sum();
-    (model, plan, trainable)
+    student::w4a4(teacher, lora, |p| p == "conv_in" || p == "conv_out")
 }
 
 /// One QAT step as fine-tuning runs it: forward, MSE against the target, backward, AdamW on the

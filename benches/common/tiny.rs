@@ -48,3 +48,19 @@ pub fn forward(s: &Setup, model: &Denoiser, rng: &mut SeededRng) -> f32 {
     let y = Tensor::<1, burn::tensor::Int>::zeros([b], &dev);
     model.forward(x, t, y, &msfp::nn::StepCtx::at(500)).sum().into_scalar::<f32>()
 }
+
+/// One step as fine-tuning runs the student: a random batch noised to one random timestep for
+/// all samples (a TALoRA router and per-timestep activation scales need the step's timestep),
+/// the noise MSE, backward, AdamW on whatever is trainable.
+pub fn step_at_one_t(s: &Setup, model: Denoiser, optim: &mut AdamW, rng: &mut SeededRng) -> Denoiser {
+    let b = s.cfg.train.batch_size;
+    let idx: Vec<usize> = (0..b).map(|_| rng.below(s.data.len())).collect();
+    let (x0, labels) = s.data.batch(&idx, &s.device);
+    let t = rng.below(s.schedule.timesteps());
+    let noise = Tensor::<4>::from_data(TensorData::new(rng.normals(b * 1024), [b, 1, 32, 32]), &s.device);
+    let xt = s.schedule.add_noise(x0, noise.clone(), &vec![t; b]);
+    let tt = Tensor::<1>::full([b], t as f32, &s.device);
+    let pred = model.forward(xt, tt, labels, &msfp::nn::StepCtx::at(t));
+    let grads = (pred - noise).square().mean().backward();
+    optim.step(model, &grads, 1e-4).0
+}
