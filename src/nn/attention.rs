@@ -5,10 +5,10 @@
 //! On flex the two products, the softmax and the probabilities' quantizer run as one operation
 //! that never stores the scores (`kernels::attention`).
 
+use std::sync::Arc;
+
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
-
-use std::sync::Arc;
 
 use super::{GroupNorm, Linear, StepCtx};
 use crate::kernels::attention::ProbsQuant;
