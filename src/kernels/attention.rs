@@ -192,7 +192,10 @@ fn backward(
     let (items, n, m, d, h) = (heads.items(), heads.n, heads.m, heads.d, heads.heads);
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let g = values(grad);
-    let (mut dq, mut dk, mut dv) = (zeros(items * n * d), zeros(items * m * d), zeros(items * m * d));
+    // Only the wanted gradients get memory (the products below write only those).
+    let buffer = |wanted: bool, len: usize| if wanted { zeros(len) } else { Vec::new() };
+    let (mut dq, mut dk, mut dv) =
+        (buffer(want[0], items * n * d), buffer(want[1], items * m * d), buffer(want[2], items * m * d));
     let (dq_ptr, dk_ptr, dv_ptr) =
         (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
     let threads = inner_threads(items);
