@@ -10,8 +10,9 @@
 //!
 //!     cargo bench --profile dev --bench sd14_step -- [--latent 64] [--batch 2] [--runs 2] [--no-qat]
 //!
-//! `--no-qat` measures the forwards only. `--qat-only` builds the student and times its QAT steps alone,
-//! writing no results: the window a profiler (`perf record`) should see.
+//! `--no-qat` measures the forwards only. `--qat-only` (`--forward-only`) builds the student and
+//! times its QAT steps (its forwards) alone, writing no results: the window a profiler (`perf
+//! record`) should see.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -56,6 +57,15 @@ fn bench() {
         let mut optim = msfp::train::optim::AdamW::new(0.0, 1.0);
         let qat_s = time(runs, || model = sd14::qat_step(model.clone(), &inputs, &mut optim));
         eprintln!("QAT step: {qat_s:?} s, peak RSS {:.0} MiB", peak_rss_mib());
+        return;
+    }
+    if std::env::args().any(|a| a == "--forward-only") {
+        let (model, _, _) = sd14::student(&cfg, &device.clone().autodiff());
+        let (valid, inputs) = (model.valid(), sd14::Inputs::new(batch, latent, &device));
+        let forward_s = time(runs, || {
+            let _ = inputs.forward(&valid).into_data();
+        });
+        eprintln!("student forward: {forward_s:?} s, peak RSS {:.0} MiB", peak_rss_mib());
         return;
     }
     let t0 = Instant::now();

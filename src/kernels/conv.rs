@@ -29,7 +29,7 @@ use burn::tensor::ops::ConvOptions;
 use rayon::prelude::*;
 
 use super::gemm::{Mat, SendPtr, inner_threads, matmul};
-use super::host::{tensor, values, zeros};
+use super::host::{recycle, scratch, tensor, values, zeros};
 use super::record;
 
 /// The shapes of one convolution.
@@ -462,6 +462,7 @@ fn sum_in_order(partials: Vec<(Vec<f32>, Vec<f32>)>) -> (Vec<f32>, Vec<f32>) {
     for (pw, pb) in parts {
         dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
         db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+        recycle(pw);
     }
     (dw, db)
 }
@@ -599,8 +600,8 @@ pub fn weight_grad_shifted(g: &ConvGeometry, dy: &[f32], x: &[f32]) -> (Vec<f32>
         })
         .collect();
     let (sum, db) = sum_in_order(partials);
-    // [kh][kw][c][o] -> [o][c][kh][kw]
-    let mut dw = vec![0.0f32; co * kk];
+    // [kh][kw][c][o] -> [o][c][kh][kw]: every element written.
+    let mut dw = scratch(co * kk);
     for (t, taps) in sum.chunks(ci * co).enumerate() {
         for (c, row) in taps.chunks(co).enumerate() {
             for (o, v) in row.iter().enumerate() {
@@ -608,6 +609,7 @@ pub fn weight_grad_shifted(g: &ConvGeometry, dy: &[f32], x: &[f32]) -> (Vec<f32>
             }
         }
     }
+    recycle(sum);
     (dw, db)
 }
 

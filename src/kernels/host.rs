@@ -71,11 +71,63 @@ fn gather(t: &FlexTensor) -> Vec<f32> {
     unsafe { filled(n, rows_per_item * inner, fill) }
 }
 
+/// Buffers of at least this many values are worth keeping for reuse ([`recycle`]): glibc maps
+/// blocks above 32 MB fresh for every allocation, and the kernel zeroes each page on its first
+/// touch (29% of SD's QAT step at latent 32 went to `clear_page_erms`, mostly the weight-sized
+/// quantized weights and weight gradients, allocated per layer and step).
+const POOL_MIN: usize = 8 << 20;
+
+/// Recycled buffers kept at most (the largest SD layer's weight is 118 MB: a few hundred MB).
+const POOL_ENTRIES: usize = 4;
+
+/// Large buffers handed back by the ops that used them as scratch.
+static POOL: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+/// A buffer of `n` values from [`POOL`] (the smallest that holds `n`, and not half as large
+/// again: a tensor made from it keeps the whole buffer; its values are left from its last use),
+/// or `None`.
+fn pooled(n: usize) -> Option<Vec<f32>> {
+    if n < POOL_MIN {
+        return None;
+    }
+    let mut pool = POOL.lock().ok()?;
+    let best = (0..pool.len())
+        .filter(|&i| (n..n + n / 2).contains(&pool[i].capacity()))
+        .min_by_key(|&i| pool[i].capacity())?;
+    let mut v = pool.swap_remove(best);
+    // Within capacity: no reallocation; only values beyond the old length are written.
+    v.resize(n, 0.0);
+    Some(v)
+}
+
+/// Hands a scratch buffer back for [`zeros`] and [`scratch`] to reuse (kept only when large;
+/// the oldest goes when the pool is full).
+pub(crate) fn recycle(v: Vec<f32>) {
+    if v.capacity() < POOL_MIN {
+        return;
+    }
+    if let Ok(mut pool) = POOL.lock() {
+        if pool.len() == POOL_ENTRIES {
+            pool.remove(0);
+        }
+        pool.push(v);
+    }
+}
+
+/// `n` values to be overwritten whole: a recycled buffer when one fits, else zeros.
+pub(crate) fn scratch(n: usize) -> Vec<f32> {
+    pooled(n).unwrap_or_else(|| zeros(n))
+}
+
 /// `n` zeros, written in parallel when there are many (a `vec![0.0; n]` of reused heap memory is
-/// one `memset` on the calling thread).
+/// one `memset` on the calling thread), into a recycled buffer when one fits.
 pub(crate) fn zeros(n: usize) -> Vec<f32> {
     if n < PARALLEL_MIN {
         return vec![0.0; n];
+    }
+    if let Some(mut v) = pooled(n) {
+        v.par_chunks_mut(CHUNK).for_each(|run| run.fill(0.0));
+        return v;
     }
     // SAFETY: each run is filled whole.
     unsafe { filled(n, CHUNK, |_, run| run.fill(MaybeUninit::new(0.0))) }
@@ -141,6 +193,22 @@ pub(crate) fn tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A recycled large buffer comes back from [`zeros`] (zeroed) instead of a fresh mapping; a
+    /// small one is not kept, nor is one handed out for a request it is far too small or large for.
+    #[test]
+    fn recycled_buffers_are_reused_zeroed() {
+        let big = vec![1.0f32; POOL_MIN + 5];
+        let at = big.as_ptr();
+        recycle(big);
+        assert!(pooled(4 * POOL_MIN).is_none(), "a buffer a quarter of the request's size");
+        let z = zeros(POOL_MIN + 3);
+        assert_eq!(z.as_ptr(), at, "the recycled buffer");
+        assert_eq!(z.len(), POOL_MIN + 3);
+        assert!(z.iter().all(|v| *v == 0.0));
+        recycle(vec![1.0f32; 16]);
+        assert!(pooled(16).is_none());
+    }
 
     /// `[4, 3, 64, 200]` counting up: large enough for the parallel paths.
     fn counting() -> FlexTensor {

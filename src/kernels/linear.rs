@@ -22,15 +22,26 @@ use super::record;
 const BIAS_COLUMNS: usize = 64;
 
 /// `(rows, d_in, d_out)`: rows the product of `x`'s leading dimensions.
-fn sizes(x: &FlexTensor, w: &FlexTensor) -> (usize, usize, usize) {
+pub(super) fn sizes(x: &FlexTensor, w: &FlexTensor) -> (usize, usize, usize) {
     let shape = w.layout().shape();
     let (d_out, d_in) = (shape[0], shape[1]);
     (x.layout().num_elements() / d_in.max(1), d_in, d_out)
 }
 
 fn linear_forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>) -> FlexTensor {
-    let (m, d_in, d_out) = sizes(x, w);
-    let (xs, ws) = (values(x), values(w));
+    forward_with(x, &values(w), w.layout().shape()[0], bias)
+}
+
+/// `x W^T + b` for the weight's values `ws` (`[d_out, d_in]`).
+pub(super) fn forward_with(
+    x: &FlexTensor,
+    ws: &[f32],
+    d_out: usize,
+    bias: Option<&FlexTensor>,
+) -> FlexTensor {
+    let d_in = ws.len() / d_out.max(1);
+    let m = x.layout().num_elements() / d_in.max(1);
+    let xs = values(x);
     // The bias in every row, then the product added onto it.
     let mut y = match bias.map(values) {
         Some(b) => repeat_rows(&b, m),
@@ -48,7 +59,7 @@ fn linear_forward(x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>) -> 
 }
 
 /// `dx = dy W`.
-fn input_grad(dy: &[f32], w: &[f32], m: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+pub(super) fn input_grad(dy: &[f32], w: &[f32], m: usize, d_in: usize, d_out: usize) -> Vec<f32> {
     let mut dx = zeros(m * d_in);
     // SAFETY: sizes as in the forward.
     unsafe {
@@ -60,7 +71,13 @@ fn input_grad(dy: &[f32], w: &[f32], m: usize, d_in: usize, d_out: usize) -> Vec
 }
 
 /// `(dW, db) = (dy^T x, sum over rows of dy)`.
-fn weight_grad(dy: &[f32], x: &[f32], m: usize, d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>) {
+pub(super) fn weight_grad(
+    dy: &[f32],
+    x: &[f32],
+    m: usize,
+    d_in: usize,
+    d_out: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let mut dw = zeros(d_out * d_in);
     // SAFETY: sizes as in the forward.
     unsafe {

@@ -34,6 +34,7 @@ pub mod matmul;
 pub mod norm;
 #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
 mod norm_cube;
+pub mod qweight;
 pub mod resample;
 #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
 mod slot_cube;

@@ -49,8 +49,8 @@ impl Conv2d {
 
     pub fn forward(&self, x: Tensor<4>, ctx: &StepCtx) -> Tensor<4> {
         use crate::kernels::conv::conv2d;
+        use crate::kernels::qweight::{Layer, quantized_layer};
         let (s, p) = (self.stride, self.padding);
-        let w = super::quantized_weight(self.weight.val(), self.quant.as_ref(), self.lora.as_ref(), ctx);
         // The branch adapter as a rank-m convolution with the layer's kernel, then a 1x1.
         let low_rank = super::branch(self.lora.as_ref()).map(|l| {
             let [c_out, c_in, kh, kw] = self.weight.dims();
@@ -63,7 +63,18 @@ impl Conv2d {
             Some(q) => q.input(x, ctx),
             None => x,
         };
-        let y = conv2d(x, w, self.bias.as_ref().map(|b| b.val()), s, p);
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let y = match super::weight_in_op(&x.device(), self.quant.as_ref(), self.lora.as_ref()) {
+            Some((scale, q)) => {
+                let layer = Layer::Conv { stride: s, padding: p };
+                quantized_layer(x, self.weight.val(), scale, bias, layer, q)
+            }
+            None => {
+                let w =
+                    super::quantized_weight(self.weight.val(), self.quant.as_ref(), self.lora.as_ref(), ctx);
+                conv2d(x, w, bias, s, p)
+            }
+        };
         match low_rank {
             Some(l) => y + l,
             None => y,

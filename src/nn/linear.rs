@@ -66,11 +66,11 @@ impl Linear {
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>, ctx: &StepCtx) -> Tensor<D> {
         use crate::kernels::linear::linear;
+        use crate::kernels::qweight::{Layer, quantized_layer};
         let x = match &self.hadamard {
             Some(h) => h.rotate(x),
             None => x,
         };
-        let w = super::quantized_weight(self.weight.val(), self.quant.as_ref(), self.lora.as_ref(), ctx);
         let low_rank = super::branch(self.lora.as_ref()).map(|l| {
             let (down, up) = l.factors(ctx);
             linear(linear(x.clone(), down, None), up, None)
@@ -79,7 +79,15 @@ impl Linear {
             Some(q) => q.input(x, ctx),
             None => x,
         };
-        let y = linear(x, w, self.bias.as_ref().map(|b| b.val()));
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let y = match super::weight_in_op(&x.device(), self.quant.as_ref(), self.lora.as_ref()) {
+            Some((scale, q)) => quantized_layer(x, self.weight.val(), scale, bias, Layer::Linear, q),
+            None => {
+                let w =
+                    super::quantized_weight(self.weight.val(), self.quant.as_ref(), self.lora.as_ref(), ctx);
+                linear(x, w, bias)
+            }
+        };
         match low_rank {
             Some(l) => y + l,
             None => y,

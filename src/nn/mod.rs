@@ -24,6 +24,21 @@ pub fn branch(lora: Option<&crate::lora::Talora>) -> Option<&crate::lora::Talora
     lora.filter(|l| l.placement == crate::lora::Placement::Branch)
 }
 
+/// The layer's weight quantizer where it runs inside the layer's operation
+/// (`kernels::qweight`: flex, no deployed weight sets, no merged adapters), as that operation's
+/// scale and quantizer; `None` where [`quantized_weight`] makes the weight a tensor.
+pub(crate) fn weight_in_op(
+    device: &burn::tensor::Device,
+    quant: Option<&crate::quant::layer::LayerQuant>,
+    lora: Option<&crate::lora::Talora>,
+) -> Option<(burn::tensor::Tensor<1>, std::sync::Arc<dyn crate::kernels::qweight::WeightQuantizer>)> {
+    let quant = quant.filter(|q| q.weight_sets.is_none())?;
+    let weight = quant.weight.as_ref()?;
+    let merged = lora.is_some_and(|l| l.placement == crate::lora::Placement::Merged);
+    (!merged && crate::kernels::on_flex(device))
+        .then(|| (weight.scale.val(), std::sync::Arc::new(weight.format.clone()) as _))
+}
+
 /// The (quantized) weight: `Q(W0 + B_k A_k)` for the merged placement, `Q(W0)` otherwise, or
 /// the deployed per-adapter weight set of a packed model.
 pub fn quantized_weight<const D: usize>(

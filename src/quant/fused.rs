@@ -304,12 +304,7 @@ impl FusedQuantKernels for Flex {
         }
         let xs = values(&x);
         let mut out = zeros(xs.len());
-        let chunks = out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).enumerate();
-        with_grid!(format, |grid| chunks.for_each(|(c, (oc, xc))| {
-            block_runs(c * CHUNK, xc.len(), block, |b, run| {
-                dispatch::quantize(&grid, s[b], z[b], &xc[run.clone()], &mut oc[run])
-            })
-        }));
+        quantize_into(format, &xs, &s, &z, block, &mut out);
         tensor_like(out, &x)
     }
 
@@ -328,39 +323,95 @@ impl FusedQuantKernels for Flex {
         let (xs, s) = (values(x), values(scale));
         let z = zero.map(values).unwrap_or_else(|| vec![0.0f32; s.len()].into());
         let block = block_len(x, scale);
-        let (dx, parts): (_, Vec<Vec<(usize, f32, f32)>>) = if want_dx {
+        let (dx, (ds, dz)) = if want_dx {
             let mut dx = writable(grad);
-            let chunks =
-                values_mut(&mut dx).expect("writable tensor").par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK));
-            let parts = with_grid!(format, |grid| chunks
-                .enumerate()
-                .map(|(c, (gc, xc))| {
-                    chunk_sums(c, gc.len(), block, |b, run| {
-                        dispatch::backward(&grid, s[b], z[b], &mut gc[run.clone()], &xc[run])
-                    })
-                })
-                .collect());
-            (Some(dx), parts)
+            let sums =
+                backward_into(format, values_mut(&mut dx).expect("writable tensor"), &xs, &s, &z, block);
+            (Some(dx), sums)
         } else {
-            let gs = values(&grad);
-            let chunks = gs.par_chunks(CHUNK).zip(xs.par_chunks(CHUNK));
-            let parts = with_grid!(format, |grid| chunks
-                .enumerate()
-                .map(|(c, (gc, xc))| {
-                    chunk_sums(c, gc.len(), block, |b, run| {
-                        dispatch::sums(&grid, s[b], z[b], &gc[run.clone()], &xc[run])
-                    })
-                })
-                .collect());
-            (None, parts)
+            (None, backward_sums(format, &values(&grad), &xs, &s, &z, block))
         };
-        let mut ds = vec![0.0f32; s.len()];
-        let mut dz = vec![0.0f32; z.len()];
-        for (b, sum_s, sum_z) in parts.into_iter().flatten() {
-            ds[b] += sum_s;
-            dz[b] += sum_z;
-        }
         (dx, tensor_like(ds, scale), zero.filter(|_| want_dz).map(|zero| tensor_like(dz, zero)))
+    }
+}
+
+/// `q = round(clamp((x - z) / s)) * s + z` of `xs` into `out`, `block` values per scale.
+fn quantize_into(format: &Format, xs: &[f32], s: &[f32], z: &[f32], block: usize, out: &mut [f32]) {
+    let chunks = out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).enumerate();
+    with_grid!(format, |grid| chunks.for_each(|(c, (oc, xc))| {
+        block_runs(c * CHUNK, xc.len(), block, |b, run| {
+            dispatch::quantize(&grid, s[b], z[b], &xc[run.clone()], &mut oc[run])
+        })
+    }));
+}
+
+/// The backward over all of `xs` with `g` overwritten by `dx`: `(ds, dz)` per scale block. Each
+/// chunk sums its part of every block it touches; the parts are added in chunk order.
+fn backward_into(
+    format: &Format,
+    g: &mut [f32],
+    xs: &[f32],
+    s: &[f32],
+    z: &[f32],
+    block: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let chunks = g.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).enumerate();
+    let parts = with_grid!(format, |grid| chunks
+        .map(|(c, (gc, xc))| {
+            chunk_sums(c, gc.len(), block, |b, run| {
+                dispatch::backward(&grid, s[b], z[b], &mut gc[run.clone()], &xc[run])
+            })
+        })
+        .collect());
+    add_parts(parts, s.len())
+}
+
+/// [`backward_into`]'s `(ds, dz)` alone, reading `g` only (the same bits).
+fn backward_sums(
+    format: &Format,
+    g: &[f32],
+    xs: &[f32],
+    s: &[f32],
+    z: &[f32],
+    block: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let chunks = g.par_chunks(CHUNK).zip(xs.par_chunks(CHUNK)).enumerate();
+    let parts = with_grid!(format, |grid| chunks
+        .map(|(c, (gc, xc))| {
+            chunk_sums(c, gc.len(), block, |b, run| {
+                dispatch::sums(&grid, s[b], z[b], &gc[run.clone()], &xc[run])
+            })
+        })
+        .collect());
+    add_parts(parts, s.len())
+}
+
+/// The chunks' `(block, ds, dz)` parts added per block in chunk order.
+fn add_parts(parts: Vec<Vec<(usize, f32, f32)>>, blocks: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut ds, mut dz) = (vec![0.0f32; blocks], vec![0.0f32; blocks]);
+    for (b, sum_s, sum_z) in parts.into_iter().flatten() {
+        ds[b] += sum_s;
+        dz[b] += sum_z;
+    }
+    (ds, dz)
+}
+
+/// The weight quantizer inside the quantized layers (`kernels::qweight`): the same loops as
+/// [`FusedQuantKernels`] without a zero point, on the layer's scratch buffers.
+impl crate::kernels::qweight::WeightQuantizer for Format {
+    fn quantize(&self, w: &[f32], scale: &[f32], out: &mut [f32]) {
+        let zero = vec![0.0f32; scale.len()];
+        quantize_into(self, w, scale, &zero, w.len() / scale.len().max(1), out)
+    }
+
+    fn backward(&self, g: &mut [f32], w: &[f32], scale: &[f32], dw: bool) -> Vec<f32> {
+        let (zero, block) = (vec![0.0f32; scale.len()], w.len() / scale.len().max(1));
+        let (ds, _) = if dw {
+            backward_into(self, g, w, scale, &zero, block)
+        } else {
+            backward_sums(self, g, w, scale, &zero, block)
+        };
+        ds
     }
 }
 
@@ -734,5 +785,119 @@ mod tests {
         assert!(fake_quantize_fused(x.clone(), &f, &Tensor::ones([1, 8], &x.device()), None).is_err());
         let plain = Tensor::<2>::zeros([4, 8], &Device::flex());
         assert!(fake_quantize_fused(plain.clone(), &f, &Tensor::ones([4, 1], &plain.device()), None).is_ok());
+    }
+
+    /// The weight quantizer inside the layer (`kernels::qweight`) against the composed
+    /// `fake_quantize` + layer: output, input gradient, scale gradient, bias gradient and (when
+    /// the weight is tracked) the weight's gradient, bit for bit, for convolutions on each path
+    /// (grid, unfolded, strided, 1x1; the shifted weight gradient) and linear layers, with one
+    /// scale per output channel and per group of the fan-in.
+    #[test]
+    fn weight_quantized_inside_the_layer_matches_composed_bit_for_bit() {
+        use crate::kernels::qweight::{Layer, quantized_layer};
+        use crate::quant::quantizer::fake_quantize;
+        use std::sync::Arc;
+        let device = Device::flex().autodiff();
+        let mut rng = SeededRng::new(23);
+        let format = Format::parse("e2m1").unwrap();
+        // (x shape, w shape, layer, group size (0: per channel), weight tracked, bias)
+        let conv = |stride, padding| Layer::Conv { stride, padding };
+        let cases: Vec<(Vec<usize>, Vec<usize>, Layer, usize, bool, bool)> = vec![
+            (vec![2, 8, 16, 16], vec![6, 8, 3, 3], conv(1, 1), 0, false, true),
+            (vec![2, 12, 16, 16], vec![8, 12, 3, 3], conv(1, 1), 0, false, true),
+            (vec![1, 5, 9, 7], vec![4, 5, 3, 3], conv(2, 1), 9, true, false),
+            (vec![2, 6, 5, 6], vec![4, 6, 1, 1], conv(1, 0), 0, true, true),
+            (vec![2, 7, 13], vec![9, 13], Layer::Linear, 0, false, true),
+            (vec![3, 16], vec![5, 16], Layer::Linear, 4, true, false),
+        ];
+        for (xs, ws, layer, group, tracked, with_bias) in cases {
+            let (n_x, n_w) = (xs.iter().product::<usize>(), ws.iter().product::<usize>());
+            let blocks = if group == 0 { ws[0] } else { n_w / group };
+            let x0 = rng.normals(n_x);
+            let w0: Vec<f32> = rng.normals(n_w).iter().map(|v| v * 0.5).collect();
+            let s0: Vec<f32> = (0..blocks).map(|_| 0.1 + 0.2 * rng.uniform()).collect();
+            let b0 = rng.normals(ws[0]);
+            let run = |fused: bool| {
+                let x = Tensor::<1>::from_data(TensorData::new(x0.clone(), [n_x]), &device).require_grad();
+                let w = Tensor::<1>::from_data(TensorData::new(w0.clone(), [n_w]), &device);
+                let w = if tracked { w.require_grad() } else { w };
+                let s = Tensor::<1>::from_data(TensorData::new(s0.clone(), [blocks]), &device).require_grad();
+                let b = Tensor::<1>::from_data(TensorData::new(b0.clone(), [ws[0]]), &device).require_grad();
+                let bias = with_bias.then(|| b.clone());
+                let y: Tensor<1> = match layer {
+                    Layer::Conv { stride, padding } => {
+                        let (x4, w4) = (
+                            x.clone().reshape([xs[0], xs[1], xs[2], xs[3]]),
+                            w.clone().reshape([ws[0], ws[1], ws[2], ws[3]]),
+                        );
+                        let y = if fused {
+                            quantized_layer(x4, w4, s.clone(), bias, layer, Arc::new(format.clone()))
+                        } else {
+                            let wq = fake_quantize(
+                                w.clone().reshape([blocks, n_w / blocks]),
+                                &format,
+                                s.clone().reshape([blocks, 1]),
+                                None,
+                            );
+                            crate::kernels::conv::conv2d(
+                                x4,
+                                wq.reshape([ws[0], ws[1], ws[2], ws[3]]),
+                                bias,
+                                stride,
+                                padding,
+                            )
+                        };
+                        y.flatten(0, 3)
+                    }
+                    Layer::Linear => {
+                        let x2 = x.clone().reshape([n_x / ws[1], ws[1]]);
+                        let y = if fused {
+                            quantized_layer(
+                                x2,
+                                w.clone().reshape([ws[0], ws[1]]),
+                                s.clone(),
+                                bias,
+                                layer,
+                                Arc::new(format.clone()),
+                            )
+                        } else {
+                            let wq = fake_quantize(
+                                w.clone().reshape([blocks, n_w / blocks]),
+                                &format,
+                                s.clone().reshape([blocks, 1]),
+                                None,
+                            );
+                            crate::kernels::linear::linear(x2, wq.reshape([ws[0], ws[1]]), bias)
+                        };
+                        y.flatten(0, 1)
+                    }
+                };
+                let up = Tensor::<1>::from_data(
+                    TensorData::new(SeededRng::new(5).normals(y.dims()[0]), y.dims()),
+                    &device,
+                );
+                let grads = (y.clone() * up).sum().backward();
+                let grad = |t: &Tensor<1>| t.grad(&grads).map(host_values);
+                (
+                    host_values(y),
+                    grad(&x),
+                    grad(&s),
+                    with_bias.then(|| grad(&b)).flatten(),
+                    tracked.then(|| grad(&w)).flatten(),
+                )
+            };
+            let (f, c) = (run(true), run(false));
+            let what = format!("{layer:?} x {xs:?} w {ws:?} group {group}");
+            assert_eq!(f.0, c.0, "{what}: output");
+            assert_eq!(f.1, c.1, "{what}: input gradient");
+            assert_eq!(f.2, c.2, "{what}: scale gradient");
+            assert!(
+                f.2.as_ref().is_some_and(|g| g.iter().any(|v| *v != 0.0)),
+                "{what}: scale gradient is zero"
+            );
+            assert_eq!(f.3, c.3, "{what}: bias gradient");
+            assert_eq!(f.4, c.4, "{what}: weight gradient");
+            assert_eq!(f.4.is_some(), tracked, "{what}: weight gradient present");
+        }
     }
 }
