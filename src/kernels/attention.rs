@@ -352,7 +352,9 @@ impl<C: CheckpointStrategy> AttentionBackend for Autodiff<Flex, C> {
 
 /// Attention on flex as one operation (see the module docs): `Q [B, H, N, D]`, `K`, `V
 /// [B, H, M, D]` (strided views are read in place) and the probabilities' quantizer, if any;
-/// `[B, N, H * D]` out. `None` off flex or where the batch and head dimensions differ.
+/// `[B, N, H * D]` out. On the GPU backends, without a quantizer, burn's attention: its flash
+/// kernel where autotune picks it (cuda), so the scores are never stored; burn composes it under
+/// autodiff and on wgpu. `None` elsewhere or where the batch and head dimensions differ.
 pub fn attention(
     q: &Tensor<4>,
     k: &Tensor<4>,
@@ -360,6 +362,13 @@ pub fn attention(
     probs: Option<&ProbsQuant>,
 ) -> Option<Tensor<3>> {
     let ([b, h, _, d], [bk, hk, m, dk], [bv, hv, mv, _]) = (q.dims(), k.dims(), v.dims());
+    #[cfg(any(feature = "wgpu", feature = "cuda-runtime"))]
+    if probs.is_none() && super::on_cube(&q.device()) {
+        let options = burn::tensor::ops::AttentionModuleOptions::default();
+        let out = burn::tensor::module::attention(q.clone(), k.clone(), v.clone(), None, None, options);
+        let [b, h, n, d] = out.dims();
+        return Some(out.swap_dims(1, 2).reshape([b, n, h * d]));
+    }
     if !super::on_flex(&q.device()) || (b, h, d) != (bk, hk, dk) || (b, h, m) != (bv, hv, mv) {
         return None;
     }

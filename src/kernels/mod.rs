@@ -2,8 +2,9 @@
 //! ([`conv`]), SiLU/GELU ([`activation`]), GroupNorm(+SiLU) and LayerNorm ([`norm`]),
 //! softmax over the last dimension ([`softmax`]), attention with its probabilities' quantizer
 //! inside and the scores recomputed in the backward ([`attention`]), nearest 2x upsampling
-//! ([`resample`]) and the UNets' residual and timestep-shift additions ([`add`]), and the packed
-//! q/k/v projection split into heads ([`heads`]).
+//! ([`resample`]) and the UNets' residual and timestep-shift additions ([`add`]), the packed
+//! q/k/v projection split into heads ([`heads`]), and convolutions and linear layers with their
+//! weight quantizer inside the operation ([`qweight`]).
 //!
 //! Burn composes these from generic tensor ops on flex: one tensor-sized temporary per op and
 //! per backward step, scalar `expf`/`erff`, and a convolution whose weight gradient is itself a
