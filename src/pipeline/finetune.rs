@@ -19,7 +19,7 @@ use super::eval::{ModelEval, Scorer, psnr, sampler_label, ssim};
 use super::pretrain::Resume;
 use super::student::{self, Group, StudentPlan, group_of};
 use super::timestep_error;
-use crate::config::{Config, DistillTarget, SamplerConfig};
+use crate::config::{Config, DistillTarget, Rollout, SamplerConfig};
 use crate::diffusion::sampler::{cond_uncond_eps, guide};
 use crate::diffusion::{NoiseSchedule, Sampler, sample};
 use crate::error::{Error, Result};
@@ -96,11 +96,22 @@ impl Trajectory {
     }
 
     /// The teacher's conditional and unconditional noise at the current step, then moves x on
-    /// with the guided prediction.
-    fn teacher_step(&mut self, teacher: &Denoiser, sampler: &Sampler) -> (Tensor<4>, Tensor<4>) {
+    /// with the guided prediction of `driver` (the teacher itself, or the student being trained).
+    fn teacher_step(
+        &mut self,
+        teacher: &Denoiser,
+        driver: Option<&Denoiser>,
+        sampler: &Sampler,
+    ) -> (Tensor<4>, Tensor<4>) {
         let step = sampler.steps[self.position];
         let (cond, uncond) = cond_uncond_eps(teacher, self.x.clone(), step.t, &self.cond, &self.null);
-        let guided = guide(cond.clone(), uncond.clone(), sampler.guidance_scale);
+        let guided = match driver {
+            None => guide(cond.clone(), uncond.clone(), sampler.guidance_scale),
+            Some(student) => {
+                let (c, u) = cond_uncond_eps(student, self.x.clone(), step.t, &self.cond, &self.null);
+                guide(c, u, sampler.guidance_scale)
+            }
+        };
         self.x = sampler.advance(&step, self.x.clone(), guided, &mut self.rng);
         self.position += 1;
         (cond, uncond)
@@ -323,8 +334,15 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
                 // teacher up to the current position.
                 let mut t =
                     Trajectory::start(&family, cfg.run.seed, iteration, cfg.train.batch_size, &device);
+                if position > 0 && cfg.finetune.rollout == Rollout::Student {
+                    return Err(Error::usage(format!(
+                        "this run resumes at step {step}, inside a trajectory, and finetune.rollout = \"student\" \
+                         cannot replay one from the middle: resume from a checkpoint at a multiple of \
+                         finetune.trajectory_steps ({steps_per_trajectory})"
+                    )));
+                }
                 while t.position < position {
-                    t.teacher_step(&teacher, &sampler);
+                    t.teacher_step(&teacher, None, &sampler);
                 }
                 t
             }
@@ -332,7 +350,8 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
         let sampler_step = sampler.steps[position];
         let x_t = traj.x.clone();
         let c_in = Cond::cat(vec![traj.cond.clone(), traj.null.clone()]).from_inner();
-        let (cond, uncond) = traj.teacher_step(&teacher, &sampler);
+        let driver = (cfg.finetune.rollout == Rollout::Student).then(|| model.valid());
+        let (cond, uncond) = traj.teacher_step(&teacher, driver.as_ref(), &sampler);
         trajectory = Some(traj);
 
         let target = Tensor::<4>::from_inner(Tensor::cat(vec![cond, uncond], 0));
@@ -657,6 +676,39 @@ mod tests {
     ) -> (f64, BTreeMap<String, Tensor<1>>) {
         let no_norm = Tensor::zeros([1], &losses[0].device());
         (read_step(losses, no_norm).0, grads)
+    }
+
+    /// A trajectory moves on with the teacher's guided noise, or with the driver's (the student's
+    /// rollout) when one is given; the returned targets are the teacher's either way, and both
+    /// use the same noise draw.
+    #[test]
+    fn a_trajectory_advances_with_its_drivers_guided_noise() {
+        let device = Device::flex();
+        let cfg = Config::default();
+        let teacher =
+            Denoiser::new(&crate::config::ModelConfig::test_unet(), &mut SeededRng::new(1), &device);
+        let student =
+            Denoiser::new(&crate::config::ModelConfig::test_unet(), &mut SeededRng::new(2), &device);
+        let schedule = NoiseSchedule::new(&cfg.diffusion);
+        let sampler = trajectory_sampler(&cfg, &schedule);
+        let family = Family::tiny(&device);
+        let run = |driver: Option<&Denoiser>| {
+            let mut t = Trajectory::start(&family, 5, 0, 2, &device);
+            let x0 = t.x.clone();
+            let targets = t.teacher_step(&teacher, driver, &sampler);
+            (x0, t.x.clone(), targets)
+        };
+        let (x0, by_teacher, (c_t, u_t)) = run(None);
+        let (_, by_student, (c_s, u_s)) = run(Some(&student));
+        assert_eq!(c_t.into_data(), c_s.into_data(), "the targets are the teacher's");
+        assert_eq!(u_t.into_data(), u_s.into_data());
+        let t = Trajectory::start(&family, 5, 0, 2, &device);
+        let (c, u) = cond_uncond_eps(&student, x0, sampler.steps[0].t, &t.cond, &t.null);
+        let mut rng = t.rng.clone();
+        let expected =
+            sampler.advance(&sampler.steps[0], t.x.clone(), guide(c, u, sampler.guidance_scale), &mut rng);
+        assert_eq!(by_student.clone().into_data(), expected.into_data(), "moved by the student's noise");
+        assert_ne!(by_student.into_data(), by_teacher.into_data());
     }
 
     /// The guided loss is the MSE of `u + g (c - u)` against the teacher's, and passes of one
