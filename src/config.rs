@@ -82,9 +82,8 @@ pub enum Rollout {
     #[default]
     Teacher,
     /// The student's (before the step's update): it learns on the states its own sampling
-    /// reaches, where its accumulated error has moved it off the teacher's trajectory. A run
-    /// resumes only at a trajectory boundary (`train.checkpoint_every` a multiple of the
-    /// trajectory's steps).
+    /// reaches, where its accumulated error has moved it off the teacher's trajectory.
+    /// Checkpoints inside a trajectory save its state, so a run resumes exactly at any step.
     Student,
 }
 
@@ -680,15 +679,6 @@ impl Config {
             );
         }
         in_range("finetune.guidance_scale", ft.guidance_scale, 0.0, 100.0)?;
-        if ft.rollout == Rollout::Student && self.train.checkpoint_every % ft.trajectory_steps != 0 {
-            usage!(
-                "finetune.rollout = \"student\" needs train.checkpoint_every ({}) to be a multiple of \
-                 finetune.trajectory_steps ({}): a student-driven trajectory cannot be replayed from \
-                 the middle on resume",
-                self.train.checkpoint_every,
-                ft.trajectory_steps
-            );
-        }
         for (key, v) in [
             ("finetune.router_lr", ft.router_lr),
             ("finetune.weight_scale_lr", ft.weight_scale_lr),
@@ -810,22 +800,6 @@ fn one_line(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A student rollout needs checkpoints at trajectory boundaries (it cannot be replayed from
-    /// the middle): another spacing is a usage error naming both keys.
-    #[test]
-    fn student_rollout_needs_checkpoints_at_trajectory_boundaries() {
-        let mut cfg = Config::default();
-        cfg.finetune.rollout = Rollout::Student;
-        cfg.finetune.trajectory_steps = 25;
-        cfg.train.checkpoint_every = 100;
-        assert!(cfg.validate().is_ok());
-        cfg.train.checkpoint_every = 110;
-        let err = cfg.validate().unwrap_err();
-        assert_eq!(err.exit_code(), 2);
-        let msg = err.to_string();
-        assert!(msg.contains("train.checkpoint_every") && msg.contains("finetune.trajectory_steps"), "{msg}");
-    }
 
     #[test]
     fn defaults_validate() {

@@ -6,7 +6,8 @@
 #   bash experiments/unclipped-finetune/run.sh NAME [--set key=value ...]
 # Writes experiments/unclipped-finetune/NAME/seed<k>/{summary.json,error_by_timestep.json,time}
 # and NAME/gains.json (PTQ and fine-tuned PSNR vs the teacher per seed, the gain and its spread).
-#   MSFP=path/to/msfp to use a built binary; SEEDS="0 1 2" by default.
+#   MSFP=path/to/msfp to use a built binary; SEEDS="0 1 2" by default; CONFIG=configs/other.toml
+#   for another model (default configs/quickstart.toml).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 name=$1; shift
@@ -16,7 +17,7 @@ for seed in ${SEEDS:-0 1 2}; do
   out="runs/unclipped-$name-seed$seed"
   mkdir -p "$dir/seed$seed"
   /usr/bin/time -f "%e s wall, %M KB peak" -o "$dir/seed$seed/time" \
-    $MSFP train --config configs/quickstart.toml --set sampler.clip_x0=false \
+    $MSFP train --config "${CONFIG:-configs/quickstart.toml}" --set sampler.clip_x0=false \
     --set "run.seed=$seed" --set "eval.seed=$((1234 + seed))" --set "run.out_dir=\"$out\"" "$@" \
     > "$out.log" 2>&1 || { tail -20 "$out.log"; exit 1; }
   cp "$out/summary.json" "$out/error_by_timestep.json" "$dir/seed$seed/"

@@ -29,7 +29,7 @@ use crate::rng::SeededRng;
 use crate::train::checkpoint::{self, Checkpoint, DataCursor, TrainState};
 use crate::train::metrics::{MetricsLog, Progress, StepMetrics};
 use crate::train::optim::{AdamW, learning_rate};
-use crate::train::params;
+use crate::train::params::{self, HostTensor};
 
 /// RNG streams derived from the run seed.
 pub const STREAM_CALIB: u64 = 10;
@@ -293,10 +293,12 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
     let resume_dir = resume.dir(&out_dir)?;
     let mut optim = AdamW::new(cfg.train.weight_decay, cfg.train.grad_clip);
     let mut start = 0;
+    let mut saved_trajectory = None;
     let (mut model, plan) = match &resume_dir {
         Some(dir) => {
             let ckpt = checkpoint::load(dir)?;
             checkpoint::check_compatible(&ckpt, &job, &fingerprint)?;
+            saved_trajectory = saved_trajectory_of(&ckpt, dir)?;
             let plan = StudentPlan::load(&out_dir.join(PLAN_FILE))?;
             // On the teacher's own weights (one copy in memory), as calibrate_student builds it.
             let mut model = teacher.clone().train();
@@ -330,16 +332,26 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
         let mut traj = match trajectory.take() {
             Some(t) if t.iteration == iteration => t,
             _ => {
-                // A new trajectory, or the one a resumed run was in the middle of: replay the
-                // teacher up to the current position.
+                // A new trajectory, or the one a resumed run was in the middle of: restored
+                // from the checkpoint, or (a checkpoint written before trajectories were saved)
+                // replayed by the teacher up to the current position.
                 let mut t =
                     Trajectory::start(&family, cfg.run.seed, iteration, cfg.train.batch_size, &device);
-                if position > 0 && cfg.finetune.rollout == Rollout::Student {
-                    return Err(Error::usage(format!(
-                        "this run resumes at step {step}, inside a trajectory, and finetune.rollout = \"student\" \
-                         cannot replay one from the middle: resume from a checkpoint at a multiple of \
-                         finetune.trajectory_steps ({steps_per_trajectory})"
-                    )));
+                match saved_trajectory.take() {
+                    Some((x, rng)) if position > 0 => {
+                        t.x = Tensor::from_data(x, &device);
+                        t.rng = rng;
+                        t.position = position;
+                    }
+                    _ if position > 0 && cfg.finetune.rollout == Rollout::Student => {
+                        return Err(Error::usage(format!(
+                            "this run resumes at step {step}, inside a trajectory, from a checkpoint without \
+                             its trajectory state, and finetune.rollout = \"student\" cannot replay one: \
+                             resume from a checkpoint at a multiple of finetune.trajectory_steps \
+                             ({steps_per_trajectory})"
+                        )));
+                    }
+                    _ => {}
                 }
                 while t.position < position {
                     t.teacher_step(&teacher, None, &sampler);
@@ -408,6 +420,9 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
         }
         progress.update(done, &format!("loss {loss_value:.5}"), log);
         if done % cfg.train.checkpoint_every == 0 || done == steps {
+            // Inside a trajectory: its state, so that a resumed run continues it exactly.
+            let traj = trajectory.as_ref().expect("the step's trajectory");
+            let inside = position + 1 < steps_per_trajectory;
             let ckpt = Checkpoint {
                 dir: PathBuf::new(),
                 state: TrainState {
@@ -416,11 +431,14 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
                     cursor: DataCursor { epoch: iteration as u64, position: position + 1 },
                     job: job.clone(),
                     fingerprint: fingerprint.clone(),
+                    trajectory_rng: inside.then(|| traj.rng.state()),
                 },
                 trainable: params::collect_trainable(&model),
                 optimizer: optim.state_tensors(),
                 optimizer_step: optim.step,
                 ema: None,
+                trajectory: inside
+                    .then(|| BTreeMap::from([("x".to_string(), HostTensor::from_tensor(&traj.x))])),
             };
             checkpoint::save(&out_dir, &ckpt, cfg.train.keep_checkpoints)?;
         }
@@ -433,6 +451,25 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
     let packed = out_dir.join(PACKED_FILE);
     super::export::export(&student, &plan, cfg, &packed)?;
     Ok(Fitted { student, teacher, plan, resumed_from: resume_dir, final_loss: last_loss, packed })
+}
+
+/// The trajectory state a checkpoint saved inside a trajectory (`x` and its random stream).
+fn saved_trajectory_of(ckpt: &Checkpoint, dir: &Path) -> Result<Option<(TensorData, SeededRng)>> {
+    let (Some(tensors), Some(rng)) = (&ckpt.trajectory, &ckpt.state.trajectory_rng) else {
+        return Ok(None);
+    };
+    let corrupt = |what: &str| {
+        Error::runtime(format!(
+            "{}: {what}; the checkpoint is corrupt (resume from another one)",
+            dir.join(checkpoint::TRAJECTORY).display()
+        ))
+    };
+    let x = tensors.get("x").ok_or_else(|| corrupt("no tensor `x`"))?;
+    if x.shape.len() != 4 || x.data.len() != x.shape.iter().product::<usize>() {
+        return Err(corrupt(&format!("`x` has shape {:?}, not a batch of samples", x.shape)));
+    }
+    let rng = SeededRng::from_state(rng).ok_or_else(|| corrupt("an unreadable random stream"))?;
+    Ok(Some((x.to_data(), rng)))
 }
 
 /// The calibrated (PTQ) student with fresh adapters, ready to train, built on `base`'s weights

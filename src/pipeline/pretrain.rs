@@ -222,11 +222,13 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
                     cursor: stream.cursor(),
                     job: job.clone(),
                     fingerprint: fingerprint.clone(),
+                    trajectory_rng: None,
                 },
                 trainable: params::collect(&model),
                 optimizer: optim.state_tensors(),
                 optimizer_step: optim.step,
                 ema: ema.as_ref().map(Ema::tensors),
+                trajectory: None,
             };
             checkpoint::save(&out_dir, &ckpt, cfg.train.keep_checkpoints)?;
         }

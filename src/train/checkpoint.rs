@@ -2,6 +2,8 @@
 //! - `trainable.safetensors`: every trainable tensor by module path,
 //! - `optimizer.safetensors`: AdamW moments by path (metadata: step),
 //! - `ema.safetensors`: the EMA weights, when EMA is on,
+//! - `trajectory.safetensors`: a fine-tuning run's current trajectory state (`x`), when the
+//!   checkpoint falls inside a trajectory (its random stream in `state.json`),
 //! - `state.json`: step, RNG state, data cursor and the config fingerprint.
 //!
 //! A checkpoint is written into a temporary directory, fsynced and renamed into place; then the
@@ -22,6 +24,7 @@ use crate::rng::RngState;
 pub const TRAINABLE: &str = "trainable.safetensors";
 pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const EMA: &str = "ema.safetensors";
+pub const TRAJECTORY: &str = "trajectory.safetensors";
 pub const STATE: &str = "state.json";
 pub const LATEST: &str = "latest";
 
@@ -41,6 +44,9 @@ pub struct TrainState {
     /// What the checkpoint was trained as (e.g. `pretrain:tiny_unet`).
     pub job: String,
     pub fingerprint: BTreeMap<String, String>,
+    /// The random stream of the trajectory the run is inside (with `Checkpoint::trajectory`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trajectory_rng: Option<RngState>,
 }
 
 /// Everything a checkpoint holds.
@@ -51,6 +57,9 @@ pub struct Checkpoint {
     pub optimizer: NamedTensors,
     pub optimizer_step: u64,
     pub ema: Option<NamedTensors>,
+    /// The state of the trajectory the run is inside (fine-tuning: `x`), so that a resumed run
+    /// continues it exactly instead of replaying it.
+    pub trajectory: Option<NamedTensors>,
 }
 
 pub fn checkpoints_dir(out_dir: &Path) -> PathBuf {
@@ -72,6 +81,9 @@ pub fn save(out_dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
     save_safetensors(&tmp.join(OPTIMIZER), &ckpt.optimizer, &meta)?;
     if let Some(ema) = &ckpt.ema {
         save_safetensors(&tmp.join(EMA), ema, &BTreeMap::new())?;
+    }
+    if let Some(trajectory) = &ckpt.trajectory {
+        save_safetensors(&tmp.join(TRAJECTORY), trajectory, &BTreeMap::new())?;
     }
     let state = serde_json::to_vec_pretty(&ckpt.state).expect("state serialises");
     atomic_write(&tmp.join(STATE), &state)?;
@@ -157,7 +169,10 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     })?;
     let ema_path = dir.join(EMA);
     let ema = if ema_path.exists() { Some(load_safetensors(&ema_path)?.0) } else { None };
-    Ok(Checkpoint { dir: dir.to_path_buf(), state, trainable, optimizer, optimizer_step, ema })
+    let trajectory_path = dir.join(TRAJECTORY);
+    let trajectory =
+        if trajectory_path.exists() { Some(load_safetensors(&trajectory_path)?.0) } else { None };
+    Ok(Checkpoint { dir: dir.to_path_buf(), state, trainable, optimizer, optimizer_step, ema, trajectory })
 }
 
 /// Refuses a checkpoint trained for another job or with a config that changes the math.
