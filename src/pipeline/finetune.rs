@@ -103,18 +103,29 @@ impl Trajectory {
         driver: Option<&Denoiser>,
         sampler: &Sampler,
     ) -> (Tensor<4>, Tensor<4>) {
-        let step = sampler.steps[self.position];
-        let (cond, uncond) = cond_uncond_eps(teacher, self.x.clone(), step.t, &self.cond, &self.null);
+        let (cond, uncond) = self.eps(teacher, sampler);
         let guided = match driver {
             None => guide(cond.clone(), uncond.clone(), sampler.guidance_scale),
             Some(student) => {
-                let (c, u) = cond_uncond_eps(student, self.x.clone(), step.t, &self.cond, &self.null);
+                let (c, u) = self.eps(student, sampler);
                 guide(c, u, sampler.guidance_scale)
             }
         };
+        self.advance(guided, sampler);
+        (cond, uncond)
+    }
+
+    /// `model`'s conditional and unconditional noise at the current step.
+    fn eps(&self, model: &Denoiser, sampler: &Sampler) -> (Tensor<4>, Tensor<4>) {
+        let t = sampler.steps[self.position].t;
+        cond_uncond_eps(model, self.x.clone(), t, &self.cond, &self.null)
+    }
+
+    /// Moves x one sampler step on with the guided noise `guided`.
+    fn advance(&mut self, guided: Tensor<4>, sampler: &Sampler) {
+        let step = sampler.steps[self.position];
         self.x = sampler.advance(&step, self.x.clone(), guided, &mut self.rng);
         self.position += 1;
-        (cond, uncond)
     }
 }
 
@@ -362,9 +373,8 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
         let sampler_step = sampler.steps[position];
         let x_t = traj.x.clone();
         let c_in = Cond::cat(vec![traj.cond.clone(), traj.null.clone()]).from_inner();
-        let driver = (cfg.finetune.rollout == Rollout::Student).then(|| model.valid());
-        let (cond, uncond) = traj.teacher_step(&teacher, driver.as_ref(), &sampler);
-        trajectory = Some(traj);
+        let (cond, uncond) = traj.eps(&teacher, &sampler);
+        let teacher_guided = guide(cond.clone(), uncond.clone(), sampler.guidance_scale);
 
         let target = Tensor::<4>::from_inner(Tensor::cat(vec![cond, uncond], 0));
         let x_in = Tensor::<4>::from_inner(Tensor::cat(vec![x_t.clone(), x_t], 0));
@@ -374,8 +384,24 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
             DistillTarget::Guided => Target::Guided(sampler.guidance_scale),
             DistillTarget::Step => Target::Step(&sampler, sampler_step),
         };
-        let (losses, grads) =
+        let (losses, grads, pred) =
             distill_grads_unread(&model, &batch, weights[position], target, cfg.finetune.micro_batch, &ad);
+        // The trajectory moves on before the update: with the teacher's guided noise, or with the
+        // student's (the distillation forward's own prediction on the same inputs where it ran in
+        // one pass: the bits of a separate forward, without its cost).
+        let guided = match (cfg.finetune.rollout, pred) {
+            (Rollout::Teacher, _) => teacher_guided,
+            (Rollout::Student, Some(eps)) => {
+                let b = eps.dims()[0] / 2;
+                guide(eps.clone().narrow(0, 0, b), eps.narrow(0, b, b), sampler.guidance_scale)
+            }
+            (Rollout::Student, None) => {
+                let (c, u) = traj.eps(&model.valid(), &sampler);
+                guide(c, u, sampler.guidance_scale)
+            }
+        };
+        traj.advance(guided, &sampler);
+        trajectory = Some(traj);
         let factor = learning_rate(&cfg.train, step) / cfg.train.lr;
         let ft = &cfg.finetune;
         let lr_of = |path: &str| {
@@ -546,7 +572,8 @@ fn read_step(losses: Vec<Tensor<1>>, squared_norm: Tensor<1>) -> (f64, f64) {
 /// pass's activations are alive at a time; 0 runs it in one pass.
 ///
 /// Returns each pass's loss (`[1]`, on the device, unread: the step reads them with the gradient
-/// norm, [`read_step`]).
+/// norm, [`read_step`]), the gradients, and where the batch ran in one pass the student's
+/// prediction on it (detached, on the inner backend).
 fn distill_grads_unread(
     model: &Denoiser,
     batch: &Batch,
@@ -554,7 +581,7 @@ fn distill_grads_unread(
     target: Target,
     micro_batch: usize,
     ad: &Device,
-) -> (Vec<Tensor<1>>, BTreeMap<String, Tensor<1>>) {
+) -> (Vec<Tensor<1>>, BTreeMap<String, Tensor<1>>, Option<Tensor<4>>) {
     // Guided and step targets compare conditional/unconditional pairs.
     let paired = !matches!(target, Target::CondUncond);
     let n = batch.x.dims()[0];
@@ -587,6 +614,7 @@ fn distill_grads_unread(
         let rows = x.dims()[0];
         let t = Tensor::<1>::full([rows], batch.t as f32, ad);
         let pred = model.forward(x.clone(), t, cond, &StepCtx::at(batch.t));
+        let eps = whole.then(|| pred.clone().inner());
         let (pred, teacher, share) = match target {
             Target::CondUncond => (pred, teacher, elements),
             Target::Guided(g) => (guided(pred, g), guided(teacher, g), elements / 2.0),
@@ -608,17 +636,18 @@ fn distill_grads_unread(
             (pred - teacher).square().sum() * (weight / share)
         };
         let value = loss.clone().inner().reshape([1]);
-        (value, params::collect_grads(model, &loss.backward()))
+        (value, params::collect_grads(model, &loss.backward()), eps)
     };
     // Passes over samples, or over conditional/unconditional pairs.
     let (units, chunk) = match paired {
         false => (n, if micro_batch == 0 { n } else { micro_batch.min(n) }),
         true => (pairs, if micro_batch == 0 { pairs } else { (micro_batch / 2).clamp(1, pairs) }),
     };
-    let mut total = (Vec::new(), BTreeMap::new());
+    let mut total = (Vec::new(), BTreeMap::new(), None);
     for start in (0..units).step_by(chunk) {
-        let (value, grads) = run(start, chunk.min(units - start));
+        let (value, grads, eps) = run(start, chunk.min(units - start));
         total.0.push(value);
+        total.2 = eps;
         for (path, g) in grads {
             let sum = match total.1.remove(&path) {
                 Some(acc) => acc + g,
@@ -709,7 +738,7 @@ mod tests {
 
     /// The summed loss of [`distill_grads_unread`]'s passes as the step reads it, and its gradients.
     fn read_loss(
-        (losses, grads): (Vec<Tensor<1>>, BTreeMap<String, Tensor<1>>),
+        (losses, grads, _): (Vec<Tensor<1>>, BTreeMap<String, Tensor<1>>, Option<Tensor<4>>),
     ) -> (f64, BTreeMap<String, Tensor<1>>) {
         let no_norm = Tensor::zeros([1], &losses[0].device());
         (read_step(losses, no_norm).0, grads)
