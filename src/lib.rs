@@ -7,6 +7,7 @@
 
 #[macro_use]
 pub mod error;
+pub mod base;
 pub mod config;
 pub mod data;
 pub mod device;

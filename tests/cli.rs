@@ -548,7 +548,7 @@ fn sd_job_runs_end_to_end_on_the_tiny_sd() {
     // up to float summation order.
     let m = dir.path().join("m");
     run(&m, &[constant, "finetune.micro_batch=1"], false);
-    let load = |d: &Path, f: &str| msfp::train::params::load_safetensors(&d.join(f)).unwrap().0;
+    let load = |d: &Path, f: &str| msfp::base::params::load_safetensors(&d.join(f)).unwrap().0;
     let (whole, micro, ptq) =
         (load(&a, "student.safetensors"), load(&m, "student.safetensors"), load(&a, "ptq.safetensors"));
     assert_eq!(load(&m, "ptq.safetensors"), ptq, "micro-batching leaves calibration alone");

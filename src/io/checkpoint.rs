@@ -9,8 +9,8 @@ use std::sync::Mutex;
 
 use super::pickle::{Id, Pickle, Value};
 use super::torch::{DType, Entry, TensorRef, TorchFile};
+use crate::base::params::HostTensor;
 use crate::error::{Error, Result, io_err};
-use crate::train::params::HostTensor;
 
 /// A safetensors header larger than this is refused (real headers are well under 1 MiB).
 const MAX_SAFETENSORS_HEADER: u64 = 100 * 1024 * 1024;

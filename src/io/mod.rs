@@ -20,7 +20,7 @@
 //! object whose state holds tensors, i.e. Lightning 1.4 checkpoints as published.)
 //!
 //! Safetensors files are read here directly (header, then one tensor at a time at its offset)
-//! rather than through `train::params::load_safetensors`, which holds the whole file in memory.
+//! rather than through `base::params::load_safetensors`, which holds the whole file in memory.
 
 mod checkpoint;
 pub mod pickle;

@@ -259,8 +259,8 @@ pub fn add_channel_shift(x: Tensor<4>, shift: Tensor<2>) -> Tensor<4> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::params::host_values;
     use crate::rng::SeededRng;
-    use crate::train::params::host_values;
     use burn::tensor::{Device, TensorData};
 
     /// DiT's gated residual against the tensor ops, bit for bit: values, and the gradients of

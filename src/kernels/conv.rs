@@ -836,8 +836,8 @@ pub fn conv2d(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::params::host_values;
     use crate::rng::SeededRng;
-    use crate::train::params::host_values;
     use burn::tensor::{Device, TensorData};
 
     /// Values and all three gradients against burn's conv2d for every kind of convolution the

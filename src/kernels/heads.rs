@@ -149,8 +149,8 @@ pub fn split_qkv(qkv: Tensor<3>, heads: usize) -> [Tensor<4>; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::params::host_values;
     use crate::rng::SeededRng;
-    use crate::train::params::host_values;
     use burn::tensor::{Device, TensorData};
 
     /// The three parts and the packed input's gradient against the tensor-op split, bit for bit

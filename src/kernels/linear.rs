@@ -183,8 +183,8 @@ pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Option<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::params::host_values;
     use crate::rng::SeededRng;
-    use crate::train::params::host_values;
     use burn::tensor::{Device, TensorData};
 
     /// Values and gradients against burn's `linear` for 2-D and 3-D inputs, with and without

@@ -277,8 +277,8 @@ pub fn matmul_div<const D: usize>(a: Tensor<D>, b: Tensor<D>, divisor: f64) -> T
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::params::host_values;
     use crate::rng::SeededRng;
-    use crate::train::params::host_values;
     use burn::tensor::{Device, TensorData};
 
     /// `P V` with heads merged against burn's matmul, permute and reshape: values and both

@@ -608,9 +608,9 @@ pub fn layer_norm_modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>, eps
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::params::host_values;
     use crate::kernels::activation::{Activation, activate_ops};
     use crate::rng::SeededRng;
-    use crate::train::params::host_values;
     use burn::tensor::{Device, TensorData};
 
     fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {

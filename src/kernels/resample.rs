@@ -114,8 +114,8 @@ pub fn upsample_nearest2(x: Tensor<4>) -> Tensor<4> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::params::host_values;
     use crate::rng::SeededRng;
-    use crate::train::params::host_values;
     use burn::tensor::{Device, TensorData};
 
     /// Values and gradient against the tensor-op version, on more planes than one work item

@@ -82,7 +82,7 @@ impl Router {
         match self.logits(t, device) {
             None => self.range_choice(t),
             Some(l) => {
-                let v = crate::train::params::host_values(l);
+                let v = crate::base::params::host_values(l);
                 // First maximum, as argmax conventionally breaks ties.
                 (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
             }

@@ -14,8 +14,9 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::base::init;
+use crate::base::step::{Route, StepCtx};
 use crate::kernels::slot;
-use crate::nn::{Route, StepCtx, init};
 use crate::rng::SeededRng;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -149,8 +150,8 @@ mod tests {
             // The branch factors multiply to the same update (to rounding: another order).
             for ctx in [&ctx, &fixed] {
                 let (down, up) = bank.factors(ctx);
-                let got = crate::train::params::host_values(up.matmul(down));
-                let want = crate::train::params::host_values(only(k));
+                let got = crate::base::params::host_values(up.matmul(down));
+                let want = crate::base::params::host_values(only(k));
                 for (g, w) in got.iter().zip(&want) {
                     assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{g} vs {w}");
                 }

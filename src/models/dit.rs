@@ -202,8 +202,8 @@ mod tests {
         let device = Device::flex();
         let xs: Vec<f32> = (-40..=40).map(|i| i as f32 * 0.1).collect();
         let x = Tensor::<1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &device);
-        let approx = crate::train::params::host_values(gelu_tanh(x.clone()));
-        let exact = crate::train::params::host_values(gelu(x));
+        let approx = crate::base::params::host_values(gelu_tanh(x.clone()));
+        let exact = crate::base::params::host_values(gelu(x));
         for ((a, e), v) in approx.iter().zip(&exact).zip(&xs) {
             let want =
                 0.5 * v * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh());

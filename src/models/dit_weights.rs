@@ -16,12 +16,12 @@ use std::path::Path;
 use burn::tensor::Device;
 
 use super::dit::Dit;
+use crate::base::params::{self, HostTensor, NamedTensors};
 use crate::config::DitConfig;
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
 use crate::models::sd::weights::{DIFFUSERS_MODEL_FILES, load_diffusers_file, pick_file};
 use crate::rng::SeededRng;
-use crate::train::params::{self, HostTensor, NamedTensors};
 
 /// Whether `path` holds a published DiT (a directory, a pickle, or a `.safetensors` with
 /// facebookresearch's names) rather than msfp's own safetensors.
@@ -209,8 +209,8 @@ mod tests {
     use burn::tensor::{Int, Tensor, TensorData};
 
     use super::*;
+    use crate::base::params::load_safetensors;
     use crate::nn::StepCtx;
-    use crate::train::params::load_safetensors;
 
     fn fixtures() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dit/tiny")
@@ -235,7 +235,7 @@ mod tests {
         let x = Tensor::<4>::from_data(t("x"), &device);
         let ts = Tensor::<1>::from_data(t("t"), &device);
         let y = Tensor::<1, Int>::from_data(TensorData::new(vec![3i64, 1000], [2]), &device);
-        let out = crate::train::params::host_values(model.forward(x, ts, y, &StepCtx::default()));
+        let out = crate::base::params::host_values(model.forward(x, ts, y, &StepCtx::default()));
         let want = &io[reference].data;
         let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
         let diff = out.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);

@@ -206,8 +206,8 @@ impl Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::params::host_values;
     use crate::quant::layer::{ActQuant, LayerQuant};
-    use crate::train::params::host_values;
     use burn::tensor::TensorData;
 
     /// The fused attention (flex, no mask) against the composed one (the same call with a mask

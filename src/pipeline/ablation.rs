@@ -464,15 +464,18 @@ pub fn run(
                 teacher: teacher_id.clone(),
             };
             tracing::info!("{} seed {seed}: FID {:.2}, accuracy {:.3}", row.id, result.fid, result.accuracy);
-            crate::train::atomic_write(&path, &serde_json::to_vec_pretty(&result).expect("json"))?;
+            crate::base::fs::atomic_write(&path, &serde_json::to_vec_pretty(&result).expect("json"))?;
         }
     }
     let done = finished(table, out, &teacher_id)?;
     let rows = aggregate(table, base, base_overrides, out, &teacher_id, &done)?;
-    crate::train::atomic_write(&out.join("results.json"), &serde_json::to_vec_pretty(&rows).expect("json"))?;
-    crate::train::atomic_write(&out.join("results.md"), markdown(&rows).as_bytes())?;
+    crate::base::fs::atomic_write(
+        &out.join("results.json"),
+        &serde_json::to_vec_pretty(&rows).expect("json"),
+    )?;
+    crate::base::fs::atomic_write(&out.join("results.md"), markdown(&rows).as_bytes())?;
     let judged = claims(table, &done);
-    crate::train::atomic_write(&out.join("claims.md"), claims_markdown(&judged).as_bytes())?;
+    crate::base::fs::atomic_write(&out.join("claims.md"), claims_markdown(&judged).as_bytes())?;
     Ok(rows)
 }
 
@@ -556,7 +559,7 @@ fn write_images(path: &Path, images: &[f32]) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| crate::error::io_err(dir, e))?;
     }
     let bytes: Vec<u8> = images.iter().flat_map(|v| v.to_le_bytes()).collect();
-    crate::train::atomic_write(path, &bytes)
+    crate::base::fs::atomic_write(path, &bytes)
 }
 
 fn read_images(path: &Path, n: usize) -> Option<Vec<f32>> {

@@ -9,6 +9,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Serialize;
 
+use crate::base::params;
 use crate::config::Config;
 use crate::data::{Mnist, Split};
 use crate::error::{Error, Result};
@@ -16,7 +17,6 @@ use crate::models::Classifier;
 use crate::rng::SeededRng;
 use crate::train::metrics::Progress;
 use crate::train::optim::{AdamW, learning_rate};
-use crate::train::params;
 
 #[derive(Debug, Serialize)]
 pub struct ClassifierSummary {
@@ -64,7 +64,7 @@ pub fn train_classifier(cfg: &Config) -> Result<ClassifierSummary> {
         augment(&mut px, &mut rng);
         let x = Tensor::<4>::from_data(TensorData::new(px, [idx.len(), 1, 32, 32]), &device);
         let loss = log_softmax(model.forward(x), 1).gather(1, y.unsqueeze_dim::<2>(1)).mean().neg();
-        let value = crate::train::params::host_scalar(loss.clone());
+        let value = crate::base::params::host_scalar(loss.clone());
         if !value.is_finite() {
             return Err(Error::runtime(format!(
                 "classifier loss became {value} at step {}; lower train.lr",
@@ -96,7 +96,7 @@ pub fn train_classifier(cfg: &Config) -> Result<ClassifierSummary> {
         heldout_count: held.len(),
         weights: weights.display().to_string(),
     };
-    crate::train::atomic_write(
+    crate::base::fs::atomic_write(
         &out_dir.join("summary.json"),
         &serde_json::to_vec_pretty(&summary).expect("json"),
     )?;

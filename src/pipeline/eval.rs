@@ -197,7 +197,7 @@ pub fn sampler_label(cfg: &Config) -> String {
 }
 
 pub fn write_report(path: &Path, report: &EvalReport) -> Result<()> {
-    crate::train::atomic_write(path, &serde_json::to_vec_pretty(report).expect("json"))
+    crate::base::fs::atomic_write(path, &serde_json::to_vec_pretty(report).expect("json"))
 }
 
 #[cfg(test)]
@@ -269,5 +269,5 @@ pub fn record(path: &Path, label: &str, report: &EvalReport, weights: &Path, com
         "weights": weights.display().to_string(),
         "command": command,
     }));
-    crate::train::atomic_write(path, &serde_json::to_vec_pretty(&rows).expect("json"))
+    crate::base::fs::atomic_write(path, &serde_json::to_vec_pretty(&rows).expect("json"))
 }

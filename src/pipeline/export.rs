@@ -24,6 +24,7 @@ use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::student::{self, StudentPlan};
+use crate::base::params;
 use crate::config::{Config, ModelConfig};
 use crate::error::{Error, Result};
 use crate::lora::Placement;
@@ -31,7 +32,6 @@ use crate::models::Denoiser;
 use crate::nn::StepCtx;
 use crate::quant::pack::{PackedFile, PackedTensor, load_packed_file, save_packed_file};
 use crate::rng::SeededRng;
-use crate::train::params;
 
 const STUDENT_KEY: &str = "msfp.student";
 

@@ -19,6 +19,7 @@ use super::eval::{ModelEval, Scorer, psnr, sampler_label, ssim};
 use super::pretrain::Resume;
 use super::student::{self, Group, StudentPlan, group_of};
 use super::timestep_error;
+use crate::base::params::{self, HostTensor};
 use crate::config::{Config, DistillTarget, Rollout, SamplerConfig};
 use crate::diffusion::sampler::{cond_uncond_eps, guide};
 use crate::diffusion::{NoiseSchedule, Sampler, sample};
@@ -29,7 +30,6 @@ use crate::rng::SeededRng;
 use crate::train::checkpoint::{self, Checkpoint, DataCursor, TrainState};
 use crate::train::metrics::{MetricsLog, Progress, StepMetrics};
 use crate::train::optim::{AdamW, learning_rate};
-use crate::train::params::{self, HostTensor};
 
 /// RNG streams derived from the run seed.
 pub const STREAM_CALIB: u64 = 10;
@@ -280,7 +280,7 @@ pub fn train(cfg: &Config, resume: Resume) -> Result<TrainOutput> {
         sizes: file_sizes(&teacher, &packed)?,
         seconds: started.elapsed().as_secs_f64(),
     };
-    crate::train::atomic_write(
+    crate::base::fs::atomic_write(
         &out_dir.join("summary.json"),
         &serde_json::to_vec_pretty(&summary).expect("json"),
     )?;

@@ -8,6 +8,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Serialize;
 
+use crate::base::params::{self, NamedTensors};
 use crate::config::Config;
 use crate::data::{Mnist, Split};
 use crate::diffusion::NoiseSchedule;
@@ -18,7 +19,6 @@ use crate::rng::SeededRng;
 use crate::train::checkpoint::{self, Checkpoint, DataCursor, TrainState};
 use crate::train::metrics::{MetricsLog, Progress, StepMetrics};
 use crate::train::optim::{AdamW, Ema, learning_rate};
-use crate::train::params::{self, NamedTensors};
 
 /// RNG streams derived from the run seed, one per purpose.
 pub const STREAM_INIT: u64 = 0;
@@ -184,7 +184,7 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
         let indices = stream.next_batch(cfg.train.batch_size);
         let loss =
             diffusion_loss(&model, &schedule, &data, &indices, cfg.train.label_dropout, &mut rng, &device);
-        let loss_value = crate::train::params::host_scalar(loss.clone()) as f64;
+        let loss_value = crate::base::params::host_scalar(loss.clone()) as f64;
         if !loss_value.is_finite() {
             return Err(Error::runtime(format!(
                 "loss became {loss_value} at step {}; lower train.lr (now {}) or raise train.warmup_steps",
@@ -254,7 +254,7 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
         parameters: model.num_params(),
         weights: weights_path.display().to_string(),
     };
-    crate::train::atomic_write(
+    crate::base::fs::atomic_write(
         &out_dir.join("summary.json"),
         &serde_json::to_vec_pretty(&summary).expect("json"),
     )?;

@@ -5,13 +5,13 @@ use std::path::Path;
 use burn::module::Module;
 use burn::tensor::Device;
 
+use crate::base::params;
 use crate::config::{Config, ModelKind};
 use crate::diffusion::{NoiseSchedule, Sampler, sample};
 use crate::error::{Error, Result};
 use crate::models::sd::{load_sd_conditioning, load_sd_unet};
 use crate::models::{Denoiser, Family};
 use crate::rng::SeededRng;
-use crate::train::params;
 
 /// Builds the model of `cfg` and loads weights from `weights` (or `model.weights`). For SD, the
 /// UNet of the user's download (or of `model.sd.random_weights`); a DiT loads msfp's own

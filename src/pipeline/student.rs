@@ -30,7 +30,7 @@ pub struct StudentPlan {
 
 impl StudentPlan {
     pub fn save(&self, path: &Path) -> Result<()> {
-        crate::train::atomic_write(path, &serde_json::to_vec_pretty(self).expect("json"))
+        crate::base::fs::atomic_write(path, &serde_json::to_vec_pretty(self).expect("json"))
     }
 
     pub fn load(path: &Path) -> Result<Self> {

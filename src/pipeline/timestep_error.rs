@@ -120,7 +120,7 @@ const COLOURS: [[u8; 3]; 4] = [[200, 60, 40], [40, 90, 200], [40, 150, 60], [150
 /// Writes `error_by_timestep.json`, `error_by_timestep.png` (teacher-forced noise error against
 /// t) and `drift_by_timestep.png` (free-running distance from the teacher's x) into `dir`.
 pub fn write(report: &ErrorByTimestep, dir: &Path) -> Result<()> {
-    crate::train::atomic_write(&dir.join(JSON_FILE), &serde_json::to_vec_pretty(report).expect("json"))?;
+    crate::base::fs::atomic_write(&dir.join(JSON_FILE), &serde_json::to_vec_pretty(report).expect("json"))?;
     let plot = |file: &str, y_name: &str, values: fn(&StudentError) -> &Vec<f64>| {
         let series: Vec<(Vec<(f64, f64)>, [u8; 3])> = report
             .students
@@ -143,9 +143,9 @@ pub fn write(report: &ErrorByTimestep, dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::params;
     use crate::config::{DiffusionConfig, ModelConfig, SamplerConfig};
     use crate::diffusion::NoiseSchedule;
-    use crate::train::params;
 
     #[test]
     fn errors_are_zero_for_the_teacher_and_grow_with_a_perturbation() {

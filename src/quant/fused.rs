@@ -596,9 +596,9 @@ pub fn fake_quantize_fused<const D: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::params::host_values;
     use crate::quant::quantizer::fake_quantize_ops;
     use crate::rng::SeededRng;
-    use crate::train::params::host_values;
     use burn::tensor::TensorData;
 
     /// Forward bit-identical to the tensor version, gradients equal up to f32 summation order.

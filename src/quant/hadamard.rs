@@ -257,7 +257,7 @@ mod tests {
     use super::*;
 
     fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        crate::train::params::host_values(t)
+        crate::base::params::host_values(t)
     }
 
     /// The dense block-diagonal Hadamard matrix (Sylvester's construction), normalized.
@@ -350,7 +350,7 @@ mod tests {
         let build = || {
             let m = Denoiser::new(&cfg, &mut SeededRng::new(3), &device);
             // Wake up the zero-initialised (adaLN-Zero) layers.
-            crate::train::params::map_params(m, |_, t| {
+            crate::base::params::map_params(m, |_, t| {
                 let v: Vec<f32> = host(t.clone())
                     .iter()
                     .enumerate()

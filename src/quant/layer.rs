@@ -9,7 +9,7 @@ use burn::tensor::Tensor;
 
 use super::format::Format;
 use super::quantizer::fake_quantize;
-use crate::nn::StepCtx;
+use crate::base::step::StepCtx;
 
 /// Fake-quantizes a weight `[C_out, ...]` per output channel, or per group of `group_size`
 /// consecutive elements of each channel's flattened fan-in (`in * kh * kw` for a conv).
@@ -156,7 +156,7 @@ impl LayerQuant {
 
     pub fn input<const D: usize>(&self, x: Tensor<D>, ctx: &StepCtx) -> Tensor<D> {
         if let Some(obs) = &self.observer {
-            let values = crate::train::params::host_values(x.clone());
+            let values = crate::base::params::host_values(x.clone());
             obs.lock().expect("observer lock").observe(&values, ctx.timestep);
         }
         match &self.act {
@@ -248,8 +248,8 @@ mod tests {
             let w = input([2, 2, 2, 2], &device);
             let scales = [0.1f32, 0.4, 0.2, 0.05];
             let q = WeightQuant::grouped(f.clone(), Tensor::from_floats(scales, &device), 4);
-            let got = crate::train::params::host_values(q.forward(w.clone()));
-            let values = crate::train::params::host_values(w);
+            let got = crate::base::params::host_values(q.forward(w.clone()));
+            let values = crate::base::params::host_values(w);
             for (i, (&x, &g)) in values.iter().zip(&got).enumerate() {
                 let s = scales[i / 4];
                 let want = f.round((x / s).clamp(f.min(), f.max())) * s;

@@ -55,8 +55,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
 use super::format::{Format, Kind};
+use crate::base::params::{HostTensor, NamedTensors};
 use crate::error::{Error, Result};
-use crate::train::params::{HostTensor, NamedTensors};
 
 /// Metadata key of the JSON description.
 pub const META_KEY: &str = "msfp.packed";
@@ -396,7 +396,7 @@ fn to_bytes(
     let mut info = extra_meta.clone();
     info.insert(META_KEY.to_string(), serde_json::to_string(&meta).expect("json"));
     info.insert(LAYOUT_KEY.to_string(), LAYOUT.to_string());
-    crate::train::params::serialize_canonical(views, &info).map_err(|e| Error::runtime(e.to_string()))
+    crate::base::params::serialize_canonical(views, &info).map_err(|e| Error::runtime(e.to_string()))
 }
 
 /// Saves named packed tensors to a safetensors file, atomically (temporary name, then rename).
@@ -421,7 +421,7 @@ pub fn save_packed_file(path: &Path, file: &PackedFile) -> Result<()> {
     }
     let bytes = to_bytes(&file.packed, &file.dense, &file.meta)
         .map_err(|e| e.context(format!("{}: cannot serialise", path.display())))?;
-    crate::train::atomic_write(path, &bytes)
+    crate::base::fs::atomic_write(path, &bytes)
 }
 
 /// Loads a whole packed file (see [`load_packed`] for the checks).

@@ -470,7 +470,7 @@ mod tests {
                 fp = Some(m.forward(x.clone(), t.clone(), y.clone(), &StepCtx::at(300)));
                 Ok(())
             });
-            reports.map(|r| (r, crate::train::params::host_values(fp.unwrap())))
+            reports.map(|r| (r, crate::base::params::host_values(fp.unwrap())))
         };
         let (plain, fp_plain) = run(vec![]).unwrap();
         let (rotated, fp_rotated) = run(vec!["*.attn.qkv", "*.attn.proj", "time_embed_2"]).unwrap();
@@ -586,7 +586,7 @@ mod tests {
         // The layer carries them, selected by the timestep.
         let site = model.quant_sites().into_iter().find(|s| s.path == "conv_in").unwrap();
         let act = site.layer.quant().unwrap().act.as_ref().unwrap();
-        assert_eq!(crate::train::params::host_values(act.scale.val()), *scales);
+        assert_eq!(crate::base::params::host_values(act.scale.val()), *scales);
     }
 
     #[test]

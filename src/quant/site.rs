@@ -5,10 +5,10 @@
 
 use burn::tensor::Device;
 
+use crate::base::params::HostTensor;
 use crate::nn::attention::MatmulInput;
 use crate::nn::{Conv2d, Linear};
 use crate::quant::layer::LayerQuant;
-use crate::train::params::HostTensor;
 
 /// Mutable access to a quantizable layer.
 pub enum LayerMut<'a> {

@@ -83,5 +83,5 @@ pub fn save_png(path: &Path, img: &image::DynamicImage) -> Result<()> {
     let mut bytes = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
         .map_err(|e| Error::runtime(format!("{}: cannot encode PNG: {e}", path.display())))?;
-    crate::train::atomic_write(path, &bytes)
+    crate::base::fs::atomic_write(path, &bytes)
 }

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::atomic_write;
-use super::params::{NamedTensors, load_safetensors, save_safetensors};
+use crate::base::fs::atomic_write;
+use crate::base::params::{NamedTensors, load_safetensors, save_safetensors};
 use crate::config::fingerprint_diff;
 use crate::error::{Error, Result, io_err};
 use crate::rng::RngState;

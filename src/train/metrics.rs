@@ -37,7 +37,7 @@ impl MetricsLog {
         if !text.is_empty() {
             text.push('\n');
         }
-        super::atomic_write(&path, text.as_bytes())?;
+        crate::base::fs::atomic_write(&path, text.as_bytes())?;
         Ok(Self { path })
     }
 

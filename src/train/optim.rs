@@ -11,7 +11,7 @@ use burn::tensor::Gradients;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::params::{HostTensor, NamedTensors, collect_grads, for_each_param, map_params};
+use crate::base::params::{HostTensor, NamedTensors, collect_grads, for_each_param, map_params};
 use crate::config::{LrSchedule, TrainConfig};
 
 /// `f` over `items`, in order; on the rayon pool when `parallel`.
@@ -119,7 +119,7 @@ impl AdamW {
         positive: impl Fn(&str) -> bool + Sync,
     ) -> (M, f64) {
         let (module, squared) = self.step_deferred(module, flat_grads, lr_of, positive);
-        (module, (super::params::host_scalar(squared) as f64).sqrt())
+        (module, (crate::base::params::host_scalar(squared) as f64).sqrt())
     }
 
     /// [`Self::step_flat_bounded`] that hands back the squared global gradient norm (`[1]`)
@@ -143,7 +143,7 @@ impl AdamW {
         let clip = match (self.grad_clip > 0.0, on_flex) {
             (false, _) => Clip::None,
             (true, true) => {
-                let norm = (super::params::host_scalar(squared.clone()) as f64).sqrt();
+                let norm = (crate::base::params::host_scalar(squared.clone()) as f64).sqrt();
                 if norm > self.grad_clip { Clip::Host(self.grad_clip / (norm + 1e-6)) } else { Clip::None }
             }
             // min(1, c / (norm + 1e-6)): 1 exactly where the norm is within the bound.
@@ -412,7 +412,7 @@ mod tests {
             assert_eq!(norm_a, norm_b);
             (a, b) = (next_a, next_b);
         }
-        let values = |ls: &Vec<Linear>| crate::train::params::collect_trainable(ls);
+        let values = |ls: &Vec<Linear>| crate::base::params::collect_trainable(ls);
         assert_eq!(values(&a), values(&b), "parameters");
         let state = |o: &AdamW| o.state_tensors().into_iter().map(|(k, t)| (k, t.data)).collect::<Vec<_>>();
         assert_eq!(state(&opt_a), state(&opt_b), "optimizer state");
@@ -435,9 +435,9 @@ mod tests {
                 let flat = collect_grads(&layer, &loss.backward());
                 let positive = |path: &str| bounded && path == "bias";
                 layer = opt.step_flat_bounded(layer, flat, |_| 0.01, positive).0;
-                biases.push(crate::train::params::host_values(layer.bias.as_ref().unwrap().val()));
+                biases.push(crate::base::params::host_values(layer.bias.as_ref().unwrap().val()));
             }
-            (biases, crate::train::params::host_values(layer.weight.val()))
+            (biases, crate::base::params::host_values(layer.weight.val()))
         };
         let ((bounded, w_bounded), (plain, w_plain)) = (run(true), run(false));
         assert!(plain[0][0] < 0.0, "the plain step crosses zero: {:?}", plain[0]);

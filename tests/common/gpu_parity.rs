@@ -21,9 +21,9 @@ pub fn tiny_forward(kind: ModelKind, device: &Device) -> Vec<f32> {
     // Weights come from the host RNG, so both devices build the same model; a deterministic
     // perturbation wakes up the DiT's zero-initialised (adaLN-Zero) layers.
     let model = Denoiser::new(&cfg, &mut SeededRng::new(3), device);
-    let model = msfp::train::params::map_params(model, |_, t| {
+    let model = msfp::base::params::map_params(model, |_, t| {
         let n = t.dims()[0];
-        let v: Vec<f32> = msfp::train::params::host_values(t.clone())
+        let v: Vec<f32> = msfp::base::params::host_values(t.clone())
             .iter()
             .enumerate()
             .map(|(i, x)| x + 0.02 * (i as f32 * 0.37).sin())
@@ -65,9 +65,9 @@ pub fn tiny_models_match_flex(gpu: &Device, name: &str) -> Vec<f32> {
 /// same values and the same STE / LSQ gradients, for FP, unsigned-FP-with-zero-point and integer
 /// grids, with per-row scales over several blocks and exact ties (ties go to the even code).
 pub fn fused_quantizer_matches_flex(gpu: &Device, name: &str) {
+    use msfp::base::params::host_values;
     use msfp::quant::Format;
     use msfp::quant::fused::fake_quantize_fused;
-    use msfp::train::params::host_values;
 
     let (rows, cols) = (6, 50);
     let mut rng = SeededRng::new(7);
@@ -133,9 +133,9 @@ pub fn fused_quantizer_matches_flex(gpu: &Device, name: &str) {
 /// (read through their strides): the same `dx` bits as flex and the same scale and zero-point
 /// gradients up to summation order.
 pub fn fused_quantizer_long_blocks_match_flex(gpu: &Device, name: &str) {
+    use msfp::base::params::host_values;
     use msfp::quant::Format;
     use msfp::quant::fused::fake_quantize_fused;
-    use msfp::train::params::host_values;
 
     for (rows, cols, per_tensor) in [(4, 3000, false), (3, 7000, true)] {
         let x0: Vec<f32> = SeededRng::new(11).normals(rows * cols).iter().map(|v| v * 3.0).collect();
@@ -196,9 +196,9 @@ pub fn fused_quantizer_long_blocks_match_flex(gpu: &Device, name: &str) {
 /// parameters within f32 rounding over three clipped steps (weight decay on, first-step moments,
 /// one parameter under the positivity bound), and on the GPU no read to the host in the step.
 pub fn adamw_step_matches_flex(gpu: &Device, name: &str) {
+    use msfp::base::params::{collect_grads, host_reads, host_values};
     use msfp::nn::Linear;
     use msfp::train::optim::AdamW;
-    use msfp::train::params::{collect_grads, host_reads, host_values};
 
     let run = |device: &Device| {
         let mut layer = Linear::new(6, 5, true, &mut SeededRng::new(4), device);
@@ -240,8 +240,8 @@ pub fn adamw_step_matches_flex(gpu: &Device, name: &str) {
 /// GroupNorm's scale and shift), with and without SiLU, over one and two samples, groups of 2 to
 /// 10 channels, odd spatial sizes and rows of 48 and 320.
 pub fn norms_match_flex(gpu: &Device, name: &str) {
+    use msfp::base::params::host_values;
     use msfp::kernels::norm::{group_norm, layer_norm};
-    use msfp::train::params::host_values;
 
     for (b, c, h, w, groups, silu) in
         [(2, 8, 5, 7, 4, true), (1, 20, 3, 3, 2, false), (2, 64, 16, 16, 32, true)]
@@ -309,8 +309,8 @@ pub fn norms_match_flex(gpu: &Device, name: &str) {
 /// backward) against flex's fused version: values and gradients on rows of 19 and 300 (wider
 /// than a cube), large logits and a masked (-inf) entry.
 pub fn softmax_matches_flex(gpu: &Device, name: &str) {
+    use msfp::base::params::host_values;
     use msfp::kernels::softmax::softmax;
-    use msfp::train::params::host_values;
 
     for shape in [[3, 50, 19], [2, 4, 300]] {
         let n: usize = shape.iter().product();
@@ -341,8 +341,8 @@ pub fn softmax_matches_flex(gpu: &Device, name: &str) {
 /// One slot of a stacked parameter (`kernels::slot`, TALoRA's routed adapter; on a GPU with a
 /// one-kernel backward): the same values and gradient bits as flex's slice, at every slot.
 pub fn slot_matches_flex(gpu: &Device, name: &str) {
+    use msfp::base::params::host_values;
     use msfp::kernels::slot;
-    use msfp::train::params::host_values;
 
     let shape = [3, 4, 5];
     let x0 = SeededRng::new(41).normals(60);
@@ -373,8 +373,8 @@ pub fn slot_matches_flex(gpu: &Device, name: &str) {
 /// thread), on a transposed view, and on a block too wide for shared memory (the tensor-op path,
 /// whose gradient agrees up to rounding).
 pub fn hadamard_rotation_matches_flex(gpu: &Device, name: &str) {
+    use msfp::base::params::host_values;
     use msfp::quant::hadamard::{Hadamard, HadamardSpec};
-    use msfp::train::params::host_values;
 
     for (rows, width) in [(5, 48), (3, 1152), (2, 4608), (1, 8192)] {
         let r = Hadamard::new(HadamardSpec::for_width(width, 9).unwrap(), width);

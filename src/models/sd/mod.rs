@@ -20,9 +20,9 @@ use std::path::Path;
 
 use burn::tensor::Device;
 
+use crate::base::params::{self, NamedTensors};
 use crate::error::{Error, Result};
 use crate::rng::SeededRng;
-use crate::train::params::{self, NamedTensors};
 
 /// The three networks of a preset.
 #[derive(Debug, Clone, PartialEq)]
@@ -245,8 +245,8 @@ mod tests {
     use burn::tensor::{Int, Tensor, TensorData};
 
     use super::*;
+    use crate::base::params::{HostTensor, load_safetensors};
     use crate::models::clip::ClipTextConfig;
-    use crate::train::params::{HostTensor, load_safetensors};
 
     fn fixtures() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd/tiny")

@@ -6,9 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::base::params::NamedTensors;
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
-use crate::train::params::NamedTensors;
 
 use super::keymap::{self, Component};
 

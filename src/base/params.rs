@@ -302,7 +302,7 @@ pub fn save_safetensors(
         .collect();
     let out = serialize_canonical(views, metadata)
         .map_err(|e| Error::runtime(format!("{}: cannot serialise: {e}", path.display())))?;
-    crate::train::atomic_write(path, &out)
+    crate::base::fs::atomic_write(path, &out)
 }
 
 /// `safetensors::serialize` with a canonical header. The crate takes the metadata as a
