@@ -74,7 +74,7 @@ fn bench() {
         let (model, _) = dit::student(&cfg, true, 16, &ad);
         let mut model = dit::trainable(model);
         let trainable: usize =
-            msfp::train::params::collect_trainable(&model).values().map(|t| t.data.len()).sum();
+            msfp::base::params::collect_trainable(&model).values().map(|t| t.data.len()).sum();
         let inputs = dit::Inputs::new(&cfg, 1, &ad);
         let mut optim = msfp::train::optim::AdamW::new(0.0, 1.0);
         let (ms, all) = median_ms(0, runs, || model = dit::qat_step(model.clone(), &inputs, &mut optim));

@@ -127,7 +127,7 @@ fn qat_step(device_spec: &str, device: &Device) -> serde_json::Value {
         });
         model = next;
         // Wait for the device: read one parameter value back.
-        let _ = msfp::train::params::collect_trainable(&model).len();
+        let _ = msfp::base::params::collect_trainable(&model).len();
     };
     let (ms, all) = median_ms(3, 15, &mut step);
     serde_json::json!({
@@ -177,7 +177,7 @@ fn sd14_step(device: &Device, latent: usize, batch: usize, warmup: usize, runs: 
     let (qat_ms, qat_all) = median_ms(1, 3, || {
         model = sd14::qat_step(model.clone(), &ad_inputs, &mut optim);
         // Wait for the device: read one trainable value back.
-        let first = msfp::train::params::collect_trainable(&model).into_values().next();
+        let first = msfp::base::params::collect_trainable(&model).into_values().next();
         std::hint::black_box(first);
     });
     eprintln!("sd14 QAT step: {qat_ms:.1} ms ({qat_all:?})");
@@ -186,7 +186,7 @@ fn sd14_step(device: &Device, latent: usize, batch: usize, warmup: usize, runs: 
     // for its input only (what the frozen base layers need) and for every weight.
     let grad_phase = |all_weights: bool| {
         let m = msfp::pipeline::sample::load_model(&cfg, None, &ad).expect("SD UNet");
-        let m = msfp::train::params::set_trainable(m, |_| all_weights);
+        let m = msfp::base::params::set_trainable(m, |_| all_weights);
         let (ms, all) = median_ms(1, 2, || {
             let x = ad_inputs.x.clone().require_grad();
             let cond = msfp::models::Cond::Tokens(ad_inputs.context.clone());
@@ -249,14 +249,13 @@ fn dit_xl2_step(
     let ad = device.clone().autodiff();
     let (model, plan) = dit::student(&cfg, true, 16, &ad);
     let mut model = dit::trainable(model);
-    let trainable: usize =
-        msfp::train::params::collect_trainable(&model).values().map(|t| t.data.len()).sum();
+    let trainable: usize = msfp::base::params::collect_trainable(&model).values().map(|t| t.data.len()).sum();
     let ad_inputs = dit::Inputs::new(&cfg, batch, &ad);
     let mut optim = msfp::train::optim::AdamW::new(0.0, 1.0);
     let (qat_ms, qat_all) = median_ms(1, runs, || {
         model = dit::qat_step(model.clone(), &ad_inputs, &mut optim);
         // Wait for the device: read one trainable value back.
-        let first = msfp::train::params::collect_trainable(&model).into_values().next();
+        let first = msfp::base::params::collect_trainable(&model).into_values().next();
         std::hint::black_box(first);
     });
     eprintln!("dit-xl2 QAT step: {qat_ms:.1} ms ({qat_all:?})");

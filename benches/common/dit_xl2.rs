@@ -7,6 +7,7 @@
 #![allow(dead_code)] // each bench uses part of it
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use msfp::base::params;
 use msfp::config::{DitConfig, ModelConfig, ModelKind};
 use msfp::lora::{LoraConfig, Placement, RouterKind};
 use msfp::models::Denoiser;
@@ -16,7 +17,6 @@ use msfp::quant::hadamard::HadamardSpec;
 use msfp::quant::plan::SiteReport;
 use msfp::rng::SeededRng;
 use msfp::train::optim::AdamW;
-use msfp::train::params;
 
 #[path = "scales.rs"]
 mod scales;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use burn::tensor::{Device, Tensor};
 use burn_cubecl::cubecl::config::{TypeNameFormatLevel, type_name_format};
 use burn_cubecl::cubecl::logging::{LaunchObservation, LaunchObserver};
-use msfp::train::params;
+use msfp::base::params;
 
 use super::sd14;
 
@@ -45,7 +45,7 @@ pub fn tiny_sd_step(spec: &str, device: &Device) -> serde_json::Value {
     // host reads.
     let lr = |p: &str| if msfp::pipeline::student::group_of(p).is_some() { 1e-5 } else { 0.0 };
     let mut observe = |model: msfp::models::Denoiser| {
-        let reads = msfp::train::params::host_reads();
+        let reads = msfp::base::params::host_reads();
         let mut phases = Vec::new();
         let started = std::time::Instant::now();
         let mut phase = |f: &mut dyn FnMut()| {
@@ -76,7 +76,7 @@ pub fn tiny_sd_step(spec: &str, device: &Device) -> serde_json::Value {
             next = Some(m);
         });
         let seconds = started.elapsed().as_secs_f64();
-        (next.expect("stepped"), phases, msfp::train::params::host_reads() - reads, seconds)
+        (next.expect("stepped"), phases, msfp::base::params::host_reads() - reads, seconds)
     };
     let names = ["forward", "backward", "optimizer"];
     let mut steps: Vec<(Vec<BTreeMap<String, usize>>, usize)> = Vec::new();

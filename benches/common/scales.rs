@@ -8,7 +8,7 @@ use msfp::rng::SeededRng;
 /// Weight scales uniform in `[w, 2w)`, activation scales in `[0.5, 1)`, from one seeded stream.
 pub fn plausible(model: Denoiser, w: f32) -> Denoiser {
     let mut rng = SeededRng::new(5);
-    msfp::train::params::map_params(model, |path, t| {
+    msfp::base::params::map_params(model, |path, t| {
         let n = t.dims()[0];
         let v: Vec<f32> = if path.ends_with(".quant.weight.scale") {
             (0..n).map(|_| w + w * rng.uniform()).collect()

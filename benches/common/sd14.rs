@@ -9,13 +9,13 @@
 use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
+use msfp::base::params;
 use msfp::lora::{LoraConfig, Placement, RouterKind};
 use msfp::models::{Cond, Denoiser};
 use msfp::nn::StepCtx;
 use msfp::pipeline::student::{StudentPlan, group_of};
 use msfp::rng::SeededRng;
 use msfp::train::optim::AdamW;
-use msfp::train::params;
 
 #[path = "student.rs"]
 mod student;

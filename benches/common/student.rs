@@ -5,11 +5,11 @@
 
 #![allow(dead_code)] // each bench uses part of it
 
+use msfp::base::params;
 use msfp::lora::LoraConfig;
 use msfp::models::Denoiser;
 use msfp::pipeline::student::{self, StudentPlan, group_of};
 use msfp::quant::plan::SiteReport;
-use msfp::train::params;
 
 #[path = "scales.rs"]
 mod scales;
