@@ -6,7 +6,15 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+pub use crate::data::mnist::DataConfig;
+pub use crate::diffusion::sampler::{SamplerConfig, SamplerKind};
+pub use crate::diffusion::schedule::{BetaSchedule, DiffusionConfig};
+use crate::error::{Error, Result, in_range, positive};
+pub use crate::models::dit::DitConfig;
+pub use crate::models::sd::config::{EmaSetting, SdConfig, SdPreset};
+pub use crate::models::unet::UnetConfig;
+pub use crate::models::{ModelConfig, ModelKind};
+pub use crate::train::{LrSchedule, TrainConfig};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -138,336 +146,6 @@ impl Default for RunConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelKind {
-    TinyUnet,
-    /// The DiT code: the tiny MNIST DiT or, with `[model.dit]` set so, DiT-XL/2 as published.
-    #[serde(alias = "dit")]
-    TinyDit,
-    /// Stable Diffusion v1.x (`[model.sd]`): text-conditioned latent diffusion.
-    Sd,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelConfig {
-    pub kind: ModelKind,
-    /// Weights to load for `sample`/`eval` (safetensors written by `pretrain`).
-    pub weights: Option<PathBuf>,
-    pub unet: UnetConfig,
-    pub dit: DitConfig,
-    pub sd: SdConfig,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        Self {
-            kind: ModelKind::TinyUnet,
-            weights: None,
-            unet: UnetConfig::default(),
-            dit: DitConfig::default(),
-            sd: SdConfig::default(),
-        }
-    }
-}
-
-impl ModelConfig {
-    /// The smallest tiny UNet the unit tests build (8 base channels, two levels).
-    #[cfg(test)]
-    pub fn test_unet() -> Self {
-        let mut cfg = Self::default();
-        cfg.unet.base_channels = 8;
-        cfg.unet.channel_mult = vec![1, 2];
-        cfg.unet.attention_heads = 2;
-        cfg.unet.groups = 4;
-        cfg
-    }
-}
-
-/// Which published Stable Diffusion architecture `[model.sd]` builds.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum SdPreset {
-    Sd14,
-    Sd15,
-    /// A test-size SD (the layout of `tests/fixtures/sd/tiny/diffusers`): 3-level UNet of 8/16/16
-    /// channels, 2-level VAE, 3-layer CLIP with a 1,000-token vocabulary (token ids are folded
-    /// into it).
-    Tiny,
-}
-
-/// Which UNet weights of a CompVis checkpoint that holds both to use.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum EmaSetting {
-    /// EMA weights when the file has them.
-    Auto,
-    Ema,
-    NonEma,
-}
-
-/// `[model.sd]`: Stable Diffusion v1.x. `model.weights` is the user's download: a diffusers
-/// directory or a CompVis single file (`sd-v1-4.ckpt`, `.safetensors`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SdConfig {
-    pub preset: SdPreset,
-    pub ema: EmaSetting,
-    /// Image side in pixels (SD1.x: 512); latents are `resolution / 8` for the SD VAE.
-    pub resolution: usize,
-    /// Prompts, one per line (`#` comments and blank lines skipped): the distillation
-    /// trajectories draw from them, evaluation and calibration cycle through them.
-    pub prompts: PathBuf,
-    /// The unconditional branch of classifier-free guidance (SD: the empty prompt).
-    pub negative_prompt: String,
-    /// Builds the architecture with random weights instead of loading `model.weights`: for
-    /// tests and benchmarks only (the samples are noise).
-    pub random_weights: bool,
-}
-
-impl Default for SdConfig {
-    fn default() -> Self {
-        Self {
-            preset: SdPreset::Sd14,
-            ema: EmaSetting::Auto,
-            resolution: 512,
-            prompts: "configs/prompts/sd_prompts.txt".into(),
-            negative_prompt: String::new(),
-            random_weights: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct UnetConfig {
-    /// Channels at the full resolution.
-    pub base_channels: usize,
-    /// Channel multiplier per resolution level (each level after the first halves H and W).
-    pub channel_mult: Vec<usize>,
-    /// Residual blocks per level on the way down (the way up has one more, as in LDM).
-    pub res_blocks: usize,
-    /// Self-attention heads at the lowest resolution.
-    pub attention_heads: usize,
-    /// GroupNorm groups.
-    pub groups: usize,
-}
-
-impl Default for UnetConfig {
-    fn default() -> Self {
-        Self { base_channels: 32, channel_mult: vec![1, 2, 2], res_blocks: 1, attention_heads: 4, groups: 8 }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct DitConfig {
-    pub patch_size: usize,
-    pub hidden: usize,
-    pub depth: usize,
-    pub heads: usize,
-    pub mlp_ratio: usize,
-    /// Input channels: 1 for MNIST pixels, 4 for SD-VAE latents (DiT-XL/2).
-    pub in_channels: usize,
-    /// Input side: 32 pixels for MNIST, 32 latents for DiT-XL/2 at 256 px (64 at 512 px).
-    pub input_size: usize,
-    /// Class labels; the null label of classifier-free guidance is one more.
-    pub num_classes: usize,
-    /// DiT's learned variance: twice `in_channels` out, of which the first half is eps.
-    pub learn_sigma: bool,
-    /// The MLP's GELU with the tanh approximation (DiT's) instead of the exact erf form.
-    pub gelu_tanh: bool,
-    /// Timestep frequencies `exp(-ln(1e4) i / (128 - freq_shift))`: 0 is DiT's own (and the tiny
-    /// DiT's), 1 is diffusers' `DiTTransformer2DModel` (its `downscale_freq_shift = 1`).
-    pub freq_shift: usize,
-    /// The SD AutoencoderKL that decodes a latent DiT's samples (`stabilityai/sd-vae-ft-ema` or
-    /// `-mse`, a diffusers folder); required when `in_channels` is 4.
-    pub vae: Option<PathBuf>,
-}
-
-impl Default for DitConfig {
-    fn default() -> Self {
-        Self {
-            patch_size: 4,
-            hidden: 128,
-            depth: 6,
-            heads: 4,
-            mlp_ratio: 4,
-            in_channels: 1,
-            input_size: 32,
-            num_classes: 10,
-            learn_sigma: false,
-            gelu_tanh: false,
-            freq_shift: 0,
-            vae: None,
-        }
-    }
-}
-
-impl DitConfig {
-    /// Output channels: eps, and with `learn_sigma` the variance half.
-    pub fn out_channels(&self) -> usize {
-        self.in_channels * if self.learn_sigma { 2 } else { 1 }
-    }
-
-    /// facebookresearch/DiT's class-conditional ImageNet models on SD-VAE latents (8x down,
-    /// 4 channels): `DiT-XL/2`, `DiT-B/2`, `DiT-S/2` at `image` = 256 or 512 pixels.
-    pub fn published(name: &str, image: usize) -> Option<Self> {
-        let (hidden, depth, heads) = match name {
-            "DiT-XL/2" => (1152, 28, 16),
-            "DiT-B/2" => (768, 12, 12),
-            "DiT-S/2" => (384, 12, 6),
-            _ => return None,
-        };
-        Some(Self {
-            patch_size: 2,
-            hidden,
-            depth,
-            heads,
-            mlp_ratio: 4,
-            in_channels: 4,
-            input_size: image / 8,
-            num_classes: 1000,
-            learn_sigma: true,
-            gelu_tanh: true,
-            freq_shift: 0,
-            vae: None,
-        })
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataConfig {
-    /// Directory holding the MNIST IDX files.
-    pub dir: PathBuf,
-    /// Digits used for training (the first `train_count` of the file).
-    pub train_count: usize,
-    /// Held-out digits (the last `heldout_count` of the file), never trained on.
-    pub heldout_count: usize,
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        Self { dir: "data".into(), train_count: 9000, heldout_count: 1000 }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum BetaSchedule {
-    Linear,
-    ScaledLinear,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct DiffusionConfig {
-    pub schedule: BetaSchedule,
-    pub timesteps: usize,
-    pub beta_start: f64,
-    pub beta_end: f64,
-}
-
-impl Default for DiffusionConfig {
-    fn default() -> Self {
-        Self { schedule: BetaSchedule::Linear, timesteps: 1000, beta_start: 1e-4, beta_end: 0.02 }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum LrSchedule {
-    Constant,
-    Cosine,
-    Linear,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainConfig {
-    pub steps: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub lr_schedule: LrSchedule,
-    pub warmup_steps: usize,
-    pub weight_decay: f64,
-    /// Clip the global gradient norm to this value (0 disables).
-    pub grad_clip: f64,
-    /// Decay of the exponential moving average of the weights used for sampling (0 disables).
-    pub ema_decay: f64,
-    /// Probability of replacing the class label by the null label (classifier-free guidance).
-    pub label_dropout: f64,
-    pub checkpoint_every: usize,
-    pub keep_checkpoints: usize,
-    pub log_every: usize,
-    /// Start from these weights instead of a random initialisation (warm start; the EMA starts
-    /// from them too).
-    pub init_weights: Option<PathBuf>,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            steps: 2000,
-            batch_size: 64,
-            lr: 1e-3,
-            lr_schedule: LrSchedule::Cosine,
-            warmup_steps: 100,
-            weight_decay: 0.0,
-            grad_clip: 1.0,
-            ema_decay: 0.999,
-            label_dropout: 0.1,
-            checkpoint_every: 200,
-            keep_checkpoints: 3,
-            log_every: 10,
-            init_weights: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum SamplerKind {
-    Ddim,
-    Ddpm,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SamplerConfig {
-    pub kind: SamplerKind,
-    pub steps: usize,
-    /// DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like variance).
-    pub eta: f64,
-    /// Classifier-free guidance scale (1 = conditional model only, no guidance).
-    pub guidance_scale: f64,
-    /// Clip the predicted clean image to [-1, 1] at every step (and use the noise consistent
-    /// with it), as pixel-space DDPM does; keeps an imperfect model's trajectory in range.
-    pub clip_x0: bool,
-    /// Added to every sampling timestep (diffusers' `steps_offset`; SD1.x: 1, so DDIM 50 visits
-    /// t = 981, 961, ..., 1).
-    pub steps_offset: usize,
-    /// The last step goes to alpha-bar 1 (a clean image); `false` stops at alpha-bar of t = 0,
-    /// as SD1.x's scheduler (`set_alpha_to_one = false`).
-    pub set_alpha_to_one: bool,
-}
-
-impl Default for SamplerConfig {
-    fn default() -> Self {
-        Self {
-            kind: SamplerKind::Ddim,
-            steps: 50,
-            eta: 0.0,
-            guidance_scale: 2.0,
-            clip_x0: false,
-            steps_offset: 0,
-            set_alpha_to_one: true,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
@@ -519,149 +197,13 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<()> {
-        fn positive(key: &str, v: usize) -> Result<()> {
-            if v == 0 {
-                return Err(Error::usage(format!("{key} = 0 is out of range: it must be at least 1")));
-            }
-            Ok(())
-        }
-        fn in_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
-            if !(v.is_finite() && v >= lo && v <= hi) {
-                return Err(Error::usage(format!("{key} = {v} is out of range: it must be in [{lo}, {hi}]")));
-            }
-            Ok(())
-        }
-        let t = &self.train;
-        positive("train.steps", t.steps)?;
-        positive("train.batch_size", t.batch_size)?;
-        positive("train.checkpoint_every", t.checkpoint_every)?;
-        positive("train.keep_checkpoints", t.keep_checkpoints)?;
-        positive("train.log_every", t.log_every)?;
-        if !(t.lr.is_finite() && t.lr > 0.0) {
-            return Err(Error::usage(format!(
-                "train.lr = {} is out of range: it must be a positive number",
-                t.lr
-            )));
-        }
-        in_range("train.weight_decay", t.weight_decay, 0.0, 1.0)?;
-        in_range("train.grad_clip", t.grad_clip, 0.0, f64::MAX)?;
-        in_range("train.ema_decay", t.ema_decay, 0.0, 0.99999)?;
-        in_range("train.label_dropout", t.label_dropout, 0.0, 1.0)?;
-        let d = &self.diffusion;
-        positive("diffusion.timesteps", d.timesteps)?;
-        in_range("diffusion.beta_start", d.beta_start, 1e-8, 0.5)?;
-        in_range("diffusion.beta_end", d.beta_end, d.beta_start, 0.999)?;
-        let s = &self.sampler;
-        positive("sampler.steps", s.steps)?;
-        if s.steps > d.timesteps {
-            return Err(Error::usage(format!(
-                "sampler.steps = {} is out of range: it must be at most diffusion.timesteps = {}",
-                s.steps, d.timesteps
-            )));
-        }
-        in_range("sampler.eta", s.eta, 0.0, 1.0)?;
-        if s.steps_offset >= d.timesteps / s.steps {
-            usage!(
-                "sampler.steps_offset = {} is out of range: it must be below the step stride diffusion.timesteps / sampler.steps = {}",
-                s.steps_offset,
-                d.timesteps / s.steps
-            );
-        }
-        in_range("sampler.guidance_scale", s.guidance_scale, 0.0, 100.0)?;
+        self.train.validate()?;
+        self.diffusion.validate()?;
+        self.sampler.validate(self.diffusion.timesteps)?;
         positive("eval.samples", self.eval.samples)?;
         positive("eval.batch_size", self.eval.batch_size)?;
-        positive("data.train_count", self.data.train_count)?;
-        positive("data.heldout_count", self.data.heldout_count)?;
-        let dt = &self.model.dit;
-        if self.model.kind == ModelKind::TinyDit && dt.in_channels == 4 {
-            if self.model.weights.is_none() {
-                usage!(
-                    "model.weights is not set: download facebookresearch's DiT-XL-2-256x256.pt \
-                     (https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt; CC-BY-NC) or the diffusers \
-                     directory facebook/DiT-XL-2-256 on huggingface.co, and set model.weights to its path"
-                );
-            }
-            if dt.vae.is_none() {
-                usage!(
-                    "model.dit.vae is not set: a latent DiT's samples are decoded by the SD VAE; download \
-                     stabilityai/sd-vae-ft-ema (or -mse) from huggingface.co and set model.dit.vae to its folder"
-                );
-            }
-        }
-        if self.model.kind == ModelKind::Sd {
-            let sd = &self.model.sd;
-            if self.model.weights.is_none() && !sd.random_weights {
-                usage!(
-                    "model.weights is not set: download Stable Diffusion v1.4 (the diffusers directory \
-                     CompVis/stable-diffusion-v1-4, or sd-v1-4.ckpt from CompVis/stable-diffusion-v-1-4-original, \
-                     both on huggingface.co; v1.5 works too) and set model.weights to its path \
-                     (model.sd.random_weights = true builds random weights, for tests only)"
-                );
-            }
-            if self.model.weights.is_some() && sd.random_weights {
-                usage!("model.sd.random_weights = true and model.weights are both set: choose one");
-            }
-            let multiple = crate::models::sd::latent_multiple(sd.preset);
-            if sd.resolution == 0 || sd.resolution % multiple != 0 {
-                usage!(
-                    "model.sd.resolution = {} is out of range: it must be a positive multiple of {multiple} for this preset",
-                    sd.resolution
-                );
-            }
-        }
-        let u = &self.model.unet;
-        positive("model.unet.base_channels", u.base_channels)?;
-        positive("model.unet.res_blocks", u.res_blocks)?;
-        positive("model.unet.attention_heads", u.attention_heads)?;
-        positive("model.unet.groups", u.groups)?;
-        if u.channel_mult.is_empty() || u.channel_mult.len() > 4 || u.channel_mult.contains(&0) {
-            usage!(
-                "model.unet.channel_mult = {:?} is out of range: give 1 to 4 positive multipliers",
-                u.channel_mult
-            );
-        }
-        for m in &u.channel_mult {
-            if (u.base_channels * m) % u.groups != 0 {
-                usage!(
-                    "model.unet.groups = {} must divide every level's channels (base_channels * channel_mult = {})",
-                    u.groups,
-                    u.base_channels * m
-                );
-            }
-        }
-        let lowest = u.base_channels * u.channel_mult.last().copied().unwrap_or(1);
-        if lowest % u.attention_heads != 0 {
-            usage!(
-                "model.unet.attention_heads = {} must divide the lowest level's {lowest} channels",
-                u.attention_heads
-            );
-        }
-        let dt = &self.model.dit;
-        positive("model.dit.depth", dt.depth)?;
-        positive("model.dit.heads", dt.heads)?;
-        positive("model.dit.mlp_ratio", dt.mlp_ratio)?;
-        positive("model.dit.in_channels", dt.in_channels)?;
-        positive("model.dit.num_classes", dt.num_classes)?;
-        if dt.freq_shift > 1 {
-            usage!(
-                "model.dit.freq_shift = {} is out of range: 0 (DiT's own) or 1 (diffusers')",
-                dt.freq_shift
-            );
-        }
-        if dt.patch_size == 0 || dt.input_size == 0 || dt.input_size % dt.patch_size != 0 {
-            usage!(
-                "model.dit.patch_size = {} is out of range: it must divide model.dit.input_size ({})",
-                dt.patch_size,
-                dt.input_size
-            );
-        }
-        if dt.hidden == 0 || dt.hidden % dt.heads != 0 || (dt.hidden / dt.heads) % 2 != 0 {
-            usage!(
-                "model.dit.hidden = {} must be a positive multiple of 2 * model.dit.heads ({})",
-                dt.hidden,
-                dt.heads
-            );
-        }
+        self.data.validate()?;
+        self.model.validate()?;
         crate::device::parse_device_spec(&self.run.device).map_err(|e| e.context("run.device"))?;
         self.quant.validate("quant")?;
         self.calib.validate("calib")?;
@@ -690,7 +232,8 @@ impl Config {
     }
 
     /// The config fields that change the math of training, flattened to `section.key = value`.
-    /// Two runs may share a checkpoint only if these agree (see [`fingerprint_diff`]).
+    /// Two runs may share a checkpoint only if these agree (`train::checkpoint::fingerprint_diff`,
+    /// with [`Config::default`]'s flattened keys as the values of keys a side lacks).
     pub fn fingerprint(&self) -> BTreeMap<String, String> {
         let mut flat = self.flattened();
         for key in NON_MATH_KEYS {
@@ -723,25 +266,6 @@ const NON_MATH_KEYS: &[&str] = &[
     "train.keep_checkpoints",
     "train.log_every",
 ];
-
-/// Keys whose values differ between two fingerprints, formatted `key: old -> new`.
-///
-/// A key that one side lacks counts as its default value there, so a checkpoint written before
-/// a config key existed still resumes when the key keeps its default.
-pub fn fingerprint_diff(saved: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
-    let defaults = Config::default().flattened();
-    let value = |map: &BTreeMap<String, String>, k: &String| map.get(k).or_else(|| defaults.get(k)).cloned();
-    let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter(|k| value(saved, k) != value(now, k))
-        .map(|k| {
-            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(absent)".into());
-            format!("{k}: {} -> {}", show(saved.get(k)), show(now.get(k)))
-        })
-        .collect()
-}
 
 fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
     match value {
@@ -800,6 +324,11 @@ fn one_line(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::checkpoint::fingerprint_diff;
+
+    fn defaults() -> BTreeMap<String, String> {
+        Config::default().flattened()
+    }
 
     #[test]
     fn defaults_validate() {
@@ -858,8 +387,8 @@ mod tests {
         let a = Config::parse("", "t", &[]).unwrap();
         let b = Config::parse("", "t", &["train.steps=5".into()]).unwrap();
         let c = Config::parse("", "t", &["train.lr=0.5".into()]).unwrap();
-        assert!(fingerprint_diff(&a.fingerprint(), &b.fingerprint()).is_empty());
-        let d = fingerprint_diff(&a.fingerprint(), &c.fingerprint());
+        assert!(fingerprint_diff(&a.fingerprint(), &b.fingerprint(), &defaults()).is_empty());
+        let d = fingerprint_diff(&a.fingerprint(), &c.fingerprint(), &defaults());
         assert_eq!(d.len(), 1);
         assert!(d[0].starts_with("train.lr"), "{d:?}");
     }
@@ -869,9 +398,9 @@ mod tests {
         let now = Config::parse("", "t", &[]).unwrap().fingerprint();
         let mut old = now.clone();
         old.remove("quant.weight_group_size");
-        assert!(fingerprint_diff(&old, &now).is_empty());
+        assert!(fingerprint_diff(&old, &now, &defaults()).is_empty());
         let changed = Config::parse("", "t", &["quant.weight_group_size=16".into()]).unwrap();
-        let d = fingerprint_diff(&old, &changed.fingerprint());
+        let d = fingerprint_diff(&old, &changed.fingerprint(), &defaults());
         assert_eq!(d, vec!["quant.weight_group_size: (absent) -> 16".to_string()]);
     }
 }

@@ -54,6 +54,22 @@ pub fn io_err(path: &std::path::Path, err: std::io::Error) -> Error {
     Error::runtime(format!("{}: {err}", path.display()))
 }
 
+/// A config count that must be at least 1 (`key` names it in the error).
+pub fn positive(key: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        return Err(Error::usage(format!("{key} = 0 is out of range: it must be at least 1")));
+    }
+    Ok(())
+}
+
+/// A config number that must be finite and in `[lo, hi]`.
+pub fn in_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
+    if !(v.is_finite() && v >= lo && v <= hi) {
+        return Err(Error::usage(format!("{key} = {v} is out of range: it must be in [{lo}, {hi}]")));
+    }
+    Ok(())
+}
+
 /// Shorthand for early returns with a usage error.
 #[macro_export]
 macro_rules! usage {

@@ -6,6 +6,40 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+/// Every stream id and seed derivation of the crate in one table: a run's randomness is
+/// `SeededRng::derived(run.seed, id)` per purpose, so adding a draw to one purpose never shifts
+/// another's numbers. Changing a value here changes every result that used it (the committed
+/// records stop reproducing): add new ids, never renumber.
+pub mod stream {
+    /// `msfp pretrain`: the model's initial weights.
+    pub const PRETRAIN_INIT: u64 = 0;
+    /// `msfp pretrain`: timesteps, noise and label dropout, in step order.
+    pub const PRETRAIN_TRAIN: u64 = 1;
+    /// `msfp pretrain`: the data order of epoch e is stream `PRETRAIN_EPOCH + e`.
+    pub const PRETRAIN_EPOCH: u64 = 1000;
+    /// `msfp train-classifier`: initial weights and batches.
+    pub const CLASSIFIER_INIT: u64 = 0;
+    pub const CLASSIFIER_TRAIN: u64 = 1;
+    /// Fine-tuning (`msfp train`): the calibration trajectories' classes and noise.
+    pub const FINETUNE_CALIB: u64 = 10;
+    /// Fine-tuning: the adapters' initial A factors.
+    pub const FINETUNE_ADAPTERS: u64 = 11;
+    /// Fine-tuning: trajectory i (classes, x_T, sampler noise) is stream `FINETUNE_TRAJECTORY + i`.
+    pub const FINETUNE_TRAJECTORY: u64 = 1 << 32;
+    /// `model.sd.random_weights` (seed 0): one stream per network, so each builds alone.
+    pub const SD_RANDOM_UNET: u64 = 0;
+    pub const SD_RANDOM_VAE: u64 = 1;
+    pub const SD_RANDOM_TEXT: u64 = 2;
+    /// Calibration's activation reservoirs (`quant::calib::ActStats`), from the site's seed.
+    pub const CALIB_RESERVOIR: u64 = 0x5eed_ac75;
+    /// Seeds derived from `run.seed` rather than streams: site i's observer seed is
+    /// `seed + i`; its timestep slot k's reservoir seed is that `^ ((k + 1) << 40)`;
+    /// HQ-DiT's random Hadamard signs for site i are seeded `seed ^ (HADAMARD_SIGNS + i)`.
+    pub const HADAMARD_SIGNS: u64 = 0x4844_0000;
+    /// The shift of a timestep slot's reservoir seed (see [`HADAMARD_SIGNS`]).
+    pub const SLOT_SHIFT: u32 = 40;
+}
+
 #[derive(Clone, Debug)]
 pub struct SeededRng {
     inner: ChaCha8Rng,

@@ -1,11 +1,38 @@
 //! MNIST in its IDX format (optionally gzipped), padded to 32x32 and scaled to [-1, 1].
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, positive};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Directory holding the MNIST IDX files.
+    pub dir: PathBuf,
+    /// Digits used for training (the first `train_count` of the file).
+    pub train_count: usize,
+    /// Held-out digits (the last `heldout_count` of the file), never trained on.
+    pub heldout_count: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self { dir: "data".into(), train_count: 9000, heldout_count: 1000 }
+    }
+}
+
+impl DataConfig {
+    /// `[data]`'s ranges.
+    pub fn validate(&self) -> Result<()> {
+        positive("data.train_count", self.train_count)?;
+        positive("data.heldout_count", self.heldout_count)?;
+        Ok(())
+    }
+}
 
 pub const IMAGES_FILE: &str = "mnist-10k-images-idx3-ubyte.gz";
 pub const LABELS_FILE: &str = "mnist-10k-labels-idx1-ubyte.gz";
@@ -64,7 +91,7 @@ impl Mnist {
     }
 
     /// Loads a split as the `[data]` section of a config describes it.
-    pub fn from_config(cfg: &crate::config::DataConfig, split: Split) -> Result<Self> {
+    pub fn from_config(cfg: &DataConfig, split: Split) -> Result<Self> {
         Self::load(&cfg.dir, split, cfg.train_count, cfg.heldout_count)
     }
 

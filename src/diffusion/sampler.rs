@@ -8,12 +8,77 @@
 //! `gamma` is the "denoising factor" MSFP's DFA loss weights by, so each step exposes it.
 
 use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
 
 use super::NoiseSchedule;
-use crate::config::{SamplerConfig, SamplerKind};
+use crate::base::step::StepCtx;
+use crate::error::{Error, Result, in_range, positive};
 use crate::models::{Cond, Denoiser};
-use crate::nn::StepCtx;
 use crate::rng::SeededRng;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplerKind {
+    Ddim,
+    Ddpm,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplerConfig {
+    pub kind: SamplerKind,
+    pub steps: usize,
+    /// DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like variance).
+    pub eta: f64,
+    /// Classifier-free guidance scale (1 = conditional model only, no guidance).
+    pub guidance_scale: f64,
+    /// Clip the predicted clean image to [-1, 1] at every step (and use the noise consistent
+    /// with it), as pixel-space DDPM does; keeps an imperfect model's trajectory in range.
+    pub clip_x0: bool,
+    /// Added to every sampling timestep (diffusers' `steps_offset`; SD1.x: 1, so DDIM 50 visits
+    /// t = 981, 961, ..., 1).
+    pub steps_offset: usize,
+    /// The last step goes to alpha-bar 1 (a clean image); `false` stops at alpha-bar of t = 0,
+    /// as SD1.x's scheduler (`set_alpha_to_one = false`).
+    pub set_alpha_to_one: bool,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        Self {
+            kind: SamplerKind::Ddim,
+            steps: 50,
+            eta: 0.0,
+            guidance_scale: 2.0,
+            clip_x0: false,
+            steps_offset: 0,
+            set_alpha_to_one: true,
+        }
+    }
+}
+
+impl SamplerConfig {
+    /// `[sampler]`'s ranges; `timesteps` is `diffusion.timesteps`.
+    pub fn validate(&self, timesteps: usize) -> Result<()> {
+        positive("sampler.steps", self.steps)?;
+        if self.steps > timesteps {
+            return Err(Error::usage(format!(
+                "sampler.steps = {} is out of range: it must be at most diffusion.timesteps = {}",
+                self.steps, timesteps
+            )));
+        }
+        in_range("sampler.eta", self.eta, 0.0, 1.0)?;
+        if self.steps_offset >= timesteps / self.steps {
+            usage!(
+                "sampler.steps_offset = {} is out of range: it must be below the step stride diffusion.timesteps / sampler.steps = {}",
+                self.steps_offset,
+                timesteps / self.steps
+            );
+        }
+        in_range("sampler.guidance_scale", self.guidance_scale, 0.0, 100.0)?;
+        Ok(())
+    }
+}
 
 /// One denoising step from timestep `t` to `t_prev` (`None` = the clean image).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -182,7 +247,7 @@ pub fn sample(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DiffusionConfig;
+    use crate::diffusion::schedule::{BetaSchedule, DiffusionConfig};
 
     fn schedule() -> NoiseSchedule {
         NoiseSchedule::new(&DiffusionConfig::default())
@@ -190,8 +255,8 @@ mod tests {
 
     #[test]
     fn sd_timesteps_follow_diffusers_steps_offset_and_final_alpha() {
-        let cfg = crate::config::DiffusionConfig {
-            schedule: crate::config::BetaSchedule::ScaledLinear,
+        let cfg = DiffusionConfig {
+            schedule: BetaSchedule::ScaledLinear,
             beta_start: 0.00085,
             beta_end: 0.012,
             ..Default::default()

@@ -2,7 +2,43 @@
 
 use burn::tensor::{Tensor, TensorData};
 
-use crate::config::{BetaSchedule, DiffusionConfig};
+use serde::{Deserialize, Serialize};
+
+use std::path::Path;
+
+use crate::error::{Error, Result, in_range, positive};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BetaSchedule {
+    Linear,
+    ScaledLinear,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiffusionConfig {
+    pub schedule: BetaSchedule,
+    pub timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+}
+
+impl Default for DiffusionConfig {
+    fn default() -> Self {
+        Self { schedule: BetaSchedule::Linear, timesteps: 1000, beta_start: 1e-4, beta_end: 0.02 }
+    }
+}
+
+impl DiffusionConfig {
+    /// `[diffusion]`'s ranges.
+    pub fn validate(&self) -> Result<()> {
+        positive("diffusion.timesteps", self.timesteps)?;
+        in_range("diffusion.beta_start", self.beta_start, 1e-8, 0.5)?;
+        in_range("diffusion.beta_end", self.beta_end, self.beta_start, 0.999)?;
+        Ok(())
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct NoiseSchedule {
@@ -54,6 +90,61 @@ impl NoiseSchedule {
         };
         x0 * coef(&|a| a.sqrt()) + noise * coef(&|a| (1.0 - a).sqrt())
     }
+}
+
+/// A diffusers directory's `scheduler/scheduler_config.json` is the model's own noise schedule:
+/// the job's `[diffusion]` and the sampler's offset must agree with it (an epsilon-predicting
+/// model with the betas it was trained with), else one usage error names both.
+pub fn check_diffusers_scheduler(
+    weights: Option<&Path>,
+    d: &DiffusionConfig,
+    s: &crate::diffusion::sampler::SamplerConfig,
+) -> Result<()> {
+    let Some(dir) = weights.filter(|w| w.is_dir()) else {
+        return Ok(());
+    };
+    let path = dir.join("scheduler").join("scheduler_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::usage(format!("{}: not JSON ({e})", path.display())))?;
+    let schedule = serde_json::to_value(d.schedule).expect("json");
+    let checks: [(&str, &str, Option<serde_json::Value>, serde_json::Value); 6] = [
+        ("beta_schedule", "diffusion.schedule", json.get("beta_schedule").cloned(), schedule),
+        ("beta_start", "diffusion.beta_start", json.get("beta_start").cloned(), d.beta_start.into()),
+        ("beta_end", "diffusion.beta_end", json.get("beta_end").cloned(), d.beta_end.into()),
+        (
+            "num_train_timesteps",
+            "diffusion.timesteps",
+            json.get("num_train_timesteps").cloned(),
+            d.timesteps.into(),
+        ),
+        ("steps_offset", "sampler.steps_offset", json.get("steps_offset").cloned(), s.steps_offset.into()),
+        (
+            "prediction_type",
+            "(msfp predicts epsilon)",
+            json.get("prediction_type").cloned(),
+            "epsilon".into(),
+        ),
+    ];
+    for (key, ours, theirs, value) in checks {
+        let agree = match (&theirs, &value) {
+            (None, _) => true,
+            (Some(a), b) if a.is_number() && b.is_number() => {
+                (a.as_f64().unwrap_or(f64::NAN) - b.as_f64().unwrap_or(f64::NAN)).abs() < 1e-12
+            }
+            (Some(a), b) => a == b,
+        };
+        if !agree {
+            usage!(
+                "{}: the model's {key} is {} but {ours} is {value}; set it to the model's value",
+                path.display(),
+                theirs.unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

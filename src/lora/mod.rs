@@ -1,15 +1,25 @@
 //! Low-rank adapters for quantization-aware fine-tuning. [`talora`] holds MSFP's timestep-aware
-//! LoRA bank (K adapters per layer, placement merged or branch) and [`router`] the routers that
-//! pick one adapter per denoising step. K = 1 is plain (QA)LoRA.
+//! LoRA bank (K adapters per layer, placement merged or branch); the router that picks one
+//! adapter per denoising step is a small network, `nn::router` (its kind, [`RouterKind`], is
+//! configured here). K = 1 is plain (QA)LoRA.
 
-pub mod router;
 pub mod talora;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-pub use router::{Router, RouterKind};
 pub use talora::{Placement, Talora};
+
+/// How the adapter of a denoising step is chosen (`lora.router`).
+/// - `range`: K equal ranges of the training timesteps, no parameters.
+/// - `learned`: a small MLP on the sinusoidal timestep embedding (see `nn::router`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterKind {
+    #[default]
+    Range,
+    Learned,
+}
 
 /// `[lora]`: the adapters attached to every quantized layer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -15,7 +15,8 @@ pub fn dfa_weights(gammas: &[f64], power: f64) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DiffusionConfig, SamplerConfig, SamplerKind};
+    use crate::diffusion::sampler::{SamplerConfig, SamplerKind};
+    use crate::diffusion::schedule::DiffusionConfig;
     use crate::diffusion::{NoiseSchedule, Sampler};
 
     #[test]

@@ -3,17 +3,149 @@
 //! and facebookresearch's DiT-XL/2 are this code at two configs ([`DitConfig::published`]).
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use std::path::{Path, PathBuf};
 
-use crate::config::DitConfig;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, positive};
 use crate::kernels::norm::layer_norm_modulate;
-use crate::lora::Router;
+use crate::nn::Router;
+use crate::nn::site::QuantSite;
 use crate::nn::{
     ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, add_gated, gelu, gelu_tanh, silu,
     timestep_embedding_shifted,
 };
-use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DitConfig {
+    pub patch_size: usize,
+    pub hidden: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp_ratio: usize,
+    /// Input channels: 1 for MNIST pixels, 4 for SD-VAE latents (DiT-XL/2).
+    pub in_channels: usize,
+    /// Input side: 32 pixels for MNIST, 32 latents for DiT-XL/2 at 256 px (64 at 512 px).
+    pub input_size: usize,
+    /// Class labels; the null label of classifier-free guidance is one more.
+    pub num_classes: usize,
+    /// DiT's learned variance: twice `in_channels` out, of which the first half is eps.
+    pub learn_sigma: bool,
+    /// The MLP's GELU with the tanh approximation (DiT's) instead of the exact erf form.
+    pub gelu_tanh: bool,
+    /// Timestep frequencies `exp(-ln(1e4) i / (128 - freq_shift))`: 0 is DiT's own (and the tiny
+    /// DiT's), 1 is diffusers' `DiTTransformer2DModel` (its `downscale_freq_shift = 1`).
+    pub freq_shift: usize,
+    /// The SD AutoencoderKL that decodes a latent DiT's samples (`stabilityai/sd-vae-ft-ema` or
+    /// `-mse`, a diffusers folder); required when `in_channels` is 4.
+    pub vae: Option<PathBuf>,
+}
+
+impl Default for DitConfig {
+    fn default() -> Self {
+        Self {
+            patch_size: 4,
+            hidden: 128,
+            depth: 6,
+            heads: 4,
+            mlp_ratio: 4,
+            in_channels: 1,
+            input_size: 32,
+            num_classes: 10,
+            learn_sigma: false,
+            gelu_tanh: false,
+            freq_shift: 0,
+            vae: None,
+        }
+    }
+}
+
+impl DitConfig {
+    /// Output channels: eps, and with `learn_sigma` the variance half.
+    pub fn out_channels(&self) -> usize {
+        self.in_channels * if self.learn_sigma { 2 } else { 1 }
+    }
+
+    /// facebookresearch/DiT's class-conditional ImageNet models on SD-VAE latents (8x down,
+    /// 4 channels): `DiT-XL/2`, `DiT-B/2`, `DiT-S/2` at `image` = 256 or 512 pixels.
+    pub fn published(name: &str, image: usize) -> Option<Self> {
+        let (hidden, depth, heads) = match name {
+            "DiT-XL/2" => (1152, 28, 16),
+            "DiT-B/2" => (768, 12, 12),
+            "DiT-S/2" => (384, 12, 6),
+            _ => return None,
+        };
+        Some(Self {
+            patch_size: 2,
+            hidden,
+            depth,
+            heads,
+            mlp_ratio: 4,
+            in_channels: 4,
+            input_size: image / 8,
+            num_classes: 1000,
+            learn_sigma: true,
+            gelu_tanh: true,
+            freq_shift: 0,
+            vae: None,
+        })
+    }
+}
+
+impl DitConfig {
+    /// `[model.dit]`'s ranges.
+    pub fn validate(&self) -> Result<()> {
+        positive("model.dit.depth", self.depth)?;
+        positive("model.dit.heads", self.heads)?;
+        positive("model.dit.mlp_ratio", self.mlp_ratio)?;
+        positive("model.dit.in_channels", self.in_channels)?;
+        positive("model.dit.num_classes", self.num_classes)?;
+        if self.freq_shift > 1 {
+            usage!(
+                "model.dit.freq_shift = {} is out of range: 0 (DiT's own) or 1 (diffusers')",
+                self.freq_shift
+            );
+        }
+        if self.patch_size == 0 || self.input_size == 0 || self.input_size % self.patch_size != 0 {
+            usage!(
+                "model.dit.patch_size = {} is out of range: it must divide model.dit.input_size ({})",
+                self.patch_size,
+                self.input_size
+            );
+        }
+        if self.hidden == 0 || self.hidden % self.heads != 0 || (self.hidden / self.heads) % 2 != 0 {
+            usage!(
+                "model.dit.hidden = {} must be a positive multiple of 2 * model.dit.heads ({})",
+                self.hidden,
+                self.heads
+            );
+        }
+        Ok(())
+    }
+
+    /// A latent DiT (DiT-XL/2) needs its published weights and the SD VAE that decodes it.
+    pub fn validate_files(&self, weights: Option<&Path>) -> Result<()> {
+        if self.in_channels == 4 {
+            if weights.is_none() {
+                usage!(
+                    "model.weights is not set: download facebookresearch's DiT-XL-2-256x256.pt \
+                     (https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt; CC-BY-NC) or the diffusers \
+                     directory facebook/DiT-XL-2-256 on huggingface.co, and set model.weights to its path"
+                );
+            }
+            if self.vae.is_none() {
+                usage!(
+                    "model.dit.vae is not set: a latent DiT's samples are decoded by the SD VAE; download \
+                     stabilityai/sd-vae-ft-ema (or -mse) from huggingface.co and set model.dit.vae to its folder"
+                );
+            }
+        }
+        Ok(())
+    }
+}
 
 const FREQ_DIM: usize = 256;
 

@@ -16,8 +16,8 @@ use std::path::Path;
 use burn::tensor::Device;
 
 use super::dit::Dit;
+use super::dit::DitConfig;
 use crate::base::params::{self, HostTensor, NamedTensors};
-use crate::config::DitConfig;
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
 use crate::models::sd::weights::{DIFFUSERS_MODEL_FILES, load_diffusers_file, pick_file};

@@ -10,8 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use super::NUM_CLASSES;
 use super::clip::ClipTextModel;
 use super::clip::tokenizer::{ClipTokenizer, MAX_LEN};
-use super::sd::{AutoencoderKl, SdArch};
-use crate::config::Config;
+use super::sd::{AutoencoderKl, SdArch, SdConfig};
 use crate::error::{Error, Result};
 use crate::rng::SeededRng;
 
@@ -111,7 +110,7 @@ impl Family {
 
     /// A DiT of `cfg`: its class labels and sample shape; a latent DiT's samples are decoded by
     /// `vae` (DiT-XL/2: the SD AutoencoderKL, sd-vae-ft-ema/mse).
-    pub fn dit(cfg: &crate::config::DitConfig, vae: Option<AutoencoderKl>, device: &Device) -> Self {
+    pub fn dit(cfg: &super::dit::DitConfig, vae: Option<AutoencoderKl>, device: &Device) -> Self {
         Self {
             conditioner: Conditioner::Classes { classes: cfg.num_classes },
             sample_shape: [cfg.in_channels, cfg.input_size, cfg.input_size],
@@ -130,12 +129,11 @@ impl Family {
 
     /// SD: prompts from `model.sd.prompts`, the given text encoder and VAE.
     pub fn sd(
-        cfg: &Config,
+        sd: &SdConfig,
         text_encoder: ClipTextModel,
         vae: AutoencoderKl,
         device: &Device,
     ) -> Result<Self> {
-        let sd = &cfg.model.sd;
         let arch = SdArch::of(sd.preset);
         let side = sd.resolution / arch.vae_factor();
         let tokenizer = ClipTokenizer::sd()?;

@@ -9,7 +9,10 @@ pub mod sd;
 pub mod unet;
 
 use burn::module::Module;
+use std::path::PathBuf;
+
 use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
 
 pub use classifier::Classifier;
 pub use dit::Dit;
@@ -17,9 +20,74 @@ pub use family::{Cond, Family};
 pub use sd::SdUnet;
 pub use unet::TinyUnet;
 
-use crate::config::{ModelConfig, ModelKind};
+pub use dit::DitConfig;
+pub use sd::{SdConfig, SdPreset};
+pub use unet::UnetConfig;
+
+use crate::error::Result;
 use crate::nn::StepCtx;
 use crate::rng::SeededRng;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    TinyUnet,
+    /// The DiT code: the tiny MNIST DiT or, with `[model.dit]` set so, DiT-XL/2 as published.
+    #[serde(alias = "dit")]
+    TinyDit,
+    /// Stable Diffusion v1.x (`[model.sd]`): text-conditioned latent diffusion.
+    Sd,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub kind: ModelKind,
+    /// Weights to load for `sample`/`eval` (safetensors written by `pretrain`).
+    pub weights: Option<PathBuf>,
+    pub unet: UnetConfig,
+    pub dit: DitConfig,
+    pub sd: SdConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            kind: ModelKind::TinyUnet,
+            weights: None,
+            unet: UnetConfig::default(),
+            dit: DitConfig::default(),
+            sd: SdConfig::default(),
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The smallest tiny UNet the unit tests build (8 base channels, two levels).
+    #[cfg(test)]
+    pub fn test_unet() -> Self {
+        let mut cfg = Self::default();
+        cfg.unet.base_channels = 8;
+        cfg.unet.channel_mult = vec![1, 2];
+        cfg.unet.attention_heads = 2;
+        cfg.unet.groups = 4;
+        cfg
+    }
+}
+
+impl ModelConfig {
+    /// `[model]` and its family's section (a kind's own checks only for that kind).
+    pub fn validate(&self) -> Result<()> {
+        if self.kind == ModelKind::TinyDit {
+            self.dit.validate_files(self.weights.as_deref())?;
+        }
+        if self.kind == ModelKind::Sd {
+            self.sd.validate(self.weights.as_deref())?;
+        }
+        self.unet.validate()?;
+        self.dit.validate()
+    }
+}
 
 /// Number of classes of the tiny models (MNIST digits); label `NUM_CLASSES` is the null label.
 pub const NUM_CLASSES: usize = 10;
@@ -53,7 +121,7 @@ impl Denoiser {
     }
 
     /// Every quantizable layer, in forward order, with its module path.
-    pub fn quant_sites(&mut self) -> Vec<crate::quant::site::QuantSite<'_>> {
+    pub fn quant_sites(&mut self) -> Vec<crate::nn::site::QuantSite<'_>> {
         match self {
             Denoiser::Unet(m) => m.quant_sites(),
             Denoiser::Dit(m) => m.quant_sites(),
@@ -61,7 +129,7 @@ impl Denoiser {
         }
     }
 
-    pub fn router(&self) -> Option<&crate::lora::Router> {
+    pub fn router(&self) -> Option<&crate::nn::Router> {
         match self {
             Denoiser::Unet(m) => m.router.as_ref(),
             Denoiser::Dit(m) => m.router.as_ref(),
@@ -69,7 +137,7 @@ impl Denoiser {
         }
     }
 
-    pub fn router_mut(&mut self) -> &mut Option<crate::lora::Router> {
+    pub fn router_mut(&mut self) -> &mut Option<crate::nn::Router> {
         match self {
             Denoiser::Unet(m) => &mut m.router,
             Denoiser::Dit(m) => &mut m.router,

@@ -4,15 +4,70 @@
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
+use serde::{Deserialize, Serialize};
 
-use crate::config::UnetConfig;
-use crate::lora::Router;
+use crate::error::{Result, positive};
+use crate::nn::Router;
+use crate::nn::site::QuantSite;
 use crate::nn::{
     ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, StepCtx, add, add_channel_shift, silu,
     timestep_embedding,
 };
-use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnetConfig {
+    /// Channels at the full resolution.
+    pub base_channels: usize,
+    /// Channel multiplier per resolution level (each level after the first halves H and W).
+    pub channel_mult: Vec<usize>,
+    /// Residual blocks per level on the way down (the way up has one more, as in LDM).
+    pub res_blocks: usize,
+    /// Self-attention heads at the lowest resolution.
+    pub attention_heads: usize,
+    /// GroupNorm groups.
+    pub groups: usize,
+}
+
+impl Default for UnetConfig {
+    fn default() -> Self {
+        Self { base_channels: 32, channel_mult: vec![1, 2, 2], res_blocks: 1, attention_heads: 4, groups: 8 }
+    }
+}
+
+impl UnetConfig {
+    /// `[model.unet]`'s ranges.
+    pub fn validate(&self) -> Result<()> {
+        positive("model.unet.base_channels", self.base_channels)?;
+        positive("model.unet.res_blocks", self.res_blocks)?;
+        positive("model.unet.attention_heads", self.attention_heads)?;
+        positive("model.unet.groups", self.groups)?;
+        if self.channel_mult.is_empty() || self.channel_mult.len() > 4 || self.channel_mult.contains(&0) {
+            usage!(
+                "model.unet.channel_mult = {:?} is out of range: give 1 to 4 positive multipliers",
+                self.channel_mult
+            );
+        }
+        for m in &self.channel_mult {
+            if (self.base_channels * m) % self.groups != 0 {
+                usage!(
+                    "model.unet.groups = {} must divide every level's channels (base_channels * channel_mult = {})",
+                    self.groups,
+                    self.base_channels * m
+                );
+            }
+        }
+        let lowest = self.base_channels * self.channel_mult.last().copied().unwrap_or(1);
+        if lowest % self.attention_heads != 0 {
+            usage!(
+                "model.unet.attention_heads = {} must divide the lowest level's {lowest} channels",
+                self.attention_heads
+            );
+        }
+        Ok(())
+    }
+}
 
 #[derive(Module, Debug)]
 pub struct ResBlock {

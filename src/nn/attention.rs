@@ -66,8 +66,8 @@ impl SelfAttention {
 
     /// The attention's quantization sites under `prefix`, in forward order: the two projections
     /// and, after `qkv`, the four matmul inputs.
-    pub fn sites<'a>(&'a mut self, prefix: &str, out: &mut Vec<crate::quant::site::QuantSite<'a>>) {
-        use crate::quant::site::QuantSite;
+    pub fn sites<'a>(&'a mut self, prefix: &str, out: &mut Vec<crate::nn::site::QuantSite<'a>>) {
+        use crate::nn::site::QuantSite;
         let device = self.qkv.weight.val().device();
         out.push(QuantSite::linear(format!("{prefix}.qkv"), &mut self.qkv, false));
         out.push(QuantSite::matmul(format!("{prefix}.q_in"), &mut self.q_in, false, &device));
@@ -189,8 +189,8 @@ impl Attention {
     }
 
     /// The attention's quantization sites under `prefix`, in forward order.
-    pub fn sites<'a>(&'a mut self, prefix: &str, out: &mut Vec<crate::quant::site::QuantSite<'a>>) {
-        use crate::quant::site::QuantSite;
+    pub fn sites<'a>(&'a mut self, prefix: &str, out: &mut Vec<crate::nn::site::QuantSite<'a>>) {
+        use crate::nn::site::QuantSite;
         let device = self.to_q.weight.val().device();
         out.push(QuantSite::linear(format!("{prefix}.to_q"), &mut self.to_q, false));
         out.push(QuantSite::linear(format!("{prefix}.to_k"), &mut self.to_k, false));

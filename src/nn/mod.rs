@@ -7,6 +7,8 @@ pub mod conv;
 pub mod embedding;
 pub mod linear;
 pub mod norm;
+pub mod router;
+pub mod site;
 
 pub use crate::base::init;
 pub use crate::base::step::{Route, StepCtx};
@@ -18,6 +20,7 @@ pub use conv::Conv2d;
 pub use embedding::{ClassEmbedding, Embedding, timestep_embedding, timestep_embedding_shifted};
 pub use linear::Linear;
 pub use norm::{GroupNorm, LayerNorm, layer_norm};
+pub use router::Router;
 
 /// The `branch` TALoRA placement's adapters of a layer, when it has them (its full-precision
 /// low-rank path beside the quantized weight).

@@ -52,9 +52,10 @@ pub fn train_classifier(cfg: &Config) -> Result<ClassifierSummary> {
     let device = crate::device::make_device(&cfg.run.device)?.autodiff();
     let train = Mnist::from_config(&cfg.data, Split::Train)?;
     let held = Mnist::from_config(&cfg.data, Split::Heldout)?;
-    let mut model = Classifier::new(&mut SeededRng::derived(cfg.run.seed, 0), &device);
+    let mut model =
+        Classifier::new(&mut SeededRng::derived(cfg.run.seed, crate::rng::stream::CLASSIFIER_INIT), &device);
     let mut optim = AdamW::new(cfg.train.weight_decay, cfg.train.grad_clip);
-    let mut rng = SeededRng::derived(cfg.run.seed, 1);
+    let mut rng = SeededRng::derived(cfg.run.seed, crate::rng::stream::CLASSIFIER_TRAIN);
     let mut stream = super::pretrain::DataStream::new(cfg.run.seed, train.len(), Default::default());
     let progress = Progress::new("classifier", 0, cfg.train.steps);
     for step in 0..cfg.train.steps {

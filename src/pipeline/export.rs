@@ -45,7 +45,7 @@ fn weight_sets(lora: Option<&crate::lora::Talora>) -> usize {
 
 /// Makes a quantized layer compute with fixed weight sets `[sets, rows, fan_in]` (the deployed
 /// form) instead of re-quantizing its weight every call; merged adapters are folded into them.
-fn install_weight_sets(site: &mut crate::quant::site::QuantSite<'_>, values: Tensor<3>) {
+fn install_weight_sets(site: &mut crate::nn::site::QuantSite<'_>, values: Tensor<3>) {
     if site.layer.lora().is_some_and(|l| l.placement == Placement::Merged) {
         site.layer.set_lora(None);
     }
@@ -73,7 +73,7 @@ pub fn deploy(student: &Denoiser) -> Denoiser {
 
 /// The weights a quantized layer computes with, `[sets, rows, fan_in]` on the host: one set per
 /// adapter for the merged placement (each with its adapter folded in), else one.
-fn deployed_weights(site: &crate::quant::site::QuantSite<'_>) -> (Vec<f32>, [usize; 3]) {
+fn deployed_weights(site: &crate::nn::site::QuantSite<'_>) -> (Vec<f32>, [usize; 3]) {
     let sets = weight_sets(site.layer.lora());
     let dims = site.layer.weight_dims();
     let (rows, fan_in) = (dims[0], dims[1..].iter().product::<usize>());

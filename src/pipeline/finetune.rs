@@ -26,15 +26,10 @@ use crate::diffusion::{NoiseSchedule, Sampler, sample};
 use crate::error::{Error, Result};
 use crate::models::{Cond, Denoiser, Family};
 use crate::nn::StepCtx;
-use crate::rng::SeededRng;
+use crate::rng::{SeededRng, stream};
 use crate::train::checkpoint::{self, Checkpoint, DataCursor, TrainState};
 use crate::train::metrics::{MetricsLog, Progress, StepMetrics};
 use crate::train::optim::{AdamW, learning_rate};
-
-/// RNG streams derived from the run seed.
-pub const STREAM_CALIB: u64 = 10;
-pub const STREAM_ADAPTERS: u64 = 11;
-const STREAM_TRAJECTORY: u64 = 1 << 32;
 
 pub const PLAN_FILE: &str = "student_plan.json";
 pub const PTQ_FILE: &str = "ptq.safetensors";
@@ -81,7 +76,7 @@ struct Trajectory {
 
 impl Trajectory {
     fn start(family: &Family, seed: u64, iteration: usize, batch: usize, device: &Device) -> Self {
-        let mut rng = SeededRng::derived(seed, STREAM_TRAJECTORY + iteration as u64);
+        let mut rng = SeededRng::derived(seed, stream::FINETUNE_TRAJECTORY + iteration as u64);
         let cond = family.draw(&mut rng, batch);
         let [c, h, w] = family.sample_shape;
         let x = rng.normals(batch * c * h * w);
@@ -308,7 +303,7 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
     let (mut model, plan) = match &resume_dir {
         Some(dir) => {
             let ckpt = checkpoint::load(dir)?;
-            checkpoint::check_compatible(&ckpt, &job, &fingerprint)?;
+            checkpoint::check_compatible(&ckpt, &job, &fingerprint, &Config::default().flattened())?;
             saved_trajectory = saved_trajectory_of(&ckpt, dir)?;
             let plan = StudentPlan::load(&out_dir.join(PLAN_FILE))?;
             // On the teacher's own weights (one copy in memory), as calibrate_student builds it.
@@ -453,7 +448,7 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
                 dir: PathBuf::new(),
                 state: TrainState {
                     step: done,
-                    rng: SeededRng::derived(cfg.run.seed, STREAM_TRAJECTORY).state(),
+                    rng: SeededRng::derived(cfg.run.seed, stream::FINETUNE_TRAJECTORY).state(),
                     cursor: DataCursor { epoch: iteration as u64, position: position + 1 },
                     job: job.clone(),
                     fingerprint: fingerprint.clone(),
@@ -512,7 +507,7 @@ pub fn calibrate_student(
     let n = cfg.finetune.calib_samples;
     let conditions: Vec<usize> = (0..n).map(|i| i % family.cycle_len()).collect();
     tracing::info!("calibrating on {n} teacher trajectories of {} steps", sampler.steps.len());
-    let sites = crate::quant::plan::calibrate(
+    let sites = super::calibrate::calibrate(
         &mut model,
         &cfg.quant,
         &cfg.calib,
@@ -520,7 +515,7 @@ pub fn calibrate_student(
         cfg.diffusion.timesteps,
         cfg.run.seed,
         |m| {
-            let mut rng = SeededRng::derived(cfg.run.seed, STREAM_CALIB);
+            let mut rng = SeededRng::derived(cfg.run.seed, stream::FINETUNE_CALIB);
             for chunk in conditions.chunks(cfg.train.batch_size) {
                 let (cond, null) = (family.cond(chunk).from_inner(), family.null(chunk.len()).from_inner());
                 sample(m, sampler, &cond, &null, family.sample_shape, &mut rng, ad);
@@ -689,7 +684,7 @@ pub fn export_run(cfg: &Config, checkpoint: Option<&Path>, out: &Path, device: &
 }
 
 /// How many of `sampler`'s steps the router sends to each adapter.
-pub fn usage(router: &crate::lora::Router, sampler: &Sampler, device: &Device) -> Vec<usize> {
+pub fn usage(router: &crate::nn::Router, sampler: &Sampler, device: &Device) -> Vec<usize> {
     let mut counts = vec![0; router.adapters];
     for s in &sampler.steps {
         counts[router.choice(s.t, device)] += 1;
@@ -698,7 +693,7 @@ pub fn usage(router: &crate::lora::Router, sampler: &Sampler, device: &Device) -
 }
 
 /// The adapter the router picks at each timestep of the schedule, as a plot.
-fn router_plot(path: &Path, router: &crate::lora::Router, sampler: &Sampler, device: &Device) -> Result<()> {
+fn router_plot(path: &Path, router: &crate::nn::Router, sampler: &Sampler, device: &Device) -> Result<()> {
     let points: Vec<(f64, f64)> =
         sampler.steps.iter().rev().map(|s| (s.t as f64, router.choice(s.t, device) as f64)).collect();
     let img = crate::report::plot::line_plot(&[(points, [200, 60, 40])], false, "timestep", "adapter");

@@ -1,6 +1,7 @@
 //! The stages of a job, each a plain function over a config.
 
 pub mod ablation;
+pub mod calibrate;
 pub mod classifier;
 pub mod eval;
 pub mod export;

@@ -15,15 +15,10 @@ use crate::diffusion::NoiseSchedule;
 use crate::error::{Error, Result};
 use crate::models::{Denoiser, NUM_CLASSES};
 use crate::nn::StepCtx;
-use crate::rng::SeededRng;
+use crate::rng::{SeededRng, stream};
 use crate::train::checkpoint::{self, Checkpoint, DataCursor, TrainState};
 use crate::train::metrics::{MetricsLog, Progress, StepMetrics};
 use crate::train::optim::{AdamW, Ema, learning_rate};
-
-/// RNG streams derived from the run seed, one per purpose.
-pub const STREAM_INIT: u64 = 0;
-pub const STREAM_TRAIN: u64 = 1;
-const STREAM_EPOCH: u64 = 1000;
 
 /// Where to resume from.
 #[derive(Debug, Clone)]
@@ -63,7 +58,7 @@ pub struct DataStream {
 
 impl DataStream {
     pub fn new(seed: u64, n: usize, cursor: DataCursor) -> Self {
-        let order = SeededRng::derived(seed, STREAM_EPOCH + cursor.epoch).permutation(n);
+        let order = SeededRng::derived(seed, stream::PRETRAIN_EPOCH + cursor.epoch).permutation(n);
         Self { seed, n, cursor, order }
     }
 
@@ -76,8 +71,8 @@ impl DataStream {
         while out.len() < size {
             if self.cursor.position == self.n {
                 self.cursor = DataCursor { epoch: self.cursor.epoch + 1, position: 0 };
-                self.order =
-                    SeededRng::derived(self.seed, STREAM_EPOCH + self.cursor.epoch).permutation(self.n);
+                self.order = SeededRng::derived(self.seed, stream::PRETRAIN_EPOCH + self.cursor.epoch)
+                    .permutation(self.n);
             }
             out.push(self.order[self.cursor.position]);
             self.cursor.position += 1;
@@ -142,21 +137,22 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
     let job = job_name(cfg);
     let fingerprint = cfg.fingerprint();
 
-    let mut model = Denoiser::new(&cfg.model, &mut SeededRng::derived(cfg.run.seed, STREAM_INIT), &device);
+    let mut model =
+        Denoiser::new(&cfg.model, &mut SeededRng::derived(cfg.run.seed, stream::PRETRAIN_INIT), &device);
     if let Some(path) = &cfg.train.init_weights {
         model = crate::pipeline::sample::load_weights_into(model, path, cfg)?;
         tracing::info!("warm start from {}", path.display());
     }
     let mut optim = AdamW::new(cfg.train.weight_decay, cfg.train.grad_clip);
     let mut ema = (cfg.train.ema_decay > 0.0).then(|| Ema::new(&model, cfg.train.ema_decay));
-    let mut rng = SeededRng::derived(cfg.run.seed, STREAM_TRAIN);
+    let mut rng = SeededRng::derived(cfg.run.seed, stream::PRETRAIN_TRAIN);
     let mut cursor = DataCursor::default();
     let mut start = 0;
 
     let resume_dir = resume.dir(&out_dir)?;
     if let Some(dir) = &resume_dir {
         let ckpt = checkpoint::load(dir)?;
-        checkpoint::check_compatible(&ckpt, &job, &fingerprint)?;
+        checkpoint::check_compatible(&ckpt, &job, &fingerprint, &Config::default().flattened())?;
         model = params::load_into(model, &ckpt.trainable, &dir.join(checkpoint::TRAINABLE))?;
         optim.load_state(&ckpt.optimizer, ckpt.optimizer_step, &device.clone().inner());
         if let (Some(e), Some(saved)) = (ema.as_mut(), &ckpt.ema) {

@@ -68,9 +68,13 @@ pub fn load_family(cfg: &Config, device: &Device) -> Result<Family> {
             Ok(Family::dit(dit, vae, device))
         }
         ModelKind::Sd => {
-            crate::models::sd::check_scheduler(cfg)?;
+            crate::diffusion::schedule::check_diffusers_scheduler(
+                cfg.model.weights.as_deref(),
+                &cfg.diffusion,
+                &cfg.sampler,
+            )?;
             let (text_encoder, vae) = load_sd_conditioning(&cfg.model, device)?;
-            Family::sd(cfg, text_encoder, vae, device)
+            Family::sd(&cfg.model.sd, text_encoder, vae, device)
         }
     }
 }

@@ -11,8 +11,9 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::lora::{LoraConfig, Router, Talora};
+use crate::lora::{LoraConfig, Talora};
 use crate::models::Denoiser;
+use crate::nn::Router;
 use crate::quant::format::Format;
 use crate::quant::layer::{ActQuant, LayerQuant, WeightQuant};
 use crate::quant::plan::SiteReport;
@@ -156,7 +157,7 @@ pub fn attach_adapters(model: &mut Denoiser, lora: &LoraConfig, timesteps: usize
     if !lora.enabled() {
         return;
     }
-    let mut rng = SeededRng::derived(seed, super::finetune::STREAM_ADAPTERS);
+    let mut rng = SeededRng::derived(seed, crate::rng::stream::FINETUNE_ADAPTERS);
     let mut device = None;
     for mut site in model.quant_sites() {
         if site.layer.quant().is_none_or(|q| q.weight.is_none()) {

@@ -36,7 +36,7 @@ use rayon::prelude::*;
 
 use super::format::{Format, Round, Rounder};
 use crate::error::Result;
-use crate::rng::SeededRng;
+use crate::rng::{SeededRng, stream};
 
 /// How many elements share one scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -506,9 +506,6 @@ pub struct ActStats {
     next: u64,
 }
 
-/// Stream tag of the reservoir's random numbers.
-const RESERVOIR_STREAM: u64 = 0x5eed_ac75;
-
 impl ActStats {
     /// Empty statistics keeping a reservoir of at most `capacity` values.
     pub fn new(capacity: usize, seed: u64) -> Self {
@@ -522,7 +519,7 @@ impl ActStats {
             sum_sq: 0.0,
             capacity,
             sample: Vec::new(),
-            rng: SeededRng::derived(seed, RESERVOIR_STREAM),
+            rng: SeededRng::derived(seed, stream::CALIB_RESERVOIR),
             w: 1.0,
             next: capacity as u64,
         }

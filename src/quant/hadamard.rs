@@ -341,8 +341,8 @@ mod tests {
     /// the full-precision output stays within 1e-5.
     #[test]
     fn rotating_every_linear_layer_of_a_dit_keeps_its_output() {
-        use crate::config::{ModelConfig, ModelKind};
         use crate::models::Denoiser;
+        use crate::models::{ModelConfig, ModelKind};
         use burn::tensor::Int;
         let device = Device::flex();
         let mut cfg = ModelConfig { kind: ModelKind::TinyDit, ..Default::default() };
@@ -364,7 +364,7 @@ mod tests {
         let mut rotated = build();
         let mut kinds = Vec::new();
         for (i, mut site) in rotated.quant_sites().into_iter().enumerate() {
-            if let crate::quant::site::LayerMut::Linear(_) = site.layer {
+            if let crate::nn::site::LayerMut::Linear(_) = site.layer {
                 let spec = HadamardSpec::for_width(site.layer.weight_dims()[1], i as u64).unwrap();
                 site.layer.set_hadamard(spec).unwrap();
                 kinds.push(site.path.rsplit('.').next().unwrap().to_string());

@@ -116,7 +116,14 @@ pub struct SlotStats {
 impl SlotStats {
     pub fn new(slots: usize, timesteps: usize, capacity: usize, seed: u64) -> Self {
         let per_slot = if slots > 1 {
-            (0..slots).map(|k| super::calib::ActStats::new(capacity, seed ^ ((k as u64 + 1) << 40))).collect()
+            (0..slots)
+                .map(|k| {
+                    super::calib::ActStats::new(
+                        capacity,
+                        seed ^ ((k as u64 + 1) << crate::rng::stream::SLOT_SHIFT),
+                    )
+                })
+                .collect()
         } else {
             Vec::new()
         };

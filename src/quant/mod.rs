@@ -18,7 +18,6 @@ pub mod mixup;
 pub mod pack;
 pub mod plan;
 pub mod quantizer;
-pub mod site;
 
 pub use format::{Encoding, FloatRounder, Format, IntRounder, Kind, Round, Rounder};
 pub use quantizer::{fake_quantize, fake_quantize_grouped, fake_quantize_ops, grid_round, grid_round_ste};

@@ -17,7 +17,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::base::fs::atomic_write;
 use crate::base::params::{NamedTensors, load_safetensors, save_safetensors};
-use crate::config::fingerprint_diff;
 use crate::error::{Error, Result, io_err};
 use crate::rng::RngState;
 
@@ -175,8 +174,14 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     Ok(Checkpoint { dir: dir.to_path_buf(), state, trainable, optimizer, optimizer_step, ema, trajectory })
 }
 
-/// Refuses a checkpoint trained for another job or with a config that changes the math.
-pub fn check_compatible(ckpt: &Checkpoint, job: &str, fingerprint: &BTreeMap<String, String>) -> Result<()> {
+/// Refuses a checkpoint trained for another job or with a config that changes the math
+/// (`defaults`: the default config's fingerprint, for keys the checkpoint predates).
+pub fn check_compatible(
+    ckpt: &Checkpoint,
+    job: &str,
+    fingerprint: &BTreeMap<String, String>,
+    defaults: &BTreeMap<String, String>,
+) -> Result<()> {
     if ckpt.state.job != job {
         return Err(Error::usage(format!(
             "{}: checkpoint was written by `{}`, this run is `{job}`; resume it with its own config",
@@ -184,7 +189,7 @@ pub fn check_compatible(ckpt: &Checkpoint, job: &str, fingerprint: &BTreeMap<Str
             ckpt.state.job
         )));
     }
-    let diff = fingerprint_diff(&ckpt.state.fingerprint, fingerprint);
+    let diff = fingerprint_diff(&ckpt.state.fingerprint, fingerprint, defaults);
     if !diff.is_empty() {
         return Err(Error::usage(format!(
             "{}: the config differs from the checkpoint's in keys that change the math: {}; restore them or start a new out_dir",
@@ -193,4 +198,26 @@ pub fn check_compatible(ckpt: &Checkpoint, job: &str, fingerprint: &BTreeMap<Str
         )));
     }
     Ok(())
+}
+
+/// Keys whose values differ between two fingerprints, formatted `key: old -> new`.
+///
+/// A key that one side lacks counts as its value in `defaults` there, so a checkpoint written
+/// before a config key existed still resumes when the key keeps its default.
+pub fn fingerprint_diff(
+    saved: &BTreeMap<String, String>,
+    now: &BTreeMap<String, String>,
+    defaults: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let value = |map: &BTreeMap<String, String>, k: &String| map.get(k).or_else(|| defaults.get(k)).cloned();
+    let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| value(saved, k) != value(now, k))
+        .map(|k| {
+            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(absent)".into());
+            format!("{k}: {} -> {}", show(saved.get(k)), show(now.get(k)))
+        })
+        .collect()
 }

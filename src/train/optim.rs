@@ -11,8 +11,8 @@ use burn::tensor::Gradients;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::{LrSchedule, TrainConfig};
 use crate::base::params::{HostTensor, NamedTensors, collect_grads, for_each_param, map_params};
-use crate::config::{LrSchedule, TrainConfig};
 
 /// `f` over `items`, in order; on the rayon pool when `parallel`.
 fn for_each_maybe_parallel<T: Send, R: Send>(

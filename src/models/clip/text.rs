@@ -37,7 +37,7 @@ impl ClipTextConfig {
     }
 
     /// Reads transformers' `text_encoder/config.json` (QuickGELU only, as CLIP ViT-L/14).
-    pub fn from_json(path: &std::path::Path) -> crate::Result<Self> {
+    pub fn from_json(path: &std::path::Path) -> crate::error::Result<Self> {
         #[derive(serde::Deserialize)]
         struct Raw {
             vocab_size: usize,
@@ -50,9 +50,10 @@ impl ClipTextConfig {
             hidden_act: Option<String>,
         }
         let text = std::fs::read_to_string(path)
-            .map_err(|e| crate::Error::usage(format!("{}: {e}", path.display())))?;
-        let raw: Raw = serde_json::from_str(&text)
-            .map_err(|e| crate::Error::usage(format!("{}: not a CLIP text config ({e})", path.display())))?;
+            .map_err(|e| crate::error::Error::usage(format!("{}: {e}", path.display())))?;
+        let raw: Raw = serde_json::from_str(&text).map_err(|e| {
+            crate::error::Error::usage(format!("{}: not a CLIP text config ({e})", path.display()))
+        })?;
         if raw.hidden_act.as_deref().is_some_and(|a| a != "quick_gelu") {
             usage!(
                 "{}: hidden_act {:?} is not supported (quick_gelu, as CLIP ViT-L/14)",

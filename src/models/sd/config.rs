@@ -1,11 +1,90 @@
 //! Typed configs of SD's UNet and VAE, with presets for the published models and a reader for
 //! the `config.json` diffusers writes beside the weights.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+/// Which published Stable Diffusion architecture `[model.sd]` builds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SdPreset {
+    Sd14,
+    Sd15,
+    /// A test-size SD (the layout of `tests/fixtures/sd/tiny/diffusers`): 3-level UNet of 8/16/16
+    /// channels, 2-level VAE, 3-layer CLIP with a 1,000-token vocabulary (token ids are folded
+    /// into it).
+    Tiny,
+}
+
+/// Which UNet weights of a CompVis checkpoint that holds both to use.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EmaSetting {
+    /// EMA weights when the file has them.
+    Auto,
+    Ema,
+    NonEma,
+}
+
+/// `[model.sd]`: Stable Diffusion v1.x. `model.weights` is the user's download: a diffusers
+/// directory or a CompVis single file (`sd-v1-4.ckpt`, `.safetensors`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SdConfig {
+    pub preset: SdPreset,
+    pub ema: EmaSetting,
+    /// Image side in pixels (SD1.x: 512); latents are `resolution / 8` for the SD VAE.
+    pub resolution: usize,
+    /// Prompts, one per line (`#` comments and blank lines skipped): the distillation
+    /// trajectories draw from them, evaluation and calibration cycle through them.
+    pub prompts: PathBuf,
+    /// The unconditional branch of classifier-free guidance (SD: the empty prompt).
+    pub negative_prompt: String,
+    /// Builds the architecture with random weights instead of loading `model.weights`: for
+    /// tests and benchmarks only (the samples are noise).
+    pub random_weights: bool,
+}
+
+impl Default for SdConfig {
+    fn default() -> Self {
+        Self {
+            preset: SdPreset::Sd14,
+            ema: EmaSetting::Auto,
+            resolution: 512,
+            prompts: "configs/prompts/sd_prompts.txt".into(),
+            negative_prompt: String::new(),
+            random_weights: false,
+        }
+    }
+}
+
+impl SdConfig {
+    /// `[model.sd]`'s ranges; `weights` is `model.weights`.
+    pub fn validate(&self, weights: Option<&Path>) -> Result<()> {
+        if weights.is_none() && !self.random_weights {
+            usage!(
+                "model.weights is not set: download Stable Diffusion v1.4 (the diffusers directory \
+                 CompVis/stable-diffusion-v1-4, or sd-v1-4.ckpt from CompVis/stable-diffusion-v-1-4-original, \
+                 both on huggingface.co; v1.5 works too) and set model.weights to its path \
+                 (model.sd.random_weights = true builds random weights, for tests only)"
+            );
+        }
+        if weights.is_some() && self.random_weights {
+            usage!("model.sd.random_weights = true and model.weights are both set: choose one");
+        }
+        let multiple = super::latent_multiple(self.preset);
+        if self.resolution == 0 || self.resolution % multiple != 0 {
+            usage!(
+                "model.sd.resolution = {} is out of range: it must be a positive multiple of {multiple} for this preset",
+                self.resolution
+            );
+        }
+        Ok(())
+    }
+}
 
 /// How many heads each level's attention has: a fixed count (diffusers' SD1.x configs call it
 /// `attention_head_dim`, but it is the number of heads: 8; CompVis' `num_heads`) or a fixed head

@@ -9,9 +9,9 @@ pub mod unet;
 pub mod vae;
 pub mod weights;
 
-pub use config::{Heads, UnetConfig, VaeConfig};
+pub use config::{EmaSetting, Heads, SdConfig, SdPreset, UnetConfig, VaeConfig};
 
-use crate::config::{EmaSetting, ModelConfig, SdPreset};
+use crate::models::ModelConfig;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 pub use unet::SdUnet;
 pub use vae::AutoencoderKl;
@@ -22,7 +22,7 @@ use burn::tensor::Device;
 
 use crate::base::params::{self, NamedTensors};
 use crate::error::{Error, Result};
-use crate::rng::SeededRng;
+use crate::rng::{SeededRng, stream};
 
 /// The three networks of a preset.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,11 +73,6 @@ pub fn latent_multiple(preset: SdPreset) -> usize {
     arch.vae_factor() << (arch.unet.block_out_channels.len() - 1)
 }
 
-/// RNG streams of `model.sd.random_weights` (one per network, so each can be built alone).
-const STREAM_UNET: u64 = 0;
-const STREAM_VAE: u64 = 1;
-const STREAM_TEXT: u64 = 2;
-
 /// The user's download named by `model.weights`, read whole (tensors by diffusers name), or
 /// `None` for `model.sd.random_weights`.
 fn read_weights(
@@ -111,7 +106,7 @@ pub fn load_sd_unet(cfg: &ModelConfig, device: &Device) -> Result<SdUnet> {
     let arch = SdArch::of(cfg.sd.preset);
     match read_weights(cfg, &arch, weights::Parts::UNET)? {
         Some((w, path)) => load_unet(&arch.unet, w.unet, &path, device),
-        None => Ok(SdUnet::new(&arch.unet, &mut SeededRng::derived(0, STREAM_UNET), device)),
+        None => Ok(SdUnet::new(&arch.unet, &mut SeededRng::derived(0, stream::SD_RANDOM_UNET), device)),
     }
 }
 
@@ -124,62 +119,10 @@ pub fn load_sd_conditioning(cfg: &ModelConfig, device: &Device) -> Result<(ClipT
             load_vae(&arch.vae, w.vae, &path, device)?,
         )),
         None => Ok((
-            ClipTextModel::new(&arch.text, &mut SeededRng::derived(0, STREAM_TEXT), device),
-            AutoencoderKl::new(&arch.vae, &mut SeededRng::derived(0, STREAM_VAE), device),
+            ClipTextModel::new(&arch.text, &mut SeededRng::derived(0, stream::SD_RANDOM_TEXT), device),
+            AutoencoderKl::new(&arch.vae, &mut SeededRng::derived(0, stream::SD_RANDOM_VAE), device),
         )),
     }
-}
-
-/// A diffusers directory's `scheduler/scheduler_config.json` is the model's own noise schedule:
-/// the job's `[diffusion]` and the sampler's offset must agree with it (an epsilon-predicting
-/// model with the betas it was trained with), else one usage error names both.
-pub fn check_scheduler(cfg: &crate::config::Config) -> Result<()> {
-    let Some(dir) = cfg.model.weights.as_ref().filter(|w| w.is_dir()) else {
-        return Ok(());
-    };
-    let path = dir.join("scheduler").join("scheduler_config.json");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(());
-    };
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::usage(format!("{}: not JSON ({e})", path.display())))?;
-    let (d, s) = (&cfg.diffusion, &cfg.sampler);
-    let schedule = serde_json::to_value(d.schedule).expect("json");
-    let checks: [(&str, &str, Option<serde_json::Value>, serde_json::Value); 6] = [
-        ("beta_schedule", "diffusion.schedule", json.get("beta_schedule").cloned(), schedule),
-        ("beta_start", "diffusion.beta_start", json.get("beta_start").cloned(), d.beta_start.into()),
-        ("beta_end", "diffusion.beta_end", json.get("beta_end").cloned(), d.beta_end.into()),
-        (
-            "num_train_timesteps",
-            "diffusion.timesteps",
-            json.get("num_train_timesteps").cloned(),
-            d.timesteps.into(),
-        ),
-        ("steps_offset", "sampler.steps_offset", json.get("steps_offset").cloned(), s.steps_offset.into()),
-        (
-            "prediction_type",
-            "(msfp predicts epsilon)",
-            json.get("prediction_type").cloned(),
-            "epsilon".into(),
-        ),
-    ];
-    for (key, ours, theirs, value) in checks {
-        let agree = match (&theirs, &value) {
-            (None, _) => true,
-            (Some(a), b) if a.is_number() && b.is_number() => {
-                (a.as_f64().unwrap_or(f64::NAN) - b.as_f64().unwrap_or(f64::NAN)).abs() < 1e-12
-            }
-            (Some(a), b) => a == b,
-        };
-        if !agree {
-            usage!(
-                "{}: the model's {key} is {} but {ours} is {value}; set it to the model's value",
-                path.display(),
-                theirs.unwrap_or_default()
-            );
-        }
-    }
-    Ok(())
 }
 
 /// A diffusers directory's `unet/config.json` must describe the preset's UNet: a v2.x or

@@ -7,11 +7,11 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::config::UnetConfig;
-use crate::lora::Router;
+use crate::nn::Router;
+use crate::nn::site::QuantSite;
 use crate::nn::{
     Attention, Conv2d, GroupNorm, LayerNorm, Linear, StepCtx, add, add_channel_shift, gelu, silu,
 };
-use crate::quant::site::QuantSite;
 use crate::rng::SeededRng;
 
 /// Sinusoidal timestep features `[B] -> [B, dim]` as diffusers' `get_timestep_embedding`:

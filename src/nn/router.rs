@@ -1,4 +1,5 @@
-//! TALoRA routers: map the denoising step's timestep to one of K adapters.
+//! TALoRA's router (MSFP): maps the denoising step's timestep to one of K adapters. It is a
+//! small network of this layer's modules, so it lives in `nn`; its kind is `lora::RouterKind`.
 //!
 //! - `range`: K equal ranges of the training timesteps, no parameters.
 //! - `learned`: a small MLP on the sinusoidal timestep embedding, shared by all layers. Forward
@@ -11,20 +12,12 @@
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 
-use crate::nn::silu;
 use burn::tensor::{Device, Tensor, TensorData};
-use serde::{Deserialize, Serialize};
 
-use crate::nn::{Linear, Route, StepCtx, timestep_embedding};
+use super::{Linear, silu, timestep_embedding};
+use crate::base::step::{Route, StepCtx};
+use crate::lora::RouterKind;
 use crate::rng::SeededRng;
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum RouterKind {
-    #[default]
-    Range,
-    Learned,
-}
 
 const EMBED_DIM: usize = 32;
 

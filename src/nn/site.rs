@@ -5,9 +5,9 @@
 
 use burn::tensor::Device;
 
+use super::attention::MatmulInput;
+use super::{Conv2d, Linear};
 use crate::base::params::HostTensor;
-use crate::nn::attention::MatmulInput;
-use crate::nn::{Conv2d, Linear};
 use crate::quant::layer::LayerQuant;
 
 /// Mutable access to a quantizable layer.
@@ -69,15 +69,15 @@ impl LayerMut<'_> {
     }
 
     /// The weight the layer computes with at `ctx` (adapted and fake-quantized), on the host.
-    pub fn effective_weight_host(&self, ctx: &crate::nn::StepCtx) -> HostTensor {
+    pub fn effective_weight_host(&self, ctx: &crate::base::step::StepCtx) -> HostTensor {
         match self {
-            LayerMut::Linear(l) => HostTensor::from_tensor(&crate::nn::quantized_weight(
+            LayerMut::Linear(l) => HostTensor::from_tensor(&super::quantized_weight(
                 l.weight.val(),
                 l.quant.as_ref(),
                 l.lora.as_ref(),
                 ctx,
             )),
-            LayerMut::Conv2d(c) => HostTensor::from_tensor(&crate::nn::quantized_weight(
+            LayerMut::Conv2d(c) => HostTensor::from_tensor(&super::quantized_weight(
                 c.weight.val(),
                 c.quant.as_ref(),
                 c.lora.as_ref(),
