@@ -100,7 +100,7 @@ fn qat_step(device_spec: &str, device: &Device) -> serde_json::Value {
     let schedule = msfp::diffusion::NoiseSchedule::new(&cfg.diffusion);
     let sampler = msfp::pipeline::finetune::trajectory_sampler(&cfg, &schedule);
     let (mut model, plan) = msfp::pipeline::finetune::calibrate_student(
-        msfp::pipeline::sample::load_model(&cfg, None, device).expect("teacher"),
+        msfp::models::registry::load_denoiser(&cfg.model, None, device).expect("teacher"),
         &cfg,
         &msfp::models::Family::tiny(device),
         &sampler,
@@ -154,7 +154,7 @@ fn gpu_memory_used_mib() -> Option<f64> {
 fn sd14_step(device: &Device, latent: usize, batch: usize, warmup: usize, runs: usize) -> serde_json::Value {
     let cfg = sd14::config(latent);
     let t0 = Instant::now();
-    let teacher = msfp::pipeline::sample::load_model(&cfg, None, device).expect("SD UNet");
+    let teacher = msfp::models::registry::load_denoiser(&cfg.model, None, device).expect("SD UNet");
     let build_s = t0.elapsed().as_secs_f64();
     let parameters = teacher.num_params();
     let inputs = sd14::Inputs::new(batch, latent, device);
@@ -185,7 +185,7 @@ fn sd14_step(device: &Device, latent: usize, batch: usize, warmup: usize, runs: 
     // Where a QAT step's time goes: the full-precision UNet's forward + backward, with gradients
     // for its input only (what the frozen base layers need) and for every weight.
     let grad_phase = |all_weights: bool| {
-        let m = msfp::pipeline::sample::load_model(&cfg, None, &ad).expect("SD UNet");
+        let m = msfp::models::registry::load_denoiser(&cfg.model, None, &ad).expect("SD UNet");
         let m = msfp::base::params::set_trainable(m, |_| all_weights);
         let (ms, all) = median_ms(1, 2, || {
             let x = ad_inputs.x.clone().require_grad();

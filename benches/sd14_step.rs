@@ -69,7 +69,7 @@ fn bench() {
         return;
     }
     let t0 = Instant::now();
-    let teacher = msfp::pipeline::sample::load_model(&cfg, None, &device).expect("SD UNet");
+    let teacher = msfp::models::registry::load_denoiser(&cfg.model, None, &device).expect("SD UNet");
     let build_s = t0.elapsed().as_secs_f64();
     let parameters = teacher.num_params();
     let inputs = sd14::Inputs::new(batch, latent, &device);

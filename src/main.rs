@@ -212,7 +212,7 @@ fn run(cli: Cli) -> Result<()> {
             let device = msfp::device::make_device(&cfg.run.device)?;
             let model = match packed {
                 Some(p) => pipeline::export::load_packed_model(&p, &device)?,
-                None => pipeline::sample::load_model(&cfg, weights.as_deref(), &device)?,
+                None => msfp::models::registry::load_denoiser(&cfg.model, weights.as_deref(), &device)?,
             };
             let mut family = pipeline::sample::load_family(&cfg, &device)?;
             if !prompt.is_empty() {
@@ -229,10 +229,10 @@ fn run(cli: Cli) -> Result<()> {
                 ));
             }
             let device = msfp::device::make_device(&cfg.run.device)?;
-            let model = pipeline::sample::load_model(&cfg, weights.as_deref(), &device)?;
+            let model = msfp::models::registry::load_denoiser(&cfg.model, weights.as_deref(), &device)?;
             let other = compare
                 .as_deref()
-                .map(|w| pipeline::sample::load_model(&cfg, Some(w), &device))
+                .map(|w| msfp::models::registry::load_denoiser(&cfg.model, Some(w), &device))
                 .transpose()?;
             let report = pipeline::eval::evaluate(&cfg, &model, other.as_ref(), &device)?;
             println!("{}", serde_json::to_string_pretty(&report).expect("json"));

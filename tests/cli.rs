@@ -414,7 +414,7 @@ fn train_resumes_bit_exactly_and_exports_a_packed_model_that_samples_identically
     let (real, _) = msfp::pipeline::sample::generate(&packed, &family, &cfg, 4, 7, &device);
     let differing = fake.iter().zip(&real).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
     assert_eq!(differing, 0, "packed and fake-quant samples differ in {differing} of {} values", fake.len());
-    let teacher = msfp::pipeline::sample::load_model(&cfg, None, &device).unwrap();
+    let teacher = msfp::models::registry::load_denoiser(&cfg.model, None, &device).unwrap();
     let (fp, _) = msfp::pipeline::sample::generate(&teacher, &family, &cfg, 4, 7, &device);
     assert!(fp != fake, "the student is quantized");
 

@@ -34,7 +34,7 @@ pub fn tiny_sd_step(spec: &str, device: &Device) -> serde_json::Value {
     let cfg = msfp::Config::load(Path::new("configs/msfp_sd_tiny.toml"), &[])
         .expect("configs/msfp_sd_tiny.toml (run from the repository root)");
     let ad = device.clone().autodiff();
-    let teacher = msfp::pipeline::sample::load_model(&cfg, None, &ad).expect("tiny SD UNet");
+    let teacher = msfp::models::registry::load_denoiser(&cfg.model, None, &ad).expect("tiny SD UNet");
     let (mut model, _, trainable) = sd14::student_of(teacher, &cfg);
     let latent = 8;
     let inputs = sd14::Inputs::with_context(2, latent, 32, &ad);

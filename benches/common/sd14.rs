@@ -69,7 +69,7 @@ impl Inputs {
 /// The W4A4 student on `device` (an autodiff device) with its adapters and quantizer scales
 /// trainable; also the plan (for export) and the number of trainable parameters.
 pub fn student(cfg: &msfp::Config, device: &Device) -> (Denoiser, StudentPlan, usize) {
-    student_of(msfp::pipeline::sample::load_model(cfg, None, device).expect("SD UNet"), cfg)
+    student_of(msfp::models::registry::load_denoiser(&cfg.model, None, device).expect("SD UNet"), cfg)
 }
 
 /// [`student`] built on `teacher`'s own weights: autodiff enabled on the same tensors, so the

@@ -323,7 +323,7 @@ pub fn serialize_canonical(
     }
     let mut text = serde_json::to_vec(&header).expect("json");
     // The format aligns the data section to 8 bytes by padding the header with spaces.
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + text.len() + raw.len() - 8 - n);

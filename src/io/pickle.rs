@@ -244,7 +244,7 @@ impl Machine {
     }
 
     fn set_items(&mut self, items: Vec<Id>) -> Result<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return bad("pickle dict items do not come in key/value pairs");
         }
         let pairs = items.chunks_exact(2).map(|p| (p[0], p[1]));

@@ -159,6 +159,8 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, quant: Quant) -> Flex
         let mut pq = quant.map(|_| zeros(r * m));
         heads.probs(i, r0, r, &mut p, pq.as_deref_mut(), quant, threads);
         let probs = pq.as_deref().unwrap_or(&p);
+        // Moves the whole `SendPtr` into the closure (a closure would capture only its field).
+        #[allow(clippy::redundant_locals)]
         let dst = dst;
         // SAFETY: block (i, r0) writes rows r0..r0 + r of head i's columns in the merged output,
         // which no other block writes; the operands are live.

@@ -327,13 +327,13 @@ fn tile_input<'a>(
 
 /// Whether rows `ld` floats apart share few cache sets (a multiple of 512 bytes).
 fn aliased(ld: usize) -> bool {
-    ld % 128 == 0
+    ld.is_multiple_of(128)
 }
 
 /// A row stride of at least `width` floats that is an odd number of 64-byte lines.
 fn padded(width: usize) -> usize {
     let ld = width.div_ceil(16) * 16;
-    if (ld / 16) % 2 == 0 { ld + 16 } else { ld }
+    if (ld / 16).is_multiple_of(2) { ld + 16 } else { ld }
 }
 
 /// `y = conv(x, W) + bias`.
@@ -355,6 +355,8 @@ pub fn forward_unfolded(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f
     tiles.par_iter().for_each_init(Vec::new, |col, &(b, oh0, rows)| {
         let x_b = &x[b * sample_len..(b + 1) * sample_len];
         let (rhs, rs) = tile_input(g, x_b, oh0, rows, col, false);
+        // Moves the whole `SendPtr` into the closure (a closure would capture only its field).
+        #[allow(clippy::redundant_locals)]
         let out = out;
         // SAFETY: the tile's block of y (c_out rows of rows * w_out at row stride n) belongs to
         // this tile alone; the operands are the slices just built or borrowed.

@@ -135,7 +135,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
         let parents = ops.parents;
         if let Some(node) = &parents[0] {
             let dx = input_grad(&dy, &values(w), m, d_in, d_out);
-            grads.register::<Flex>(node.id, tensor_like(dx, &x));
+            grads.register::<Flex>(node.id, tensor_like(dx, x));
         }
         let bias_node = if N == 3 { parents[N - 1].as_ref() } else { None };
         if parents[1].is_some() || bias_node.is_some() {

@@ -7,6 +7,7 @@
 /// it returns e^88 = 1.65e38 instead of up to 3.4e38 or infinity, so that `2^n` stays a normal
 /// number.
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes' coefficients as published
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 in two parts so that `x - n ln2` is exact for every `n` in range.
@@ -46,6 +47,7 @@ pub fn tanh(x: f32) -> f32 {
 /// The complementary error function within 1.2e-7 relative error everywhere (Numerical
 /// Recipes' Chebyshev fit `t e^(-z^2 + P(t))`, `t = 1 / (1 + z/2)`).
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // the fit's coefficients as published
 pub fn erfc(x: f32) -> f32 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);

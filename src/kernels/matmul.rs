@@ -104,6 +104,8 @@ fn products_into(
         let (lhs, rhs) = operands(i);
         let (offset, rs) = place(i);
         assert!(m == 0 || n == 0 || offset + (m - 1) * rs + n <= len, "product block inside the output");
+        // Moves the whole `SendPtr` into the closure (a closure would capture only its field).
+        #[allow(clippy::redundant_locals)]
         let dst = dst;
         // SAFETY: the operands address live tensor storage (offsets and strides from the
         // layouts); item i's block lies inside `out` (checked) and no other item's overlaps it.

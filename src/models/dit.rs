@@ -109,14 +109,17 @@ impl DitConfig {
                 self.freq_shift
             );
         }
-        if self.patch_size == 0 || self.input_size == 0 || self.input_size % self.patch_size != 0 {
+        if self.patch_size == 0 || self.input_size == 0 || !self.input_size.is_multiple_of(self.patch_size) {
             usage!(
                 "model.dit.patch_size = {} is out of range: it must divide model.dit.input_size ({})",
                 self.patch_size,
                 self.input_size
             );
         }
-        if self.hidden == 0 || self.hidden % self.heads != 0 || (self.hidden / self.heads) % 2 != 0 {
+        if self.hidden == 0
+            || !self.hidden.is_multiple_of(self.heads)
+            || !(self.hidden / self.heads).is_multiple_of(2)
+        {
             usage!(
                 "model.dit.hidden = {} must be a positive multiple of 2 * model.dit.heads ({})",
                 self.hidden,

@@ -50,7 +50,7 @@ impl UnetConfig {
             );
         }
         for m in &self.channel_mult {
-            if (self.base_channels * m) % self.groups != 0 {
+            if !(self.base_channels * m).is_multiple_of(self.groups) {
                 usage!(
                     "model.unet.groups = {} must divide every level's channels (base_channels * channel_mult = {})",
                     self.groups,
@@ -59,7 +59,7 @@ impl UnetConfig {
             }
         }
         let lowest = self.base_channels * self.channel_mult.last().copied().unwrap_or(1);
-        if lowest % self.attention_heads != 0 {
+        if !lowest.is_multiple_of(self.attention_heads) {
             usage!(
                 "model.unet.attention_heads = {} must divide the lowest level's {lowest} channels",
                 self.attention_heads

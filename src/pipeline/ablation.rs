@@ -409,7 +409,7 @@ pub fn run(
             let cfg = row_config(base, base_overrides, row, seed, out)?;
             let device = crate::device::make_device(&cfg.run.device)?;
             tracing::info!("{} seed {seed}: {}", row.id, row.what);
-            let teacher = super::sample::load_model(&cfg, None, &device)?;
+            let teacher = crate::models::registry::load_denoiser(&cfg.model, None, &device)?;
             let scorer = Scorer::new(&cfg, &device)?;
             let family = super::sample::load_family(&cfg, &device)?;
             let model = match row.stage {

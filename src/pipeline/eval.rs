@@ -200,6 +200,32 @@ pub fn write_report(path: &Path, report: &EvalReport) -> Result<()> {
     crate::base::fs::atomic_write(path, &serde_json::to_vec_pretty(report).expect("json"))
 }
 
+/// Adds (or replaces, by `model`) one row in a JSON list of results, e.g.
+/// `experiments/tiny-teachers/results.json`, recording the command that produced it.
+pub fn record(path: &Path, label: &str, report: &EvalReport, weights: &Path, command: &str) -> Result<()> {
+    let mut rows: Vec<serde_json::Value> = match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            crate::error::Error::runtime(format!(
+                "{}: not a JSON list of results ({e}); move it away to start a new one",
+                path.display()
+            ))
+        })?,
+        Err(_) => Vec::new(),
+    };
+    rows.retain(|r| r.get("model").and_then(|m| m.as_str()) != Some(label));
+    rows.push(serde_json::json!({
+        "model": label,
+        "fid": report.model.fid,
+        "fid_real_heldout": report.fid_real_heldout,
+        "accuracy": report.model.accuracy,
+        "samples": report.samples,
+        "sampler": report.sampler,
+        "weights": weights.display().to_string(),
+        "command": command,
+    }));
+    crate::base::fs::atomic_write(path, &serde_json::to_vec_pretty(&rows).expect("json"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,30 +270,4 @@ mod tests {
         // mse 0.04, peak^2 4: 10 log10(100) = 20 dB.
         assert!((psnr(&a, &b) - 20.0).abs() < 1e-6);
     }
-}
-
-/// Adds (or replaces, by `model`) one row in a JSON list of results, e.g.
-/// `experiments/tiny-teachers/results.json`, recording the command that produced it.
-pub fn record(path: &Path, label: &str, report: &EvalReport, weights: &Path, command: &str) -> Result<()> {
-    let mut rows: Vec<serde_json::Value> = match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-            crate::error::Error::runtime(format!(
-                "{}: not a JSON list of results ({e}); move it away to start a new one",
-                path.display()
-            ))
-        })?,
-        Err(_) => Vec::new(),
-    };
-    rows.retain(|r| r.get("model").and_then(|m| m.as_str()) != Some(label));
-    rows.push(serde_json::json!({
-        "model": label,
-        "fid": report.model.fid,
-        "fid_real_heldout": report.fid_real_heldout,
-        "accuracy": report.model.accuracy,
-        "samples": report.samples,
-        "sampler": report.sampler,
-        "weights": weights.display().to_string(),
-        "command": command,
-    }));
-    crate::base::fs::atomic_write(path, &serde_json::to_vec_pretty(&rows).expect("json"))
 }

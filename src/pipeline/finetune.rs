@@ -293,7 +293,7 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
     let sampler = trajectory_sampler(cfg, &schedule);
     let job = job_name(cfg);
     let fingerprint = fingerprint(cfg);
-    let teacher = super::sample::load_model(cfg, None, &device)?;
+    let teacher = crate::models::registry::load_denoiser(&cfg.model, None, &device)?;
     let family = super::sample::load_family(cfg, &device)?;
 
     let resume_dir = resume.dir(&out_dir)?;
@@ -657,7 +657,7 @@ fn distill_grads_unread(
 /// A student of `plan` with the trainable tensors of `path` (e.g. `ptq.safetensors`), for
 /// inference on `device`.
 pub fn load_student(cfg: &Config, plan: &StudentPlan, path: &Path, device: &Device) -> Result<Denoiser> {
-    let mut model = super::sample::load_model(cfg, None, device)?;
+    let mut model = crate::models::registry::load_denoiser(&cfg.model, None, device)?;
     student::build(&mut model, plan, cfg.run.seed)?;
     let (tensors, _) = params::load_safetensors(path)?;
     params::load_subset(model, &tensors, path)

@@ -140,7 +140,7 @@ pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
     let mut model =
         Denoiser::new(&cfg.model, &mut SeededRng::derived(cfg.run.seed, stream::PRETRAIN_INIT), &device);
     if let Some(path) = &cfg.train.init_weights {
-        model = crate::pipeline::sample::load_weights_into(model, path, cfg)?;
+        model = crate::models::registry::load_weights_into(model, path, cfg.model.kind)?;
         tracing::info!("warm start from {}", path.display());
     }
     let mut optim = AdamW::new(cfg.train.weight_decay, cfg.train.grad_clip);

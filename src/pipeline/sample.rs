@@ -8,75 +8,21 @@ use burn::tensor::Device;
 use crate::base::params;
 use crate::config::{Config, ModelKind};
 use crate::diffusion::{NoiseSchedule, Sampler, sample};
-use crate::error::{Error, Result};
-use crate::models::sd::{load_sd_conditioning, load_sd_unet};
+use crate::error::Result;
 use crate::models::{Denoiser, Family};
 use crate::rng::SeededRng;
 
-/// Builds the model of `cfg` and loads weights from `weights` (or `model.weights`). For SD, the
-/// UNet of the user's download (or of `model.sd.random_weights`); a DiT loads msfp's own
-/// safetensors or a published checkpoint (facebookresearch `.pt`, diffusers directory).
-pub fn load_model(cfg: &Config, weights: Option<&Path>, device: &Device) -> Result<Denoiser> {
-    if cfg.model.kind == ModelKind::Sd {
-        let mut model = cfg.model.clone();
-        if let Some(w) = weights {
-            model.weights = Some(w.to_path_buf());
-            model.sd.random_weights = false;
-        }
-        return Ok(Denoiser::Sd(load_sd_unet(&model, device)?));
-    }
-    let path = weights.or(cfg.model.weights.as_deref()).ok_or_else(|| {
-        Error::usage("no weights given: pass --weights FILE or set model.weights in the config")
-    })?;
-    if cfg.model.kind == ModelKind::TinyDit && crate::models::dit_weights::is_published(path) {
-        return Ok(Denoiser::Dit(crate::models::dit_weights::load_published(&cfg.model.dit, path, device)?));
-    }
-    load_weights_into(Denoiser::new(&cfg.model, &mut SeededRng::new(0), device), path, cfg)
-}
-
-/// Loads a `model.safetensors` into `model`, refusing a file written for another model kind.
-pub fn load_weights_into(model: Denoiser, path: &Path, cfg: &Config) -> Result<Denoiser> {
-    let (tensors, meta) = params::load_safetensors(path)?;
-    if let Some(kind) = meta.get("msfp.model") {
-        let want = serde_json::to_string(&cfg.model.kind).expect("json");
-        if *kind != want {
-            return Err(Error::usage(format!(
-                "{}: holds a {kind} model but the config's model.kind is {want}",
-                path.display()
-            )));
-        }
-    }
-    params::load_into(model, &tensors, path)
-}
-
-/// The model family of `cfg` on `device`: for SD the text encoder and VAE of the user's
-/// download (or random ones with `model.sd.random_weights`).
+/// The model family of `cfg` on `device` (`models::registry::load_family`), after checking a
+/// diffusers download's own noise schedule against the job's `[diffusion]` and `[sampler]`.
 pub fn load_family(cfg: &Config, device: &Device) -> Result<Family> {
-    match cfg.model.kind {
-        ModelKind::TinyUnet => Ok(Family::tiny(device)),
-        ModelKind::TinyDit => {
-            let dit = &cfg.model.dit;
-            let vae = match &dit.vae {
-                Some(path) => Some(crate::models::dit_weights::load_sd_vae(path, device)?),
-                None if dit.in_channels == 1 => None,
-                None => {
-                    return Err(Error::usage(
-                        "model.dit.vae is not set: a latent DiT's samples are decoded by the SD VAE (stabilityai/sd-vae-ft-ema)",
-                    ));
-                }
-            };
-            Ok(Family::dit(dit, vae, device))
-        }
-        ModelKind::Sd => {
-            crate::diffusion::schedule::check_diffusers_scheduler(
-                cfg.model.weights.as_deref(),
-                &cfg.diffusion,
-                &cfg.sampler,
-            )?;
-            let (text_encoder, vae) = load_sd_conditioning(&cfg.model, device)?;
-            Family::sd(&cfg.model.sd, text_encoder, vae, device)
-        }
+    if cfg.model.kind == ModelKind::Sd {
+        crate::diffusion::schedule::check_diffusers_scheduler(
+            cfg.model.weights.as_deref(),
+            &cfg.diffusion,
+            &cfg.sampler,
+        )?;
     }
+    crate::models::registry::load_family(&cfg.model, device)
 }
 
 /// Generates `n` images (conditions cycling through the family's classes or prompts) with the

@@ -76,7 +76,7 @@ impl SdConfig {
             usage!("model.sd.random_weights = true and model.weights are both set: choose one");
         }
         let multiple = super::latent_multiple(self.preset);
-        if self.resolution == 0 || self.resolution % multiple != 0 {
+        if self.resolution == 0 || !self.resolution.is_multiple_of(multiple) {
             usage!(
                 "model.sd.resolution = {} is out of range: it must be a positive multiple of {multiple} for this preset",
                 self.resolution
