@@ -122,9 +122,8 @@ fn qat_step(device_spec: &str, device: &Device) -> serde_json::Value {
         let m = model.clone();
         let loss = (m.forward(x, t, y, &StepCtx::at(500)) - target).square().mean();
         let grads = loss.backward();
-        let (next, _) = optim.step_groups(m, &grads, |p| {
-            if msfp::pipeline::student::group_of(p).is_some() { 1e-4 } else { 0.0 }
-        });
+        // Only the student's trainable parameters have gradients.
+        let (next, _) = optim.step_groups(m, &grads, |_| 1e-4);
         model = next;
         // Wait for the device: read one parameter value back.
         let _ = msfp::base::params::collect_trainable(&model).len();

@@ -12,7 +12,7 @@ use msfp::config::{DitConfig, ModelConfig, ModelKind};
 use msfp::lora::{LoraConfig, Placement, RouterKind};
 use msfp::models::Denoiser;
 use msfp::nn::StepCtx;
-use msfp::pipeline::student::{self, StudentPlan, group_of};
+use msfp::pipeline::student::{self, ParamGroups, StudentPlan};
 use msfp::quant::hadamard::HadamardSpec;
 use msfp::quant::plan::SiteReport;
 use msfp::rng::SeededRng;
@@ -100,13 +100,15 @@ pub fn student(
 }
 
 /// The student with its adapters and quantizer scales trainable, the rest frozen.
-pub fn trainable(model: Denoiser) -> Denoiser {
-    params::set_trainable(model, |p| group_of(p).is_some())
+pub fn trainable(mut model: Denoiser) -> Denoiser {
+    let groups = ParamGroups::of(&mut model);
+    params::set_trainable(model, |p| groups.group(p).is_some())
 }
 
 /// One QAT step: forward, MSE against the target, backward, AdamW on the student's groups.
 pub fn qat_step(model: Denoiser, inputs: &Inputs, optim: &mut AdamW) -> Denoiser {
     let pred = inputs.forward(&model);
     let grads = (pred - inputs.target.clone()).square().mean().backward();
-    optim.step_groups(model, &grads, |p| if group_of(p).is_some() { 1e-5 } else { 0.0 }).0
+    // Only the trainable parameters have gradients.
+    optim.step_groups(model, &grads, |_| 1e-5).0
 }

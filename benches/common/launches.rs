@@ -43,7 +43,8 @@ pub fn tiny_sd_step(spec: &str, device: &Device) -> serde_json::Value {
     // One observed step, phase by phase as `sd14::qat_step` runs it: launches by short kernel
     // name per phase (forward with the loss, backward, optimizer with the step's read), and the
     // host reads.
-    let lr = |p: &str| if msfp::pipeline::student::group_of(p).is_some() { 1e-5 } else { 0.0 };
+    // Only the student's trainable parameters have gradients.
+    let lr = |_: &str| 1e-5;
     let mut observe = |model: msfp::models::Denoiser| {
         let reads = msfp::base::params::host_reads();
         let mut phases = Vec::new();

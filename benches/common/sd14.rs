@@ -13,7 +13,7 @@ use msfp::base::params;
 use msfp::lora::{LoraConfig, Placement, RouterKind};
 use msfp::models::{Cond, Denoiser};
 use msfp::nn::StepCtx;
-use msfp::pipeline::student::{StudentPlan, group_of};
+use msfp::pipeline::student::StudentPlan;
 use msfp::rng::SeededRng;
 use msfp::train::optim::AdamW;
 
@@ -91,7 +91,8 @@ pub fn qat_step(model: Denoiser, inputs: &Inputs, optim: &mut AdamW) -> Denoiser
     let pred = inputs.forward(&model);
     let loss = (pred - inputs.target.clone()).square().mean();
     let grads = params::collect_grads(&model, &loss.backward());
-    let lr = |p: &str| if group_of(p).is_some() { 1e-5 } else { 0.0 };
+    // Only the student's trainable parameters have gradients.
+    let lr = |_: &str| 1e-5;
     let (model, squared_norm) = optim.step_deferred(model, grads, lr, |_| false);
     let _ = params::host_values(Tensor::cat(vec![loss.inner().reshape([1]), squared_norm], 0));
     model

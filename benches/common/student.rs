@@ -8,7 +8,7 @@
 use msfp::base::params;
 use msfp::lora::LoraConfig;
 use msfp::models::Denoiser;
-use msfp::pipeline::student::{self, StudentPlan, group_of};
+use msfp::pipeline::student::{self, ParamGroups, StudentPlan};
 use msfp::quant::plan::SiteReport;
 
 #[path = "scales.rs"]
@@ -42,8 +42,9 @@ pub fn w4a4(
         .collect();
     let plan = StudentPlan { sites, act_timestep_slots: 1, timesteps: 1000, lora };
     student::build(&mut model, &plan, 0).expect("student");
-    let model = scales::plausible(model, 0.01);
-    let model = params::set_trainable(model, |p| group_of(p).is_some());
+    let mut model = scales::plausible(model, 0.01);
+    let groups = ParamGroups::of(&mut model);
+    let model = params::set_trainable(model, |p| groups.group(p).is_some());
     let trainable = params::collect_trainable(&model).values().map(|t| t.data.len()).sum();
     (model, plan, trainable)
 }

@@ -105,6 +105,41 @@ pub fn collect<M: Module>(module: &M) -> NamedTensors {
     c.out
 }
 
+/// The ids of every float parameter of `module` (e.g. of one component, to find it in a model).
+pub fn param_ids<M: Module>(module: &M) -> Vec<burn::module::ParamId> {
+    struct V(Vec<burn::module::ParamId>);
+    impl ModuleVisitor for V {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.id);
+        }
+    }
+    let mut v = V(Vec::new());
+    module.visit(&mut v);
+    v.0
+}
+
+/// The path of every float parameter of `module`, by id.
+pub fn paths_by_id<M: Module>(module: &M) -> std::collections::HashMap<burn::module::ParamId, String> {
+    struct V {
+        tracker: PathTracker,
+        out: std::collections::HashMap<burn::module::ParamId, String>,
+    }
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.tracker.enter(name, container);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.tracker.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.out.insert(param.id, self.tracker.path());
+        }
+    }
+    let mut v = V { tracker: PathTracker::default(), out: Default::default() };
+    module.visit(&mut v);
+    v.out
+}
+
 /// Visits every float parameter with its path (read-only).
 pub fn for_each_param<M: Module>(module: &M, f: impl FnMut(&str, &Tensor<1>, &[usize])) {
     struct V<F> {

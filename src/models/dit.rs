@@ -14,7 +14,7 @@ use crate::nn::Router;
 use crate::nn::site::QuantSite;
 use crate::nn::{
     ClassEmbedding, Conv2d, Linear, SelfAttention, StepCtx, add_gated, gelu, gelu_tanh, silu,
-    timestep_embedding_shifted,
+    sinusoidal_embedding,
 };
 use crate::rng::SeededRng;
 
@@ -243,7 +243,7 @@ impl Dit {
         let tokens = self.patch_embed.forward(x, ctx).reshape([b, self.hidden, n]).swap_dims(1, 2);
         let mut x = tokens + pos_embed_2d(self.hidden, g, &device).unsqueeze::<3>();
 
-        let temb = timestep_embedding_shifted(t, FREQ_DIM, self.freq_shift);
+        let temb = sinusoidal_embedding(t, FREQ_DIM, self.freq_shift as f32, true);
         let c = self.t_embed_2.forward(silu(self.t_embed_1.forward(temb, ctx)), ctx)
             + self.class_embed.forward(y);
         for block in &self.blocks {

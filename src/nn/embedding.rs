@@ -9,19 +9,22 @@ use crate::rng::SeededRng;
 /// Sinusoidal embedding of (possibly fractional) timesteps, `[B] -> [B, dim]`, laid out
 /// `[cos | sin]` with frequencies `10000^(-i/half)` as in ADM/DiT.
 pub fn timestep_embedding(t: Tensor<1>, dim: usize) -> Tensor<2> {
-    timestep_embedding_shifted(t, dim, 0)
+    sinusoidal_embedding(t, dim, 0.0, true)
 }
 
-/// [`timestep_embedding`] with frequencies `exp(-ln(1e4) i / (dim / 2 - shift))` (diffusers'
-/// `downscale_freq_shift`).
-pub fn timestep_embedding_shifted(t: Tensor<1>, dim: usize, shift: usize) -> Tensor<2> {
+/// The one sinusoidal timestep embedding of every model (diffusers' `get_timestep_embedding`):
+/// frequencies `exp(-ln(1e4) i / (dim / 2 - shift))` (`shift`: diffusers'
+/// `downscale_freq_shift`; DiT's own is 0, diffusers' DiT 1), laid out `[cos | sin]` when
+/// `cos_first` (ADM, DiT, SD's `flip_sin_to_cos`), else `[sin | cos]`.
+pub fn sinusoidal_embedding(t: Tensor<1>, dim: usize, shift: f32, cos_first: bool) -> Tensor<2> {
     let half = dim / 2;
-    let denom = half - shift;
+    let denom = half as f32 - shift;
     let device = t.device();
-    let freqs: Vec<f32> = (0..half).map(|i| (-(10000f32.ln()) * i as f32 / denom as f32).exp()).collect();
+    let freqs: Vec<f32> = (0..half).map(|i| (-(10000f32.ln()) * i as f32 / denom).exp()).collect();
     let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &device).unsqueeze::<2>();
     let args = t.unsqueeze_dim::<2>(1) * freqs;
-    Tensor::cat(vec![args.clone().cos(), args.sin()], 1)
+    let (cos, sin) = (args.clone().cos(), args.sin());
+    Tensor::cat(if cos_first { vec![cos, sin] } else { vec![sin, cos] }, 1)
 }
 
 /// Class-label embedding with one extra row, the null label used by classifier-free guidance.

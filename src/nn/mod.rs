@@ -17,7 +17,7 @@ pub use crate::kernels::add::{add, add_channel_shift, add_gated};
 pub use crate::kernels::resample::upsample_nearest2;
 pub use attention::{Attention, SelfAttention};
 pub use conv::Conv2d;
-pub use embedding::{ClassEmbedding, Embedding, timestep_embedding, timestep_embedding_shifted};
+pub use embedding::{ClassEmbedding, Embedding, sinusoidal_embedding, timestep_embedding};
 pub use linear::Linear;
 pub use norm::{GroupNorm, LayerNorm, layer_norm};
 pub use router::Router;

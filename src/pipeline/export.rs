@@ -247,6 +247,45 @@ mod tests {
         (model, plan, cfg)
     }
 
+    /// The typed parameter groups (from each site's adapters and quantizers and the router) are
+    /// the ones the module paths name: adapters under `.lora.`, the router, weight scales, the
+    /// activation quantizers' scales and zero points; everything else frozen.
+    #[test]
+    fn typed_parameter_groups_are_the_ones_the_paths_name() {
+        use super::super::student::{Group, ParamGroups};
+        let device = Device::flex();
+        for (placement, router) in
+            [(Placement::Merged, RouterKind::Learned), (Placement::Branch, RouterKind::Range)]
+        {
+            let (mut model, _, _) = student(placement, router, &device);
+            let groups = ParamGroups::of(&mut model);
+            let mut counts = [0usize; 5];
+            params::for_each_param(&model, |path, _, _| {
+                let by_path = if path.contains(".lora.") {
+                    Some(Group::Adapter)
+                } else if path.starts_with("router.") {
+                    Some(Group::Router)
+                } else if path.ends_with(".quant.weight.scale") {
+                    Some(Group::WeightScale)
+                } else if path.contains(".quant.act.") {
+                    Some(Group::ActScale)
+                } else {
+                    None
+                };
+                assert_eq!(groups.group(path), by_path, "{path}");
+                let scale = path.ends_with(".quant.weight.scale") || path.ends_with(".quant.act.scale");
+                assert_eq!(groups.is_quantizer_scale(path), scale, "{path}");
+                counts[by_path.map_or(4, |g| g as usize)] += 1;
+            });
+            let router_params = if router == RouterKind::Learned { 4 } else { 0 };
+            assert_eq!(counts[Group::Router as usize], router_params, "{counts:?}");
+            assert!(
+                counts[..4].iter().enumerate().all(|(g, &n)| n > 0 || g == Group::Router as usize),
+                "{counts:?}"
+            );
+        }
+    }
+
     /// A tiny DiT whose attention and MLP inputs are rotated (HQ-DiT): `student::build` folds
     /// the rotations from the plan, and the packed model samples exactly like the fake-quant one.
     #[test]

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::eval::{ModelEval, Scorer, psnr, sampler_label, ssim};
 use super::pretrain::Resume;
-use super::student::{self, Group, StudentPlan, group_of};
+use super::student::{self, Group, ParamGroups, StudentPlan};
 use super::timestep_error;
 use crate::base::params::{self, HostTensor};
 use crate::config::{Config, DistillTarget, Rollout, SamplerConfig};
@@ -309,7 +309,8 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
             // On the teacher's own weights (one copy in memory), as calibrate_student builds it.
             let mut model = teacher.clone().train();
             student::build(&mut model, &plan, cfg.run.seed)?;
-            let model = params::set_trainable(model, |p| group_of(p).is_some());
+            let groups = ParamGroups::of(&mut model);
+            let model = params::set_trainable(model, |p| groups.group(p).is_some());
             let model = params::load_subset(model, &ckpt.trainable, &dir.join(checkpoint::TRAINABLE))?;
             optim.load_state(&ckpt.optimizer, ckpt.optimizer_step, &device);
             start = ckpt.state.step;
@@ -325,6 +326,7 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
         }
     };
 
+    let groups = ParamGroups::of(&mut model);
     let steps_per_trajectory = sampler.steps.len();
     let weights = cfg.loss.step_weights(&sampler.gammas());
     let metrics = MetricsLog::open(&out_dir, start)?;
@@ -401,7 +403,7 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
         let ft = &cfg.finetune;
         let lr_of = |path: &str| {
             factor
-                * match group_of(path) {
+                * match groups.group(path) {
                     Some(Group::Adapter) => cfg.train.lr,
                     Some(Group::Router) => ft.router_lr,
                     Some(Group::WeightScale) => ft.weight_scale_lr,
@@ -409,7 +411,8 @@ pub fn fit(cfg: &Config, resume: Resume) -> Result<Fitted> {
                     None => 0.0,
                 }
         };
-        let (updated, squared_norm) = optim.step_deferred(model, grads, lr_of, student::is_quantizer_scale);
+        let (updated, squared_norm) =
+            optim.step_deferred(model, grads, lr_of, |p| groups.is_quantizer_scale(p));
         // The step's one read from the device: its passes' losses and the gradient norm.
         let (loss_value, grad_norm) = read_step(losses, squared_norm);
         if !loss_value.is_finite() {
@@ -530,7 +533,8 @@ pub fn calibrate_student(
         lora: cfg.lora.clone(),
     };
     student::attach_adapters(&mut model, &plan.lora, plan.timesteps, cfg.run.seed);
-    Ok((params::set_trainable(model, |p| group_of(p).is_some()), plan))
+    let groups = ParamGroups::of(&mut model);
+    Ok((params::set_trainable(model, |p| groups.group(p).is_some()), plan))
 }
 
 /// One distillation batch: the student's inputs (conditional then unconditional halves) and

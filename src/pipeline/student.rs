@@ -5,6 +5,7 @@
 //! (`student_plan.json` in the run directory); [`build`] turns a plan back into the same
 //! structure, and checkpoints then fill in its trainable values.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use burn::tensor::Tensor;
@@ -50,34 +51,69 @@ impl StudentPlan {
     }
 }
 
-/// Parameter groups of fine-tuning, found by module path.
+/// Parameter groups of fine-tuning, each with its learning rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Group {
     Adapter,
     Router,
     WeightScale,
+    /// Activation scales and zero points.
     ActScale,
 }
 
-/// The group a parameter trains in, or `None` for frozen (the teacher's weights).
-pub fn group_of(path: &str) -> Option<Group> {
-    if path.contains(".lora.") {
-        Some(Group::Adapter)
-    } else if path.starts_with("router.") {
-        Some(Group::Router)
-    } else if path.ends_with(".quant.weight.scale") {
-        Some(Group::WeightScale)
-    } else if path.contains(".quant.act.") {
-        Some(Group::ActScale)
-    } else {
-        None
-    }
+/// The trainable parameters of a student by path: each one's group, and which are quantizer
+/// scales (kept positive; zero points may take either sign). Found from the module tree's types
+/// (each quant site's adapters and quantizers, the router), not by matching path strings; every
+/// other parameter (the teacher's weights, deployed weight sets) is frozen.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ParamGroups {
+    groups: BTreeMap<String, Group>,
+    scales: BTreeSet<String>,
 }
 
-/// Whether `path` is a quantizer scale (weight or activation), which must stay positive; zero
-/// points, also in the scale groups, may take either sign.
-pub fn is_quantizer_scale(path: &str) -> bool {
-    matches!(group_of(path), Some(Group::WeightScale | Group::ActScale)) && path.ends_with(".scale")
+impl ParamGroups {
+    pub fn of(model: &mut Denoiser) -> Self {
+        use crate::base::params::param_ids;
+        let mut by_id = std::collections::HashMap::new();
+        let mut scale_ids = Vec::new();
+        if let Some(r) = model.router() {
+            by_id.extend(param_ids(r).into_iter().map(|id| (id, Group::Router)));
+        }
+        for site in model.quant_sites() {
+            if let Some(lora) = site.layer.lora() {
+                by_id.extend(param_ids(lora).into_iter().map(|id| (id, Group::Adapter)));
+            }
+            let Some(q) = site.layer.quant() else { continue };
+            if let Some(w) = &q.weight {
+                by_id.extend(param_ids(w).into_iter().map(|id| (id, Group::WeightScale)));
+                scale_ids.push(w.scale.id);
+            }
+            if let Some(a) = &q.act {
+                by_id.extend(param_ids(a).into_iter().map(|id| (id, Group::ActScale)));
+                scale_ids.push(a.scale.id);
+            }
+        }
+        let paths = crate::base::params::paths_by_id(&*model);
+        let path = |id| paths.get(id).cloned().expect("a component's parameter is in its model");
+        Self {
+            groups: by_id.iter().map(|(id, g)| (path(id), *g)).collect(),
+            scales: scale_ids.iter().map(path).collect(),
+        }
+    }
+
+    /// The group `path` trains in, or `None` for frozen.
+    pub fn group(&self, path: &str) -> Option<Group> {
+        self.groups.get(path).copied()
+    }
+
+    pub fn is_quantizer_scale(&self, path: &str) -> bool {
+        self.scales.contains(path)
+    }
+
+    /// The trainable parameters' paths.
+    pub fn paths(&self) -> impl Iterator<Item = &String> {
+        self.groups.keys()
+    }
 }
 
 /// Gives `model` the quantizers of `plan` (placeholder scales: a checkpoint or calibration

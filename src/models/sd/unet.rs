@@ -4,7 +4,7 @@
 //! numerics (checked against it on a tiny config: `tests/sd_parity.rs`).
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 
 use super::config::UnetConfig;
 use crate::nn::Router;
@@ -13,19 +13,6 @@ use crate::nn::{
     Attention, Conv2d, GroupNorm, LayerNorm, Linear, StepCtx, add, add_channel_shift, gelu, silu,
 };
 use crate::rng::SeededRng;
-
-/// Sinusoidal timestep features `[B] -> [B, dim]` as diffusers' `get_timestep_embedding`:
-/// frequencies `exp(-ln(10000) * i / (half - shift))`, laid out `[cos | sin]` when `flip`.
-pub fn timestep_features(t: Tensor<1>, dim: usize, flip: bool, shift: f64) -> Tensor<2> {
-    let half = dim / 2;
-    let device = t.device();
-    let denom = half as f32 - shift as f32;
-    let freqs: Vec<f32> = (0..half).map(|i| (-(10000f32.ln()) * i as f32 / denom).exp()).collect();
-    let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &device).unsqueeze::<2>();
-    let args = t.unsqueeze_dim::<2>(1) * freqs;
-    let (sin, cos) = (args.clone().sin(), args.cos());
-    Tensor::cat(if flip { vec![cos, sin] } else { vec![sin, cos] }, 1)
-}
 
 /// `linear_2(silu(linear_1(features)))`.
 #[derive(Module, Debug)]
@@ -357,7 +344,12 @@ impl SdUnet {
     pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, context: Tensor<3>, ctx: &StepCtx) -> Tensor<4> {
         let routed = self.router.as_ref().map(|r| r.routed(ctx, &x.device()));
         let ctx = routed.as_ref().unwrap_or(ctx);
-        let features = timestep_features(t, self.base_channels, self.flip_sin_to_cos, self.freq_shift);
+        let features = crate::nn::sinusoidal_embedding(
+            t,
+            self.base_channels,
+            self.freq_shift as f32,
+            self.flip_sin_to_cos,
+        );
         let te = &self.time_embedding;
         let temb = te.linear_2.forward(silu(te.linear_1.forward(features, ctx)), ctx);
 
