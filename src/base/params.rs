@@ -76,14 +76,23 @@ impl PathTracker {
     }
 }
 
-struct Collector {
-    tracker: PathTracker,
-    out: NamedTensors,
-    /// Only parameters that require gradients.
-    trainable_only: bool,
+/// What a read-only visit does with each float parameter, given its path.
+trait VisitAt {
+    fn float<const D: usize>(&mut self, path: String, param: &Param<Tensor<D>>);
 }
 
-impl ModuleVisitor for Collector {
+/// What a mapping does with each float parameter, given its path.
+trait MapAt {
+    fn float<const D: usize>(&mut self, path: String, param: Param<Tensor<D>>) -> Param<Tensor<D>>;
+}
+
+/// A visitor or mapper that knows each parameter's module path.
+struct Tracked<T> {
+    tracker: PathTracker,
+    inner: T,
+}
+
+impl<T: VisitAt> ModuleVisitor for Tracked<T> {
     fn enter_module(&mut self, name: &str, container: &str) {
         self.tracker.enter(name, container);
     }
@@ -91,18 +100,55 @@ impl ModuleVisitor for Collector {
         self.tracker.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.inner.float(self.tracker.path(), param);
+    }
+}
+
+impl<T: MapAt> ModuleMapper for Tracked<T> {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.tracker.enter(name, container);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.tracker.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        self.inner.float(self.tracker.path(), param)
+    }
+}
+
+fn visit_paths<M: Module, T: VisitAt>(module: &M, inner: T) -> T {
+    let mut v = Tracked { tracker: PathTracker::default(), inner };
+    module.visit(&mut v);
+    v.inner
+}
+
+fn map_paths<M: Module, T: MapAt>(module: M, inner: T) -> M {
+    module.map(&mut Tracked { tracker: PathTracker::default(), inner })
+}
+
+struct Collector {
+    out: NamedTensors,
+    /// Only parameters that require gradients.
+    trainable_only: bool,
+}
+
+impl VisitAt for Collector {
+    fn float<const D: usize>(&mut self, path: String, param: &Param<Tensor<D>>) {
         let value = param.val();
         if !self.trainable_only || value.is_require_grad() {
-            self.out.insert(self.tracker.path(), HostTensor::from_tensor(&value));
+            self.out.insert(path, HostTensor::from_tensor(&value));
         }
     }
 }
 
 /// Every float parameter of `module`, by path.
 pub fn collect<M: Module>(module: &M) -> NamedTensors {
-    let mut c = Collector { tracker: PathTracker::default(), out: BTreeMap::new(), trainable_only: false };
-    module.visit(&mut c);
-    c.out
+    visit_paths(module, Collector { out: BTreeMap::new(), trainable_only: false }).out
+}
+
+/// The parameters that require gradients, by path.
+pub fn collect_trainable<M: Module>(module: &M) -> NamedTensors {
+    visit_paths(module, Collector { out: BTreeMap::new(), trainable_only: true }).out
 }
 
 /// The ids of every float parameter of `module` (e.g. of one component, to find it in a model).
@@ -119,99 +165,61 @@ pub fn param_ids<M: Module>(module: &M) -> Vec<burn::module::ParamId> {
 }
 
 /// The path of every float parameter of `module`, by id.
-pub fn paths_by_id<M: Module>(module: &M) -> std::collections::HashMap<burn::module::ParamId, String> {
-    struct V {
-        tracker: PathTracker,
-        out: std::collections::HashMap<burn::module::ParamId, String>,
-    }
-    impl ModuleVisitor for V {
-        fn enter_module(&mut self, name: &str, container: &str) {
-            self.tracker.enter(name, container);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.tracker.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.out.insert(param.id, self.tracker.path());
+pub fn paths_by_id<M: Module>(module: &M) -> HashMap<burn::module::ParamId, String> {
+    struct V(HashMap<burn::module::ParamId, String>);
+    impl VisitAt for V {
+        fn float<const D: usize>(&mut self, path: String, param: &Param<Tensor<D>>) {
+            self.0.insert(param.id, path);
         }
     }
-    let mut v = V { tracker: PathTracker::default(), out: Default::default() };
-    module.visit(&mut v);
-    v.out
+    visit_paths(module, V(HashMap::new())).0
 }
 
 /// Visits every float parameter with its path (read-only).
 pub fn for_each_param<M: Module>(module: &M, f: impl FnMut(&str, &Tensor<1>, &[usize])) {
-    struct V<F> {
-        tracker: PathTracker,
-        f: F,
-    }
-    impl<F: FnMut(&str, &Tensor<1>, &[usize])> ModuleVisitor for V<F> {
-        fn enter_module(&mut self, name: &str, container: &str) {
-            self.tracker.enter(name, container);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.tracker.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+    struct V<F>(F);
+    impl<F: FnMut(&str, &Tensor<1>, &[usize])> VisitAt for V<F> {
+        fn float<const D: usize>(&mut self, path: String, param: &Param<Tensor<D>>) {
             let t = param.val();
             let dims = t.dims();
             let n = dims.iter().product::<usize>();
-            (self.f)(&self.tracker.path(), &t.reshape([n]), &dims);
+            (self.0)(&path, &t.reshape([n]), &dims);
         }
     }
-    module.visit(&mut V { tracker: PathTracker::default(), f });
+    visit_paths(module, V(f));
 }
 
 /// The gradient of every parameter that has one, flattened, by path. Gradients are looked up on
 /// the parameter tensors themselves (a reshaped view is a new graph node without a gradient).
 pub fn collect_grads<M: Module>(module: &M, grads: &burn::tensor::Gradients) -> BTreeMap<String, Tensor<1>> {
     struct V<'a> {
-        tracker: PathTracker,
         grads: &'a burn::tensor::Gradients,
         out: BTreeMap<String, Tensor<1>>,
     }
-    impl ModuleVisitor for V<'_> {
-        fn enter_module(&mut self, name: &str, container: &str) {
-            self.tracker.enter(name, container);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.tracker.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+    impl VisitAt for V<'_> {
+        fn float<const D: usize>(&mut self, path: String, param: &Param<Tensor<D>>) {
             if let Some(g) = param.val().grad(self.grads) {
                 let n = g.dims().iter().product::<usize>();
-                self.out.insert(self.tracker.path(), g.reshape([n]));
+                self.out.insert(path, g.reshape([n]));
             }
         }
     }
-    let mut v = V { tracker: PathTracker::default(), grads, out: BTreeMap::new() };
-    module.visit(&mut v);
-    v.out
+    visit_paths(module, V { grads, out: BTreeMap::new() }).out
 }
 
 /// Replaces every float parameter by `f(path, flat_value)` (same length), keeping parameter ids
 /// and whether they require gradients. `f` receives and returns tensors without autodiff.
 pub fn map_params<M: Module>(module: M, f: impl FnMut(&str, Tensor<1>) -> Tensor<1>) -> M {
-    struct Mp<F> {
-        tracker: PathTracker,
-        f: F,
-    }
-    impl<F: FnMut(&str, Tensor<1>) -> Tensor<1>> ModuleMapper for Mp<F> {
-        fn enter_module(&mut self, name: &str, container: &str) {
-            self.tracker.enter(name, container);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.tracker.exit();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+    struct Mp<F>(F);
+    impl<F: FnMut(&str, Tensor<1>) -> Tensor<1>> MapAt for Mp<F> {
+        fn float<const D: usize>(&mut self, path: String, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
             let (id, tensor, mapper) = param.consume();
             let require_grad = tensor.is_require_grad();
             let autodiff = tensor.is_autodiff();
             let dims = tensor.dims();
             let n = dims.iter().product::<usize>();
             let flat = tensor.inner().reshape([n]);
-            let mut out = (self.f)(&self.tracker.path(), flat).reshape(dims);
+            let mut out = (self.0)(&path, flat).reshape(dims);
             if autodiff {
                 out = Tensor::from_inner(out);
             }
@@ -221,37 +229,21 @@ pub fn map_params<M: Module>(module: M, f: impl FnMut(&str, Tensor<1>) -> Tensor
             Param::from_mapped_value(id, out, mapper)
         }
     }
-    module.map(&mut Mp { tracker: PathTracker::default(), f })
+    map_paths(module, Mp(f))
 }
 
 /// Marks exactly the parameters whose path satisfies `trainable` as requiring gradients (the
 /// others are frozen: no gradient is computed or applied for them).
 pub fn set_trainable<M: Module>(module: M, trainable: impl Fn(&str) -> bool) -> M {
-    struct Mp<F> {
-        tracker: PathTracker,
-        f: F,
-    }
-    impl<F: Fn(&str) -> bool> ModuleMapper for Mp<F> {
-        fn enter_module(&mut self, name: &str, container: &str) {
-            self.tracker.enter(name, container);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.tracker.exit();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+    struct Mp<F>(F);
+    impl<F: Fn(&str) -> bool> MapAt for Mp<F> {
+        fn float<const D: usize>(&mut self, path: String, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
             let (id, tensor, mapper) = param.consume();
-            let tensor = tensor.detach().set_require_grad((self.f)(&self.tracker.path()));
+            let tensor = tensor.detach().set_require_grad((self.0)(&path));
             Param::from_mapped_value(id, tensor, mapper)
         }
     }
-    module.map(&mut Mp { tracker: PathTracker::default(), f: trainable })
-}
-
-/// The parameters that require gradients, by path.
-pub fn collect_trainable<M: Module>(module: &M) -> NamedTensors {
-    let mut c = Collector { tracker: PathTracker::default(), out: BTreeMap::new(), trainable_only: true };
-    module.visit(&mut c);
-    c.out
+    map_paths(module, Mp(trainable))
 }
 
 /// Loads `tensors` into the parameters they name, leaving the others as they are; every tensor
