@@ -1,5 +1,6 @@
 //! Model definitions. Every model is built from `crate::nn` layers.
 
+pub mod blocks;
 pub mod classifier;
 pub mod clip;
 pub mod dit;

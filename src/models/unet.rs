@@ -6,12 +6,13 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::base::params::NamedTensors;
 use crate::error::{Result, positive};
+use crate::models::blocks::ResnetBlock;
 use crate::nn::Router;
 use crate::nn::site::QuantSite;
 use crate::nn::{
-    ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, StepCtx, add, add_channel_shift, silu,
-    timestep_embedding,
+    ClassEmbedding, Conv2d, GroupNorm, Linear, SelfAttention, StepCtx, add, silu, timestep_embedding,
 };
 use crate::rng::SeededRng;
 
@@ -69,48 +70,6 @@ impl UnetConfig {
     }
 }
 
-#[derive(Module, Debug)]
-pub struct ResBlock {
-    pub norm1: GroupNorm,
-    pub conv1: Conv2d,
-    pub emb_proj: Linear,
-    pub norm2: GroupNorm,
-    pub conv2: Conv2d,
-    /// 1x1 projection of the input when the channel count changes.
-    pub skip: Option<Conv2d>,
-}
-
-impl ResBlock {
-    fn new(
-        c_in: usize,
-        c_out: usize,
-        emb_dim: usize,
-        groups: usize,
-        rng: &mut SeededRng,
-        device: &Device,
-    ) -> Self {
-        Self {
-            norm1: GroupNorm::new(groups, c_in, device),
-            conv1: Conv2d::same3(c_in, c_out, rng, device),
-            emb_proj: Linear::new(emb_dim, c_out, true, rng, device),
-            norm2: GroupNorm::new(groups, c_out, device),
-            conv2: Conv2d::same3(c_out, c_out, rng, device),
-            skip: (c_in != c_out).then(|| Conv2d::new(c_in, c_out, 1, 1, 0, rng, device)),
-        }
-    }
-
-    fn forward(&self, x: Tensor<4>, emb: Tensor<2>, ctx: &StepCtx) -> Tensor<4> {
-        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()), ctx);
-        let h = add_channel_shift(h, self.emb_proj.forward(silu(emb), ctx));
-        let h = self.conv2.forward(self.norm2.forward_silu(h), ctx);
-        let skip = match &self.skip {
-            Some(conv) => conv.forward(x, ctx),
-            None => x,
-        };
-        add(skip, h)
-    }
-}
-
 /// Spatial self-attention block: GroupNorm, attention over the H*W tokens, residual.
 #[derive(Module, Debug)]
 pub struct AttnBlock {
@@ -134,16 +93,37 @@ impl AttnBlock {
     }
 }
 
-/// One UNet stage: a ResBlock, optionally followed by attention.
+/// GroupNorm's eps in the tiny UNet's ResNet blocks (PyTorch's default).
+const GROUP_NORM_EPS: f64 = 1e-5;
+
+/// The names of the tiny UNet's ResNet-block layers in files written before the block was
+/// shared with SD (sessions up to 2026-12-04, the shipped `checkpoints/tiny_unet_mnist.safetensors`
+/// among them): `emb_proj` is now `time_emb_proj`, `skip` is `conv_shortcut`.
+pub fn upgrade_legacy_names(tensors: NamedTensors) -> NamedTensors {
+    let rename = |name: String| {
+        let parts: Vec<&str> = name
+            .split('.')
+            .map(|p| match p {
+                "emb_proj" => "time_emb_proj",
+                "skip" => "conv_shortcut",
+                other => other,
+            })
+            .collect();
+        parts.join(".")
+    };
+    tensors.into_iter().map(|(name, t)| (rename(name), t)).collect()
+}
+
+/// One UNet stage: a ResNet block, optionally followed by attention.
 #[derive(Module, Debug)]
 pub struct Stage {
-    pub res: ResBlock,
+    pub res: ResnetBlock,
     pub attn: Option<AttnBlock>,
 }
 
 impl Stage {
     fn forward(&self, x: Tensor<4>, emb: Tensor<2>, ctx: &StepCtx) -> Tensor<4> {
-        let h = self.res.forward(x, emb, ctx);
+        let h = self.res.forward(x, Some(emb), ctx);
         match &self.attn {
             Some(a) => a.forward(h, ctx),
             None => h,
@@ -160,9 +140,9 @@ pub struct TinyUnet {
     pub down: Vec<Stage>,
     /// Stride-2 convolutions after every level but the last.
     pub downsample: Vec<Conv2d>,
-    pub mid_1: ResBlock,
+    pub mid_1: ResnetBlock,
     pub mid_attn: AttnBlock,
-    pub mid_2: ResBlock,
+    pub mid_2: ResnetBlock,
     pub up: Vec<Stage>,
     /// Nearest x2 followed by a 3x3 conv, after every level but the lowest.
     pub upsample: Vec<Conv2d>,
@@ -195,7 +175,7 @@ impl TinyUnet {
         let mut ch = c0;
         for (level, &c) in chans.iter().enumerate() {
             for _ in 0..cfg.res_blocks {
-                let res = ResBlock::new(ch, c, emb, g, rng, device);
+                let res = ResnetBlock::new(ch, c, Some(emb), g, GROUP_NORM_EPS, rng, device);
                 let attn = attn_at(level).then(|| AttnBlock::new(c, cfg.attention_heads, g, rng, device));
                 down.push(Stage { res, attn });
                 ch = c;
@@ -207,16 +187,16 @@ impl TinyUnet {
             }
         }
 
-        let mid_1 = ResBlock::new(ch, ch, emb, g, rng, device);
+        let mid_1 = ResnetBlock::new(ch, ch, Some(emb), g, GROUP_NORM_EPS, rng, device);
         let mid_attn = AttnBlock::new(ch, cfg.attention_heads, g, rng, device);
-        let mid_2 = ResBlock::new(ch, ch, emb, g, rng, device);
+        let mid_2 = ResnetBlock::new(ch, ch, Some(emb), g, GROUP_NORM_EPS, rng, device);
 
         let mut up = Vec::new();
         let mut upsample = Vec::new();
         for (level, &c) in chans.iter().enumerate().rev() {
             for _ in 0..=cfg.res_blocks {
                 let skip = skip_chans.pop().expect("one skip per up block");
-                let res = ResBlock::new(ch + skip, c, emb, g, rng, device);
+                let res = ResnetBlock::new(ch + skip, c, Some(emb), g, GROUP_NORM_EPS, rng, device);
                 let attn = attn_at(level).then(|| AttnBlock::new(c, cfg.attention_heads, g, rng, device));
                 up.push(Stage { res, attn });
                 ch = c;
@@ -270,9 +250,9 @@ impl TinyUnet {
             }
         }
 
-        h = self.mid_1.forward(h, emb.clone(), ctx);
+        h = self.mid_1.forward(h, Some(emb.clone()), ctx);
         h = self.mid_attn.forward(h, ctx);
-        h = self.mid_2.forward(h, emb.clone(), ctx);
+        h = self.mid_2.forward(h, Some(emb.clone()), ctx);
 
         let mut blocks = self.up.iter();
         for level in 0..self.levels {
@@ -285,17 +265,6 @@ impl TinyUnet {
             }
         }
         self.conv_out.forward(self.norm_out.forward_silu(h), ctx)
-    }
-}
-
-impl ResBlock {
-    fn sites<'a>(&'a mut self, p: &str, out: &mut Vec<QuantSite<'a>>) {
-        out.push(QuantSite::conv(format!("{p}.conv1"), &mut self.conv1, true));
-        out.push(QuantSite::linear(format!("{p}.emb_proj"), &mut self.emb_proj, true));
-        out.push(QuantSite::conv(format!("{p}.conv2"), &mut self.conv2, true));
-        if let Some(skip) = self.skip.as_mut() {
-            out.push(QuantSite::conv(format!("{p}.skip"), skip, false));
-        }
     }
 }
 

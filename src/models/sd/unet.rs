@@ -7,11 +7,10 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 use super::config::UnetConfig;
+use crate::models::blocks::ResnetBlock;
 use crate::nn::Router;
 use crate::nn::site::QuantSite;
-use crate::nn::{
-    Attention, Conv2d, GroupNorm, LayerNorm, Linear, StepCtx, add, add_channel_shift, gelu, silu,
-};
+use crate::nn::{Attention, Conv2d, GroupNorm, LayerNorm, Linear, StepCtx, add, gelu, silu};
 use crate::rng::SeededRng;
 
 /// `linear_2(silu(linear_1(features)))`.
@@ -19,64 +18,6 @@ use crate::rng::SeededRng;
 pub struct TimestepEmbedding {
     pub linear_1: Linear,
     pub linear_2: Linear,
-}
-
-/// ResNet block with a timestep-embedding shift (diffusers `ResnetBlock2D`; the VAE's have no
-/// `time_emb_proj`).
-#[derive(Module, Debug)]
-pub struct ResnetBlock2D {
-    pub norm1: GroupNorm,
-    pub conv1: Conv2d,
-    pub time_emb_proj: Option<Linear>,
-    pub norm2: GroupNorm,
-    pub conv2: Conv2d,
-    pub conv_shortcut: Option<Conv2d>,
-}
-
-impl ResnetBlock2D {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        c_in: usize,
-        c_out: usize,
-        temb: Option<usize>,
-        groups: usize,
-        eps: f64,
-        rng: &mut SeededRng,
-        device: &Device,
-    ) -> Self {
-        Self {
-            norm1: GroupNorm::with_eps(groups, c_in, eps, device),
-            conv1: Conv2d::same3(c_in, c_out, rng, device),
-            time_emb_proj: temb.map(|d| Linear::new(d, c_out, true, rng, device)),
-            norm2: GroupNorm::with_eps(groups, c_out, eps, device),
-            conv2: Conv2d::same3(c_out, c_out, rng, device),
-            conv_shortcut: (c_in != c_out).then(|| Conv2d::new(c_in, c_out, 1, 1, 0, rng, device)),
-        }
-    }
-
-    pub fn forward(&self, x: Tensor<4>, temb: Option<Tensor<2>>, ctx: &StepCtx) -> Tensor<4> {
-        let mut h = self.conv1.forward(self.norm1.forward_silu(x.clone()), ctx);
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            h = add_channel_shift(h, proj.forward(silu(temb), ctx));
-        }
-        let h = self.conv2.forward(self.norm2.forward_silu(h), ctx);
-        let skip = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x, ctx),
-            None => x,
-        };
-        add(skip, h)
-    }
-
-    pub fn sites<'a>(&'a mut self, p: &str, out: &mut Vec<QuantSite<'a>>) {
-        out.push(QuantSite::conv(format!("{p}.conv1"), &mut self.conv1, true));
-        if let Some(proj) = self.time_emb_proj.as_mut() {
-            out.push(QuantSite::linear(format!("{p}.time_emb_proj"), proj, true));
-        }
-        out.push(QuantSite::conv(format!("{p}.conv2"), &mut self.conv2, true));
-        if let Some(conv) = self.conv_shortcut.as_mut() {
-            out.push(QuantSite::conv(format!("{p}.conv_shortcut"), conv, false));
-        }
-    }
 }
 
 /// GEGLU feed-forward: `out(h * gelu(g))` with `[h | g] = proj(x)`. Paths `ff.proj` / `ff.out`
@@ -231,7 +172,7 @@ pub struct Resample {
 /// where the level has attention, then an optional resampler.
 #[derive(Module, Debug)]
 pub struct UnetLevel {
-    pub resnets: Vec<ResnetBlock2D>,
+    pub resnets: Vec<ResnetBlock>,
     pub attentions: Vec<Transformer2D>,
     pub downsamplers: Vec<Resample>,
     pub upsamplers: Vec<Resample>,
@@ -239,7 +180,7 @@ pub struct UnetLevel {
 
 #[derive(Module, Debug)]
 pub struct MidBlock {
-    pub resnets: Vec<ResnetBlock2D>,
+    pub resnets: Vec<ResnetBlock>,
     pub attentions: Vec<Transformer2D>,
 }
 
@@ -267,7 +208,7 @@ impl SdUnet {
         let levels = chans.len();
         let (g, eps, lpb) = (cfg.norm_num_groups, cfg.norm_eps, cfg.layers_per_block);
         let temb = cfg.time_embed_dim();
-        let res = |a, b, rng: &mut SeededRng| ResnetBlock2D::new(a, b, Some(temb), g, eps, rng, device);
+        let res = |a, b, rng: &mut SeededRng| ResnetBlock::new(a, b, Some(temb), g, eps, rng, device);
         let conv_in = Conv2d::same3(cfg.in_channels, chans[0], rng, device);
         let time_embedding = TimestepEmbedding {
             linear_1: Linear::new(chans[0], temb, true, rng, device),

@@ -8,14 +8,15 @@ use burn::tensor::ops::PadMode;
 use burn::tensor::{Device, Tensor};
 
 use super::config::VaeConfig;
-use super::unet::{Resample, ResnetBlock2D};
+use super::unet::Resample;
+use crate::models::blocks::ResnetBlock;
 use crate::nn::{Attention, Conv2d, GroupNorm, StepCtx};
 use crate::rng::SeededRng;
 
 /// ResNet blocks then an optional resampler (diffusers `DownEncoderBlock2D` / `UpDecoderBlock2D`).
 #[derive(Module, Debug)]
 pub struct VaeLevel {
-    pub resnets: Vec<ResnetBlock2D>,
+    pub resnets: Vec<ResnetBlock>,
     pub downsamplers: Vec<Resample>,
     pub upsamplers: Vec<Resample>,
 }
@@ -23,7 +24,7 @@ pub struct VaeLevel {
 /// ResNet, single-head self-attention over positions, ResNet.
 #[derive(Module, Debug)]
 pub struct VaeMidBlock {
-    pub resnets: Vec<ResnetBlock2D>,
+    pub resnets: Vec<ResnetBlock>,
     pub attentions: Vec<Attention>,
 }
 
@@ -33,8 +34,8 @@ impl VaeMidBlock {
         attention.group_norm = Some(GroupNorm::with_eps(groups, c, EPS, device));
         Self {
             resnets: vec![
-                ResnetBlock2D::new(c, c, None, groups, EPS, rng, device),
-                ResnetBlock2D::new(c, c, None, groups, EPS, rng, device),
+                ResnetBlock::new(c, c, None, groups, EPS, rng, device),
+                ResnetBlock::new(c, c, None, groups, EPS, rng, device),
             ],
             attentions: vec![attention],
         }
@@ -88,7 +89,7 @@ impl AutoencoderKl {
         let mut ch = chans[0];
         for (level, &c) in chans.iter().enumerate() {
             let resnets = (0..lpb)
-                .map(|j| ResnetBlock2D::new(if j == 0 { ch } else { c }, c, None, g, EPS, rng, device))
+                .map(|j| ResnetBlock::new(if j == 0 { ch } else { c }, c, None, g, EPS, rng, device))
                 .collect();
             ch = c;
             let downsamplers = if level + 1 < levels {
@@ -110,7 +111,7 @@ impl AutoencoderKl {
         let mut prev = top;
         for (i, &c) in chans.iter().rev().enumerate() {
             let resnets = (0..=lpb)
-                .map(|j| ResnetBlock2D::new(if j == 0 { prev } else { c }, c, None, g, EPS, rng, device))
+                .map(|j| ResnetBlock::new(if j == 0 { prev } else { c }, c, None, g, EPS, rng, device))
                 .collect();
             prev = c;
             let upsamplers = if i + 1 < levels {
