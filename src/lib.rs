@@ -18,7 +18,6 @@
 #[macro_use]
 pub mod error;
 pub mod base;
-pub mod config;
 pub mod data;
 pub mod device;
 pub mod diffusion;
@@ -34,5 +33,7 @@ pub mod report;
 pub mod rng;
 pub mod train;
 
-pub use config::Config;
 pub use error::{Error, Result};
+/// The job's configuration (`pipeline::config`), at the crate root for the CLI and scripts.
+pub use pipeline::config;
+pub use pipeline::config::Config;

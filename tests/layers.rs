@@ -19,7 +19,6 @@ const LAYERS: &[&[&str]] = &[
     &["diffusion", "loss"],
     &["train"],
     &["report"],
-    &["config"],
     &["pipeline"],
 ];
 

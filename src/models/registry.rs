@@ -88,7 +88,8 @@ mod tests {
         let (tensors, _) = params::load_safetensors(&path).unwrap();
         assert!(tensors.keys().any(|k| k.ends_with(".res.emb_proj.weight")), "a file of the old names");
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let job = crate::config::Config::load(&root.join("configs/tiny_unet_mnist.toml"), &[]).unwrap();
+        let job =
+            crate::pipeline::config::Config::load(&root.join("configs/tiny_unet_mnist.toml"), &[]).unwrap();
         let cfg = ModelConfig { weights: Some(path.clone()), ..job.model };
         let model = load_denoiser(&cfg, None, &Device::flex()).unwrap();
         let loaded = params::collect(&model);

@@ -20,9 +20,9 @@ use sha2::{Digest, Sha256};
 use super::eval::{Scorer, psnr, sampler_label, ssim};
 use super::finetune::{calibrate_student, fit, trajectory_sampler};
 use super::pretrain::Resume;
-use crate::config::Config;
 use crate::diffusion::NoiseSchedule;
 use crate::error::{Error, Result};
+use crate::pipeline::config::Config;
 
 /// What a row measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -819,8 +819,8 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DistillTarget;
     use crate::lora::RouterKind;
+    use crate::pipeline::config::DistillTarget;
 
     #[test]
     fn rows_are_compared_with_the_teacher_on_their_own_seeds() {

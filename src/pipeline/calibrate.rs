@@ -208,8 +208,8 @@ pub fn calibrate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelConfig;
     use crate::nn::StepCtx;
+    use crate::pipeline::config::ModelConfig;
     use crate::quant::plan::LayerOverride;
     use crate::rng::SeededRng;
     use burn::tensor::{Device, Int};

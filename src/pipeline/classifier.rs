@@ -10,10 +10,10 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::base::params;
-use crate::config::Config;
 use crate::data::{Mnist, Split};
 use crate::error::{Error, Result};
 use crate::models::Classifier;
+use crate::pipeline::config::Config;
 use crate::rng::SeededRng;
 use crate::train::metrics::Progress;
 use crate::train::optim::{AdamW, learning_rate};

@@ -1,16 +1,16 @@
 //! `msfp eval`: FID in the classifier's feature space against held-out digits, the classifier's
 //! accuracy on class-conditional samples, and PSNR between two models' samples from identical noise.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::classifier::{accuracy, features, load_classifier};
-use crate::config::Config;
+use super::config::Config;
 use crate::data::{Mnist, Split};
-use crate::error::Result;
+use crate::error::{Result, positive};
 use crate::models::classifier::FEATURE_DIM;
 use crate::models::{Denoiser, Family};
 
@@ -31,6 +31,37 @@ pub struct EvalReport {
     /// PSNR (dB, data range [-1, 1]) between the two models' samples from identical noise.
     pub psnr: Option<f64>,
     pub sampler: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Generated samples per evaluation (classes cycle 0..9).
+    pub samples: usize,
+    pub batch_size: usize,
+    /// Weights of the MNIST classifier whose features define FID.
+    pub classifier: PathBuf,
+    /// Seed of the evaluation noise (fixed so that two models see identical noise).
+    pub seed: u64,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            samples: 1000,
+            batch_size: 100,
+            classifier: "checkpoints/mnist_classifier.safetensors".into(),
+            seed: 1234,
+        }
+    }
+}
+
+impl EvalConfig {
+    /// `[eval]`'s ranges.
+    pub fn validate(&self) -> Result<()> {
+        positive("eval.samples", self.samples)?;
+        positive("eval.batch_size", self.batch_size)
+    }
 }
 
 /// Fréchet distance between Gaussians fitted to two feature sets (`[n, d]` row-major).

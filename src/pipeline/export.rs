@@ -25,11 +25,11 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::student::{self, StudentPlan};
 use crate::base::params;
-use crate::config::{Config, ModelConfig};
 use crate::error::{Error, Result};
 use crate::lora::Placement;
 use crate::models::Denoiser;
 use crate::nn::StepCtx;
+use crate::pipeline::config::{Config, ModelConfig};
 use crate::quant::pack::{PackedFile, PackedTensor, load_packed_file, save_packed_file};
 use crate::rng::SeededRng;
 
@@ -204,7 +204,7 @@ mod tests {
     use burn::tensor::Int;
 
     fn tiny_cfg() -> Config {
-        Config { model: crate::config::ModelConfig::test_unet(), ..Config::default() }
+        Config { model: crate::pipeline::config::ModelConfig::test_unet(), ..Config::default() }
     }
 
     /// A student with every layer at e2m1 weights and ue2m2 (+ zero point) inputs (the attention
@@ -293,7 +293,7 @@ mod tests {
         use crate::quant::hadamard::HadamardSpec;
         let device = Device::flex();
         let mut cfg = Config::default();
-        cfg.model.kind = crate::config::ModelKind::TinyDit;
+        cfg.model.kind = crate::pipeline::config::ModelKind::TinyDit;
         (cfg.model.dit.hidden, cfg.model.dit.depth, cfg.model.dit.heads) = (32, 2, 2);
         let mut model = Denoiser::new(&cfg.model, &mut SeededRng::new(1), &device);
         let reference = Denoiser::new(&cfg.model, &mut SeededRng::new(1), &device);

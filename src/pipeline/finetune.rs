@@ -13,23 +13,121 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use super::config::{Config, SamplerConfig};
 use super::eval::{ModelEval, Scorer, psnr, sampler_label, ssim};
 use super::pretrain::Resume;
 use super::student::{self, Group, ParamGroups, StudentPlan};
 use super::timestep_error;
 use crate::base::params::{self, HostTensor};
-use crate::config::{Config, DistillTarget, Rollout, SamplerConfig};
 use crate::diffusion::sampler::{cond_uncond_eps, guide};
 use crate::diffusion::{NoiseSchedule, Sampler, sample};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, in_range, positive};
 use crate::models::{Cond, Denoiser, Family};
 use crate::nn::StepCtx;
 use crate::rng::{SeededRng, stream};
 use crate::train::checkpoint::{self, Checkpoint, DataCursor, TrainState};
 use crate::train::metrics::{MetricsLog, Progress, StepMetrics};
 use crate::train::optim::{AdamW, learning_rate};
+
+/// `[finetune]`: EfficientDM's data-free recipe. Each iteration draws `train.batch_size` classes
+/// and x_T and walks the teacher's sampling trajectory (`[sampler]` kind, eta and clip_x0, with
+/// `trajectory_steps` steps); at every step the student is distilled on the teacher's x_t and
+/// the optimizer steps once. `train.steps` counts optimizer steps; `train.lr` is the adapters'.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    pub trajectory_steps: usize,
+    /// Classifier-free guidance of the teacher's trajectory.
+    pub guidance_scale: f64,
+    pub router_lr: f64,
+    pub weight_scale_lr: f64,
+    pub act_scale_lr: f64,
+    /// Images whose teacher trajectories feed the calibration (PTQ initialisation).
+    pub calib_samples: usize,
+    /// `false`: post-training quantization only (HQ-DiT): calibrate, export and evaluate the PTQ
+    /// student; no fine-tuning steps.
+    pub enabled: bool,
+    /// Samples per forward/backward pass of a fine-tuning step (0: the whole conditional +
+    /// unconditional batch in one pass). The passes' gradients are summed, so the update is the
+    /// same up to float summation order, with the activation memory of one pass.
+    pub micro_batch: usize,
+    /// What the student's noise is distilled against.
+    pub target: DistillTarget,
+    /// Whose prediction moves a fine-tuning trajectory from one step to the next.
+    pub rollout: Rollout,
+}
+
+/// Whose guided noise advances a fine-tuning trajectory (the teacher's targets are always taken
+/// at the trajectory's current `x_t`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Rollout {
+    /// The teacher's: the student learns on the teacher's own trajectory (EfficientDM's recipe).
+    #[default]
+    Teacher,
+    /// The student's (before the step's update): it learns on the states its own sampling
+    /// reaches, where its accumulated error has moved it off the teacher's trajectory.
+    /// Checkpoints inside a trajectory save its state, so a run resumes exactly at any step.
+    Student,
+}
+
+/// The teacher output a fine-tuning step matches.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DistillTarget {
+    /// The conditional and the unconditional noise, each on its own (EfficientDM's recipe).
+    #[default]
+    CondUncond,
+    /// The guided noise `uncond + g (cond - uncond)`, the one value the sampler uses (g =
+    /// `finetune.guidance_scale`): the error guidance amplifies is the one trained away.
+    Guided,
+    /// The sampler's update `x_{t-1}` from the guided noise (clipping of the x0 prediction
+    /// included): the error that reaches the sample, as DFA's `gamma_t` weighting means it.
+    Step,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self {
+            trajectory_steps: 25,
+            guidance_scale: 2.0,
+            router_lr: 1e-3,
+            weight_scale_lr: 1e-4,
+            act_scale_lr: 1e-4,
+            calib_samples: 32,
+            enabled: true,
+            micro_batch: 0,
+            target: DistillTarget::CondUncond,
+            rollout: Rollout::Teacher,
+        }
+    }
+}
+
+impl FinetuneConfig {
+    /// `[finetune]`'s ranges; `timesteps` is `diffusion.timesteps`.
+    pub fn validate(&self, timesteps: usize) -> Result<()> {
+        positive("finetune.trajectory_steps", self.trajectory_steps)?;
+        positive("finetune.calib_samples", self.calib_samples)?;
+        if self.trajectory_steps > timesteps {
+            usage!(
+                "finetune.trajectory_steps = {} is out of range: at most diffusion.timesteps ({})",
+                self.trajectory_steps,
+                timesteps
+            );
+        }
+        in_range("finetune.guidance_scale", self.guidance_scale, 0.0, 100.0)?;
+        for (key, v) in [
+            ("finetune.router_lr", self.router_lr),
+            ("finetune.weight_scale_lr", self.weight_scale_lr),
+            ("finetune.act_scale_lr", self.act_scale_lr),
+        ] {
+            in_range(key, v, 0.0, 10.0)?;
+        }
+        Ok(())
+    }
+}
 
 pub const PLAN_FILE: &str = "student_plan.json";
 pub const PTQ_FILE: &str = "ptq.safetensors";
@@ -750,10 +848,16 @@ mod tests {
     fn a_trajectory_advances_with_its_drivers_guided_noise() {
         let device = Device::flex();
         let cfg = Config::default();
-        let teacher =
-            Denoiser::new(&crate::config::ModelConfig::test_unet(), &mut SeededRng::new(1), &device);
-        let student =
-            Denoiser::new(&crate::config::ModelConfig::test_unet(), &mut SeededRng::new(2), &device);
+        let teacher = Denoiser::new(
+            &crate::pipeline::config::ModelConfig::test_unet(),
+            &mut SeededRng::new(1),
+            &device,
+        );
+        let student = Denoiser::new(
+            &crate::pipeline::config::ModelConfig::test_unet(),
+            &mut SeededRng::new(2),
+            &device,
+        );
         let schedule = NoiseSchedule::new(&cfg.diffusion);
         let sampler = trajectory_sampler(&cfg, &schedule);
         let family = Family::tiny(&device);
@@ -782,7 +886,8 @@ mod tests {
     fn guided_target_matches_its_definition_in_one_pass_and_in_pairs() {
         let device = Device::flex();
         let ad = device.clone().autodiff();
-        let model = Denoiser::new(&crate::config::ModelConfig::test_unet(), &mut SeededRng::new(1), &ad);
+        let model =
+            Denoiser::new(&crate::pipeline::config::ModelConfig::test_unet(), &mut SeededRng::new(1), &ad);
         let mut rng = SeededRng::new(3);
         let mut normal =
             |n: usize| Tensor::<4>::from_data(TensorData::new(rng.normals(n * 32 * 32), [n, 1, 32, 32]), &ad);
@@ -819,13 +924,14 @@ mod tests {
         assert!(size > 0.0 && off <= 1e-4 * size, "pairs stray {off} (gradients up to {size})");
 
         // The step target: the sampler's x_{t-1} (x0 clipped) from the guided noises.
-        let sc = crate::config::SamplerConfig {
+        let sc = crate::pipeline::config::SamplerConfig {
             steps: 10,
             guidance_scale: g,
             clip_x0: true,
             ..Default::default()
         };
-        let sampler = Sampler::new(&NoiseSchedule::new(&crate::config::DiffusionConfig::default()), &sc);
+        let sampler =
+            Sampler::new(&NoiseSchedule::new(&crate::pipeline::config::DiffusionConfig::default()), &sc);
         let step = *sampler.steps.iter().find(|s| s.t <= 420).unwrap();
         let batch = Batch { t: step.t, ..batch };
         let (value, _) =

@@ -3,6 +3,7 @@
 pub mod ablation;
 pub mod calibrate;
 pub mod classifier;
+pub mod config;
 pub mod eval;
 pub mod export;
 pub mod finetune;

@@ -9,12 +9,12 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::base::params::{self, NamedTensors};
-use crate::config::Config;
 use crate::data::{Mnist, Split};
 use crate::diffusion::NoiseSchedule;
 use crate::error::{Error, Result};
 use crate::models::{Denoiser, NUM_CLASSES};
 use crate::nn::StepCtx;
+use crate::pipeline::config::Config;
 use crate::rng::{SeededRng, stream};
 use crate::train::checkpoint::{self, Checkpoint, DataCursor, TrainState};
 use crate::train::metrics::{MetricsLog, Progress, StepMetrics};
@@ -124,7 +124,7 @@ pub fn diffusion_loss(
 }
 
 pub fn pretrain(cfg: &Config, resume: Resume) -> Result<PretrainSummary> {
-    if cfg.model.kind == crate::config::ModelKind::Sd {
+    if cfg.model.kind == crate::pipeline::config::ModelKind::Sd {
         usage!(
             "msfp pretrain trains the tiny MNIST models; Stable Diffusion comes pretrained (model.weights)"
         );

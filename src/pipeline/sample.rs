@@ -6,10 +6,10 @@ use burn::module::Module;
 use burn::tensor::Device;
 
 use crate::base::params;
-use crate::config::{Config, ModelKind};
 use crate::diffusion::{NoiseSchedule, Sampler, sample};
 use crate::error::Result;
 use crate::models::{Denoiser, Family};
+use crate::pipeline::config::{Config, ModelKind};
 use crate::rng::SeededRng;
 
 /// The model family of `cfg` on `device` (`models::registry::load_family`), after checking a

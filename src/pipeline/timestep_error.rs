@@ -144,8 +144,8 @@ pub fn write(report: &ErrorByTimestep, dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::base::params;
-    use crate::config::{DiffusionConfig, ModelConfig, SamplerConfig};
     use crate::diffusion::NoiseSchedule;
+    use crate::pipeline::config::{DiffusionConfig, ModelConfig, SamplerConfig};
 
     #[test]
     fn errors_are_zero_for_the_teacher_and_grow_with_a_perturbation() {

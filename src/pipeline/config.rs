@@ -1,15 +1,20 @@
-//! Typed experiment configuration: one TOML file per experiment, unknown keys rejected,
-//! `--set section.key=value` overrides parsed and type-checked the same way as the file.
+//! The job's configuration: one TOML file per experiment, unknown keys rejected,
+//! `--set section.key=value` overrides parsed and type-checked the same way as the file. Each
+//! section's type and checks live with the module that uses it (re-exported here); this module
+//! only assembles them, plus `[run]`, the job's own section. It sits in `pipeline`, the top
+//! layer, because the stages' sections (`[finetune]`, `[eval]`) are theirs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use super::eval::EvalConfig;
+pub use super::finetune::{DistillTarget, FinetuneConfig, Rollout};
 pub use crate::data::mnist::DataConfig;
 pub use crate::diffusion::sampler::{SamplerConfig, SamplerKind};
 pub use crate::diffusion::schedule::{BetaSchedule, DiffusionConfig};
-use crate::error::{Error, Result, in_range, positive};
+use crate::error::{Error, Result};
 pub use crate::models::dit::DitConfig;
 pub use crate::models::sd::config::{EmaSetting, SdConfig, SdPreset};
 pub use crate::models::unet::UnetConfig;
@@ -53,80 +58,6 @@ pub struct Config {
     pub finetune: FinetuneConfig,
 }
 
-/// `[finetune]`: EfficientDM's data-free recipe. Each iteration draws `train.batch_size` classes
-/// and x_T and walks the teacher's sampling trajectory (`[sampler]` kind, eta and clip_x0, with
-/// `trajectory_steps` steps); at every step the student is distilled on the teacher's x_t and
-/// the optimizer steps once. `train.steps` counts optimizer steps; `train.lr` is the adapters'.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct FinetuneConfig {
-    pub trajectory_steps: usize,
-    /// Classifier-free guidance of the teacher's trajectory.
-    pub guidance_scale: f64,
-    pub router_lr: f64,
-    pub weight_scale_lr: f64,
-    pub act_scale_lr: f64,
-    /// Images whose teacher trajectories feed the calibration (PTQ initialisation).
-    pub calib_samples: usize,
-    /// `false`: post-training quantization only (HQ-DiT): calibrate, export and evaluate the PTQ
-    /// student; no fine-tuning steps.
-    pub enabled: bool,
-    /// Samples per forward/backward pass of a fine-tuning step (0: the whole conditional +
-    /// unconditional batch in one pass). The passes' gradients are summed, so the update is the
-    /// same up to float summation order, with the activation memory of one pass.
-    pub micro_batch: usize,
-    /// What the student's noise is distilled against.
-    pub target: DistillTarget,
-    /// Whose prediction moves a fine-tuning trajectory from one step to the next.
-    pub rollout: Rollout,
-}
-
-/// Whose guided noise advances a fine-tuning trajectory (the teacher's targets are always taken
-/// at the trajectory's current `x_t`).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Rollout {
-    /// The teacher's: the student learns on the teacher's own trajectory (EfficientDM's recipe).
-    #[default]
-    Teacher,
-    /// The student's (before the step's update): it learns on the states its own sampling
-    /// reaches, where its accumulated error has moved it off the teacher's trajectory.
-    /// Checkpoints inside a trajectory save its state, so a run resumes exactly at any step.
-    Student,
-}
-
-/// The teacher output a fine-tuning step matches.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum DistillTarget {
-    /// The conditional and the unconditional noise, each on its own (EfficientDM's recipe).
-    #[default]
-    CondUncond,
-    /// The guided noise `uncond + g (cond - uncond)`, the one value the sampler uses (g =
-    /// `finetune.guidance_scale`): the error guidance amplifies is the one trained away.
-    Guided,
-    /// The sampler's update `x_{t-1}` from the guided noise (clipping of the x0 prediction
-    /// included): the error that reaches the sample, as DFA's `gamma_t` weighting means it.
-    Step,
-}
-
-impl Default for FinetuneConfig {
-    fn default() -> Self {
-        Self {
-            trajectory_steps: 25,
-            guidance_scale: 2.0,
-            router_lr: 1e-3,
-            weight_scale_lr: 1e-4,
-            act_scale_lr: 1e-4,
-            calib_samples: 32,
-            enabled: true,
-            micro_batch: 0,
-            target: DistillTarget::CondUncond,
-            rollout: Rollout::Teacher,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
@@ -143,29 +74,6 @@ pub struct RunConfig {
 impl Default for RunConfig {
     fn default() -> Self {
         Self { name: "run".into(), out_dir: "runs/run".into(), seed: 0, device: "flex".into() }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct EvalConfig {
-    /// Generated samples per evaluation (classes cycle 0..9).
-    pub samples: usize,
-    pub batch_size: usize,
-    /// Weights of the MNIST classifier whose features define FID.
-    pub classifier: PathBuf,
-    /// Seed of the evaluation noise (fixed so that two models see identical noise).
-    pub seed: u64,
-}
-
-impl Default for EvalConfig {
-    fn default() -> Self {
-        Self {
-            samples: 1000,
-            batch_size: 100,
-            classifier: "checkpoints/mnist_classifier.safetensors".into(),
-            seed: 1234,
-        }
     }
 }
 
@@ -200,8 +108,7 @@ impl Config {
         self.train.validate()?;
         self.diffusion.validate()?;
         self.sampler.validate(self.diffusion.timesteps)?;
-        positive("eval.samples", self.eval.samples)?;
-        positive("eval.batch_size", self.eval.batch_size)?;
+        self.eval.validate()?;
         self.data.validate()?;
         self.model.validate()?;
         crate::device::parse_device_spec(&self.run.device).map_err(|e| e.context("run.device"))?;
@@ -210,24 +117,7 @@ impl Config {
         self.mixup.validate("mixup")?;
         self.lora.validate("lora")?;
         self.loss.validate("loss")?;
-        let ft = &self.finetune;
-        positive("finetune.trajectory_steps", ft.trajectory_steps)?;
-        positive("finetune.calib_samples", ft.calib_samples)?;
-        if ft.trajectory_steps > self.diffusion.timesteps {
-            usage!(
-                "finetune.trajectory_steps = {} is out of range: at most diffusion.timesteps ({})",
-                ft.trajectory_steps,
-                self.diffusion.timesteps
-            );
-        }
-        in_range("finetune.guidance_scale", ft.guidance_scale, 0.0, 100.0)?;
-        for (key, v) in [
-            ("finetune.router_lr", ft.router_lr),
-            ("finetune.weight_scale_lr", ft.weight_scale_lr),
-            ("finetune.act_scale_lr", ft.act_scale_lr),
-        ] {
-            in_range(key, v, 0.0, 10.0)?;
-        }
+        self.finetune.validate(self.diffusion.timesteps)?;
         Ok(())
     }
 
