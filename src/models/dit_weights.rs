@@ -20,7 +20,7 @@ use super::dit::DitConfig;
 use crate::base::params::{self, HostTensor, NamedTensors};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
-use crate::models::sd::weights::{DIFFUSERS_MODEL_FILES, load_diffusers_file, pick_file};
+use crate::models::sd::weights::{DIFFUSERS_MODEL_FILES, pick_file};
 use crate::rng::SeededRng;
 
 /// Whether `path` holds a published DiT (a directory, a pickle, or a `.safetensors` with
@@ -70,23 +70,6 @@ pub fn load_published(cfg: &DitConfig, path: &Path, device: &Device) -> Result<D
     };
     let model = Dit::new(cfg, &mut SeededRng::new(0), device);
     params::load_into(model, &tensors, &origin).map_err(|e| Error::usage(e.message))
-}
-
-/// The SD AutoencoderKL of a diffusers VAE folder (`stabilityai/sd-vae-ft-ema` or `-mse`: the
-/// weights at its top level, or in `vae/` of a pipeline), which decodes DiT-XL/2's latents.
-pub fn load_sd_vae(path: &Path, device: &Device) -> Result<crate::models::sd::vae::AutoencoderKl> {
-    let dir = if path.join("vae").is_dir() { path.join("vae") } else { path.to_path_buf() };
-    let file =
-        pick_file(&dir, DIFFUSERS_MODEL_FILES, "the folder of stabilityai/sd-vae-ft-ema (model.dit.vae)")?;
-    let tensors = load_diffusers_file(&file, crate::models::sd::keymap::Component::Vae)?;
-    // The folder's own config.json when it has one (the published VAEs: SD's), else SD's.
-    let json = dir.join("config.json");
-    let cfg = if json.is_file() {
-        crate::models::sd::config::VaeConfig::from_diffusers_json(&json)?
-    } else {
-        crate::models::sd::config::VaeConfig::sd()
-    };
-    crate::models::sd::load_vae(&cfg, tensors, &file, device)
 }
 
 fn read_all(path: &Path) -> Result<NamedTensors> {

@@ -58,7 +58,7 @@ pub fn load_family(cfg: &ModelConfig, device: &Device) -> Result<Family> {
         ModelKind::TinyDit => {
             let dit = &cfg.dit;
             let vae = match &dit.vae {
-                Some(path) => Some(dit_weights::load_sd_vae(path, device)?),
+                Some(path) => Some(super::sd::load_vae_folder(path, device)?),
                 None if dit.in_channels == 1 => None,
                 None => {
                     return Err(Error::usage(

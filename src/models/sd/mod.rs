@@ -171,6 +171,22 @@ pub fn load_vae(
     load_named(AutoencoderKl::new(cfg, &mut SeededRng::new(0), device), tensors, origin)
 }
 
+/// The SD AutoencoderKL of a diffusers VAE folder (`stabilityai/sd-vae-ft-ema` or `-mse`: the
+/// weights at its top level, or in `vae/` of a pipeline), which decodes DiT-XL/2's latents (`model.dit.vae`).
+pub fn load_vae_folder(path: &Path, device: &Device) -> Result<AutoencoderKl> {
+    let dir = if path.join("vae").is_dir() { path.join("vae") } else { path.to_path_buf() };
+    let file = weights::pick_file(
+        &dir,
+        weights::DIFFUSERS_MODEL_FILES,
+        "the folder of stabilityai/sd-vae-ft-ema (model.dit.vae)",
+    )?;
+    let tensors = weights::load_diffusers_file(&file, keymap::Component::Vae)?;
+    // The folder's own config.json when it has one (the published VAEs: SD's), else SD's.
+    let json = dir.join("config.json");
+    let cfg = if json.is_file() { VaeConfig::from_diffusers_json(&json)? } else { VaeConfig::sd() };
+    load_vae(&cfg, tensors, &file, device)
+}
+
 /// A CLIP text model of `cfg` with the weights of `tensors` (`text_model.*` keys).
 pub fn load_text_encoder(
     cfg: &crate::models::clip::ClipTextConfig,
